@@ -1,0 +1,133 @@
+"""Device mesh from the config, logical axis rules, and the shardings of the loss.
+
+Sharding is jax.jit with NamedSharding over a jax.sharding.Mesh (the current form of
+pjit). Meshes use Auto axis types: jax.make_mesh now defaults to Explicit, under which
+with_sharding_constraint and optax's integer-label cross-entropy on vocabulary-sharded
+logits fail.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# The mesh axes every config names, in order: data parallelism, then tensor/model.
+MESH_AXES = ("data", "model")
+
+# Logical array axes -> mesh axes (first match wins, as in t5x/flax). Batch goes
+# over data; the large feature axes (vocabulary, MLP hidden, heads) over model.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("embed", None),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "model") mesh with Auto axis types.
+
+  Args:
+    mesh_shape: sizes per axis, as a mapping {"data": 4, "model": 2} or a sequence
+      in MESH_AXES order. One size may be -1: it takes the remaining devices.
+    devices: devices to use; default all of jax.devices().
+
+  Raises:
+    ValueError: unknown axis names, sizes < 1 (other than one -1), or a mesh that
+      does not match the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if isinstance(mesh_shape, Mapping):
+    unknown = sorted(set(mesh_shape) - set(MESH_AXES))
+    if unknown:
+      raise ValueError(
+          f"mesh axes {unknown} are unknown; allowed axes are {MESH_AXES}.")
+    sizes = [int(mesh_shape.get(name, 1)) for name in MESH_AXES]
+  else:
+    sizes = [int(s) for s in mesh_shape]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(
+          f"mesh shape {tuple(sizes)} must have one size per axis {MESH_AXES}.")
+  if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(
+        f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be >= 1, with at most "
+        "one -1 (fill with the remaining devices).")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ValueError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
+          f"divisible by {known}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+        f"{len(devices)} are available.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+                       devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None],
+                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+                    ) -> P:
+  """PartitionSpec for an array whose axes carry these logical names.
+
+  A mesh axis is used at most once per array: a later logical axis that maps to an
+  already used mesh axis stays replicated.
+  """
+  table = {}
+  for logical, mesh_axis in rules:
+    table.setdefault(logical, mesh_axis)
+  used: set[str] = set()
+  spec = []
+  for name in logical_axes:
+    if name is not None and name not in table:
+      raise ValueError(
+          f"logical axis {name!r} has no rule; known axes are {sorted(table)}.")
+    mesh_axis = None if name is None else table[name]
+    if mesh_axis in used:
+      mesh_axis = None
+    if mesh_axis is not None:
+      used.add(mesh_axis)
+    spec.append(mesh_axis)
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
+  """NamedSharding for an array with the given logical axis names on `mesh`."""
+  return NamedSharding(mesh, logical_to_spec(logical_axes))
+
+
+def loss_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """Shardings of the loss inputs for [B, L, V] logits.
+
+  Logits over (batch -> data, vocab -> model); labels and mask over batch; the
+  weights table replicated (it is [V] float32, small next to the logits).
+  """
+  return {
+      "logits": named_sharding(mesh, "batch", "length", "vocab"),
+      "labels": named_sharding(mesh, "batch", "length"),
+      "mask": named_sharding(mesh, "batch", "length"),
+      "weights": NamedSharding(mesh, P()),
+  }
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def mesh_summary(mesh: Mesh) -> str:
+  """One line such as 'mesh data=4 model=2 on 8 cpu devices' for logs."""
+  sizes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  kinds = sorted({d.platform for d in np.asarray(mesh.devices).flat})
+  return f"mesh {sizes} on {mesh.devices.size} {'/'.join(kinds)} devices"

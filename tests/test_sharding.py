@@ -1,0 +1,79 @@
+"""Mesh construction and the loss under jax.jit on a 4x2 mesh of forced CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import common
+from pdl_jax import loss as L
+from pdl_jax import sharding
+
+
+def test_eight_forced_cpu_devices():
+  assert jax.device_count() == 8, "tests/conftest.py must force 8 CPU devices"
+
+
+def test_make_mesh_from_config_and_fill():
+  cfg = common.get_mesh_config()
+  mesh = sharding.make_mesh(cfg.to_dict())
+  assert dict(mesh.shape) == {"data": 8, "model": 1}
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(sharding.make_mesh((-1, 4)).shape) == {"data": 2, "model": 4}
+  assert "data=4 model=2 on 8 cpu" in sharding.mesh_summary(
+      sharding.make_mesh({"data": 4, "model": 2}))
+
+
+@pytest.mark.parametrize("shape, match", [
+    ({"data": 4, "model": 4}, "needs 16 devices; 8 are available"),
+    ({"data": 3, "model": -1}, "not divisible by 3"),
+    ({"data": -1, "model": -1}, "at most one -1"),
+    ({"data": 0, "model": 1}, "must be >= 1"),
+    ({"data": 8, "expert": 1}, r"\['expert'\] are unknown"),
+    ((8,), "one size per axis"),
+])
+def test_make_mesh_bad_shapes(shape, match):
+  with pytest.raises(ValueError, match=match):
+    sharding.make_mesh(shape)
+
+
+def test_logical_rules():
+  assert sharding.logical_to_spec(("batch", "length", "vocab")) == P("data", None, "model")
+  # model used once per array: the second model-mapped axis stays replicated.
+  assert sharding.logical_to_spec(("mlp", "vocab")) == P("model", None)
+  with pytest.raises(ValueError, match="'pixels'"):
+    sharding.logical_to_spec(("pixels",))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pdl_sharded_equals_single_device(dtype):
+  rng = np.random.default_rng(0)
+  b, l, v = 8, 6, 96
+  logits = jnp.asarray(rng.normal(0, 2, (b, l, v)), dtype)
+  labels = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
+  mask = jnp.asarray(rng.random((b, l)) > 0.3, jnp.float32)
+  weights = jnp.asarray(L.power_law_weights(rng.zipf(1.5, v), 1.0))
+
+  def value_and_grad(lg, lb, w, m):
+    return jax.value_and_grad(L.pdl_loss)(lg, lb, w, mask=m)
+
+  dev0 = jax.devices()[0]
+  single = jax.jit(value_and_grad)(*jax.device_put((logits, labels, weights, mask), dev0))
+
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
+  s = sharding.loss_shardings(mesh)
+  args = (jax.device_put(logits, s["logits"]), jax.device_put(labels, s["labels"]),
+          jax.device_put(weights, s["weights"]), jax.device_put(mask, s["mask"]))
+  fn = jax.jit(value_and_grad,
+               in_shardings=(s["logits"], s["labels"], s["weights"], s["mask"]),
+               out_shardings=(sharding.replicated(mesh), s["logits"]))
+  value, grad = fn(*args)
+  assert grad.sharding.spec == P("data", None, "model")
+  assert len(args[0].addressable_shards) == 8
+  assert args[0].addressable_shards[0].data.shape == (2, 6, 48)
+  np.testing.assert_allclose(float(value), float(single[0]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad, np.float32),
+                             np.asarray(single[1], np.float32), rtol=1e-5, atol=1e-7)
