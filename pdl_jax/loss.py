@@ -208,6 +208,15 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array,
         f"mask shape {mask.shape} must equal labels shape {labels.shape}.")
 
 
+def check_weights(weights: jax.Array, vocab: int, vocab_source: str) -> None:
+  """Raise ValueError unless weights is a 1-D [vocab] array."""
+  if weights.ndim != 1:
+    raise ValueError(f"weights must be 1-D [vocab]; got shape {weights.shape}.")
+  if weights.shape[0] != vocab:
+    raise ValueError(
+        f"{vocab_source} ({vocab}) must equal len(weights) ({weights.shape[0]}).")
+
+
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-token negative log-likelihood -log softmax(logits)[label], in float32.
 
@@ -226,21 +235,26 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
       logits.astype(jnp.float32), labels)
 
 
+def effective_mask(labels: jax.Array, vocab: int,
+                   mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Float32 mask with invalid labels removed, and labels safe to gather with.
+
+  Labels outside [0, vocab) (e.g. -1 or -100 padding) count as masked: they are
+  replaced by 0 so they can neither index out of range nor leak NaN into the
+  gradient.
+  """
+  valid = (labels >= 0) & (labels < vocab)
+  if mask is None:
+    mask = valid.astype(jnp.float32)
+  else:
+    mask = jnp.where(valid, mask.astype(jnp.float32), 0.0)
+  return mask, jnp.where(valid, labels, 0)
+
+
 def _masked_nll(logits_NxV: jax.Array, labels_N: jax.Array,
                 mask_N: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """NLL with invalid labels neutralised, and the effective mask.
-
-  Labels outside [0, V) (e.g. -1 or -100 padding) count as masked: they are replaced
-  by 0 before the gather so they can neither index out of range nor leak NaN into
-  the gradient.
-  """
-  vocab = logits_NxV.shape[-1]
-  valid_N = (labels_N >= 0) & (labels_N < vocab)
-  if mask_N is None:
-    mask_N = valid_N.astype(jnp.float32)
-  else:
-    mask_N = jnp.where(valid_N, mask_N.astype(jnp.float32), 0.0)
-  safe_labels_N = jnp.where(valid_N, labels_N, 0)
+  """Per-token NLL, the effective mask and the safe labels (see effective_mask)."""
+  mask_N, safe_labels_N = effective_mask(labels_N, logits_NxV.shape[-1], mask_N)
   nll_N = optax.softmax_cross_entropy_with_integer_labels(
       logits_NxV.astype(jnp.float32), safe_labels_N)
   return nll_N, mask_N, safe_labels_N
@@ -261,14 +275,24 @@ def pdl_loss_and_aux(
 ) -> tuple[jax.Array, LossAux]:
   """PDL value and logging aux; see `pdl_loss` for the arguments."""
   _check_logits_labels(logits, labels, mask)
-  if weights.ndim != 1:
-    raise ValueError(f"weights must be 1-D [vocab]; got shape {weights.shape}.")
-  if logits.shape[-1] != weights.shape[0]:
-    raise ValueError(
-        f"logits' last axis ({logits.shape[-1]}) must equal len(weights) "
-        f"({weights.shape[0]}).")
+  check_weights(weights, logits.shape[-1], "logits' last axis")
   nll, mask, safe_labels = _masked_nll(logits, labels, mask)
   token_w = mask * weights.astype(jnp.float32)[safe_labels]
+  return reduce_token_losses(nll, mask, token_w)
+
+
+def reduce_token_losses(nll: jax.Array, mask: jax.Array,
+                        token_w: jax.Array) -> tuple[jax.Array, LossAux]:
+  """Weighted mean of per-token NLL and the logging aux.
+
+  Args:
+    nll: [...] float32 per-token NLL (finite where mask > 0).
+    mask: [...] float32, 0 for tokens that do not count.
+    token_w: [...] float32 mask * w[label] (equal to mask for CE).
+
+  Returns:
+    (sum(token_w * nll) / sum(token_w), LossAux); exactly 0 for an empty batch.
+  """
   weight_sum = jnp.sum(token_w)
   num_tokens = jnp.sum(mask)
   loss = _safe_ratio(jnp.sum(token_w * nll), weight_sum)
@@ -312,11 +336,7 @@ def cross_entropy_loss_and_aux(
   """Masked mean token cross-entropy and logging aux; see `cross_entropy_loss`."""
   _check_logits_labels(logits, labels, mask)
   nll, mask, _ = _masked_nll(logits, labels, mask)
-  num_tokens = jnp.sum(mask)
-  loss = _safe_ratio(jnp.sum(mask * nll), num_tokens)
-  aux = LossAux(nll=loss, weight_sum=num_tokens, num_tokens=num_tokens,
-                ess=effective_sample_size(mask))
-  return loss, aux
+  return reduce_token_losses(nll, mask, mask)
 
 
 def cross_entropy_loss(

@@ -1,0 +1,212 @@
+"""Memory-efficient PDL from hidden states: vocabulary-chunked logits, custom VJP.
+
+`pdl_loss(hidden @ unembed, ...)` materialises [N, V] float32 logits and, in the
+backward pass, their [N, V] gradient; at V = 128k and N = 4096 that is 4 GB. Here the
+logits exist one vocabulary chunk [N, C] at a time:
+
+- forward: a scan over chunks keeps a running (max, sum) logsumexp and picks up the
+  label logit in the chunk that holds it;
+- backward (custom VJP): a second scan recomputes each chunk's logits from the saved
+  hidden states and logsumexp, forms dlogits = g * (softmax - onehot) for that chunk
+  only, and accumulates d hidden and the chunk's columns of d unembed.
+
+Plain autodiff through the forward scan would save every chunk's logits as
+residuals and save nothing; the custom VJP is what makes this cheap. A chunk size
+that does not divide V is handled by letting the last chunk start at V - C and
+masking the columns an earlier chunk already covered.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pdl_jax import loss as L
+
+DEFAULT_CHUNK_SIZE = 8192
+
+
+def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
+  """(chunk width C, number of chunks): C <= V, ceil(V / C) chunks."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
+  width = min(chunk_size, vocab)
+  return width, -(-vocab // width)
+
+
+def _chunk(unembed_DxV: jax.Array, i: jax.Array, width: int
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Chunk i's columns, its start, and which of its columns are new.
+
+  The last chunk is clamped to start at V - C; columns below i * C belong to the
+  previous chunk and are marked not-new.
+  """
+  vocab = unembed_DxV.shape[1]
+  start = jnp.minimum(i * width, vocab - width)
+  w_DxC = jax.lax.dynamic_slice_in_dim(unembed_DxV, start, width, axis=1)
+  new_C = start + jnp.arange(width) >= i * width
+  return w_DxC, start, new_C
+
+
+def _chunk_logits(hidden_NxD: jax.Array, w_DxC: jax.Array) -> jax.Array:
+  # float32 accumulation whatever the input dtype (bfloat16 included).
+  return jnp.matmul(hidden_NxD, w_DxC, preferred_element_type=jnp.float32)
+
+
+def _forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
+  """Per-token NLL [N] float32 and the logsumexp [N] (residual for backward)."""
+  n = hidden_NxD.shape[0]
+  width, num_chunks = _chunk_layout(unembed_DxV.shape[1], chunk_size)
+
+  def body(carry, i):
+    max_N, sum_N, label_logit_N = carry
+    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
+    logits_NxC = jnp.where(new_C[None, :], _chunk_logits(hidden_NxD, w_DxC),
+                           -jnp.inf)
+    new_max_N = jnp.maximum(max_N, jnp.max(logits_NxC, axis=1))
+    sum_N = (sum_N * jnp.exp(max_N - new_max_N)
+             + jnp.sum(jnp.exp(logits_NxC - new_max_N[:, None]), axis=1))
+    offset_N = labels_N - start
+    here_N = (offset_N >= 0) & (offset_N < width) & (labels_N >= i * width)
+    picked_N = jnp.take_along_axis(
+        logits_NxC, jnp.clip(offset_N, 0, width - 1)[:, None], axis=1)[:, 0]
+    label_logit_N = label_logit_N + jnp.where(here_N, picked_N, 0.0)
+    return (new_max_N, sum_N, label_logit_N), None
+
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+          jnp.zeros((n,), jnp.float32))
+  (max_N, sum_N, label_logit_N), _ = jax.lax.scan(
+      body, init, jnp.arange(num_chunks))
+  lse_N = max_N + jnp.log(sum_N)
+  return lse_N - label_logit_N, lse_N
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_token_nll(hidden_NxD: jax.Array, unembed_DxV: jax.Array,
+                      labels_N: jax.Array, chunk_size: int) -> jax.Array:
+  """Per-token NLL of softmax(hidden @ unembed) without the [N, V] logits.
+
+  Args:
+    hidden_NxD: [N, D] float32 or bfloat16.
+    unembed_DxV: [D, V] same dtype.
+    labels_N: [N] int ids in [0, V) (callers map invalid labels to 0 and mask them).
+    chunk_size: vocabulary columns per chunk (static).
+
+  Returns:
+    float32 [N].
+  """
+  return _forward(hidden_NxD, unembed_DxV, labels_N, chunk_size)[0]
+
+
+def _fwd(hidden_NxD, unembed_DxV, labels_N, chunk_size):
+  nll_N, lse_N = _forward(hidden_NxD, unembed_DxV, labels_N, chunk_size)
+  return nll_N, (hidden_NxD, unembed_DxV, labels_N, lse_N)
+
+
+def _bwd(chunk_size, residuals, g_N):
+  hidden_NxD, unembed_DxV, labels_N, lse_N = residuals
+  d, vocab = unembed_DxV.shape
+  width, num_chunks = _chunk_layout(vocab, chunk_size)
+  g_N = g_N.astype(jnp.float32)
+
+  def body(carry, i):
+    dhidden_NxD, dunembed_DxV = carry
+    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
+    logits_NxC = _chunk_logits(hidden_NxD, w_DxC)
+    probs_NxC = jnp.where(new_C[None, :], jnp.exp(logits_NxC - lse_N[:, None]), 0.0)
+    onehot_NxC = (labels_N[:, None] == start + jnp.arange(width)[None, :]) & new_C[None, :]
+    dlogits_NxC = g_N[:, None] * (probs_NxC - onehot_NxC)
+    dhidden_NxD = dhidden_NxD + jnp.matmul(
+        dlogits_NxC.astype(w_DxC.dtype), w_DxC.T, preferred_element_type=jnp.float32)
+    dw_DxC = jnp.matmul(hidden_NxD.T, dlogits_NxC.astype(hidden_NxD.dtype),
+                        preferred_element_type=jnp.float32)
+    # Add, not overwrite: the clamped last chunk overlaps the previous one, and its
+    # not-new columns carry zero gradient.
+    old_DxC = jax.lax.dynamic_slice_in_dim(dunembed_DxV, start, width, axis=1)
+    dunembed_DxV = jax.lax.dynamic_update_slice_in_dim(
+        dunembed_DxV, old_DxC + dw_DxC, start, axis=1)
+    return (dhidden_NxD, dunembed_DxV), None
+
+  init = (jnp.zeros(hidden_NxD.shape, jnp.float32), jnp.zeros((d, vocab), jnp.float32))
+  (dhidden_NxD, dunembed_DxV), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  return (dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV.astype(unembed_DxV.dtype),
+          None)
+
+
+chunked_token_nll.defvjp(_fwd, _bwd)
+
+
+def _check(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N):
+  if hidden_NxD.ndim != 2 or unembed_DxV.ndim != 2:
+    raise ValueError(
+        f"hidden must be [N, D] and unembed [D, V]; got shapes {hidden_NxD.shape} "
+        f"and {unembed_DxV.shape}.")
+  if hidden_NxD.shape[1] != unembed_DxV.shape[0]:
+    raise ValueError(
+        f"hidden's last axis ({hidden_NxD.shape[1]}) must equal unembed's first "
+        f"axis ({unembed_DxV.shape[0]}).")
+  for name, x in (("hidden", hidden_NxD), ("unembed", unembed_DxV)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point; got dtype {x.dtype}.")
+  if not jnp.issubdtype(labels_N.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer token ids; got dtype {labels_N.dtype}.")
+  if labels_N.shape != hidden_NxD.shape[:1]:
+    raise ValueError(
+        f"labels shape {labels_N.shape} must be [N] = {hidden_NxD.shape[:1]}.")
+  if mask_N is not None and mask_N.shape != labels_N.shape:
+    raise ValueError(f"mask shape {mask_N.shape} must equal labels shape {labels_N.shape}.")
+  if weights_V is not None:
+    L.check_weights(weights_V, unembed_DxV.shape[1], "unembed's last axis")
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def pdl_loss_from_hidden_and_aux(
+    hidden_NxD: jax.Array,
+    unembed_DxV: jax.Array,
+    labels_N: jax.Array,
+    weights_V: jax.Array | None,
+    *,
+    mask_N: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, L.LossAux]:
+  """`pdl_loss_and_aux(hidden @ unembed, ...)` without materialising the logits.
+
+  Args:
+    hidden_NxD: [N, D] final hidden states (float32 or bfloat16).
+    unembed_DxV: [D, V] output projection (same dtype).
+    labels_N: [N] integer ids; ids outside [0, V) are ignored like masked tokens.
+    weights_V: [V] PDL weights, or None for plain cross-entropy.
+    mask_N: [N] 1 for target tokens; default all ones.
+    chunk_size: vocabulary columns per chunk; need not divide V. Peak temporary
+      memory is about N * chunk_size * 4 bytes a buffer.
+
+  Returns:
+    (loss, LossAux) as `pdl_loss_and_aux`; same value and gradients (wrt hidden and
+    unembed) as the unchunked loss, up to float32 summation order.
+  """
+  _check(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N)
+  mask_N, safe_labels_N = L.effective_mask(labels_N, unembed_DxV.shape[1], mask_N)
+  nll_N = chunked_token_nll(hidden_NxD, unembed_DxV, safe_labels_N, chunk_size)
+  if weights_V is None:
+    token_w_N = mask_N
+  else:
+    token_w_N = mask_N * weights_V.astype(jnp.float32)[safe_labels_N]
+  # Masked tokens can hold any finite NLL; zero them so 0 * value stays exact.
+  nll_N = jnp.where(mask_N > 0, nll_N, 0.0)
+  return L.reduce_token_losses(nll_N, mask_N, token_w_N)
+
+
+def pdl_loss_from_hidden(
+    hidden_NxD: jax.Array,
+    unembed_DxV: jax.Array,
+    labels_N: jax.Array,
+    weights_V: jax.Array,
+    *,
+    mask_N: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+  """Scalar PDL from hidden states; see `pdl_loss_from_hidden_and_aux`."""
+  return pdl_loss_from_hidden_and_aux(hidden_NxD, unembed_DxV, labels_N, weights_V,
+                                      mask_N=mask_N, chunk_size=chunk_size)[0]
