@@ -1,9 +1,20 @@
-"""Shared config defaults: the loss and the device mesh.
+"""Shared config defaults and the `file.py:key=value,...` argument parser.
 
-Task configs (summarization.py, dialogue.py, style_transfer.py) build on these.
+Task configs (summarization.py, dialogue.py, style_transfer.py, pretrain.py) call
+`get_base_config(task)` and change what differs.
 """
 
+from __future__ import annotations
+
 import ml_collections
+
+# Values a `get_config(arg)` string may set, with the config path each one sets.
+ARG_KEYS = {
+    "loss": "loss.name", "alpha": "loss.alpha", "epsilon": "loss.epsilon",
+    "dataset": "dataset.name", "model": "model.preset", "steps": "num_steps",
+    "seed": "seed", "batch_size": "batch_size", "init_from": "init_from",
+    "chunked": "loss.chunked", "decode": "eval.decode",
+}
 
 
 def get_loss_config() -> ml_collections.ConfigDict:
@@ -15,6 +26,8 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.frequency = "relative"  # "relative" (count / total) or "count" (raw counts).
   c.normalize = True  # Rescale weights to mean 1 over corpus tokens.
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
+  c.chunked = False  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits).
+  c.chunk_size = 4096  # Vocabulary columns per chunk when chunked.
   return c
 
 
@@ -24,3 +37,124 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   c.data = -1  # Data-parallel axis: batch is split over it.
   c.model = 1  # Model axis: vocabulary, MLP and heads are split over it.
   return c
+
+
+def get_base_config(task: str) -> ml_collections.ConfigDict:
+  """Defaults every experiment shares; a task config overrides what differs."""
+  c = ml_collections.ConfigDict()
+  c.task = task  # "summarization", "dialogue", "style_transfer" or "pretrain".
+  c.seed = 0  # Init, shuffling and sampling seed.
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
+  c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/tokenizer.model (from init_from's run if set).
+  c.tokenizer.vocab_size = 4000  # Pieces when the tokenizer is trained.
+  c.tokenizer.train_sentences = 300_000  # Texts read to train it.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "small"  # "tiny", "small" or "base" (pdl_jax/model.py PRESETS).
+  c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+  c.model.tied_embeddings = True  # Output projection = embedding transposed.
+
+  c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
+  c.max_target_len = 64  # Target tokens kept (the prompt is cut first).
+
+  c.loss = get_loss_config()
+  c.mesh = get_mesh_config()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3  # Peak learning rate (AdamW).
+  c.optimizer.warmup_steps = 50  # Linear warmup, then cosine decay to end_fraction.
+  c.optimizer.end_fraction = 0.1  # Final learning rate / peak.
+  c.optimizer.weight_decay = 0.01  # AdamW decoupled weight decay.
+  c.optimizer.grad_clip = 1.0  # Global-norm gradient clipping.
+  c.optimizer.b2 = 0.98  # Adam second-moment decay.
+
+  c.batch_size = 32  # Global batch (sequences); divided over the data axis.
+  c.num_steps = 800  # Training steps.
+  c.log_every = 25  # Steps between train metric lines.
+  c.eval_every = 400  # Steps between evaluations (and one at the end).
+  c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
+  c.keep_checkpoints = 2  # Checkpoints kept.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 256  # Fixed validation subset: its first N examples.
+  c.eval.batch_size = 64  # Sequences per eval / decode batch.
+  c.eval.decode = "greedy"  # "greedy", "beam" or "top_p".
+  c.eval.max_new_tokens = 48  # Generated tokens at most.
+  c.eval.beam_size = 4  # Beams for decode="beam".
+  c.eval.top_p = 0.9  # Nucleus mass for decode="top_p".
+  c.eval.temperature = 1.0  # Sampling temperature for decode="top_p".
+  c.eval.num_samples = 32  # (input, reference, generation) triples written per eval.
+
+  c.init_from = ml_collections.FieldReference(None, field_type=str)  # Workdir whose latest params start this run.
+  c.resume = True  # Resume from WORKDIR's latest checkpoint if there is one.
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # PDL alphas of the sweep (0 = CE).
+  c.sweep.seeds = (0,)  # Seeds per alpha.
+  c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrink everything so a run finishes in about a minute on a laptop CPU."""
+  c.model.preset = "tiny"
+  c.tokenizer.vocab_size = 2000
+  c.tokenizer.train_sentences = 20_000
+  c.dataset.max_train_examples = 4000
+  c.seq_len = 96
+  c.max_target_len = 32
+  c.batch_size = 16
+  c.num_steps = 60
+  c.log_every = 10
+  c.eval_every = 60
+  c.checkpoint_every = 30
+  c.optimizer.warmup_steps = 10
+  c.eval.num_examples = 32
+  c.eval.batch_size = 32
+  c.eval.max_new_tokens = 16
+  c.eval.num_samples = 8
+
+
+def parse_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `smoke` and `key=value` items of a comma-separated config argument.
+
+  Raises:
+    ValueError: an unknown item, naming it and the allowed ones.
+  """
+  if not arg:
+    return c
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if item == "smoke":
+      apply_smoke(c)
+      continue
+    key, sep, value = item.partition("=")
+    if not sep or key not in ARG_KEYS:
+      raise ValueError(f"config argument {item!r} is unknown; expected 'smoke' or "
+                       f"key=value with key one of {sorted(ARG_KEYS)}.")
+    path = ARG_KEYS[key].split(".")
+    node = c
+    for part in path[:-1]:
+      node = node[part]
+    node[path[-1]] = _parse_value(value, node[path[-1]])
+  return c
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true or false; got {text!r}.")
+    return text.lower() in ("true", "1")
+  if isinstance(current, int) and not isinstance(current, bool):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  return None if text.lower() == "none" else text

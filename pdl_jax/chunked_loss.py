@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pdl_jax import loss as L
 
-DEFAULT_CHUNK_SIZE = 8192
+DEFAULT_CHUNK_SIZE = 4096
 
 
 def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:

@@ -1,0 +1,19 @@
+"""Dialogue: the next turn of a Shakespeare scene from the last three turns.
+
+    python -m pdl_jax.main --config=configs/dialogue.py
+    python -m pdl_jax.main --config=configs/dialogue.py:smoke --workdir=/tmp/dlg
+    python -m pdl_jax.main --config=configs/dialogue.py:loss=ce
+    python -m pdl_jax.main --config=configs/dialogue.py --config.loss.alpha=0.25
+    python experiments/sweep.py --config=configs/dialogue.py   # the alpha sweep below
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.get_base_config("dialogue")
+  c.dataset.name = "shakespeare_dialogue"  # Or "gem/schema_guided_dialog" (internet).
+  c.seq_len = 128  # Three turns of context; long ones lose their start.
+  c.max_target_len = 40  # Turns are short; long speeches are cut.
+  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The dialogue sweep.
+  return common.parse_arg(c, arg)

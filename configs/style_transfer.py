@@ -1,0 +1,19 @@
+"""Style transfer: a King James verse rewritten in modern (World English Bible) style.
+
+    python -m pdl_jax.main --config=configs/style_transfer.py
+    python -m pdl_jax.main --config=configs/style_transfer.py:smoke --workdir=/tmp/st
+    python -m pdl_jax.main --config=configs/style_transfer.py:dataset=bible_style/web_to_kjv
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.get_base_config("style_transfer")
+  c.dataset.name = "bible_style"  # KJV -> WEB; "bible_style/web_to_kjv" reverses it;
+  # "gem/wiki_auto_asset_turk" needs the internet.
+  c.seq_len = 128  # Most verses are under 60 tokens in either version.
+  c.max_target_len = 60  # Whole verses but the longest.
+  c.eval.max_new_tokens = 60  # Whole verses but the longest.
+  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The style-transfer sweep.
+  return common.parse_arg(c, arg)

@@ -1,0 +1,18 @@
+"""Summarization: a Debian package's one-line synopsis from its long description.
+
+    python -m pdl_jax.main --config=configs/summarization.py
+    python -m pdl_jax.main --config=configs/summarization.py:smoke --workdir=/tmp/sum
+    python -m pdl_jax.main --config=configs/summarization.py:dataset=xsum   # internet
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.get_base_config("summarization")
+  c.dataset.name = "debian_descriptions"  # Or "cnn_dailymail", "xsum" (internet).
+  c.seq_len = 128  # Descriptions: median 46 words; long ones keep their end.
+  c.max_target_len = 24  # Synopses: median 6 words.
+  c.eval.max_new_tokens = 24  # Synopses are short.
+  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The summarization sweep.
+  return common.parse_arg(c, arg)

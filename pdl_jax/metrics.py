@@ -1,0 +1,127 @@
+"""Generation metrics: overlap with references, diversity and informativeness.
+
+- overlap: ROUGE-1/2/L F1 (rouge-score, stemmed), BLEU and chrF (sacrebleu).
+- diversity: distinct-1/2 (unique / total word n-grams over all outputs), unigram
+  entropy of the output words (bits), mean length in words.
+- informativeness, in the tokenizer's ids against the train target counts (the
+  same counts PDL's weights come from): mean surprisal = mean -log2 of the smoothed
+  relative train frequency of generated tokens; rare-token share = share of
+  generated tokens outside the frequent head that holds half the train token mass.
+
+Every profile metric is computed for the references too, so a run shows how far
+its outputs are from the human distribution, not just how they change with alpha.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def overlap_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+  """ROUGE-1/2/L (F1 x 100), BLEU and chrF of hypotheses against references."""
+  from rouge_score import rouge_scorer
+  import sacrebleu
+
+  if len(hyps) != len(refs):
+    raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references.")
+  if not hyps:
+    raise ValueError("no hypotheses to score.")
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  sums = collections.Counter()
+  for h, r in zip(hyps, refs):
+    for name, score in scorer.score(r, h).items():
+      sums[name] += score.fmeasure
+  out = {name: 100.0 * sums[name] / len(hyps) for name in ("rouge1", "rouge2", "rougeL")}
+  out["bleu"] = sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score
+  out["chrf"] = sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score
+  return out
+
+
+def _words(text: str) -> list[str]:
+  return text.lower().split()
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+  """Unique word n-grams / all word n-grams over the texts (0 if none)."""
+  grams = [tuple(w[i:i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def unigram_entropy(texts: Sequence[str]) -> float:
+  """Entropy in bits of the word unigram distribution of the texts."""
+  counts = np.array(list(collections.Counter(w for t in texts for w in _words(t)).values()),
+                    np.float64)
+  if counts.size == 0:
+    return 0.0
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def frequent_head(counts_V: np.ndarray, mass: float = 0.5) -> np.ndarray:
+  """Boolean [V]: the most frequent ids that together hold `mass` of the tokens."""
+  order = np.argsort(-counts_V, kind="stable")
+  cum = np.cumsum(counts_V[order]) / max(counts_V.sum(), 1)
+  head = np.zeros(len(counts_V), bool)
+  head[order[: int(np.searchsorted(cum, mass)) + 1]] = True
+  return head
+
+
+def surprisal_bits(counts_V: np.ndarray) -> np.ndarray:
+  """-log2 of the add-one smoothed relative frequency of each id."""
+  counts = counts_V.astype(np.float64)
+  return -np.log2((counts + 1.0) / (counts.sum() + len(counts)))
+
+
+def profile(texts: Sequence[str], token_ids: Sequence[Sequence[int]],
+            counts_V: np.ndarray) -> dict[str, float]:
+  """Diversity and informativeness of a set of texts (outputs or references)."""
+  flat = np.fromiter((t for seq in token_ids for t in seq), np.int64)
+  flat = flat[(flat >= 0) & (flat < len(counts_V))]
+  if flat.size:
+    mean_surprisal = float(surprisal_bits(counts_V)[flat].mean())
+    rare_share = float((~frequent_head(counts_V)[flat]).mean())
+  else:
+    mean_surprisal = rare_share = 0.0
+  return {
+      "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+      "unigram_entropy": unigram_entropy(texts), "mean_surprisal": mean_surprisal,
+      "rare_token_share": rare_share,
+      "length": float(np.mean([len(_words(t)) for t in texts])) if texts else 0.0,
+  }
+
+
+def frequency_buckets(token_ids: Sequence[Sequence[int]], counts_V: np.ndarray,
+                      num_buckets: int = 10) -> np.ndarray:
+  """Share of tokens per train-frequency bucket [num_buckets].
+
+  Bucket k holds the ids ranked by train count whose cumulative mass lies in
+  [k, k + 1) / num_buckets (bucket 0 = the most frequent tokens); unseen ids go to
+  the last bucket.
+  """
+  order = np.argsort(-counts_V, kind="stable")
+  cum = np.cumsum(counts_V[order]) / max(counts_V.sum(), 1)
+  bucket_of = np.empty(len(counts_V), np.int64)
+  bucket_of[order] = np.minimum((cum * num_buckets - 1e-9).astype(np.int64), num_buckets - 1)
+  bucket_of[counts_V == 0] = num_buckets - 1
+  flat = np.fromiter((t for seq in token_ids for t in seq), np.int64)
+  flat = flat[(flat >= 0) & (flat < len(counts_V))]
+  hist = np.bincount(bucket_of[flat], minlength=num_buckets).astype(np.float64)
+  return hist / max(hist.sum(), 1.0)
+
+
+def generation_metrics(hyps: Sequence[str], refs: Sequence[str],
+                       hyp_ids: Sequence[Sequence[int]], ref_ids: Sequence[Sequence[int]],
+                       counts_V: np.ndarray) -> dict[str, float]:
+  """All eval generation metrics; reference profile keys carry a `ref_` prefix."""
+  out = overlap_metrics(hyps, refs)
+  out.update(profile(hyps, hyp_ids, counts_V))
+  out.update({f"ref_{k}": v for k, v in profile(refs, ref_ids, counts_V).items()})
+  return out
+
+
+def nats_to_bits(x: float) -> float:
+  return x / math.log(2)

@@ -1,0 +1,58 @@
+"""Generation metrics against hand-computed values and the libraries."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pdl_jax import metrics as M
+
+
+def test_distinct_and_entropy_by_hand():
+  texts = ["the cat sat", "the cat ran"]
+  assert M.distinct_n(texts, 1) == pytest.approx(4 / 6)
+  assert M.distinct_n(texts, 2) == pytest.approx(3 / 4)
+  # Words: the x2, cat x2, sat, ran -> p = (1/3, 1/3, 1/6, 1/6).
+  want = -(2 * (1 / 3) * math.log2(1 / 3) + 2 * (1 / 6) * math.log2(1 / 6))
+  assert M.unigram_entropy(texts) == pytest.approx(want)
+  assert M.distinct_n([], 1) == 0.0 and M.unigram_entropy([""]) == 0.0
+
+
+def test_surprisal_rare_share_and_buckets():
+  counts = np.array([50, 30, 10, 9, 1, 0])
+  head = M.frequent_head(counts)
+  assert head.tolist() == [True, False, False, False, False, False]  # 50 of 100 = half
+  prof = M.profile(["a b", "c"], [[0, 0], [4, 5]], counts)
+  surprisal = -np.log2((counts + 1) / (100 + 6))
+  assert prof["mean_surprisal"] == pytest.approx(np.mean(surprisal[[0, 0, 4, 5]]))
+  assert prof["rare_token_share"] == pytest.approx(0.5)
+  assert prof["length"] == pytest.approx(1.5)
+  hist = M.frequency_buckets([[0, 0], [4, 5]], counts, num_buckets=2)
+  np.testing.assert_allclose(hist, [0.5, 0.5])
+
+
+def test_overlap_metrics_match_the_libraries():
+  from rouge_score import rouge_scorer
+  import sacrebleu
+
+  hyps, refs = ["the cat sat on the mat", "hello there"], ["the cat is on the mat", "hello"]
+  out = M.overlap_metrics(hyps, refs)
+  scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+  want = 100 * np.mean([scorer.score(r, h)["rouge1"].fmeasure for h, r in zip(hyps, refs)])
+  assert out["rouge1"] == pytest.approx(want)
+  assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+  assert out["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+  perfect = M.overlap_metrics(refs, refs)
+  assert perfect["rouge1"] == pytest.approx(100.0) and perfect["bleu"] == pytest.approx(100.0)
+  with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+    M.overlap_metrics(hyps, refs[:1])
+
+
+def test_generation_metrics_has_reference_profile():
+  counts = np.array([5, 4, 3, 2, 1])
+  out = M.generation_metrics(["a b"], ["a c"], [[0, 1]], [[0, 2]], counts)
+  for key in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "distinct_1", "distinct_2",
+              "unigram_entropy", "mean_surprisal", "rare_token_share", "length",
+              "ref_mean_surprisal", "ref_rare_token_share", "ref_length"):
+    assert key in out
+  assert out["ref_mean_surprisal"] > out["mean_surprisal"]

@@ -1,0 +1,129 @@
+"""Transformer and decoding: shapes, logical axes, cache == no cache, beam, top-p."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from pdl_jax import decode as D
+from pdl_jax import model as M
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = M.model_config("tiny", vocab_size=50, max_len=64)
+  model = M.Transformer(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return model, nn.meta.unbox(params), params
+
+
+def test_every_param_has_logical_axes(tiny):
+  _, _, boxed = tiny
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  names = {n for x in leaves for n in x.names}
+  assert names <= {"embed", "mlp", "heads", "kv", "vocab"}
+  assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
+
+
+def test_causal_and_hidden(tiny):
+  model, params, _ = tiny
+  tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 50)
+  logits, _ = model.apply({"params": params}, tokens)
+  assert logits.shape == (2, 10, 50) and logits.dtype == jnp.float32
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 50)
+  logits2, _ = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-5)  # no peeking ahead
+  assert not np.allclose(logits[:, 7:], logits2[:, 7:])
+  hidden, _ = model.apply({"params": params}, tokens, return_hidden=True)
+  unembed = M.unembed_DxV(model, params)
+  np.testing.assert_allclose(hidden @ unembed, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_untied_and_bfloat16():
+  cfg = M.model_config("tiny", vocab_size=30, tied_embeddings=False, dtype="bfloat16")
+  model = M.Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  assert params["unembed"].shape == (64, 30) and params["unembed"].dtype == jnp.float32
+  logits, _ = model.apply({"params": params}, jnp.ones((2, 4), jnp.int32))
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+  with pytest.raises(ValueError, match="'huge'"):
+    M.model_config("huge", 10)
+
+
+def test_left_padding_does_not_change_logits(tiny):
+  model, params, _ = tiny
+  prompt = [5, 9, 13, 2]
+  tokens, mask = D.left_pad([prompt, [7] * 6], 6, 0)
+  logits, _ = model.apply({"params": params}, jnp.asarray(tokens),
+                          jnp.maximum(jnp.cumsum(jnp.asarray(mask), 1) - 1, 0), jnp.asarray(mask))
+  alone, _ = model.apply({"params": params}, jnp.asarray([prompt]))
+  np.testing.assert_allclose(logits[0, -1], alone[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_with_cache_equals_without(tiny):
+  model, params, _ = tiny
+  tokens, mask = D.left_pad([[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], 5, 0)
+  with_cache = D.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
+                          jax.random.key(0), max_new_tokens=8, method="greedy",
+                          eos_id=1, pad_id=0)
+  without = D.generate_without_cache(model, params, tokens, mask, max_new_tokens=8,
+                                     eos_id=1, pad_id=0)
+  np.testing.assert_array_equal(np.asarray(with_cache), without)
+
+
+def test_beam_of_one_is_greedy_and_beam_scores_no_worse(tiny):
+  model, params, _ = tiny
+  tokens, mask = D.left_pad([[3, 4, 5], [8, 9, 2]], 3, 0)
+  args = (model, params, jnp.asarray(tokens), jnp.asarray(mask))
+  greedy = D.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=1, pad_id=0)
+  beam1 = D.beam_search(*args, max_new_tokens=6, beam_size=1, eos_id=-1, pad_id=0,
+                        length_penalty=0.0)
+  # eos=-1: no beam ends early, so beam size 1 is exactly greedy.
+  greedy_noeos = D.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=-1, pad_id=0)
+  np.testing.assert_array_equal(np.asarray(beam1), np.asarray(greedy_noeos))
+  beam4 = D.beam_search(*args, max_new_tokens=6, beam_size=4, eos_id=-1, pad_id=0,
+                        length_penalty=0.0)
+
+  def logprob(seq):
+    full = np.concatenate([tokens, np.asarray(seq)], axis=1)
+    m = np.concatenate([mask, np.ones_like(np.asarray(seq))], axis=1)
+    pos = np.maximum(np.cumsum(m, 1) - 1, 0)
+    logits, _ = model.apply({"params": params}, full, pos, m)
+    lp = jax.nn.log_softmax(logits[:, 2:-1])
+    return np.take_along_axis(np.asarray(lp), np.asarray(seq)[..., None], -1).sum((1, 2))
+
+  assert np.all(logprob(beam4) >= logprob(greedy_noeos) - 1e-4)
+  assert greedy.shape == (2, 6)
+
+
+def test_top_p_sampling_is_seeded_and_respects_tiny_p(tiny):
+  model, params, _ = tiny
+  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  args = (model, params, jnp.asarray(tokens), jnp.asarray(mask))
+  a = D.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
+  b = D.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # With p -> 0 only the argmax survives: top-p equals greedy.
+  tiny_p = D.generate(*args, jax.random.key(2), max_new_tokens=6, method="top_p", top_p=1e-6)
+  greedy = D.generate(*args, jax.random.key(2), max_new_tokens=6, method="greedy")
+  np.testing.assert_array_equal(np.asarray(tiny_p), np.asarray(greedy))
+  with pytest.raises(ValueError, match="'sample'"):
+    D.decode(*args, jax.random.key(0), method="sample", max_new_tokens=2, eos_id=1, pad_id=0)
+
+
+def test_strip_after_eos():
+  assert D.strip_after_eos(np.array([[5, 6, 1, 0, 0], [7, 0, 0, 0, 0]]), 1, 0) == [[5, 6], [7]]
+
+
+def test_banned_ids_are_never_generated(tiny):
+  model, params, _ = tiny
+  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  args = (model, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0))
+  free = np.asarray(D.decode(*args, method="greedy", max_new_tokens=6, eos_id=-1, pad_id=0))
+  banned = tuple(sorted(set(free.ravel().tolist())))
+  for method in D.METHODS:
+    out = np.asarray(D.decode(*args, method=method, max_new_tokens=6, eos_id=-1, pad_id=0,
+                              banned_ids=banned))
+    assert not set(out.ravel().tolist()) & set(banned)
