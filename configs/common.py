@@ -93,6 +93,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
 
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Workdir whose latest params start this run.
   c.resume = True  # Resume from WORKDIR's latest checkpoint if there is one.
+  c.steps_per_run = ml_collections.FieldReference(None, field_type=int)  # Stop (with a checkpoint) after this many steps; None: run to num_steps.
 
   c.sweep = ml_collections.ConfigDict()
   c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # PDL alphas of the sweep (0 = CE).

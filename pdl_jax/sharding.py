@@ -41,8 +41,8 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int],
     devices: devices to use; default all of jax.devices().
 
   Raises:
-    ValueError: unknown axis names, sizes < 1 (other than one -1), or a mesh that
-      does not match the number of devices.
+    ValueError: unknown axis names, sizes < 1 (other than one -1), or a mesh
+      larger than the number of devices.
   """
   devices = list(jax.devices() if devices is None else devices)
   if isinstance(mesh_shape, Mapping):
@@ -67,13 +67,14 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int],
           f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
           f"divisible by {known}.")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices):
     raise ValueError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
         f"{len(devices)} are available.")
+  # A smaller mesh uses the first devices (e.g. one device on a multi-device host).
   return jax.make_mesh(tuple(sizes), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-                       devices=devices)
+                       devices=devices[:math.prod(sizes)])
 
 
 def logical_to_spec(logical_axes: Sequence[str | None],

@@ -221,7 +221,7 @@ def train_step(state: TrainState, batch, weights_V, *, model, tx, schedule, loss
       state.params, batch, weights_V)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   metrics = {
       "train/loss": loss, "train/nll": aux.nll,
@@ -297,6 +297,7 @@ class Evaluator:
     self.prompt_len = max(len(p) for p in prompts)
     self.prompts = prompts
     self.ref_ids = tokenizer.encode_batch(examples.targets)
+    self.unigram_nll = _unigram_nll(examples, counts_V, config.eval.batch_size)
     self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
                                 tokenizer.unk_id} - {tokenizer.eos_id, -1}))
 
@@ -309,7 +310,8 @@ class Evaluator:
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     result = {"eval/nll": float(sums["nll_sum"] / max(sums["tokens"], 1)),
-              "eval/pdl_loss": float(sums["wnll_sum"] / max(sums["w_sum"], 1e-30))}
+              "eval/pdl_loss": float(sums["wnll_sum"] / max(sums["w_sum"], 1e-30)),
+              "eval/unigram_nll": self.unigram_nll}
     if c.task == PRETRAIN:
       return result
     hyp_ids = []
@@ -343,6 +345,18 @@ class Evaluator:
                                 hyps[:self.config.eval.num_samples])]
     path = os.path.join(folder, f"step_{step:07d}.jsonl")
     tok_lib.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _unigram_nll(examples: ip.Examples, counts_V: np.ndarray, batch_size: int) -> float:
+  """NLL (nats/token) of the eval targets under the add-one smoothed train unigram
+  distribution: the bar a model must clear to have learned more than frequencies."""
+  logp_V = np.log((counts_V + 1.0) / (counts_V.sum() + len(counts_V)))
+  total, n = 0.0, 0.0
+  for batch in ip.eval_batches(examples, batch_size):
+    m = batch["loss_mask"] > 0
+    total -= logp_V[batch["labels"][m]].sum()
+    n += m.sum()
+  return float(total / max(n, 1))
 
 
 # ---------------------------------------------------------------------------
@@ -473,7 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result: dict[str, float] = {}
   window_start, window_tokens = time.perf_counter(), 0.0
   run_start, start_step = time.perf_counter(), step
-  while step < config.num_steps:
+  stop_at = config.num_steps if config.steps_per_run is None else min(
+      config.num_steps, step + config.steps_per_run)
+  while step < stop_at:
     local = batches(step)  # the data position is the step
     batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
              for k, v in local.items() if k != "input_mask"}
@@ -494,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log(f"step {step}/{config.num_steps}  loss {m['train/loss']:.4f}  nll "
           f"{m['train/nll']:.4f}  ess {m['train/weight_ess']:.2f}  "
           f"{m['train/tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min")
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
+    if step % config.checkpoint_every == 0 or step in (config.num_steps, stop_at):
       save(step)
     if step % config.eval_every == 0 or step == config.num_steps:
       t0 = time.perf_counter()
@@ -503,7 +519,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log(f"eval at step {step} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
           f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
   mngr.wait_until_finished()
-  if not result:  # resumed after the last step: evaluate the final params
+  if step < config.num_steps:
+    log(f"stopped at step {step} after config.steps_per_run={config.steps_per_run}; "
+        "run the same command again to continue")
+  elif not result:  # resumed after the last step: evaluate the final params
     result = evaluator(state.params, step)
   return result
 

@@ -1,0 +1,194 @@
+"""End-to-end training on a tiny config with tfds mock data: outputs, resume,
+alpha 0 == CE, chunked == unchunked, 4x2 mesh == one device, init_from, refusals."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import dialogue
+from pdl_jax import sharding
+from pdl_jax import train
+
+import pdl_jax.datasets  # noqa: F401
+
+
+def tiny_config(**overrides):
+  c = dialogue.get_config("smoke")
+  c.mesh.data = 1  # one device unless a test says otherwise
+  c.tokenizer.vocab_size = 64
+  c.seq_len = 24
+  c.max_target_len = 8
+  c.batch_size = 4
+  c.num_steps = 6
+  c.log_every = 2
+  c.eval_every = 6
+  c.checkpoint_every = 3
+  c.eval.num_examples = 4
+  c.eval.batch_size = 4
+  c.eval.max_new_tokens = 4
+  c.eval.num_samples = 2
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
+@pytest.fixture(autouse=True)
+def mock_data():
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+def run(workdir, **overrides):
+  return train.train_and_evaluate(tiny_config(**overrides), str(workdir))
+
+
+def final_params(workdir):
+  mngr = train.checkpoint_manager(str(workdir), 5)
+  step = mngr.latest_step()
+  import orbax.checkpoint as ocp
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    workdir = tmp_path_factory.mktemp("ref")
+    result = run(workdir)
+  return workdir, result
+
+
+def test_run_writes_every_output(reference_run):
+  workdir, result = reference_run
+  names = set(os.listdir(workdir))
+  assert {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "samples",
+          "tokenizer.model"} <= names
+  assert json.load(open(workdir / "config.json"))["loss"]["name"] == "pdl"
+  ckpts = os.listdir(workdir / "checkpoints")
+  assert {"3", "6", "token_stats.npz"} <= set(ckpts)
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  train_keys = {"train/loss", "train/nll", "train/weight_ess", "train/grad_norm",
+                "train/learning_rate", "train/tokens_per_s"}
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
+  assert all(train_keys <= set(l) for l in lines if "train/loss" in l)
+  evals = [l for l in lines if "eval/nll" in l]
+  assert len(evals) == 1 and evals[0]["step"] == 6
+  for key in ("eval/nll", "eval/pdl_loss", "eval/rouge1", "eval/rouge2", "eval/rougeL",
+              "eval/bleu", "eval/chrf", "eval/distinct_1", "eval/distinct_2",
+              "eval/unigram_entropy", "eval/mean_surprisal", "eval/rare_token_share",
+              "eval/length", "eval/ref_mean_surprisal", "eval/unigram_nll"):
+    assert key in evals[0] and np.isfinite(evals[0][key]), key
+  assert result["eval/nll"] == evals[0]["eval/nll"]
+  assert os.listdir(workdir / "tensorboard")
+  samples = [json.loads(l) for l in open(workdir / "samples" / "step_0000006.jsonl")]
+  assert len(samples) == 2 and set(samples[0]) == {"input", "reference", "generation"}
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  run(tmp_path, steps_per_run=3)  # stops after step 3, with a checkpoint
+  assert final_params(tmp_path)[0] == 3
+  run(tmp_path)  # same command again: resumes at 3, same batches
+  step, params = final_params(tmp_path)
+  assert step == 6
+  assert_trees_close(params, final_params(ref_dir)[1], rtol=0, atol=0)
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")
+           if "train/loss" in l]
+  assert steps == [2, 4, 6]  # no duplicated lines after the resume
+
+
+def test_pdl_alpha_zero_equals_ce(tmp_path):
+  run(tmp_path / "pdl", **{"loss.alpha": 0.0, "num_steps": 3, "eval_every": 100})
+  run(tmp_path / "ce", **{"loss.name": "ce", "num_steps": 3, "eval_every": 100})
+  assert_trees_close(final_params(tmp_path / "pdl")[1], final_params(tmp_path / "ce")[1],
+                     rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_loss_training_equals_unchunked(tmp_path):
+  run(tmp_path / "a", **{"loss.alpha": 1.0, "num_steps": 3, "eval_every": 100})
+  run(tmp_path / "b", **{"loss.alpha": 1.0, "num_steps": 3, "eval_every": 100,
+                         "loss.chunked": True, "loss.chunk_size": 24})
+  assert_trees_close(final_params(tmp_path / "a")[1], final_params(tmp_path / "b")[1],
+                     rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_on_4x2_mesh_equals_single_device():
+  cfg = tiny_config(**{"model.preset": "tiny"})
+  model = train.make_model(cfg, vocab_size=96)
+  tx, schedule = train.make_optimizer(cfg)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 96, (8, 16)).astype(np.int32),
+           "labels": rng.integers(0, 96, (8, 16)).astype(np.int32),
+           "loss_mask": (rng.random((8, 16)) > 0.4).astype(np.float32)}
+  weights = jnp.asarray(np.linspace(0.5, 2.0, 96), jnp.float32)
+  results = []
+  for shape, devices in (((1, 1), jax.devices()[:1]), ((4, 2), jax.devices())):
+    mesh = sharding.make_mesh(shape, devices=devices)
+    state, shardings = train.create_state(model, tx, mesh, seed=0, seq_len=16)
+    bs = sharding.named_sharding(mesh, "batch", "length")
+    rep = sharding.replicated(mesh)
+    sharded_batch = {k: jax.device_put(v, bs) for k, v in batch.items()}
+    grad_fn = jax.jit(jax.grad(lambda p, b, w: train.compute_loss(
+        p, b, w, model=model, loss_name="pdl", chunked=False, chunk_size=0)[0]),
+        in_shardings=(shardings.params, bs, rep), out_shardings=shardings.params)
+    grads = grad_fn(state.params, sharded_batch, weights)
+    step = jax.jit(lambda s, b, w: train.train_step(
+        s, b, w, model=model, tx=tx, schedule=schedule, loss_name="pdl", chunked=False,
+        chunk_size=0), in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep))
+    state, metrics = step(state, sharded_batch, weights)
+    if shape == (4, 2):
+      emb = state.params["embed"]["embedding"]
+      assert emb.sharding.spec == jax.sharding.PartitionSpec("model", None)
+      assert len(emb.addressable_shards) == 8
+    results.append((jax.device_get(grads), jax.device_get(state.params),
+                    jax.device_get(metrics)))
+  (g1, p1, m1), (g8, p8, m8) = results
+  assert_trees_close(g8, g1, rtol=1e-5, atol=1e-7)
+  assert m8["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-5)
+  assert m8["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-5)
+  # One AdamW step (updates of size ~lr): the new params agree to 1e-5.
+  assert_trees_close(p8, p1, rtol=0, atol=1e-5)
+
+
+def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  # init_from: params from the other run, its tokenizer, fresh optimizer at step 0.
+  c = tiny_config(num_steps=1, eval_every=100)
+  c.init_from = str(ref_dir)
+  train.train_and_evaluate(c, str(tmp_path / "ft"))
+  assert open(tmp_path / "ft" / "checkpoints" / "token_stats.npz", "rb").read()
+  assert not os.path.exists(tmp_path / "ft" / "tokenizer.model")  # reused init_from's
+  # A workdir written with another alpha is refused, with the way out named.
+  with pytest.raises(ValueError, match=r"different config \(alpha: stored 0.5, now 0.25\).*"
+                                        r"resume=False"):
+    run(ref_dir, **{"loss.alpha": 0.25})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss.alpha": -1.0}, r"config.loss.alpha=-1.0; expected >= 0"),
+    ({"loss.name": "focal"}, r"config.loss.name='focal'"),
+    ({"dataset.name": "xsum"}, r"'xsum' is not available for task 'dialogue'"),
+    ({"batch_size": 6, "mesh.data": 4, "mesh.model": 2}, r"batch_size=6 is not divisible"),
+    ({"mesh.data": 16}, r"needs 16 devices; 8 are available"),
+    ({"seq_len": 3}, r"config.seq_len=3; expected >= 4"),
+    ({"tokenizer.path": "/nonexistent.model"}, r"/nonexistent.model' does not exist"),
+    ({"eval.decode": "sample"}, r"config.eval.decode='sample'"),
+])
+def test_bad_config_fails_before_work(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    run(tmp_path, **overrides)
+  assert not os.path.exists(tmp_path / "tokenizer.model")
