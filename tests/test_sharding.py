@@ -23,7 +23,7 @@ def test_make_mesh_from_config_and_fill():
   assert dict(mesh.shape) == {"data": 4, "model": 2}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert dict(sharding.make_mesh((-1, 4)).shape) == {"data": 2, "model": 4}
-  assert sharding.make_mesh((1, 1)).devices.tolist() == [jax.devices()[0]]
+  assert sharding.make_mesh((1, 1)).devices.ravel().tolist() == [jax.devices()[0]]
   assert "data=4 model=2 on 8 cpu" in sharding.mesh_summary(
       sharding.make_mesh({"data": 4, "model": 2}))
 
