@@ -45,17 +45,17 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.task = task  # "summarization", "dialogue", "style_transfer" or "pretrain".
   c.seed = 0  # Init, shuffling and sampling seed.
 
-  c.dataset = ml_collections.ConfigDict()
+  c.dataset = ml_collections.ConfigDict()  # Which data (pdl_jax/tasks.py).
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
 
-  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer = ml_collections.ConfigDict()  # SentencePiece.
   c.tokenizer.path = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/tokenizer.model (from init_from's run if set).
   c.tokenizer.vocab_size = 4000  # Pieces when the tokenizer is trained.
   c.tokenizer.train_sentences = 300_000  # Texts read to train it.
 
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()  # Transformer (pdl_jax/model.py).
   c.model.preset = "small"  # "tiny", "small" or "base" (pdl_jax/model.py PRESETS).
   c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
   c.model.tied_embeddings = True  # Output projection = embedding transposed.
@@ -63,10 +63,10 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
   c.max_target_len = 64  # Target tokens kept (the prompt is cut first).
 
-  c.loss = get_loss_config()
-  c.mesh = get_mesh_config()
+  c.loss = get_loss_config()  # CE or PDL and its weights.
+  c.mesh = get_mesh_config()  # Device mesh.
 
-  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer = ml_collections.ConfigDict()  # AdamW, warmup + cosine.
   c.optimizer.learning_rate = 3e-3  # Peak learning rate (AdamW).
   c.optimizer.warmup_steps = 50  # Linear warmup, then cosine decay to end_fraction.
   c.optimizer.end_fraction = 0.1  # Final learning rate / peak.
@@ -81,7 +81,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 2  # Checkpoints kept.
 
-  c.eval = ml_collections.ConfigDict()
+  c.eval = ml_collections.ConfigDict()  # Evaluation on a fixed validation subset.
   c.eval.num_examples = 256  # Fixed validation subset: its first N examples.
   c.eval.batch_size = 64  # Sequences per eval / decode batch.
   c.eval.decode = "greedy"  # "greedy", "beam" or "top_p".
@@ -95,7 +95,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.resume = True  # Resume from WORKDIR's latest checkpoint if there is one.
   c.steps_per_run = ml_collections.FieldReference(None, field_type=int)  # Stop (with a checkpoint) after this many steps; None: run to num_steps.
 
-  c.sweep = ml_collections.ConfigDict()
+  c.sweep = ml_collections.ConfigDict()  # The alpha sweep of this config.
   c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # PDL alphas of the sweep (0 = CE).
   c.sweep.seeds = (0,)  # Seeds per alpha.
   c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).

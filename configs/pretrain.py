@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   c.loss.name = "ce"  # Plain LM.
   c.max_target_len = 128  # The whole document is the target: loss on every token.
   c.num_steps = 2000  # About half an epoch of the ~105k documents.
-  c.eval.decode = "greedy"  # Generation from the validation documents' first tokens.
+  c.eval.decode = "greedy"  # Unused: pretraining evaluates NLL only.
   c.sweep.alphas = ()  # Pretraining is not swept.
-  c.sweep.include_ce = False
+  c.sweep.include_ce = False  # No CE point either.
   return common.parse_arg(c, arg)

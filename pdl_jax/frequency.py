@@ -332,3 +332,54 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
   stats.save(path)
   log(f"token stats: saved {path}")
   return stats
+
+
+# ---------------------------------------------------------------------------
+# python -m pdl_jax.frequency --config=configs/<task>.py --workdir=DIR [--top=N]
+# ---------------------------------------------------------------------------
+
+
+def run_pass(cfg, workdir: str, top: int = 0) -> tuple[TokenStats, str]:
+  """The frequency pass of a run config only: tokenizer (trained once in the
+  workdir), counts of the train targets stored where training with the same
+  workdir reuses them. Returns the stats and a report (with the `top` most and
+  least frequent tokens and their weights at the config's alpha)."""
+  from pdl_jax import input_pipeline as ip
+  from pdl_jax import train
+
+  train.validate_config(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  texts = train.load_split_texts(cfg, "train", cfg.dataset.max_train_examples)
+  tokenizer = train.get_tokenizer(cfg, workdir, lambda: texts)
+  examples = ip.encode_examples(*texts, tokenizer, seq_len=cfg.seq_len,
+                                max_target_len=cfg.max_target_len)
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", STATS_FILENAME)
+  stats = load_or_count(path, tokenizer,
+                        lambda: train.count_train_targets(cfg, tokenizer, examples))
+  report = (f"{stats.dataset} {stats.split} {list(stats.fields)}: {stats.num_examples} "
+            f"examples, {stats.num_tokens} tokens, vocab {stats.vocab_size}; stats at {path}")
+  if top:
+    weights = stats.weights(cfg.loss.alpha, cfg.loss.epsilon, frequency=cfg.loss.frequency,
+                            normalize=cfg.loss.normalize, max_weight=cfg.loss.max_weight)
+    report += f"\nweights at alpha={cfg.loss.alpha}:\n" + most_and_least_frequent(
+        stats, tokenizer, top, weights)
+  return stats, report
+
+
+def main(argv) -> None:
+  """CLI: --config, --workdir, --top (see run_pass)."""
+  del argv
+  from absl import flags
+
+  print(run_pass(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.top)[1])
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:args]")
+  flags.DEFINE_string("workdir", None, "the run's workdir (stats go to its checkpoints/)")
+  flags.DEFINE_integer("top", 0, "print the N most and least frequent tokens")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

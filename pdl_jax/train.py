@@ -112,7 +112,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
 # ---------------------------------------------------------------------------
 
 
-def _raw_texts(config, split: str, limit=None):
+def load_split_texts(config, split: str, limit=None):
   """(prompts, targets) of a split; for pretraining, whole documents as targets."""
   kwargs = dict(data_dir=config.dataset.data_dir, process_index=jax.process_index(),
                 process_count=jax.process_count(), limit=limit, log=log)
@@ -263,9 +263,27 @@ def abstract_like(state, shardings):
 def run_fingerprint(config, tokenizer, model) -> dict[str, Any]:
   """What a workdir's checkpoints must agree with to be resumed by this config."""
   return {"tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+          "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],
           "model": dataclasses.asdict(model.cfg), "task": config.task,
           "loss": config.loss.name, "alpha": float(config.loss.alpha),
           "dataset": config.dataset.name}
+
+
+RUN_OUTPUTS = ("config.json", "checkpoints", "metrics.jsonl", "tokenizer.model", "samples",
+               "tensorboard")
+
+
+def archive_previous_run(workdir: str) -> None:
+  """Moves an earlier run's outputs into WORKDIR/previous-<time>/ (config.resume=False
+  starts afresh without deleting anything)."""
+  present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, n))]
+  if not present or jax.process_index() != 0:
+    return
+  target = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
+  os.makedirs(target)
+  for name in present:
+    os.replace(os.path.join(workdir, name), os.path.join(target, name))
+  log(f"config.resume=False: moved the earlier run's {present} to {target}")
 
 
 def check_fingerprint(stored: dict, current: dict, where: str) -> None:
@@ -404,6 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
   mesh = make_mesh(config)
   os.makedirs(workdir, exist_ok=True)
+  if not config.resume:
+    archive_previous_run(workdir)
   if jax.process_index() == 0:
     tok_lib.atomic_write_bytes(os.path.join(workdir, "config.json"),
                                config.to_json_best_effort(indent=2).encode())
@@ -411,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Tokenizer and data.
   train_limit = config.dataset.max_train_examples
-  train_texts = functools.lru_cache(None)(lambda: _raw_texts(config, "train", train_limit))
+  train_texts = functools.lru_cache(None)(lambda: load_split_texts(config, "train", train_limit))
   tokenizer = get_tokenizer(config, workdir, train_texts)
   local_batch = config.batch_size // jax.process_count()
   encode = functools.partial(ip.encode_examples, tokenizer=tokenizer,
@@ -419,14 +439,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_ex = encode(*train_texts())
   log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty targets "
       f"dropped, {train_ex.truncated} truncated)")
-  eval_ex = encode(*_raw_texts(config, "validation", config.eval.num_examples))
+  eval_ex = encode(*load_split_texts(config, "validation", config.eval.num_examples))
   batches = ip.TrainBatches(train_ex, local_batch, config.seed)
 
   # --- Token stats (stored once beside the checkpoints, reused on resume) and weights.
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   stats = frequency.load_or_count(
       os.path.join(ckpt_dir, frequency.STATS_FILENAME), tokenizer,
-      lambda: _count_targets(config, tokenizer, train_ex), log=log)
+      lambda: count_train_targets(config, tokenizer, train_ex), log=log)
   weights_V = stats.weights(config.loss.alpha, config.loss.epsilon,
                             frequency=config.loss.frequency,
                             normalize=config.loss.normalize,
@@ -446,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = run_fingerprint(config, tokenizer, model)
   mngr = checkpoint_manager(workdir, config.keep_checkpoints)
   writer = MetricsWriter(workdir)
-  latest = mngr.latest_step() if config.resume else None
+  latest = mngr.latest_step()
   if latest is not None:
     restored = mngr.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_like(state, state_shardings)),
@@ -460,9 +480,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = state.replace(params=load_params(config.init_from, state.params,
                                              state_shardings.params))
     log(f"initialised params from {config.init_from}")
-  elif mngr.latest_step() is not None:
-    raise ValueError(f"workdir {workdir} has checkpoints but config.resume=False; use a "
-                     "new --workdir.")
 
   # --- Update step.
   rep = sharding.replicated(mesh)
@@ -527,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return result
 
 
-def _count_targets(config, tokenizer, train_ex: ip.Examples) -> frequency.TokenStats:
+def count_train_targets(config, tokenizer, train_ex: ip.Examples) -> frequency.TokenStats:
   """Counts the train targets the loss sees (one pass, each process its shard)."""
   import tensorflow as tf
 

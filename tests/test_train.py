@@ -176,6 +176,13 @@ def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
   with pytest.raises(ValueError, match=r"different config \(alpha: stored 0.5, now 0.25\).*"
                                         r"resume=False"):
     run(ref_dir, **{"loss.alpha": 0.25})
+  # The way out: resume=False starts afresh, keeping the earlier run aside.
+  other = tmp_path / "other"
+  run(other, num_steps=2, eval_every=100)
+  run(other, **{"num_steps": 2, "eval_every": 100, "loss.alpha": 0.25, "resume": False})
+  previous = [n for n in os.listdir(other) if n.startswith("previous-")]
+  assert len(previous) == 1 and "checkpoints" in os.listdir(other / previous[0])
+  assert json.load(open(other / "config.json"))["loss"]["alpha"] == 0.25
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -192,3 +199,16 @@ def test_bad_config_fails_before_work(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     run(tmp_path, **overrides)
   assert not os.path.exists(tmp_path / "tokenizer.model")
+
+
+def test_frequency_cli_pass_is_reused_by_training(tmp_path):
+  from pdl_jax import frequency
+
+  stats, report = frequency.run_pass(tiny_config(), str(tmp_path), top=3)
+  assert "most frequent (down-weighted)" in report and "least frequent" in report
+  path = tmp_path / "checkpoints" / frequency.STATS_FILENAME
+  mtime = os.path.getmtime(path)
+  run(tmp_path, num_steps=2, eval_every=100)
+  assert os.path.getmtime(path) == mtime  # training reused the stored stats
+  again, _ = frequency.run_pass(tiny_config(), str(tmp_path))
+  np.testing.assert_array_equal(again.counts, stats.counts)

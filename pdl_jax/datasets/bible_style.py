@@ -212,9 +212,7 @@ class BibleStyle(tfds.core.GeneratorBasedBuilder):
           f"read {len(kjv)} KJV and {len(web)} WEB verses, expected about 31k each; "
           f"the export is incomplete. Run:\n  {_APT_HOW}")
     pairs = pair_verses(kjv, web, self.builder_config.reverse)
-    common.check_splits({s: len(v) for s, v in pairs.items()}, self.name,
-                        minimum=MIN_PER_SPLIT)
-    return {split: self._generate_examples(examples) for split, examples in pairs.items()}
+    return common.split_generators(self, pairs, MIN_PER_SPLIT)
 
   def _generate_examples(self, examples):
     for ex in examples:

@@ -42,6 +42,13 @@ def check_splits(counts: Mapping[str, int], dataset: str, minimum: int = 1) -> N
         f"{ {s: counts.get(s, 0) for s in SPLITS} }.")
 
 
+def split_generators(builder, pairs: Mapping[str, list], minimum: int) -> dict:
+  """TFDS split generators of per-split example lists, after check_splits."""
+  check_splits({s: len(v) for s, v in pairs.items()}, builder.name, minimum=minimum)
+  return {split: builder._generate_examples(examples)  # pylint: disable=protected-access
+          for split, examples in pairs.items()}
+
+
 def run(cmd: Sequence[str], what: str, how: str, timeout: float = 600) -> str:
   """Runs a command; on failure raises SourceUnavailableError with the fix.
 

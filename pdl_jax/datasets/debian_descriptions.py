@@ -245,9 +245,7 @@ class DebianDescriptions(tfds.core.GeneratorBasedBuilder):
           f"no Translation-en file found after apt-get update. Run:\n  {_APT_HOW}")
     descs = filter_descriptions(read_descriptions(paths))
     pairs = make_pairs(descs, self.MAX_PER_CLUSTER)
-    common.check_splits({s: len(v) for s, v in pairs.items()}, self.name,
-                        minimum=MIN_PER_SPLIT)
-    return {split: self._generate_examples(examples) for split, examples in pairs.items()}
+    return common.split_generators(self, pairs, MIN_PER_SPLIT)
 
   def _generate_examples(self, examples):
     for ex in examples:

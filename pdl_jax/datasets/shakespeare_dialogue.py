@@ -239,9 +239,7 @@ class ShakespeareDialogue(tfds.core.GeneratorBasedBuilder):
     pairs: dict[str, list[dict]] = {s: [] for s in common.SPLITS}
     for play, text in sorted(plays.items()):
       pairs[play_split(play)].extend(make_pairs(play, parse_play(text)))
-    common.check_splits({s: len(v) for s, v in pairs.items()}, self.name,
-                        minimum=MIN_PER_SPLIT)
-    return {split: self._generate_examples(examples) for split, examples in pairs.items()}
+    return common.split_generators(self, pairs, MIN_PER_SPLIT)
 
   def _generate_examples(self, examples):
     for ex in examples:
