@@ -1,8 +1,9 @@
 """The frequency pass: token counts over a TFDS split, stored with the run.
 
-One pass over the text examples of a split: batched SentencePiece encoding (in a
-worker thread, so reading, encoding and counting overlap on two cores), counts
-accumulated with np.bincount into int64 [V]. Each JAX process counts its own shard
+One pass over the text examples of a split: batched SentencePiece encoding in a
+two worker threads, each with SentencePiece's own threads on all cores (it releases
+the GIL), while the main thread reads; counts accumulated with np.bincount into
+int64 [V]. Each JAX process counts its own shard
 of the split and the counts are summed across processes.
 
 The result, TokenStats, is saved as one .npz file written atomically (temporary
@@ -16,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -169,28 +171,22 @@ def _text_batches(dataset, fields: Sequence[str], batch_size: int
     yield n, texts
 
 
-def _flatten(ids: list[list[int]]) -> np.ndarray:
-  """All ids of a batch as one int64 array: one Python step per example, not token."""
-  lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-  flat = np.empty(int(lengths.sum()), np.int64)
-  ends = np.cumsum(lengths)
-  for seq, end, length in zip(ids, ends, lengths):
-    flat[end - length:end] = seq
-  return flat
-
-
-def _add_counts(counts_V: np.ndarray, ids: list[list[int]]) -> None:
-  batch_counts = np.bincount(_flatten(ids), minlength=len(counts_V))
-  if len(batch_counts) > len(counts_V):
-    raise ValueError(f"the tokenizer produced id {len(batch_counts) - 1}, beyond its "
-                     f"vocabulary of {len(counts_V)}.")
-  counts_V += batch_counts
+def _count_batch(tokenizer: Tokenizer, texts: list[str], threads: int) -> np.ndarray:
+  """Token counts [V] of a batch of texts: batched encode, one flat array, bincount."""
+  ids = tokenizer.encode_batch(texts, num_threads=threads)
+  flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64,
+                     sum(map(len, ids)))
+  counts = np.bincount(flat, minlength=tokenizer.vocab_size)
+  if len(counts) > tokenizer.vocab_size:
+    raise ValueError(f"the tokenizer produced id {len(counts) - 1}, beyond its "
+                     f"vocabulary of {tokenizer.vocab_size}.")
+  return counts
 
 
 def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("targets",),
                  batch_size: int = 1024, add_eos: bool = True, dataset_name: str = "",
-                 split: str = "", progress_every_s: float = 10.0,
-                 log=None) -> TokenStats:
+                 split: str = "", num_threads: int | None = None,
+                 progress_every_s: float = 10.0, log=None) -> TokenStats:
   """One pass over a tf.data dataset of text examples -> TokenStats.
 
   Args:
@@ -200,6 +196,9 @@ def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("tar
     batch_size: examples encoded per call.
     add_eos: count one EOS per field value (the loss is applied to EOS too).
     dataset_name, split: recorded in the stats.
+    num_threads: SentencePiece encoding threads per batch (default: all cores).
+      Two batches are in flight: one is encoded (SentencePiece releases the GIL)
+      while the other's ids are counted and this thread reads the next.
     progress_every_s: seconds between progress lines (examples, tokens, tokens/s).
     log: callable taking a line; default prints to stderr.
 
@@ -208,21 +207,19 @@ def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("tar
   """
   fields = tuple(fields)
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  vocab = tokenizer.vocab_size
-  counts = np.zeros(vocab, np.int64)
+  threads = num_threads or os.cpu_count() or 1
+  workers = 2  # double buffering; more workers only contend for the GIL
+  counts = np.zeros(tokenizer.vocab_size, np.int64)
   num_examples = num_texts = 0
   start = last = time.perf_counter()
-  batches = _text_batches(dataset, fields, batch_size)
-  # Encoding runs in a worker thread (SentencePiece releases the GIL) while this
-  # thread reads the next batch and counts the previous one.
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     pending: collections.deque = collections.deque()
-    for n, texts in batches:
-      pending.append(pool.submit(tokenizer.encode_batch, texts))
+    for n, texts in _text_batches(dataset, fields, batch_size):
+      pending.append(pool.submit(_count_batch, tokenizer, texts, threads))
       num_examples += n
       num_texts += len(texts)
-      if len(pending) > 1:
-        _add_counts(counts, pending.popleft().result())
+      while len(pending) > workers:  # bounded: at most `workers` batches in flight
+        counts += pending.popleft().result()
       now = time.perf_counter()
       if now - last >= progress_every_s:
         last = now
@@ -230,7 +227,7 @@ def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("tar
         log(f"frequency pass: {num_examples} examples, {toks} tokens, "
             f"{toks / (now - start) / 1e6:.2f} M tokens/s")
     while pending:
-      _add_counts(counts, pending.popleft().result())
+      counts += pending.popleft().result()
   if add_eos:
     counts[tokenizer.eos_id] += num_texts
   if num_examples == 0:
@@ -241,7 +238,7 @@ def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("tar
   log(f"frequency pass done: {num_examples} examples, {int(counts.sum())} tokens in "
       f"{elapsed:.1f} s ({counts.sum() / max(elapsed, 1e-9) / 1e6:.2f} M tokens/s)")
   return TokenStats(counts=counts, num_tokens=int(counts.sum()),
-                    num_examples=num_examples, vocab_size=vocab,
+                    num_examples=num_examples, vocab_size=tokenizer.vocab_size,
                     tokenizer_sha256=tokenizer.sha256, dataset=dataset_name,
                     split=split, fields=fields, add_eos=add_eos)
 

@@ -230,3 +230,13 @@ def test_missing_source_error_names_the_command(monkeypatch, tmp_path):
     B.export_module(B.KJV_MODULE, str(tmp_path))
   with pytest.raises(common.SourceUnavailableError, match="Acquire::Languages=en"):
     D.fetch_translation_files(str(tmp_path))
+
+
+def test_identical_inputs_stay_in_one_split():
+  pairs = {"train": [{"inputs": "a", "targets": "1"}],
+           "validation": [{"inputs": "b", "targets": "2"}, {"inputs": "a", "targets": "3"}],
+           "test": [{"inputs": "b", "targets": "4"}, {"inputs": "c", "targets": "5"}]}
+  out = common.keep_inputs_in_one_split(pairs)
+  assert [e["targets"] for e in out["train"]] == ["1", "3"]
+  assert [e["targets"] for e in out["validation"]] == ["2", "4"]
+  assert [e["targets"] for e in out["test"]] == ["5"]

@@ -42,8 +42,27 @@ def check_splits(counts: Mapping[str, int], dataset: str, minimum: int = 1) -> N
         f"{ {s: counts.get(s, 0) for s in SPLITS} }.")
 
 
+def keep_inputs_in_one_split(pairs: Mapping[str, list[dict]]) -> dict[str, list[dict]]:
+  """Moves validation/test examples whose `inputs` text also occurs in an earlier
+  split (train, then validation) into that split.
+
+  Group-wise splitting (by cluster, play, chapter) cannot see verbatim repeats
+  across groups ("And the LORD spake unto Moses, saying," opens verses in many
+  chapters); this keeps an identical input from being trained on and tested on.
+  """
+  home: dict[str, str] = {}
+  out: dict[str, list[dict]] = {s: [] for s in pairs}
+  for split in SPLITS:
+    for ex in pairs.get(split, []):
+      target_split = home.setdefault(ex["inputs"], split)
+      out[target_split].append(ex)
+  return out
+
+
 def split_generators(builder, pairs: Mapping[str, list], minimum: int) -> dict:
-  """TFDS split generators of per-split example lists, after check_splits."""
+  """TFDS split generators of per-split example lists (each input text in one
+  split only), after check_splits."""
+  pairs = keep_inputs_in_one_split(pairs)
   check_splits({s: len(v) for s, v in pairs.items()}, builder.name, minimum=minimum)
   return {split: builder._generate_examples(examples)  # pylint: disable=protected-access
           for split, examples in pairs.items()}
