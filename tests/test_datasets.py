@@ -205,8 +205,15 @@ def test_shakespeare_builder_on_fixtures(tmp_path, monkeypatch):
   import pdl_jax.datasets  # noqa: F401
   texts = tmp_path / "src"
   texts.mkdir()
-  for name in ("tempest", "macbeth", "romeo_and_juliet"):
-    shutil.copy(os.path.join(FIXTURES, "play_gut.txt"), texts / f"{name}_gut.txt")
+  play = read("play_gut.txt")
+  for name, s in (("tempest", ""), ("macbeth", "a"), ("romeo_and_juliet", "b")):
+    # Other speaker names per play, so no input text repeats across plays (the
+    # builder would keep a repeated input in one split).
+    text = play
+    for old in ("Ber.", "Fran.", "CAMILLO.", "THESEUS\n", "MRS. FORD.", "GENTLEMAN."):
+      new = old[:-1] + s.upper() + old[-1:]  # "Ber." -> "BerA.", "THESEUS\n" -> "THESEUSA\n"
+      text = text.replace(old, new)
+    (texts / f"{name}_gut.txt").write_text(text)
   monkeypatch.setattr(S, "MIN_PLAYS", 1)
   monkeypatch.setattr(S, "MIN_PER_SPLIT", 1)
   out = _build("shakespeare_dialogue", tmp_path / "data", texts)
