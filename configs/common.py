@@ -92,6 +92,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.eval.num_samples = 32  # (input, reference, generation) triples written per eval.
 
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Workdir whose latest params start this run.
+  c.skip_nonfinite_steps = False  # Skip (and count) steps with a non-finite loss or gradient instead of stopping.
   c.resume = True  # Resume from WORKDIR's latest checkpoint if there is one.
   c.steps_per_run = ml_collections.FieldReference(None, field_type=int)  # Stop (with a checkpoint) after this many steps; None: run to num_steps.
 

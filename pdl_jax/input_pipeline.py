@@ -146,14 +146,20 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
   import pdl_jax.datasets  # noqa: F401  registers the offline builders
 
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  start = time.perf_counter()
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  builder.download_and_prepare()  # a no-op once built
   tfds_split = spec.splits[split]
   if limit is not None:
-    tfds_split = f"{tfds_split}[:{limit}]"
+    try:  # a slice past the end is an error in TFDS: a limit above the size means all
+      size = builder.info.splits[tfds_split].num_examples
+    except (KeyError, TypeError):
+      size = None
+    if not size or limit < size:
+      tfds_split = f"{tfds_split}[:{limit}]"
   if process_count > 1:
     tfds_split = tfds.even_splits(tfds_split, process_count)[process_index]
-  start = time.perf_counter()
-  ds = tfds.load(spec.tfds_name, split=tfds_split, data_dir=data_dir,
-                 shuffle_files=False)
+  ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
   prompts, targets = [], []
   for ex in tfds.as_numpy(ds):
     p, t = spec.format(ex)

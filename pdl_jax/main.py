@@ -16,16 +16,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 flags.mark_flag_as_required("config")
 
 
+def default_workdir(config_arg: str, now: float | None = None) -> str:
+  """workdirs/<config file stem>-<YYYYmmdd-HHMMSS> for `--config=path.py[:args]`."""
+  stem = os.path.basename(config_arg.split(":", 1)[0]).removesuffix(".py")
+  return os.path.join("workdirs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   from pdl_jax import train  # after flag parsing: keeps --help fast
 
-  workdir = _WORKDIR.value
-  if workdir is None:
-    name = os.path.splitext(os.path.basename(_CONFIG.value.get("config_file", "") or
-                                             flags.FLAGS["config"].config_filename))[0]
-    workdir = os.path.join("workdirs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)
   train.train_and_evaluate(_CONFIG.value, workdir)
 

@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -43,9 +45,14 @@ def log(line: str) -> None:
 
 
 class TrainState(struct.PyTreeNode):
+  """Everything a checkpoint restores. nonfinite_steps counts steps whose loss or
+  gradient was not finite; first_nonfinite is the first such step (-1: none)."""
+
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite_steps: jax.Array
+  first_nonfinite: jax.Array
 
 
 # ---------------------------------------------------------------------------
@@ -173,19 +180,20 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
 
   Returns (state, state_shardings).
   """
-  def init_boxed(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  def new_state(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
+                      first_nonfinite=jnp.full((), -1, jnp.int32))
+
+  def init_boxed(rng):
+    return new_state(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
 
   abstract = jax.eval_shape(init_boxed, jax.random.key(seed))
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_AXIS_RULES)
 
   def init(rng):
-    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+    return new_state(nn.meta.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]))
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
@@ -213,8 +221,12 @@ def compute_loss(params, batch, weights_V, *, model, loss_name: str, chunked: bo
 
 
 def train_step(state: TrainState, batch, weights_V, *, model, tx, schedule, loss_name,
-               chunked, chunk_size):
-  """One optimizer step; returns the new state and scalar metrics."""
+               chunked, chunk_size, skip_nonfinite: bool = False):
+  """One optimizer step; returns the new state and scalar metrics.
+
+  A step with a non-finite loss, gradient or update is recorded in the state; with
+  skip_nonfinite its update is dropped (params and optimizer state unchanged).
+  """
   loss_fn = functools.partial(compute_loss, model=model, loss_name=loss_name,
                               chunked=chunked, chunk_size=chunk_size)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -222,14 +234,22 @@ def train_step(state: TrainState, batch, weights_V, *, model, tx, schedule, loss
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The update too: a diverging learning rate makes finite gradients non-finite params.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  step = state.step + 1
+  nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
+  first = jnp.where((state.first_nonfinite < 0) & ~finite, step, state.first_nonfinite)
   metrics = {
       "train/loss": loss, "train/nll": aux.nll,
       "train/weight_ess": aux.ess / jnp.maximum(aux.num_tokens, 1.0),
       "train/grad_norm": grad_norm, "train/learning_rate": schedule(state.step),
-      "train/tokens": aux.num_tokens, "train/finite": finite.astype(jnp.float32),
+      "train/tokens": aux.num_tokens, "train/nonfinite_steps": nonfinite_steps,
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    nonfinite_steps=nonfinite_steps, first_nonfinite=first), metrics
 
 
 def eval_step(params, batch, weights_V, *, model):
@@ -487,7 +507,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         loss_name=config.loss.name, chunked=config.loss.chunked,
-                        chunk_size=config.loss.chunk_size),
+                        chunk_size=config.loss.chunk_size,
+                        skip_nonfinite=config.skip_nonfinite_steps),
       in_shardings=(state_shardings, batch_sharding, rep),
       out_shardings=(state_shardings, rep), donate_argnums=(0,))
   evaluator = Evaluator(config, workdir, model, tokenizer, eval_ex, stats.counts,
@@ -499,43 +520,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             meta=ocp.args.JsonSave(meta)), force=True)
 
+  def check_finite() -> None:
+    """Stops before a non-finite update can reach a checkpoint (unless skipping)."""
+    first = int(jax.device_get(state.first_nonfinite))
+    if first >= 0 and not config.skip_nonfinite_steps:
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {first}; stopped without saving it (the "
+          f"last good checkpoint, step {mngr.latest_step()}, is kept). Lower the "
+          "learning rate, clip with loss.max_weight, or set "
+          "config.skip_nonfinite_steps=True to skip such steps.")
+
+  # SIGTERM (what TPU VM preemption sends): save at the current step, then exit.
+  preempted = []
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
   # --- Loop.
   step = int(jax.device_get(state.step))
   result: dict[str, float] = {}
-  window_start, window_tokens = time.perf_counter(), 0.0
-  run_start, start_step = time.perf_counter(), step
+  window_start = run_start = time.perf_counter()
+  start_step = step
   stop_at = config.num_steps if config.steps_per_run is None else min(
       config.num_steps, step + config.steps_per_run)
-  while step < stop_at:
-    local = batches(step)  # the data position is the step
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-             for k, v in local.items() if k != "input_mask"}
-    state, m = step_fn(state, batch, weights_V)
-    step += 1
-    if step % config.log_every == 0 or step == config.num_steps:
-      m = jax.device_get(m)
-      if not m.pop("train/finite"):
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step} (loss {m['train/loss']}, grad "
-            f"norm {m['train/grad_norm']}); the last good checkpoint is kept.")
-      now = time.perf_counter()
-      window_tokens = config.batch_size * config.seq_len * config.log_every
-      m["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-      window_start = now
-      writer.write(step, m)
-      eta = (now - run_start) / max(step - start_step, 1) * (config.num_steps - step)
-      log(f"step {step}/{config.num_steps}  loss {m['train/loss']:.4f}  nll "
-          f"{m['train/nll']:.4f}  ess {m['train/weight_ess']:.2f}  "
-          f"{m['train/tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min")
-    if step % config.checkpoint_every == 0 or step in (config.num_steps, stop_at):
-      save(step)
-    if step % config.eval_every == 0 or step == config.num_steps:
-      t0 = time.perf_counter()
-      result = evaluator(state.params, step)
-      writer.write(step, result)
-      log(f"eval at step {step} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
-          f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
-  mngr.wait_until_finished()
+  try:
+    while step < stop_at:
+      local = batches(step)  # the data position is the step
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in local.items() if k != "input_mask"}
+      state, m = step_fn(state, batch, weights_V)
+      step += 1
+      if preempted:
+        check_finite()
+        save(step)
+        mngr.wait_until_finished()
+        log(f"SIGTERM: saved a checkpoint at step {step}; run the same command to resume")
+        raise SystemExit(128 + signal.SIGTERM)
+      if step % config.log_every == 0 or step == config.num_steps:
+        check_finite()
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        window_tokens = config.batch_size * config.seq_len * config.log_every
+        m["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+        window_start = now
+        writer.write(step, m)
+        eta = (now - run_start) / max(step - start_step, 1) * (config.num_steps - step)
+        log(f"step {step}/{config.num_steps}  loss {m['train/loss']:.4f}  nll "
+            f"{m['train/nll']:.4f}  ess {m['train/weight_ess']:.2f}  "
+            f"{m['train/tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min")
+      if step % config.checkpoint_every == 0 or step in (config.num_steps, stop_at):
+        check_finite()
+        save(step)
+      if step % config.eval_every == 0 or step == config.num_steps:
+        t0 = time.perf_counter()
+        result = evaluator(state.params, step)
+        writer.write(step, result)
+        log(f"eval at step {step} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
+            f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
+  finally:
+    mngr.wait_until_finished()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
   if step < config.num_steps:
     log(f"stopped at step {step} after config.steps_per_run={config.steps_per_run}; "
         "run the same command again to continue")

@@ -50,3 +50,9 @@ def test_sweeps_are_defined_next_to_task_configs():
     c = importlib.import_module(f"configs.{name}").get_config()
     assert len(c.sweep.alphas) >= 4 and 0.0 in c.sweep.alphas
   assert set(common.ARG_KEYS) >= {"loss", "alpha", "dataset"}
+
+
+def test_default_workdir_name():
+  from pdl_jax import main
+  name = main.default_workdir("configs/dialogue.py:smoke,alpha=0.5", now=0)
+  assert name.startswith(os.path.join("workdirs", "dialogue-19"))

@@ -1,0 +1,204 @@
+"""Failure behaviour, for real: SIGKILL at several points and resume, SIGTERM,
+non-finite steps, bad configs, bad data, a mismatched workdir.
+
+The subprocess tests run `python -m pdl_jax.main` on a small dialogue corpus built
+here (synthetic plays in the real Gutenberg format) with the real TFDS builder.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from pdl_jax import input_pipeline as ip
+from pdl_jax import train
+from pdl_jax.datasets import shakespeare_dialogue as S
+
+from test_frequency import make_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic_play(seed: int, scenes: int = 4, turns: int = 40) -> str:
+  """A play in the *_gut.txt format: front matter, acts, scenes, speaker turns."""
+  lines = ["A PLAY", "", "by Nobody", "", "PERSONS REPRESENTED.", "", "ALPHA, a lord.", ""]
+  speeches = iter(make_texts(scenes * turns, seed))
+  speakers = ["ALPHA.", "BETA.", "GAMMA.", "DELTA."]
+  for s in range(scenes):
+    lines += ["", f"ACT {'I' * (s + 1)}.", "", f"SCENE I. Place {seed} {s}.", "",
+              "[Enter ALPHA and BETA.]", ""]
+    for t in range(turns):
+      lines += [speakers[(t + s) % 4], next(speeches).capitalize() + ".", ""]
+  return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """shakespeare_dialogue built from three synthetic plays with the real builder."""
+  src = tmp_path_factory.mktemp("plays")
+  for i, name in enumerate(("tempest", "macbeth", "romeo_and_juliet")):
+    (src / f"{name}_gut.txt").write_text(synthetic_play(i))
+  out = tmp_path_factory.mktemp("tfds")
+  mp = pytest.MonkeyPatch()
+  mp.setattr(S, "MIN_PLAYS", 3)
+  mp.setattr(S, "MIN_PER_SPLIT", 10)
+  try:
+    import pdl_jax.datasets  # noqa: F401
+    builder = tfds.builder("shakespeare_dialogue", data_dir=str(out))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(src)))
+  finally:
+    mp.undo()
+  return str(out)
+
+
+def command(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "pdl_jax.main", "--config=configs/dialogue.py:smoke",
+          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+          "--config.mesh.data=1", "--config.num_steps=40", "--config.log_every=5",
+          "--config.checkpoint_every=10", "--config.eval_every=40",
+          "--config.eval.num_examples=8", "--config.eval.batch_size=8",
+          "--config.eval.max_new_tokens=4", "--config.tokenizer.vocab_size=200",
+          "--config.dataset.max_train_examples=400", "--config.keep_checkpoints=10",
+          *extra]
+
+
+def env():
+  e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  e["XLA_FLAGS"] = ""  # one CPU device in the subprocesses
+  return e
+
+
+def run_until(cmd, marker=None, sig=signal.SIGKILL, timeout=240):
+  """Runs cmd; if `marker` appears in its output, sends `sig`. Returns (rc, output)."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  out = []
+  try:
+    for line in proc.stdout:
+      out.append(line)
+      if marker is not None and marker in line:
+        proc.send_signal(sig)
+        marker = None
+    return proc.wait(timeout=timeout), "".join(out)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+def params_and_steps(workdir):
+  mngr = train.checkpoint_manager(str(workdir), 10)
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def train_lines(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [{k: v for k, v in l.items() if k != "train/tokens_per_s"}
+          for l in lines if "train/loss" in l]
+
+
+def test_sigkill_at_several_points_resumes_exactly(data_dir, tmp_path):
+  ref = tmp_path / "ref"
+  rc, out = run_until(command(ref, data_dir))
+  assert rc == 0, out[-3000:]
+  killed = tmp_path / "killed"
+  # During/after the frequency pass, in the middle of training, and right after a
+  # log line that precedes a checkpoint write (the save is asynchronous).
+  for marker in ("frequency pass done", "step 15/40", "step 30/40"):
+    rc, out = run_until(command(killed, data_dir), marker)
+    assert rc == -signal.SIGKILL, out[-3000:]
+  rc, out = run_until(command(killed, data_dir))
+  assert rc == 0, out[-3000:]
+  ref_step, ref_params = params_and_steps(ref)
+  step, params = params_and_steps(killed)
+  assert step == ref_step == 40
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+  assert train_lines(killed) == train_lines(ref)
+  # No half-written checkpoint or stats file is left behind as if complete.
+  names = os.listdir(killed / "checkpoints")
+  assert not [n for n in names if "tmp" in n], names
+
+
+def test_sigterm_saves_the_current_step(data_dir, tmp_path):
+  rc, out = run_until(command(tmp_path, data_dir, "--config.num_steps=400",
+                              "--config.checkpoint_every=100"), "step 15/400",
+                      sig=signal.SIGTERM)
+  assert rc == 128 + signal.SIGTERM, out[-3000:]
+  assert "SIGTERM: saved a checkpoint at step" in out
+  step, _ = params_and_steps(tmp_path)
+  assert 15 <= step < 100  # not a periodic checkpoint: the preemption one
+
+
+@pytest.fixture
+def mock_data():
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+def tiny(**overrides):
+  from test_train import tiny_config
+  return tiny_config(**overrides)
+
+
+def test_nonfinite_step_stops_naming_it_and_keeps_last_good(mock_data, tmp_path):
+  # A learning rate of 1e30 blows the params up once warmup starts: a divergence.
+  c = tiny(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 2,
+              "checkpoint_every": 1, "log_every": 100, "num_steps": 8})
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
+    train.train_and_evaluate(c, str(tmp_path))
+  step, params = params_and_steps(tmp_path)
+  assert step >= 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(mock_data, tmp_path):
+  # An infinite learning rate makes every update non-finite: all are skipped.
+  c = tiny(**{"optimizer.learning_rate": float("inf"), "log_every": 2, "num_steps": 6,
+              "skip_nonfinite_steps": True, "eval_every": 100})
+  train.train_and_evaluate(c, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "train/loss" in l]
+  assert [l["train/nonfinite_steps"] for l in lines] == [2, 4, 6]
+  _, params = params_and_steps(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_unknown_config_key_is_refused_by_the_cli(tmp_path):
+  rc, out = run_until([sys.executable, "-m", "pdl_jax.main",
+                       "--config=configs/dialogue.py:smoke", f"--workdir={tmp_path}",
+                       "--config.loss.alpah=0.5"])
+  assert rc != 0 and "alpah" in out
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_bad_data_is_handled_as_documented(tmp_path):
+  from pdl_jax import tokenizer as T
+  tok = T.train(make_texts(800, 0), str(tmp_path / "t.model"), 80)
+  # Characters the tokenizer cannot encode map to unk; empty targets are dropped
+  # and counted; over-long inputs are truncated.
+  ex = ip.encode_examples(["\u2603\u2603 the man", "x", " ".join(["the"] * 500)],
+                          ["\u0416\u0416 said", "", "no"], tok, seq_len=32, max_target_len=8)
+  assert len(ex) == 2 and ex.dropped_empty == 1 and ex.truncated == 1
+  assert tok.unk_id in ex.seqs[0].tolist()
+  # Labels outside the vocabulary reaching the loss are masked, never NaN.
+  model = train.make_model(tiny(), vocab_size=tok.vocab_size)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  import flax.linen as nn
+  batch = ip.make_batch(ex, np.array([0, 1]))
+  batch["labels"] = batch["labels"].copy()
+  batch["labels"][0, -1] = tok.vocab_size + 7
+  batch["labels"][1, 0] = -5
+  loss, aux = train.compute_loss(nn.meta.unbox(params), batch,
+                                 jnp.ones(tok.vocab_size), model=model, loss_name="pdl",
+                                 chunked=False, chunk_size=0)
+  assert np.isfinite(float(loss)) and np.isfinite(float(aux.nll))
