@@ -488,12 +488,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricsWriter(workdir)
   latest = mngr.latest_step()
   if latest is not None:
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(state, state_shardings)),
-        meta=ocp.args.JsonRestore()))
-    check_fingerprint(restored.meta["fingerprint"], fingerprint,
+    # The meta first: a checkpoint of another model shape cannot even be restored.
+    meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_fingerprint(meta["fingerprint"], fingerprint,
                       f"workdir {workdir} (checkpoint {latest})")
-    state = restored.state
+    state = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(state, state_shardings)))).state
     writer.truncate_after(latest)
     log(f"resumed from step {latest}")
   elif config.init_from is not None:

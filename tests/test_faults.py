@@ -7,6 +7,7 @@ here (synthetic plays in the real Gutenberg format) with the real TFDS builder.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,3 +203,33 @@ def test_bad_data_is_handled_as_documented(tmp_path):
                                  jnp.ones(tok.vocab_size), model=model, loss_name="pdl",
                                  chunked=False, chunk_size=0)
   assert np.isfinite(float(loss)) and np.isfinite(float(aux.nll))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss.alpha": -1.0}, r"config.loss.alpha=-1.0; expected >= 0"),
+    ({"loss.epsilon": 0.0}, r"config.loss.epsilon=0.0; expected > 0"),
+    ({"model.preset": "huge"}, r"config.model.preset='huge'; expected one of"),
+    ({"loss.name": "focal"}, r"config.loss.name='focal'"),
+    ({"dataset.name": "xsum"}, r"'xsum' is not available for task 'dialogue'"),
+    ({"batch_size": 6, "mesh.data": 4, "mesh.model": 2}, r"batch_size=6 is not divisible"),
+    ({"mesh.data": 16}, r"needs 16 devices; 8 are available"),
+    ({"seq_len": 3}, r"config.seq_len=3; expected >= 4"),
+    ({"tokenizer.path": "/nonexistent.model"}, r"/nonexistent.model' does not exist"),
+    ({"eval.decode": "sample"}, r"config.eval.decode='sample'"),
+])
+def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny(**overrides), str(tmp_path))
+  assert not os.path.exists(tmp_path / "tokenizer.model")
+
+
+@pytest.mark.parametrize("overrides, what", [
+    ({"loss.alpha": 0.25}, "alpha: stored 0.5, now 0.25"),
+    ({"model.preset": "small"}, "model: stored"),
+    ({"loss.name": "ce"}, "loss: stored 'pdl', now 'ce'"),
+    ({"tokenizer.vocab_size": 80}, "tokenizer_requested"),
+])
+def test_mismatched_workdir_is_refused(mock_data, tmp_path, overrides, what):
+  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  with pytest.raises(ValueError, match=re.escape(what) + ".*resume=False"):
+    train.train_and_evaluate(tiny(num_steps=4, eval_every=100, **overrides), str(tmp_path))
