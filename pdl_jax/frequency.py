@@ -290,12 +290,6 @@ def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
   return "\n".join(lines)
 
 
-def iter_texts(dataset, fields: Iterable[str]) -> Iterator[str]:
-  """Every text of the given fields of a tf.data dataset (tokenizer training)."""
-  for _, texts in _text_batches(dataset, tuple(fields), 1024):
-    yield from texts
-
-
 def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                   dataset: str | None = None, split: str | None = None,
                   fields: Sequence[str] | None = None, log=None) -> TokenStats:

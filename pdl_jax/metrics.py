@@ -15,7 +15,6 @@ its outputs are from the human distribution, not just how they change with alpha
 from __future__ import annotations
 
 import collections
-import math
 from typing import Sequence
 
 import numpy as np
@@ -122,6 +121,3 @@ def generation_metrics(hyps: Sequence[str], refs: Sequence[str],
   out.update({f"ref_{k}": v for k, v in profile(refs, ref_ids, counts_V).items()})
   return out
 
-
-def nats_to_bits(x: float) -> float:
-  return x / math.log(2)

@@ -144,12 +144,11 @@ def get_tokenizer(config, workdir: str, train_texts) -> tok_lib.Tokenizer:
   if path is not None:
     return tok_lib.Tokenizer.load(path)
   path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(path):
-    return tok_lib.Tokenizer.load(path)
-  log(f"tokenizer: training a {config.tokenizer.vocab_size}-piece unigram model")
+  if not os.path.exists(path):
+    log(f"tokenizer: training a {config.tokenizer.vocab_size}-piece unigram model")
   texts = (t for pair in zip(*train_texts()) for t in pair if t)
-  return tok_lib.train(texts, path, config.tokenizer.vocab_size, seed=config.seed,
-                       max_sentences=config.tokenizer.train_sentences)
+  return tok_lib.load_or_train(path, texts, config.tokenizer.vocab_size, seed=config.seed,
+                               max_sentences=config.tokenizer.train_sentences)
 
 
 # ---------------------------------------------------------------------------

@@ -187,3 +187,15 @@ def test_most_and_least_frequent_table(tokenizer):
   top = int(np.argmax(stats.counts))
   assert tokenizer.id_to_piece([top])[0] in table.splitlines()[2]
   assert "most frequent" in table and "least frequent" in table
+
+
+def test_count_split_reads_a_tfds_split(tokenizer):
+  import tensorflow_datasets as tfds
+
+  import pdl_jax.datasets  # noqa: F401
+  with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
+    stats = F.count_split("shakespeare_dialogue", "train", tokenizer, log=lambda _: None)
+    ds = tfds.load("shakespeare_dialogue", split="train")
+    texts = [ex["targets"].decode() for ex in tfds.as_numpy(ds)]
+  np.testing.assert_array_equal(stats.counts, counter_reference(tokenizer, texts))
+  assert (stats.dataset, stats.split, stats.num_examples) == ("shakespeare_dialogue", "train", 30)
