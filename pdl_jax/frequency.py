@@ -292,7 +292,8 @@ def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
 
 def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                   dataset: str | None = None, split: str | None = None,
-                  fields: Sequence[str] | None = None, log=None) -> TokenStats:
+                  fields: Sequence[str] | None = None, log=None,
+                  write: bool = True) -> TokenStats:
   """Stats stored at `path`, checked against the run, or a new pass saved there.
 
   A resumed run reuses the stats stored with its checkpoints instead of recounting;
@@ -303,6 +304,8 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
     tokenizer: the run's tokenizer (sha256 and vocab size must match).
     count_fn: () -> TokenStats, the pass to run when nothing is stored.
     dataset, split, fields: what the run counts; checked when given.
+    write: save new stats (False on all but one of several processes, which all
+      run count_fn since it sums across them).
   """
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
   if os.path.exists(path):
@@ -320,8 +323,9 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
     return stats
   stats = count_fn()
   stats.check_tokenizer(tokenizer, where="freshly counted token stats")
-  stats.save(path)
-  log(f"token stats: saved {path}")
+  if write:
+    stats.save(path)
+    log(f"token stats: saved {path}")
   return stats
 
 

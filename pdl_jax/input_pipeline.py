@@ -5,7 +5,8 @@ model inputs and labels; the loss mask is 1 on the labels that are target tokens
 EOS, never on the prompt. The offline corpora fit in memory, so each process loads
 and tokenizes its own shard of a split once (batched SentencePiece) into numpy
 arrays, and a batch is a pure function of (seed, step): the data position is the
-step, so a resumed run sees exactly the batches an uninterrupted one would.
+step, so a resumed run sees exactly the batches an uninterrupted one would, and
+each process feeds its devices with its rows of the global batch.
 """
 
 from __future__ import annotations
@@ -98,25 +99,37 @@ def make_batch(examples: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 class TrainBatches:
   """Batch at step s = a pure function of (seed, s): shuffled epochs, no repeats in
-  an epoch, last partial batch of an epoch dropped."""
+  an epoch, last partial batch of an epoch dropped.
 
-  def __init__(self, examples: Examples, batch_size: int, seed: int):
+  The permutation is over the whole split and a global batch of `batch_size`
+  rows is drawn per step; process i of n returns rows [i * b / n, (i + 1) * b / n)
+  of it, so n processes together train on exactly the batches one process would.
+  """
+
+  def __init__(self, examples: Examples, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
     if len(examples) < batch_size:
       raise ValueError(
-          f"the training shard has {len(examples)} examples, fewer than the per-process "
-          f"batch size {batch_size}.")
+          f"the training split has {len(examples)} examples, fewer than the batch size "
+          f"{batch_size}.")
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} "
+                       "processes.")
     self.examples = examples
     self.batch_size = batch_size
     self.seed = seed
+    self.local = slice(process_index * batch_size // process_count,
+                       (process_index + 1) * batch_size // process_count)
     self.steps_per_epoch = len(examples) // batch_size
     self._perm_epoch, self._perm = -1, None
 
   def indices(self, step: int) -> np.ndarray:
+    """Example rows of this process's part of the global batch at `step`."""
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._perm_epoch:
       self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
       self._perm_epoch = epoch
-    return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+    return self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.local]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return make_batch(self.examples, self.indices(step))

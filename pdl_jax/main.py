@@ -1,7 +1,10 @@
-"""Runs one experiment: flags only.
+"""Runs one experiment: flags only (and jax.distributed set-up for several processes).
 
     python -m pdl_jax.main --config=configs/dialogue.py [--workdir=DIR]
     python -m pdl_jax.main --config=configs/dialogue.py:smoke --config.loss.alpha=0.25
+    # two processes on one machine (CPU, gloo collectives):
+    python -m pdl_jax.main --config=... --coordinator_address=127.0.0.1:12345 \
+        --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
 """
 
 import os
@@ -13,7 +16,32 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:args]")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "output folder; default workdirs/<config>-<date-time>")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for multi-process runs outside TPU VMs (with "
+    "--num_processes and --process_id); on TPU VM pods jax.distributed finds it itself")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 flags.mark_flag_as_required("config")
+
+
+def init_distributed() -> None:
+  """jax.distributed.initialize for multi-process runs; nothing on one process.
+
+  Explicit flags win; otherwise a multi-worker TPU VM (TPU_WORKER_HOSTNAMES lists
+  several hosts) is detected and JAX finds the coordinator itself.
+  """
+  import jax
+
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
+                           "together.")
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
 
 
 def default_workdir(config_arg: str, now: float | None = None) -> str:
@@ -25,6 +53,7 @@ def default_workdir(config_arg: str, now: float | None = None) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  init_distributed()  # before any other JAX call
   from pdl_jax import train  # after flag parsing: keeps --help fast
 
   workdir = _WORKDIR.value or default_workdir(

@@ -121,8 +121,9 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 def load_split_texts(config, split: str, limit=None):
   """(prompts, targets) of a split; for pretraining, whole documents as targets."""
-  kwargs = dict(data_dir=config.dataset.data_dir, process_index=jax.process_index(),
-                process_count=jax.process_count(), limit=limit, log=log)
+  # Every process reads the whole (small, offline) split and takes its rows of each
+  # global batch (input_pipeline.TrainBatches); the frequency pass counts a shard.
+  kwargs = dict(data_dir=config.dataset.data_dir, limit=limit, log=log)
   if config.task != PRETRAIN:
     spec = tasks_lib.get_dataset(config.task, config.dataset.name)
     return ip.load_texts(spec, split, **kwargs)
@@ -144,11 +145,35 @@ def get_tokenizer(config, workdir: str, train_texts) -> tok_lib.Tokenizer:
   if path is not None:
     return tok_lib.Tokenizer.load(path)
   path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
-    log(f"tokenizer: training a {config.tokenizer.vocab_size}-piece unigram model")
-  texts = (t for pair in zip(*train_texts()) for t in pair if t)
-  return tok_lib.load_or_train(path, texts, config.tokenizer.vocab_size, seed=config.seed,
-                               max_sentences=config.tokenizer.train_sentences)
+  if jax.process_index() == 0:  # one process trains; the others wait, then load it
+    if not os.path.exists(path):
+      log(f"tokenizer: training a {config.tokenizer.vocab_size}-piece unigram model")
+    texts = (t for pair in zip(*train_texts()) for t in pair if t)
+    tok_lib.load_or_train(path, texts, config.tokenizer.vocab_size, seed=config.seed,
+                          max_sentences=config.tokenizer.train_sentences)
+  sync("tokenizer")
+  return tok_lib.Tokenizer.load(path)
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (a no-op on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(x) -> np.ndarray:
+  """A (replicated) array as numpy on this process, also when it spans processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
+
+
+def replicate(mesh, tree):
+  """Host values (the same on every process) as replicated global arrays."""
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)),
+                      tree)
 
 
 # ---------------------------------------------------------------------------
@@ -342,10 +367,10 @@ class Evaluator:
     c = self.config
     sums = None
     for batch in ip.eval_batches(self.examples, c.eval.batch_size):
-      out = self.loss_fn(params, {k: v for k, v in batch.items() if k != "example_mask"},
-                         self.weights_V)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
+      out = self.loss_fn(params, replicate(self.mesh, {
+          k: v for k, v in batch.items() if k != "example_mask"}), self.weights_V)
+      out = jax.tree.map(to_host, out)
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
     result = {"eval/nll": float(sums["nll_sum"] / max(sums["tokens"], 1)),
               "eval/pdl_loss": float(sums["wnll_sum"] / max(sums["w_sum"], 1e-30)),
               "eval/unigram_nll": self.unigram_nll}
@@ -357,13 +382,14 @@ class Evaluator:
       chunk = self.prompts[start:start + c.eval.batch_size]
       padded = chunk + [chunk[-1]] * (c.eval.batch_size - len(chunk))
       tokens, mask = decode_lib.left_pad(padded, self.prompt_len, self.tok.pad_id)
-      out = decode_lib.decode(self.model, params, jnp.asarray(tokens), jnp.asarray(mask),
+      tokens, mask = replicate(self.mesh, (tokens, mask))
+      out = decode_lib.decode(self.model, params, tokens, mask,
                               jax.random.fold_in(rng, start), method=c.eval.decode,
                               max_new_tokens=c.eval.max_new_tokens,
                               eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                               beam_size=c.eval.beam_size, top_p=c.eval.top_p,
                               temperature=c.eval.temperature, banned_ids=self.banned)
-      hyp_ids.extend(decode_lib.strip_after_eos(jax.device_get(out), self.tok.eos_id,
+      hyp_ids.extend(decode_lib.strip_after_eos(to_host(out), self.tok.eos_id,
                                                 self.tok.pad_id)[:len(chunk)])
     hyps = self.tok.decode_batch(hyp_ids)
     gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids, self.ref_ids,
@@ -452,25 +478,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_limit = config.dataset.max_train_examples
   train_texts = functools.lru_cache(None)(lambda: load_split_texts(config, "train", train_limit))
   tokenizer = get_tokenizer(config, workdir, train_texts)
-  local_batch = config.batch_size // jax.process_count()
   encode = functools.partial(ip.encode_examples, tokenizer=tokenizer,
                              seq_len=config.seq_len, max_target_len=config.max_target_len)
   train_ex = encode(*train_texts())
   log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty targets "
       f"dropped, {train_ex.truncated} truncated)")
   eval_ex = encode(*load_split_texts(config, "validation", config.eval.num_examples))
-  batches = ip.TrainBatches(train_ex, local_batch, config.seed)
+  batches = ip.TrainBatches(train_ex, config.batch_size, config.seed,
+                            jax.process_index(), jax.process_count())
 
   # --- Token stats (stored once beside the checkpoints, reused on resume) and weights.
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   stats = frequency.load_or_count(
       os.path.join(ckpt_dir, frequency.STATS_FILENAME), tokenizer,
-      lambda: count_train_targets(config, tokenizer, train_ex), log=log)
+      lambda: count_train_targets(config, tokenizer, train_ex), log=log,
+      write=jax.process_index() == 0)
   weights_V = stats.weights(config.loss.alpha, config.loss.epsilon,
                             frequency=config.loss.frequency,
                             normalize=config.loss.normalize,
                             max_weight=config.loss.max_weight)
-  weights_V = jax.device_put(jnp.asarray(weights_V), sharding.replicated(mesh))
+  weights_V = replicate(mesh, weights_V)
 
   # --- Model and sharded state.
   model = make_model(config, tokenizer.vocab_size)
@@ -521,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def check_finite() -> None:
     """Stops before a non-finite update can reach a checkpoint (unless skipping)."""
-    first = int(jax.device_get(state.first_nonfinite))
+    first = int(to_host(state.first_nonfinite))
     if first >= 0 and not config.skip_nonfinite_steps:
       raise FloatingPointError(
           f"non-finite loss or gradient at step {first}; stopped without saving it (the "
@@ -536,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
   # --- Loop.
-  step = int(jax.device_get(state.step))
+  step = int(to_host(state.step))
   result: dict[str, float] = {}
   window_start = run_start = time.perf_counter()
   start_step = step
@@ -557,7 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise SystemExit(128 + signal.SIGTERM)
       if step % config.log_every == 0 or step == config.num_steps:
         check_finite()
-        m = jax.device_get(m)
+        m = jax.tree.map(to_host, m)
         now = time.perf_counter()
         window_tokens = config.batch_size * config.seq_len * config.log_every
         m["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
@@ -592,7 +619,9 @@ def count_train_targets(config, tokenizer, train_ex: ip.Examples) -> frequency.T
   """Counts the train targets the loss sees (one pass, each process its shard)."""
   import tensorflow as tf
 
-  ds = tf.data.Dataset.from_tensor_slices({"targets": train_ex.targets})
+  # Each process counts its shard of the split; the counts are summed.
+  targets = train_ex.targets[jax.process_index()::jax.process_count()]
+  ds = tf.data.Dataset.from_tensor_slices({"targets": targets})
   stats = frequency.count_tokens(
       ds, tokenizer, fields=("targets",), dataset_name=str(config.dataset.name or config.task),
       split="train", log=log)

@@ -96,9 +96,14 @@ def run_until(cmd, marker=None, sig=signal.SIGKILL, timeout=240):
 
 
 def params_and_steps(workdir):
-  mngr = train.checkpoint_manager(str(workdir), 10)
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  """(latest step, its params as numpy), whatever topology saved them."""
+  step = train.checkpoint_manager(str(workdir), 10).latest_step()
+  path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+  ckptr = ocp.StandardCheckpointer()
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                        ckptr.metadata(path).item_metadata)
+  state = ckptr.restore(path, target)
   return step, jax.tree.map(np.asarray, state["params"])
 
 

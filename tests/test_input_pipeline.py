@@ -51,7 +51,12 @@ def test_batches_are_a_function_of_seed_and_step(tok):
   assert len(set(epoch.tolist())) == len(epoch) == 48  # no repeats; partial batch dropped
   assert not np.array_equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled
   assert not np.array_equal(a.indices(0), ip.TrainBatches(ex, 8, seed=2).indices(0))
-  with pytest.raises(ValueError, match="fewer than the per-process batch size 64"):
+  # Two processes' parts make up the one-process batch.
+  parts = [ip.TrainBatches(ex, 8, seed=1, process_index=i, process_count=2) for i in (0, 1)]
+  for step in (0, 9):
+    np.testing.assert_array_equal(np.concatenate([p.indices(step) for p in parts]),
+                                  a.indices(step))
+  with pytest.raises(ValueError, match="fewer than the batch size 64"):
     ip.TrainBatches(ex, 64, seed=0)
 
 
