@@ -247,3 +247,13 @@ def test_identical_inputs_stay_in_one_split():
   assert [e["targets"] for e in out["train"]] == ["1", "3"]
   assert [e["targets"] for e in out["validation"]] == ["2", "4"]
   assert [e["targets"] for e in out["test"]] == ["5"]
+
+
+def test_prepare_cli_function(tmp_path, monkeypatch):
+  from pdl_jax.datasets import prepare
+  monkeypatch.setattr(B, "MIN_VERSES", 1)
+  monkeypatch.setattr(B, "MIN_PER_SPLIT", 1)
+  counts = prepare.prepare("bible_style/kjv_to_web", str(tmp_path), FIXTURES)
+  assert counts == {"train": 3, "validation": 1, "test": 1}
+  with pytest.raises(ValueError, match=r"'xsum' is not an offline corpus.*debian_descriptions"):
+    prepare.prepare("xsum", str(tmp_path))
