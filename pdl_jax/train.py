@@ -394,6 +394,11 @@ class Evaluator:
     hyps = self.tok.decode_batch(hyp_ids)
     gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids, self.ref_ids,
                                          self.counts_V)
+    # Share of tokens per train-frequency decile (0 = most frequent), for the plots
+    # of what each alpha generates against the references.
+    for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
+      for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
+        gen[f"{prefix}_{k}"] = share
     result.update({f"eval/{k}": float(v) for k, v in gen.items()})
     self._write_samples(step, hyps)
     return result

@@ -90,9 +90,11 @@ def test_run_writes_every_output(reference_run):
   for key in ("eval/nll", "eval/pdl_loss", "eval/rouge1", "eval/rouge2", "eval/rougeL",
               "eval/bleu", "eval/chrf", "eval/distinct_1", "eval/distinct_2",
               "eval/unigram_entropy", "eval/mean_surprisal", "eval/rare_token_share",
-              "eval/length", "eval/ref_mean_surprisal", "eval/unigram_nll"):
+              "eval/length", "eval/ref_mean_surprisal", "eval/unigram_nll",
+              "eval/freq_bucket_0", "eval/ref_freq_bucket_9"):
     assert key in evals[0] and np.isfinite(evals[0][key]), key
   assert result["eval/nll"] == evals[0]["eval/nll"]
+  assert sum(evals[0][f"eval/ref_freq_bucket_{k}"] for k in range(10)) == pytest.approx(1.0)
   assert os.listdir(workdir / "tensorboard")
   samples = [json.loads(l) for l in open(workdir / "samples" / "step_0000006.jsonl")]
   assert len(samples) == 2 and set(samples[0]) == {"input", "reference", "generation"}

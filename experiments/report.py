@@ -1,0 +1,176 @@
+"""Tables and plots from a sweep's runs.
+
+    python experiments/report.py ROOT [--out DIR]
+
+ROOT holds one folder per run (each with config.json and metrics.jsonl, as
+`python -m pdl_jax.main` writes them; nested folders are searched too). Runs are
+grouped by point: `ce` (loss=ce) or `alpha=A` (loss=pdl); each run contributes its
+final eval line. Writes to --out (default ROOT):
+
+- summary.csv: one row per point: number of seeds, then mean and std (over seeds)
+  of every eval metric;
+- summary.md: the same as a Markdown table of the main metrics;
+- metrics_vs_alpha.png: the main metrics against alpha (mean, std as error bars;
+  CE as a dashed line);
+- frequency_profile.png: share of generated tokens per train-frequency decile for
+  each point and for the references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+from typing import Any
+
+MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chrf",
+                "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
+                "eval/mean_surprisal", "eval/rare_token_share", "eval/length")
+NUM_BUCKETS = 10
+
+
+def find_runs(root: str) -> list[str]:
+  """Run folders under root: those with both config.json and metrics.jsonl."""
+  runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "metrics.jsonl"),
+                                                      recursive=True))
+  return [r for r in runs if os.path.exists(os.path.join(r, "config.json"))]
+
+
+def final_eval(run: str) -> dict[str, float] | None:
+  """The last metrics.jsonl line with eval metrics, or None (an unfinished run)."""
+  last = None
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        if "eval/nll" in row:
+          last = row
+  return last
+
+
+def point_of(config: dict[str, Any]) -> tuple[str, float]:
+  """(label, alpha for sorting/plotting; nan for CE)."""
+  if config["loss"]["name"] == "ce":
+    return "ce", math.nan
+  alpha = float(config["loss"]["alpha"])
+  return f"alpha={alpha:g}", alpha
+
+
+def collect(root: str) -> dict[str, dict[str, Any]]:
+  """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}."""
+  points: dict[str, dict[str, Any]] = {}
+  for run in find_runs(root):
+    row = final_eval(run)
+    if row is None:
+      continue
+    with open(os.path.join(run, "config.json")) as f:
+      label, alpha = point_of(json.load(f))
+    p = points.setdefault(label, {"alpha": alpha, "runs": [], "metrics": {}})
+    p["runs"].append(run)
+    for name, value in row.items():
+      if name.startswith("eval/"):
+        p["metrics"].setdefault(name, []).append(float(value))
+  if not points:
+    raise SystemExit(f"no finished runs (config.json + metrics.jsonl with eval lines) under {root}")
+  # CE first, then by alpha.
+  return dict(sorted(points.items(),
+                     key=lambda kv: -1.0 if math.isnan(kv[1]["alpha"]) else kv[1]["alpha"]))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_tables(points, out: str) -> None:
+  names = sorted({n for p in points.values() for n in p["metrics"]})
+  with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["point", "seeds"] + [f"{n}_{s}" for n in names for s in ("mean", "std")])
+    for label, p in points.items():
+      row = [label, len(p["runs"])]
+      for n in names:
+        m, s = mean_std(p["metrics"][n]) if n in p["metrics"] else (math.nan, math.nan)
+        row += [f"{m:.6g}", f"{s:.6g}"]
+      w.writerow(row)
+  cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
+  lines = ["| point | seeds | " + " | ".join(c.split("/")[1] for c in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+  for label, p in points.items():
+    cells = []
+    for c in cols:
+      m, s = mean_std(p["metrics"][c])
+      cells.append(f"{m:.3f} ± {s:.3f}" if len(p["runs"]) > 1 else f"{m:.3f}")
+    lines.append(f"| {label} | {len(p['runs'])} | " + " | ".join(cells) + " |")
+  ref = next(iter(points.values()))["metrics"]
+  refs = [f"{c.split('/')[1]} {statistics.fmean(ref[c.replace('eval/', 'eval/ref_')]):.3f}"
+          for c in cols if c.replace("eval/", "eval/ref_") in ref]
+  if refs:
+    lines += ["", "References: " + ", ".join(refs) + "."]
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_plots(points, out: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
+  pdl = {k: p for k, p in points.items() if not math.isnan(p["alpha"])}
+  fig, axes = plt.subplots(math.ceil(len(cols) / 4), 4, figsize=(16, 3.2 * math.ceil(len(cols) / 4)))
+  for ax, c in zip(axes.flat, cols):
+    xs = [p["alpha"] for p in pdl.values() if c in p["metrics"]]
+    stats = [mean_std(p["metrics"][c]) for p in pdl.values() if c in p["metrics"]]
+    ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", label="PDL")
+    if "ce" in points and c in points["ce"]["metrics"]:
+      ax.axhline(mean_std(points["ce"]["metrics"][c])[0], ls="--", c="gray", label="CE")
+    ref = c.replace("eval/", "eval/ref_")
+    if ref in next(iter(points.values()))["metrics"]:
+      ax.axhline(statistics.fmean(next(iter(points.values()))["metrics"][ref]), ls=":",
+                 c="green", label="references")
+    ax.set_title(c.split("/")[1])
+    ax.set_xlabel("alpha")
+  for ax in list(axes.flat)[len(cols):]:
+    ax.axis("off")
+  axes.flat[0].legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "metrics_vs_alpha.png"), dpi=100)
+  plt.close(fig)
+
+  keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
+  if all(k in next(iter(points.values()))["metrics"] for k in keys):
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for label, p in points.items():
+      ax.plot(range(NUM_BUCKETS), [statistics.fmean(p["metrics"][k]) for k in keys],
+              marker="o", label=label)
+    ref = next(iter(points.values()))["metrics"]
+    ax.plot(range(NUM_BUCKETS),
+            [statistics.fmean(ref[k.replace("eval/", "eval/ref_")]) for k in keys],
+            "k--", label="references")
+    ax.set_xlabel("train-frequency decile of the token mass (0 = most frequent)")
+    ax.set_ylabel("share of tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frequency_profile.png"), dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("root")
+  p.add_argument("--out", default=None)
+  args = p.parse_args()
+  out = args.out or args.root
+  os.makedirs(out, exist_ok=True)
+  points = collect(args.root)
+  write_tables(points, out)
+  write_plots(points, out)
+  print(open(os.path.join(out, "summary.md")).read())
+
+
+if __name__ == "__main__":
+  main()

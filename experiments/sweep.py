@@ -1,0 +1,89 @@
+"""Runs a config's alpha sweep: alphas x seeds, plus CE, one run after another.
+
+    python experiments/sweep.py --config=configs/dialogue.py[:args] --root=workdirs/dialogue \
+        [--init_from=workdirs/pretrain] [--print]
+
+Points come from the config's own `sweep` section (alphas, seeds, include_ce); every
+point gets the same config (same steps, batch, model: the same compute) apart from
+the loss, alpha and seed. Each point is `python -m pdl_jax.main` in ROOT/<point>-seed<s>:
+finished points (a checkpoint at num_steps) are skipped and interrupted ones resume,
+since running the same command again resumes. --print only prints the commands (for
+TPU VMs, `./launch.sh tpu sweep` runs them there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  sys.path.insert(0, ROOT)
+  module_spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def points(config) -> list[tuple[str, str]]:
+  """[(folder name, config argument items)] of the sweep, CE first."""
+  out = []
+  for seed in config.sweep.seeds:
+    if config.sweep.include_ce:
+      out.append((f"ce-seed{seed}", f"loss=ce,seed={seed}"))
+    for alpha in config.sweep.alphas:
+      out.append((f"alpha{alpha:g}-seed{seed}", f"loss=pdl,alpha={alpha},seed={seed}"))
+  return out
+
+
+def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> list[tuple[str, list[str]]]:
+  """[(workdir, argv)] of every point."""
+  config = load_config(spec)
+  path, _, arg = spec.partition(":")
+  base = f"{arg}," if arg else ""
+  if init_from:
+    base += f"init_from={init_from},"
+  out = []
+  for name, items in points(config):
+    workdir = os.path.join(root, name)
+    out.append((workdir, [sys.executable, "-m", "pdl_jax.main", f"--config={path}:{base}{items}",
+                          f"--workdir={workdir}", *extra]))
+  return out
+
+
+def is_finished(workdir: str, num_steps: int) -> bool:
+  """True when the workdir holds a checkpoint of the final step."""
+  return os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps)))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True, help="configs/<task>.py[:args]")
+  p.add_argument("--root", required=True, help="folder of the sweep's run folders")
+  p.add_argument("--init_from", default=None, help="pretrained run every point starts from")
+  p.add_argument("--print", action="store_true", help="only print the commands")
+  args, extra = p.parse_known_args()
+  num_steps = load_config(args.config).num_steps
+  todo = commands(args.config, args.root, args.init_from, extra)
+  if args.print:
+    for _, argv in todo:
+      print(shlex.join(argv))
+    return
+  for i, (workdir, argv) in enumerate(todo):
+    if is_finished(workdir, num_steps):
+      print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
+      continue
+    print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True)
+  print(f"done; report: python experiments/report.py {args.root}")
+
+
+if __name__ == "__main__":
+  main()

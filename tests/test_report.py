@@ -1,0 +1,75 @@
+"""experiments/report.py on a few tiny fake run folders."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import report  # noqa: E402
+
+
+def fake_run(root, name, loss, alpha, seed, nll, rouge1):
+  d = root / name
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(json.dumps({"loss": {"name": loss, "alpha": alpha},
+                                             "seed": seed}))
+  buckets = {f"eval/freq_bucket_{k}": (1.0 if k == 0 else 0.0) for k in range(10)}
+  refs = {f"eval/ref_freq_bucket_{k}": 0.1 for k in range(10)}
+  lines = [{"step": 5, "train/loss": 3.0},
+           {"step": 10, "eval/nll": nll + 1, "eval/rouge1": 0.0, **buckets, **refs},
+           {"step": 20, "eval/nll": nll, "eval/rouge1": rouge1, "eval/ref_length": 7.0,
+            "eval/length": 5.0, **buckets, **refs}]
+  (d / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+
+
+def test_report_tables_and_plots(tmp_path):
+  fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
+  fake_run(tmp_path, "a0.5-seed0", "pdl", 0.5, 0, 4.2, 12.0)
+  fake_run(tmp_path, "a0.5-seed1", "pdl", 0.5, 1, 4.4, 14.0)
+  fake_run(tmp_path, "nested/a1-seed0", "pdl", 1.0, 0, 4.8, 9.0)
+  (tmp_path / "unfinished").mkdir()
+  (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"loss": {"name": "pdl", "alpha": 2.0}}))
+  (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1}) + "\n")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+  assert [r["point"] for r in rows] == ["ce", "alpha=0.5", "alpha=1"]
+  assert [r["seeds"] for r in rows] == ["1", "2", "1"]
+  half = rows[1]
+  assert float(half["eval/nll_mean"]) == pytest.approx(4.3)  # final eval line, not step 10
+  assert float(half["eval/nll_std"]) == pytest.approx(0.1414214, rel=1e-5)
+  assert float(half["eval/rouge1_mean"]) == pytest.approx(13.0)
+  md = open(tmp_path / "summary.md").read()
+  assert "| alpha=0.5 | 2 | 4.300 ± 0.141 | 13.000 ± 1.414 | 5.000 ± 0.000 |" in md
+  assert "References: length 7.000." in md
+  for png in ("metrics_vs_alpha.png", "frequency_profile.png"):
+    assert os.path.getsize(tmp_path / png) > 1000
+
+
+def test_report_refuses_an_empty_root(tmp_path):
+  with pytest.raises(SystemExit, match="no finished runs"):
+    report.collect(str(tmp_path))
+
+
+def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
+  from experiments import sweep
+  todo = sweep.commands("configs/dialogue.py:smoke", str(tmp_path), "pre", ["--x=1"])
+  names = [os.path.basename(w) for w, _ in todo]
+  assert names == ["ce-seed0", "alpha0-seed0", "alpha0.25-seed0", "alpha0.5-seed0",
+                   "alpha1-seed0"]
+  assert todo[2][1][3] == "--config=configs/dialogue.py:smoke,init_from=pre,loss=pdl,alpha=0.25,seed=0"
+  assert todo[2][1][-1] == "--x=1"
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                        "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 5, out.stderr
+  (tmp_path / "ce-seed0" / "checkpoints" / "800").mkdir(parents=True)
+  assert sweep.is_finished(str(tmp_path / "ce-seed0"), 800)
+  assert not sweep.is_finished(str(tmp_path / "alpha0-seed0"), 800)
