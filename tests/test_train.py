@@ -169,11 +169,16 @@ def test_train_step_on_4x2_mesh_equals_single_device():
 def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
   ref_dir, _ = reference_run
   # init_from: params from the other run, its tokenizer, fresh optimizer at step 0.
-  c = tiny_config(num_steps=1, eval_every=100)
+  c = tiny_config(num_steps=1, eval_every=100, seed=1)  # another seed: another init
   c.init_from = str(ref_dir)
   train.train_and_evaluate(c, str(tmp_path / "ft"))
-  assert open(tmp_path / "ft" / "checkpoints" / "token_stats.npz", "rb").read()
+  assert os.path.getsize(tmp_path / "ft" / "checkpoints" / "token_stats.npz") > 0
   assert not os.path.exists(tmp_path / "ft" / "tokenizer.model")  # reused init_from's
+  # One AdamW step (lr <= 3e-3) away from the reference's params, not a seed-1 init.
+  step, ft = final_params(tmp_path / "ft")
+  assert step == 1
+  for x, y in zip(jax.tree.leaves(ft), jax.tree.leaves(final_params(ref_dir)[1])):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-2)
   # A workdir written with another alpha is refused, with the way out named.
   with pytest.raises(ValueError, match=r"different config \(alpha: stored 0.5, now 0.25\).*"
                                         r"resume=False"):
