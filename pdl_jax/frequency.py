@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -339,25 +339,17 @@ def run_pass(cfg, workdir: str, top: int = 0) -> tuple[TokenStats, str]:
   workdir), counts of the train targets stored where training with the same
   workdir reuses them. Returns the stats and a report (with the `top` most and
   least frequent tokens and their weights at the config's alpha)."""
-  from pdl_jax import input_pipeline as ip
   from pdl_jax import train
 
   train.validate_config(cfg)
   os.makedirs(workdir, exist_ok=True)
-  texts = train.load_split_texts(cfg, "train", cfg.dataset.max_train_examples)
-  tokenizer = train.get_tokenizer(cfg, workdir, lambda: texts)
-  examples = ip.encode_examples(*texts, tokenizer, seq_len=cfg.seq_len,
-                                max_target_len=cfg.max_target_len)
+  tokenizer, _, stats = train.prepare_data(cfg, workdir)
   path = os.path.join(os.path.abspath(workdir), "checkpoints", STATS_FILENAME)
-  stats = load_or_count(path, tokenizer,
-                        lambda: train.count_train_targets(cfg, tokenizer, examples))
   report = (f"{stats.dataset} {stats.split} {list(stats.fields)}: {stats.num_examples} "
             f"examples, {stats.num_tokens} tokens, vocab {stats.vocab_size}; stats at {path}")
   if top:
-    weights = stats.weights(cfg.loss.alpha, cfg.loss.epsilon, frequency=cfg.loss.frequency,
-                            normalize=cfg.loss.normalize, max_weight=cfg.loss.max_weight)
     report += f"\nweights at alpha={cfg.loss.alpha}:\n" + most_and_least_frequent(
-        stats, tokenizer, top, weights)
+        stats, tokenizer, top, train.loss_weights(cfg, stats))
   return stats, report
 
 

@@ -93,8 +93,7 @@ def make_batch(examples: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
   mask = ((pos + 1 >= examples.target_start[idx, None])
           & (pos + 1 < examples.lengths[idx, None]))
   return {"inputs": seqs[:, :-1], "labels": seqs[:, 1:],
-          "loss_mask": mask.astype(np.float32),
-          "input_mask": (pos < examples.lengths[idx, None] - 1).astype(np.int32)}
+          "loss_mask": mask.astype(np.float32)}
 
 
 class TrainBatches:
@@ -148,9 +147,8 @@ def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.n
 
 
 def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
-               process_index: int = 0, process_count: int = 1,
                limit: int | None = None, log=None) -> tuple[list[str], list[str]]:
-  """(prompts, targets) of this process's shard of a TFDS split.
+  """(prompts, targets) of a TFDS split (its first `limit` examples if given).
 
   Builds the dataset first if needed (the offline builders fetch their sources).
   """
@@ -170,8 +168,6 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
       size = None
     if not size or limit < size:
       tfds_split = f"{tfds_split}[:{limit}]"
-  if process_count > 1:
-    tfds_split = tfds.even_splits(tfds_split, process_count)[process_index]
   ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
   prompts, targets = [], []
   for ex in tfds.as_numpy(ds):

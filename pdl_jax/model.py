@@ -184,7 +184,6 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
                cache_index=None, return_hidden=False):
-    cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))

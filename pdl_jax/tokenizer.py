@@ -82,9 +82,6 @@ class Tokenizer:
     """The piece of each id, e.g. '▁the'."""
     return [self._sp.IdToPiece(int(i)) for i in ids]
 
-  def serialized_proto(self) -> bytes:
-    return self._sp.serialized_model_proto()
-
 
 def train(texts: Iterable[str], model_path: str, vocab_size: int, *, seed: int = 0,
           max_sentences: int = 1_000_000, num_threads: int | None = None

@@ -479,30 +479,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                config.to_json_best_effort(indent=2).encode())
   log(f"workdir {workdir}; {sharding.mesh_summary(mesh)}")
 
-  # --- Tokenizer and data.
-  train_limit = config.dataset.max_train_examples
-  train_texts = functools.lru_cache(None)(lambda: load_split_texts(config, "train", train_limit))
-  tokenizer = get_tokenizer(config, workdir, train_texts)
-  encode = functools.partial(ip.encode_examples, tokenizer=tokenizer,
-                             seq_len=config.seq_len, max_target_len=config.max_target_len)
-  train_ex = encode(*train_texts())
-  log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty targets "
-      f"dropped, {train_ex.truncated} truncated)")
-  eval_ex = encode(*load_split_texts(config, "validation", config.eval.num_examples))
+  # --- Tokenizer, data, token stats (stored once beside the checkpoints) and weights.
+  tokenizer, train_ex, stats = prepare_data(config, workdir)
+  eval_ex = ip.encode_examples(
+      *load_split_texts(config, "validation", config.eval.num_examples), tokenizer,
+      seq_len=config.seq_len, max_target_len=config.max_target_len)
   batches = ip.TrainBatches(train_ex, config.batch_size, config.seed,
                             jax.process_index(), jax.process_count())
-
-  # --- Token stats (stored once beside the checkpoints, reused on resume) and weights.
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  stats = frequency.load_or_count(
-      os.path.join(ckpt_dir, frequency.STATS_FILENAME), tokenizer,
-      lambda: count_train_targets(config, tokenizer, train_ex), log=log,
-      write=jax.process_index() == 0)
-  weights_V = stats.weights(config.loss.alpha, config.loss.epsilon,
-                            frequency=config.loss.frequency,
-                            normalize=config.loss.normalize,
-                            max_weight=config.loss.max_weight)
-  weights_V = replicate(mesh, weights_V)
+  weights_V = replicate(mesh, loss_weights(config, stats))
 
   # --- Model and sharded state.
   model = make_model(config, tokenizer.vocab_size)
@@ -578,7 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < stop_at:
       local = batches(step)  # the data position is the step
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in local.items() if k != "input_mask"}
+               for k, v in local.items()}
       state, m = step_fn(state, batch, weights_V)
       step += 1
       if preempted:
@@ -618,6 +602,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif not result:  # resumed after the last step: evaluate the final params
     result = evaluator(state.params, step)
   return result
+
+
+def prepare_data(config, workdir: str
+                 ) -> tuple[tok_lib.Tokenizer, ip.Examples, frequency.TokenStats]:
+  """The run's tokenizer (trained once in the workdir), its encoded train split, and
+  the token stats of the train targets (counted once, stored in WORKDIR/checkpoints,
+  reused by every later run or resume in the workdir)."""
+  texts = functools.lru_cache(None)(
+      lambda: load_split_texts(config, "train", config.dataset.max_train_examples))
+  tokenizer = get_tokenizer(config, workdir, texts)
+  train_ex = ip.encode_examples(*texts(), tokenizer, seq_len=config.seq_len,
+                                max_target_len=config.max_target_len)
+  log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty targets "
+      f"dropped, {train_ex.truncated} truncated)")
+  stats = frequency.load_or_count(
+      os.path.join(os.path.abspath(workdir), "checkpoints", frequency.STATS_FILENAME),
+      tokenizer, lambda: count_train_targets(config, tokenizer, train_ex), log=log,
+      write=jax.process_index() == 0)
+  return tokenizer, train_ex, stats
+
+
+def loss_weights(config, stats: frequency.TokenStats) -> np.ndarray:
+  """PDL weights [V] of the config's loss section from the token stats."""
+  return stats.weights(config.loss.alpha, config.loss.epsilon,
+                       frequency=config.loss.frequency, normalize=config.loss.normalize,
+                       max_weight=config.loss.max_weight)
 
 
 def count_train_targets(config, tokenizer, train_ex: ip.Examples) -> frequency.TokenStats:

@@ -1,6 +1,5 @@
 """pdl_jax.loss against an independent float64 numpy reference."""
 
-import math
 import warnings
 
 import jax

@@ -1,10 +1,8 @@
 """Two local CPU processes with jax.distributed (coordinator on 127.0.0.1, gloo):
 the frequency pass and a few train steps equal a single-process run."""
 
-import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np

@@ -16,7 +16,6 @@ import sys
 import tarfile
 from typing import Iterator, Sequence
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from pdl_jax.datasets import common
