@@ -1,6 +1,6 @@
 """Tables and plots from a sweep's runs.
 
-    python experiments/report.py ROOT [--out DIR]
+    python experiments/report.py ROOT [--out DIR] [--copy_runs]
 
 ROOT holds one folder per run (each with config.json and metrics.jsonl, as
 `python -m pdl_jax.main` writes them; nested folders are searched too). Runs are
@@ -13,7 +13,10 @@ final eval line. Writes to --out (default ROOT):
 - metrics_vs_alpha.png: the main metrics against alpha (mean, std as error bars;
   CE as a dashed line);
 - frequency_profile.png: share of generated tokens per train-frequency decile for
-  each point and for the references.
+  each point and for the references;
+- with --copy_runs, OUT/runs/<run>/: each run's config.json, metrics.jsonl and last
+  samples file, so the committed tables can be traced to (and regenerated from,
+  `report.py OUT/runs --out OUT`) the runs' own logs without their checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import statistics
 from typing import Any
 
@@ -159,16 +163,40 @@ def write_plots(points, out: str) -> None:
     plt.close(fig)
 
 
+def copy_runs(points, root: str, out: str) -> list[str]:
+  """Copies config.json, metrics.jsonl and the last samples file of every run; returns the folders."""
+  copied = []
+  for p in points.values():
+    for run in p["runs"]:
+      dest = os.path.join(out, "runs", os.path.relpath(run, root))
+      if os.path.abspath(dest) == os.path.abspath(run):
+        continue  # Reporting on already-copied runs.
+      os.makedirs(dest, exist_ok=True)
+      for name in ("config.json", "metrics.jsonl"):
+        shutil.copyfile(os.path.join(run, name), os.path.join(dest, name))
+      samples = glob.glob(os.path.join(run, "samples", "step_*.jsonl"))
+      if samples:
+        last = max(samples, key=lambda s: int(os.path.basename(s)[5:-6]))
+        os.makedirs(os.path.join(dest, "samples"), exist_ok=True)
+        shutil.copyfile(last, os.path.join(dest, "samples", os.path.basename(last)))
+      copied.append(dest)
+  return copied
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("root")
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default=None, help="where the tables and plots go (default ROOT)")
+  p.add_argument("--copy_runs", action="store_true",
+                 help="also copy each run's config, metrics and last samples to OUT/runs/")
   args = p.parse_args()
   out = args.out or args.root
   os.makedirs(out, exist_ok=True)
   points = collect(args.root)
   write_tables(points, out)
   write_plots(points, out)
+  if args.copy_runs:
+    print(f"copied {len(copy_runs(points, args.root, out))} runs to {os.path.join(out, 'runs')}")
   print(open(os.path.join(out, "summary.md")).read())
 
 

@@ -62,14 +62,38 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
   from experiments import sweep
   todo = sweep.commands("configs/dialogue.py:smoke", str(tmp_path), "pre", ["--x=1"])
   names = [os.path.basename(w) for w, _ in todo]
-  assert names == ["ce-seed0", "alpha0-seed0", "alpha0.25-seed0", "alpha0.5-seed0",
-                   "alpha1-seed0"]
+  assert names == [f"{point}-seed{seed}" for seed in (0, 1)
+                   for point in ("ce", "alpha0", "alpha0.25", "alpha0.5", "alpha1")]
   assert todo[2][1][3] == "--config=configs/dialogue.py:smoke,init_from=pre,loss=pdl,alpha=0.25,seed=0"
   assert todo[2][1][-1] == "--x=1"
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 5, out.stderr
+  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 10, out.stderr
   (tmp_path / "ce-seed0" / "checkpoints" / "800").mkdir(parents=True)
   assert sweep.is_finished(str(tmp_path / "ce-seed0"), 800)
   assert not sweep.is_finished(str(tmp_path / "alpha0-seed0"), 800)
+
+
+def test_report_copies_runs_and_regenerates_from_the_copies(tmp_path):
+  root, out = tmp_path / "sweep", tmp_path / "results"
+  fake_run(root, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
+  fake_run(root, "alpha1-seed0", "pdl", 1.0, 0, 4.8, 9.0)
+  samples = root / "alpha1-seed0" / "samples"
+  samples.mkdir()
+  (samples / "step_0000010.jsonl").write_text('{"generation": "early"}\n')
+  (samples / "step_0000200.jsonl").write_text('{"generation": "last"}\n')
+  (root / "alpha1-seed0" / "checkpoints").mkdir()  # Not copied.
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "report.py")]
+  done = subprocess.run(cmd + [str(root), f"--out={out}", "--copy_runs"],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  copied = out / "runs" / "alpha1-seed0"
+  assert sorted(os.listdir(copied)) == ["config.json", "metrics.jsonl", "samples"]
+  assert os.listdir(copied / "samples") == ["step_0000200.jsonl"]
+  assert (copied / "metrics.jsonl").read_text() == (root / "alpha1-seed0" / "metrics.jsonl").read_text()
+  table = (out / "summary.csv").read_text()
+  again = subprocess.run(cmd + [str(out / "runs"), f"--out={tmp_path / 'again'}"],
+                         capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0, again.stderr
+  assert (tmp_path / "again" / "summary.csv").read_text() == table
