@@ -97,3 +97,20 @@ def test_report_copies_runs_and_regenerates_from_the_copies(tmp_path):
                          capture_output=True, text=True, timeout=120)
   assert again.returncode == 0, again.stderr
   assert (tmp_path / "again" / "summary.csv").read_text() == table
+
+
+@pytest.mark.parametrize("task", ["dialogue", "summarization", "style_transfer"])
+def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path):
+  """experiments/results/<task>: the tables regenerate from the committed run logs, and
+  the README shows them verbatim."""
+  results = os.path.join(ROOT, "experiments", "results", task)
+  points = report.collect(os.path.join(results, "runs"))
+  assert {"ce", "alpha=0"} <= set(points) and sum(a > 0 for a in
+                                                  (p["alpha"] for p in points.values())) >= 3
+  if task == "dialogue":  # The task run with two seeds, to show the noise.
+    assert all(len(p["runs"]) == 2 for p in points.values())
+  report.write_tables(points, str(tmp_path))
+  for name in ("summary.csv", "summary.md"):
+    assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert open(os.path.join(results, "summary.md")).read().strip() in readme
