@@ -24,12 +24,16 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import json
 import math
 import os
-import shutil
 import statistics
+import sys
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pdl_jax.tokenizer import atomic_write_bytes  # noqa: E402
 
 MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chrf",
                 "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
@@ -91,15 +95,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def write_tables(points, out: str) -> None:
   names = sorted({n for p in points.values() for n in p["metrics"]})
-  with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["point", "seeds"] + [f"{n}_{s}" for n in names for s in ("mean", "std")])
-    for label, p in points.items():
-      row = [label, len(p["runs"])]
-      for n in names:
-        m, s = mean_std(p["metrics"][n]) if n in p["metrics"] else (math.nan, math.nan)
-        row += [f"{m:.6g}", f"{s:.6g}"]
-      w.writerow(row)
+  table = io.StringIO(newline="")
+  w = csv.writer(table)
+  w.writerow(["point", "seeds"] + [f"{n}_{s}" for n in names for s in ("mean", "std")])
+  for label, p in points.items():
+    row = [label, len(p["runs"])]
+    for n in names:
+      m, s = mean_std(p["metrics"][n]) if n in p["metrics"] else (math.nan, math.nan)
+      row += [f"{m:.6g}", f"{s:.6g}"]
+    w.writerow(row)
+  # Every output goes to a temporary name and is renamed: no half-written table.
+  atomic_write_bytes(os.path.join(out, "summary.csv"), table.getvalue().encode())
   cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
   lines = ["| point | seeds | " + " | ".join(c.split("/")[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
@@ -114,8 +120,14 @@ def write_tables(points, out: str) -> None:
           for c in cols if c.replace("eval/", "eval/ref_") in ref]
   if refs:
     lines += ["", "References: " + ", ".join(refs) + "."]
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  atomic_write_bytes(os.path.join(out, "summary.md"), ("\n".join(lines) + "\n").encode())
+
+
+def save_png(fig, path: str) -> None:
+  """Saves a matplotlib figure as PNG via a temporary name."""
+  data = io.BytesIO()
+  fig.savefig(data, format="png", dpi=100)
+  atomic_write_bytes(path, data.getvalue())
 
 
 def write_plots(points, out: str) -> None:
@@ -142,7 +154,7 @@ def write_plots(points, out: str) -> None:
     ax.axis("off")
   axes.flat[0].legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "metrics_vs_alpha.png"), dpi=100)
+  save_png(fig, os.path.join(out, "metrics_vs_alpha.png"))
   plt.close(fig)
 
   keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
@@ -159,8 +171,16 @@ def write_plots(points, out: str) -> None:
     ax.set_ylabel("share of tokens")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "frequency_profile.png"), dpi=100)
+    save_png(fig, os.path.join(out, "frequency_profile.png"))
     plt.close(fig)
+
+
+def check_copy_target(root: str, out: str) -> None:
+  """Refuses an OUT/runs inside ROOT: the next report on ROOT would count each run twice."""
+  runs, root = os.path.abspath(os.path.join(out, "runs")), os.path.abspath(root)
+  if os.path.commonpath([runs, root]) == root:
+    raise SystemExit(f"--copy_runs writes to {runs}, which is inside ROOT {root}: a later "
+                     "report on ROOT would count every run twice; pass --out outside ROOT.")
 
 
 def copy_runs(points, root: str, out: str) -> list[str]:
@@ -169,16 +189,13 @@ def copy_runs(points, root: str, out: str) -> list[str]:
   for p in points.values():
     for run in p["runs"]:
       dest = os.path.join(out, "runs", os.path.relpath(run, root))
-      if os.path.abspath(dest) == os.path.abspath(run):
-        continue  # Reporting on already-copied runs.
-      os.makedirs(dest, exist_ok=True)
-      for name in ("config.json", "metrics.jsonl"):
-        shutil.copyfile(os.path.join(run, name), os.path.join(dest, name))
       samples = glob.glob(os.path.join(run, "samples", "step_*.jsonl"))
-      if samples:
-        last = max(samples, key=lambda s: int(os.path.basename(s)[5:-6]))
-        os.makedirs(os.path.join(dest, "samples"), exist_ok=True)
-        shutil.copyfile(last, os.path.join(dest, "samples", os.path.basename(last)))
+      # train.py names them step_<7-digit step>.jsonl: the largest name is the last eval.
+      files = ["config.json", "metrics.jsonl"] + (
+          [os.path.relpath(max(samples), run)] if samples else [])
+      for name in files:
+        with open(os.path.join(run, name), "rb") as f:
+          atomic_write_bytes(os.path.join(dest, name), f.read())
       copied.append(dest)
   return copied
 
@@ -191,6 +208,8 @@ def main() -> None:
                  help="also copy each run's config, metrics and last samples to OUT/runs/")
   args = p.parse_args()
   out = args.out or args.root
+  if args.copy_runs:
+    check_copy_target(args.root, out)  # Before any work.
   os.makedirs(out, exist_ok=True)
   points = collect(args.root)
   write_tables(points, out)

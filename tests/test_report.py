@@ -99,6 +99,14 @@ def test_report_copies_runs_and_regenerates_from_the_copies(tmp_path):
   assert (tmp_path / "again" / "summary.csv").read_text() == table
 
 
+def test_report_refuses_to_copy_runs_into_its_own_root(tmp_path):
+  fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                         str(tmp_path), "--copy_runs"], capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "inside ROOT" in done.stderr, done.stderr
+  assert sorted(os.listdir(tmp_path)) == ["ce-seed0"]  # Refused before writing anything.
+
+
 @pytest.mark.parametrize("task", ["dialogue", "summarization", "style_transfer"])
 def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path):
   """experiments/results/<task>: the tables regenerate from the committed run logs, and
