@@ -6,6 +6,10 @@ Task configs (summarization.py, dialogue.py, style_transfer.py, pretrain.py) cal
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import ml_collections
 
 # Values a `get_config(arg)` string may set, with the config path each one sets.
@@ -146,17 +150,43 @@ def parse_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     node = c
     for part in path[:-1]:
       node = node[part]
-    node[path[-1]] = _parse_value(value, node[path[-1]])
+    try:
+      node[path[-1]] = _parse_value(value, node.get_type(path[-1]))
+    except ValueError as e:
+      raise ValueError(f"config argument {item!r}: {e}") from None
   return c
 
 
-def _parse_value(text: str, current):
-  if isinstance(current, bool):
+def _parse_value(text: str, field_type: type):
+  """`text` as a value of the field's declared type; 'none' gives None."""
+  if text.lower() == "none":
+    return None
+  if field_type is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"expected true or false; got {text!r}.")
     return text.lower() in ("true", "1")
-  if isinstance(current, int) and not isinstance(current, bool):
-    return int(text)
-  if isinstance(current, float):
-    return float(text)
-  return None if text.lower() == "none" else text
+  if field_type in (int, float):
+    try:
+      return field_type(text)
+    except ValueError:
+      raise ValueError(f"expected {field_type.__name__}; got {text!r}.") from None
+  return text
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of `path.py[:arg]`, as `--config=` gives it to main.py: the one
+  loader for experiments/ and launch.sh.
+
+  Raises:
+    FileNotFoundError: no such config file.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist (from {spec!r}).")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)  # so that the config can import configs.common
+  module_spec = importlib.util.spec_from_file_location("loaded_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

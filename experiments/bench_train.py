@@ -13,7 +13,6 @@ Target: PDL / CE >= 0.97.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -27,14 +26,10 @@ import numpy as np  # noqa: E402
 
 from pdl_jax import loss as loss_lib  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
+from configs.common import load_config  # noqa: E402
+from pdl_jax import models  # noqa: E402
+from pdl_jax import optimizer as opt_lib  # noqa: E402
 from pdl_jax import train  # noqa: E402
-
-
-def load_config(path: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def main() -> None:
@@ -44,11 +39,11 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=30, help="timed steps per loss")
   p.add_argument("--vocab_size", type=int, default=None)
   args = p.parse_args()
-  config = load_config(args.config, args.arg)
+  config = load_config(f"{args.config}:{args.arg}" if args.arg else args.config)
   vocab = args.vocab_size or config.tokenizer.vocab_size
   mesh = train.make_mesh(config)
-  model = train.make_model(config, vocab)
-  tx, schedule = train.make_optimizer(config)
+  model = models.make_model(config, vocab)
+  tx = opt_lib.make_optimizer(config)
   rep = sharding.replicated(mesh)
   bs = sharding.named_sharding(mesh, "batch", "length")
   b, l = config.batch_size, config.seq_len
@@ -64,9 +59,9 @@ def main() -> None:
   runs = {}
   for name in ("ce", "pdl"):
     state, shardings = train.create_state(model, tx, mesh, 0, l)
-    step = jax.jit(lambda s, bt, w, name=name: train.train_step(
-        s, bt, w, model=model, tx=tx, schedule=schedule, loss_name=name,
-        chunked=config.loss.chunked, chunk_size=config.loss.chunk_size),
+    config.loss.name = name
+    step = jax.jit(lambda s, bt, w, fn=train.loss_fn_of(config, model): train.train_step(
+        s, bt, w, loss_fn=fn, tx=tx),
         in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
         donate_argnums=(0,))
     state, m = step(state, batch(0), weights)  # compile + warm-up

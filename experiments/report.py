@@ -5,7 +5,10 @@
 ROOT holds one folder per run (each with config.json and metrics.jsonl, as
 `python -m pdl_jax.main` writes them; nested folders are searched too). Runs are
 grouped by point: `ce` (loss=ce) or `alpha=A` (loss=pdl); each run contributes its
-final eval line. Writes to --out (default ROOT):
+final eval line, the one at its config's num_steps. A run without it (unfinished, or
+killed before its final eval was written) is left out and listed; with --strict it
+is an error. ROOT and --out may be local or gs:// (the project's path layer). Writes
+to --out (default ROOT):
 
 - summary.csv: one row per point: number of seeds, then mean and std (over seeds)
   of every eval metric;
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import math
@@ -33,7 +35,9 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pdl_jax.tokenizer import atomic_write_bytes  # noqa: E402
+from pdl_jax import metric_writer  # noqa: E402
+from pdl_jax import utils  # noqa: E402
+from pdl_jax.utils import atomic_write_bytes  # noqa: E402
 
 MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chrf",
                 "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
@@ -43,21 +47,20 @@ NUM_BUCKETS = 10
 
 def find_runs(root: str) -> list[str]:
   """Run folders under root: those with both config.json and metrics.jsonl."""
-  runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "metrics.jsonl"),
-                                                      recursive=True))
-  return [r for r in runs if os.path.exists(os.path.join(r, "config.json"))]
+  return sorted(str(folder) for folder, _, files in utils.path(root).walk()
+                if "metrics.jsonl" in files and "config.json" in files)
+
+
+def read_config(run: str) -> dict[str, Any]:
+  return json.loads((utils.path(run) / "config.json").read_text())
 
 
 def final_eval(run: str) -> dict[str, float] | None:
-  """The last metrics.jsonl line with eval metrics, or None (an unfinished run)."""
-  last = None
-  with open(os.path.join(run, "metrics.jsonl")) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        if "eval/nll" in row:
-          last = row
-  return last
+  """The eval line at the run's num_steps, or None (unfinished, or killed between its
+  last checkpoint and its final eval: a mid-run eval is never taken as final)."""
+  num_steps = read_config(run).get("num_steps")
+  final = None if num_steps is None else metric_writer.final_eval(run, int(num_steps))
+  return None if final is None else {"step": num_steps, **final}
 
 
 def point_of(config: dict[str, Any]) -> tuple[str, float]:
@@ -68,22 +71,33 @@ def point_of(config: dict[str, Any]) -> tuple[str, float]:
   return f"alpha={alpha:g}", alpha
 
 
-def collect(root: str) -> dict[str, dict[str, Any]]:
-  """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}."""
+def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
+  """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}.
+
+  Runs without a final eval are listed on stderr and left out (an error with strict).
+  """
   points: dict[str, dict[str, Any]] = {}
+  unfinished = []
   for run in find_runs(root):
     row = final_eval(run)
     if row is None:
+      unfinished.append(run)
       continue
-    with open(os.path.join(run, "config.json")) as f:
-      label, alpha = point_of(json.load(f))
+    label, alpha = point_of(read_config(run))
     p = points.setdefault(label, {"alpha": alpha, "runs": [], "metrics": {}})
     p["runs"].append(run)
     for name, value in row.items():
       if name.startswith("eval/"):
         p["metrics"].setdefault(name, []).append(float(value))
+  if unfinished:
+    message = (f"{len(unfinished)} runs have no eval at their num_steps (unfinished, or "
+               f"killed before the final eval; rerun them to finish): {unfinished}")
+    if strict:
+      raise SystemExit(message)
+    print(f"warning: left out {message}", file=sys.stderr)
   if not points:
-    raise SystemExit(f"no finished runs (config.json + metrics.jsonl with eval lines) under {root}")
+    raise SystemExit(f"no finished runs (config.json + metrics.jsonl with an eval at "
+                     f"num_steps) under {root}")
   # CE first, then by alpha.
   return dict(sorted(points.items(),
                      key=lambda kv: -1.0 if math.isnan(kv[1]["alpha"]) else kv[1]["alpha"]))
@@ -105,7 +119,7 @@ def write_tables(points, out: str) -> None:
       row += [f"{m:.6g}", f"{s:.6g}"]
     w.writerow(row)
   # Every output goes to a temporary name and is renamed: no half-written table.
-  atomic_write_bytes(os.path.join(out, "summary.csv"), table.getvalue().encode())
+  atomic_write_bytes(utils.path(out) / "summary.csv", table.getvalue().encode())
   cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
   lines = ["| point | seeds | " + " | ".join(c.split("/")[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
@@ -120,7 +134,7 @@ def write_tables(points, out: str) -> None:
           for c in cols if c.replace("eval/", "eval/ref_") in ref]
   if refs:
     lines += ["", "References: " + ", ".join(refs) + "."]
-  atomic_write_bytes(os.path.join(out, "summary.md"), ("\n".join(lines) + "\n").encode())
+  atomic_write_bytes(utils.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
 def save_png(fig, path: str) -> None:
@@ -154,7 +168,7 @@ def write_plots(points, out: str) -> None:
     ax.axis("off")
   axes.flat[0].legend()
   fig.tight_layout()
-  save_png(fig, os.path.join(out, "metrics_vs_alpha.png"))
+  save_png(fig, utils.path(out) / "metrics_vs_alpha.png")
   plt.close(fig)
 
   keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
@@ -171,14 +185,14 @@ def write_plots(points, out: str) -> None:
     ax.set_ylabel("share of tokens")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, os.path.join(out, "frequency_profile.png"))
+    save_png(fig, utils.path(out) / "frequency_profile.png")
     plt.close(fig)
 
 
 def check_copy_target(root: str, out: str) -> None:
   """Refuses an OUT/runs inside ROOT: the next report on ROOT would count each run twice."""
-  runs, root = os.path.abspath(os.path.join(out, "runs")), os.path.abspath(root)
-  if os.path.commonpath([runs, root]) == root:
+  runs, root = str(utils.path(out) / "runs"), str(utils.path(root))
+  if runs == root or runs.startswith(root.rstrip("/") + "/"):
     raise SystemExit(f"--copy_runs writes to {runs}, which is inside ROOT {root}: a later "
                      "report on ROOT would count every run twice; pass --out outside ROOT.")
 
@@ -188,15 +202,14 @@ def copy_runs(points, root: str, out: str) -> list[str]:
   copied = []
   for p in points.values():
     for run in p["runs"]:
-      dest = os.path.join(out, "runs", os.path.relpath(run, root))
-      samples = glob.glob(os.path.join(run, "samples", "step_*.jsonl"))
-      # train.py names them step_<7-digit step>.jsonl: the largest name is the last eval.
-      files = ["config.json", "metrics.jsonl"] + (
-          [os.path.relpath(max(samples), run)] if samples else [])
+      src = utils.path(run)
+      dest = utils.path(out) / "runs" / src.relative_to(utils.path(root))
+      samples = sorted(p.name for p in (src / "samples").glob("step_*.jsonl"))
+      # evaluate.py names them step_<7-digit step>.jsonl: the largest name is the last eval.
+      files = ["config.json", "metrics.jsonl"] + ([f"samples/{samples[-1]}"] if samples else [])
       for name in files:
-        with open(os.path.join(run, name), "rb") as f:
-          atomic_write_bytes(os.path.join(dest, name), f.read())
-      copied.append(dest)
+        atomic_write_bytes(dest / name, (src / name).read_bytes())
+      copied.append(str(dest))
   return copied
 
 
@@ -206,17 +219,18 @@ def main() -> None:
   p.add_argument("--out", default=None, help="where the tables and plots go (default ROOT)")
   p.add_argument("--copy_runs", action="store_true",
                  help="also copy each run's config, metrics and last samples to OUT/runs/")
+  p.add_argument("--strict", action="store_true",
+                 help="fail when a run has no eval at its num_steps (instead of leaving it out)")
   args = p.parse_args()
   out = args.out or args.root
   if args.copy_runs:
     check_copy_target(args.root, out)  # Before any work.
-  os.makedirs(out, exist_ok=True)
-  points = collect(args.root)
+  points = collect(args.root, strict=args.strict)
   write_tables(points, out)
   write_plots(points, out)
   if args.copy_runs:
-    print(f"copied {len(copy_runs(points, args.root, out))} runs to {os.path.join(out, 'runs')}")
-  print(open(os.path.join(out, "summary.md")).read())
+    print(f"copied {len(copy_runs(points, args.root, out))} runs to {utils.path(out) / 'runs'}")
+  print((utils.path(out) / "summary.md").read_text())
 
 
 if __name__ == "__main__":

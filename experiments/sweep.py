@@ -5,31 +5,25 @@
 
 Points come from the config's own `sweep` section (alphas, seeds, include_ce); every
 point gets the same config (same steps, batch, model: the same compute) apart from
-the loss, alpha and seed. Each point is `python -m pdl_jax.main` in ROOT/<point>-seed<s>:
-finished points (a checkpoint at num_steps) are skipped and interrupted ones resume,
-since running the same command again resumes. --print only prints the commands (for
+the loss, alpha and seed. Each point is `python -m pdl_jax.main` in ROOT/<point>-seed<s>
+(ROOT may be gs://): finished points (their final eval, at num_steps, is in
+metrics.jsonl) are skipped and interrupted ones resume, since running the same
+command again resumes (and writes a final eval a killed run missed). --print only prints the commands (for
 TPU VMs, `./launch.sh tpu sweep` runs them there).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  sys.path.insert(0, ROOT)
-  module_spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+sys.path.insert(0, ROOT)
+from configs.common import load_config  # noqa: E402
+from pdl_jax import metric_writer  # noqa: E402
 
 
 def points(config) -> list[tuple[str, str]]:
@@ -52,15 +46,16 @@ def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> l
     base += f"init_from={init_from},"
   out = []
   for name, items in points(config):
-    workdir = os.path.join(root, name)
+    workdir = f"{root.rstrip('/')}/{name}"  # local or gs://
     out.append((workdir, [sys.executable, "-m", "pdl_jax.main", f"--config={path}:{base}{items}",
                           f"--workdir={workdir}", *extra]))
   return out
 
 
 def is_finished(workdir: str, num_steps: int) -> bool:
-  """True when the workdir holds a checkpoint of the final step."""
-  return os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps)))
+  """True when the run's final eval (at num_steps) is in its metrics.jsonl: a run
+  killed after its last checkpoint but before that eval is not finished."""
+  return metric_writer.final_eval(workdir, num_steps) is not None
 
 
 def main() -> None:
@@ -81,7 +76,13 @@ def main() -> None:
       print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
       continue
     print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
-    subprocess.run(argv, cwd=ROOT, check=True)
+    rc = subprocess.run(argv, cwd=ROOT).returncode
+    if rc:
+      # The point's own status: 143 (preempted, SIGTERM: checkpoint saved) lets a
+      # wrapper such as `./launch.sh job` rerun the sweep, which resumes this point.
+      print(f"[{i + 1}/{len(todo)}] {workdir}: exited with status {rc}; run the same "
+            "command to resume", file=sys.stderr, flush=True)
+      sys.exit(rc if 0 < rc < 256 else 128 + (-rc if rc < 0 else 1))
   print(f"done; report: python experiments/report.py {args.root}")
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdl_jax import model as model_lib
+from pdl_jax.models import transformer as model_lib
 
 METHODS = ("greedy", "beam", "top_p")
 

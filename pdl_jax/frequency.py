@@ -1,44 +1,79 @@
-"""The frequency pass: token counts over a TFDS split, stored with the run.
+"""Token counts of exactly the tokens the loss sees, and the loss weights made from
+them, stored beside the checkpoints.
 
-One pass over the text examples of a split: batched SentencePiece encoding in a
-two worker threads, each with SentencePiece's own threads on all cores (it releases
-the GIL), while the main thread reads; counts accumulated with np.bincount into
-int64 [V]. Each JAX process counts its own shard
-of the split and the counts are summed across processes.
+The counts come from the run's encoded train examples and their loss mask (one
+tokenisation, one numpy bincount into int64 [V]), so they are of the target tokens
+after truncation, with EOS where the loss has one. Each JAX process counts its
+share of the rows and the counts are summed across processes without leaving
+int64.
 
-The result, TokenStats, is saved as one .npz file written atomically (temporary
-name, then rename) with a checksum, and is checked against the tokenizer on load.
+Two files live in WORKDIR/checkpoints: token_stats.npz (TokenStats: counts and
+what they were counted with, plus a checksum) and loss_weights.npz (the exact
+float32 weights_V the run trains with, the settings that made them, and the
+checksums of both). A resumed run reuses the counts and refuses weights that no
+longer match its config. Both are written atomically through the path layer.
+
+    python -m pdl_jax.frequency --config=configs/<task>.py --workdir=DIR [--top=N]
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
-import os
-import sys
-import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pdl_jax import data as data_lib
 from pdl_jax import loss as loss_lib
-from pdl_jax.tokenizer import Tokenizer, atomic_write_bytes
+from pdl_jax import utils
+from pdl_jax.tokenizer import Tokenizer
 
 STATS_FILENAME = "token_stats.npz"
-_FORMAT_VERSION = 1
+WEIGHTS_FILENAME = "loss_weights.npz"
+_FORMAT_VERSION = 2  # 2: counts of the loss's tokens (1 counted whole target texts)
+
+
+def _sha256(array: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _save_npz(path: str, array_name: str, array: np.ndarray, meta: Mapping[str, Any]
+              ) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **{array_name: array},
+           meta=np.frombuffer(json.dumps(dict(meta)).encode(), np.uint8))
+  utils.atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_npz(path: str, array_name: str, what: str) -> tuple[np.ndarray, dict]:
+  p = utils.path(path)
+  if not p.exists():
+    raise FileNotFoundError(
+        f"{what} file {path!r} does not exist; run the frequency pass "
+        "(python -m pdl_jax.frequency --config=... --workdir=...).")
+  try:
+    with np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) as z:
+      return z[array_name], json.loads(z["meta"].tobytes().decode())
+  except Exception as e:  # zipfile, OSError, JSON, KeyError: all mean corrupt.
+    raise ValueError(f"{what} file {path!r} is corrupt or truncated: "
+                     f"{type(e).__name__}: {e}") from e
+
+
+def _in_folder(path: str, filename: str) -> str:
+  """`path`, or path/filename when path is a folder."""
+  p = utils.path(path)
+  return str(p / filename) if p.is_dir() else str(path)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenStats:
   """Token counts of a corpus split, and what they were counted with.
 
-  counts: int64 [vocab_size], how often each id occurs in the counted fields
-    (EOS included once per field value when add_eos, since the loss sees it).
+  counts: int64 [vocab_size], how often each id occurs among the tokens the loss
+    is applied to (target tokens, and EOS where the target was not truncated).
   """
 
   counts: np.ndarray
@@ -49,7 +84,6 @@ class TokenStats:
   dataset: str
   split: str
   fields: tuple[str, ...]
-  add_eos: bool = True
 
   def __post_init__(self):
     counts = np.asarray(self.counts)
@@ -66,8 +100,7 @@ class TokenStats:
 
   def merge(self, other: "TokenStats") -> "TokenStats":
     """Sum of two shards' stats (same tokenizer, dataset, split and fields)."""
-    for name in ("vocab_size", "tokenizer_sha256", "dataset", "split", "fields",
-                 "add_eos"):
+    for name in ("vocab_size", "tokenizer_sha256", "dataset", "split", "fields"):
       if getattr(self, name) != getattr(other, name):
         raise ValueError(f"cannot merge stats with different {name}: "
                          f"{getattr(self, name)!r} vs {getattr(other, name)!r}.")
@@ -96,9 +129,7 @@ class TokenStats:
         "num_tokens": int(self.num_tokens), "num_examples": int(self.num_examples),
         "vocab_size": int(self.vocab_size), "tokenizer_sha256": self.tokenizer_sha256,
         "dataset": self.dataset, "split": self.split, "fields": list(self.fields),
-        "add_eos": bool(self.add_eos),
-        "counts_sha256": hashlib.sha256(
-            np.ascontiguousarray(self.counts).tobytes()).hexdigest(),
+        "counts_sha256": _sha256(self.counts),
     }
 
   @classmethod
@@ -107,15 +138,17 @@ class TokenStats:
     """Rebuilds stats from counts and `metadata()`, verifying the checksum."""
     try:
       counts = np.asarray(counts, dtype=np.int64)
-      digest = hashlib.sha256(np.ascontiguousarray(counts).tobytes()).hexdigest()
-      if digest != meta["counts_sha256"]:
+      if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')} (expected "
+                         f"{_FORMAT_VERSION}: counts of the loss's tokens); recount")
+      if _sha256(counts) != meta["counts_sha256"]:
         raise ValueError("counts checksum does not match")
       return cls(counts=counts, num_tokens=int(meta["num_tokens"]),
                  num_examples=int(meta["num_examples"]),
                  vocab_size=int(meta["vocab_size"]),
                  tokenizer_sha256=str(meta["tokenizer_sha256"]),
                  dataset=str(meta["dataset"]), split=str(meta["split"]),
-                 fields=tuple(meta["fields"]), add_eos=bool(meta["add_eos"]))
+                 fields=tuple(meta["fields"]))
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"token stats at {where} are corrupt: {e}") from e
 
@@ -124,12 +157,8 @@ class TokenStats:
 
     `path` may be a folder (the file is then folder/token_stats.npz).
     """
-    if os.path.isdir(path):
-      path = os.path.join(path, STATS_FILENAME)
-    buf = io.BytesIO()
-    np.savez(buf, counts=self.counts,
-             meta=np.frombuffer(json.dumps(self.metadata()).encode(), np.uint8))
-    atomic_write_bytes(path, buf.getvalue())
+    path = _in_folder(path, STATS_FILENAME)
+    _save_npz(path, "counts", self.counts, self.metadata())
     return path
 
   @classmethod
@@ -140,136 +169,52 @@ class TokenStats:
       FileNotFoundError: nothing at path.
       ValueError: truncated, unreadable or inconsistent file.
     """
-    if os.path.isdir(path):
-      path = os.path.join(path, STATS_FILENAME)
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-          f"token stats file {path!r} does not exist; run the frequency pass "
-          "(python -m pdl_jax.frequency --config=... --workdir=...).")
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        counts = z["counts"]
-        meta = json.loads(z["meta"].tobytes().decode())
-    except Exception as e:  # zipfile, OSError, JSON, KeyError: all mean corrupt.
-      raise ValueError(f"token stats file {path!r} is corrupt or truncated: "
-                       f"{type(e).__name__}: {e}") from e
+    path = _in_folder(path, STATS_FILENAME)
+    counts, meta = _load_npz(path, "counts", "token stats")
     return cls.from_parts(counts, meta, repr(path))
 
 
-def _text_batches(dataset, fields: Sequence[str], batch_size: int
-                  ) -> Iterator[tuple[int, list[str]]]:
-  """(number of examples, texts of all fields) per batch of a tf.data dataset."""
-  import tensorflow_datasets as tfds  # heavy: only when a pass runs
+def count_examples(examples: data_lib.Examples, tokenizer: Tokenizer, *,
+                   dataset_name: str = "", split: str = "",
+                   process_index: int = 0, process_count: int = 1) -> TokenStats:
+  """Counts of exactly the tokens the loss sees: the target tokens (and EOS where the
+  target was not truncated) of the encoded examples, one numpy bincount.
 
-  for batch in tfds.as_numpy(dataset.batch(batch_size).prefetch(2)):
-    missing = [f for f in fields if f not in batch]
-    if missing:
-      raise ValueError(f"fields {missing} are not in the dataset; it has "
-                       f"{sorted(batch)}.")
-    n = len(batch[fields[0]])
-    texts = [t.decode("utf-8") for f in fields for t in batch[f]]
-    yield n, texts
-
-
-def _count_batch(tokenizer: Tokenizer, texts: list[str], threads: int) -> np.ndarray:
-  """Token counts [V] of a batch of texts: batched encode, one flat array, bincount."""
-  ids = tokenizer.encode_batch(texts, num_threads=threads)
-  flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64,
-                     sum(map(len, ids)))
-  counts = np.bincount(flat, minlength=tokenizer.vocab_size)
-  if len(counts) > tokenizer.vocab_size:
-    raise ValueError(f"the tokenizer produced id {len(counts) - 1}, beyond its "
-                     f"vocabulary of {tokenizer.vocab_size}.")
-  return counts
-
-
-def count_tokens(dataset, tokenizer: Tokenizer, *, fields: Sequence[str] = ("targets",),
-                 batch_size: int = 1024, add_eos: bool = True, dataset_name: str = "",
-                 split: str = "", num_threads: int | None = None,
-                 progress_every_s: float = 10.0, log=None) -> TokenStats:
-  """One pass over a tf.data dataset of text examples -> TokenStats.
-
-  Args:
-    dataset: tf.data.Dataset of dicts with string features named by `fields`.
-    tokenizer: the run's tokenizer.
-    fields: features whose text is counted (the loss's targets by default).
-    batch_size: examples encoded per call.
-    add_eos: count one EOS per field value (the loss is applied to EOS too).
-    dataset_name, split: recorded in the stats.
-    num_threads: SentencePiece encoding threads per batch (default: all cores).
-      Two batches are in flight: one is encoded (SentencePiece releases the GIL)
-      while the other's ids are counted and this thread reads the next.
-    progress_every_s: seconds between progress lines (examples, tokens, tokens/s).
-    log: callable taking a line; default prints to stderr.
+  With several processes each counts rows process_index::process_count; sum the
+  shards with sum_across_processes.
 
   Raises:
-    ValueError: the dataset has no examples or lacks a field.
+    ValueError: no examples, or a token id beyond the tokenizer's vocabulary.
   """
-  fields = tuple(fields)
-  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  threads = num_threads or os.cpu_count() or 1
-  workers = 2  # double buffering; more workers only contend for the GIL
-  counts = np.zeros(tokenizer.vocab_size, np.int64)
-  num_examples = num_texts = 0
-  start = last = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending: collections.deque = collections.deque()
-    for n, texts in _text_batches(dataset, fields, batch_size):
-      pending.append(pool.submit(_count_batch, tokenizer, texts, threads))
-      num_examples += n
-      num_texts += len(texts)
-      while len(pending) > workers:  # bounded: at most `workers` batches in flight
-        counts += pending.popleft().result()
-      now = time.perf_counter()
-      if now - last >= progress_every_s:
-        last = now
-        toks = int(counts.sum())
-        log(f"frequency pass: {num_examples} examples, {toks} tokens, "
-            f"{toks / (now - start) / 1e6:.2f} M tokens/s")
-    while pending:
-      counts += pending.popleft().result()
-  if add_eos:
-    counts[tokenizer.eos_id] += num_texts
-  if num_examples == 0:
+  seqs = examples.seqs[process_index::process_count]
+  positions = examples.loss_positions()[process_index::process_count]
+  if len(examples) == 0:
     raise ValueError(
         f"the dataset {dataset_name or '(unnamed)'} split {split or '(unnamed)'} has no "
         "examples; cannot count token frequencies over nothing.")
-  elapsed = time.perf_counter() - start
-  log(f"frequency pass done: {num_examples} examples, {int(counts.sum())} tokens in "
-      f"{elapsed:.1f} s ({counts.sum() / max(elapsed, 1e-9) / 1e6:.2f} M tokens/s)")
-  return TokenStats(counts=counts, num_tokens=int(counts.sum()),
-                    num_examples=num_examples, vocab_size=tokenizer.vocab_size,
+  ids = seqs[positions].astype(np.int64)
+  counts = np.bincount(ids, minlength=tokenizer.vocab_size)
+  if len(counts) > tokenizer.vocab_size:
+    raise ValueError(f"the tokenizer produced id {len(counts) - 1}, beyond its "
+                     f"vocabulary of {tokenizer.vocab_size}.")
+  return TokenStats(counts=counts.astype(np.int64), num_tokens=int(counts.sum()),
+                    num_examples=len(seqs), vocab_size=tokenizer.vocab_size,
                     tokenizer_sha256=tokenizer.sha256, dataset=dataset_name,
-                    split=split, fields=fields, add_eos=add_eos)
+                    split=split, fields=("targets",))
 
 
 def sum_across_processes(stats: TokenStats) -> TokenStats:
-  """Sums per-process counts over all JAX processes; a no-op on one process."""
+  """Sums per-process counts over all JAX processes, exactly in int64; a no-op on
+  one process."""
   import jax
-  from jax.experimental import multihost_utils
 
   if jax.process_count() == 1:
     return stats
   totals = np.concatenate([stats.counts, [stats.num_examples]]).astype(np.int64)
-  gathered = np.asarray(multihost_utils.process_allgather(totals))  # [P, V + 1]
-  summed = gathered.reshape(jax.process_count(), -1).sum(axis=0)
-  counts = summed[:-1].astype(np.int64)
+  summed = utils.allgather_int64(totals).sum(axis=0)
+  counts = summed[:-1]
   return dataclasses.replace(stats, counts=counts, num_tokens=int(counts.sum()),
                              num_examples=int(summed[-1]))
-
-
-def count_split(builder_name: str, split: str, tokenizer: Tokenizer, *,
-                data_dir: str | None = None, fields: Sequence[str] = ("targets",),
-                **kwargs) -> TokenStats:
-  """Counts a TFDS split, each JAX process its own shard, summed across processes."""
-  import jax
-  import tensorflow_datasets as tfds
-
-  shard = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
-  ds = tfds.load(builder_name, split=shard, data_dir=data_dir, shuffle_files=False)
-  local = count_tokens(ds, tokenizer, fields=fields, dataset_name=builder_name,
-                       split=split, **kwargs)
-  return sum_across_processes(local)
 
 
 def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
@@ -292,7 +237,7 @@ def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
 
 def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                   dataset: str | None = None, split: str | None = None,
-                  fields: Sequence[str] | None = None, log=None,
+                  fields: Sequence[str] | None = None, log=utils.log,
                   write: bool = True) -> TokenStats:
   """Stats stored at `path`, checked against the run, or a new pass saved there.
 
@@ -307,8 +252,7 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
     write: save new stats (False on all but one of several processes, which all
       run count_fn since it sums across them).
   """
-  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  if os.path.exists(path):
+  if utils.path(path).exists():
     stats = TokenStats.load(path)
     stats.check_tokenizer(tokenizer, where=f"token stats {path!r}")
     for name, want in (("dataset", dataset), ("split", split),
@@ -330,26 +274,136 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
 
 
 # ---------------------------------------------------------------------------
+# The loss weights of a run: made from the counts by the config's loss section,
+# stored exactly, checked on resume.
+# ---------------------------------------------------------------------------
+
+
+def weight_settings(config) -> dict[str, Any]:
+  """The config values that make weights_V from the counts."""
+  c = config.loss
+  return {"alpha": float(c.alpha),
+          "epsilon": None if c.epsilon is None else float(c.epsilon),
+          "frequency": str(c.frequency), "normalize": bool(c.normalize),
+          "max_weight": None if c.max_weight is None else float(c.max_weight)}
+
+
+def loss_weights(config, stats: TokenStats) -> np.ndarray:
+  """float32 weights [V] of the config's loss section from the token stats."""
+  s = weight_settings(config)
+  return stats.weights(s["alpha"], s["epsilon"], frequency=s["frequency"],
+                       normalize=s["normalize"], max_weight=s["max_weight"])
+
+
+def save_weights(path: str, weights_V: np.ndarray, settings: Mapping[str, Any],
+                 stats: TokenStats) -> str:
+  """Writes the weights, their settings and checksums (weights and counts) atomically."""
+  path = _in_folder(path, WEIGHTS_FILENAME)
+  weights_V = np.asarray(weights_V, np.float32)
+  _save_npz(path, "weights", weights_V, {
+      "settings": dict(settings), "weights_sha256": _sha256(weights_V),
+      "counts_sha256": stats.metadata()["counts_sha256"],
+      "vocab_size": int(weights_V.shape[0])})
+  return path
+
+
+def load_weights(path: str) -> tuple[np.ndarray, dict[str, Any]]:
+  """(weights_V float32, metadata) written by save_weights; the checksum is verified.
+
+  Raises:
+    FileNotFoundError: nothing at path.
+    ValueError: truncated file or a checksum that does not match.
+  """
+  path = _in_folder(path, WEIGHTS_FILENAME)
+  weights_V, meta = _load_npz(path, "weights", "loss weights")
+  if weights_V.dtype != np.float32 or _sha256(weights_V) != meta.get("weights_sha256"):
+    raise ValueError(f"loss weights file {path!r} is corrupt: its weights do not match "
+                     "their checksum.")
+  return weights_V, meta
+
+
+def load_or_save_weights(path: str, config, stats: TokenStats, *, write: bool = True,
+                         check: bool = True) -> np.ndarray:
+  """The run's weights_V: computed from the counts by the config; saved at `path`
+  when nothing is there (or when `check` is False: no checkpoint was trained with
+  what is stored), otherwise checked against what is stored.
+
+  Raises:
+    ValueError: the stored weights were made by other settings or other counts, or
+      differ from what these settings give (listing every difference).
+  """
+  weights_V = loss_weights(config, stats)
+  settings = weight_settings(config)
+  if not check or not utils.path(path).exists():
+    if write:
+      save_weights(path, weights_V, settings, stats)
+    return weights_V
+  stored_V, meta = load_weights(path)
+  diffs = [f"{k}: stored {meta['settings'].get(k)!r}, now {v!r}"
+           for k, v in settings.items() if meta["settings"].get(k) != v]
+  if meta.get("counts_sha256") != stats.metadata()["counts_sha256"]:
+    diffs.append("counts: the stored weights were made from other token counts")
+  if not diffs and not np.array_equal(stored_V, weights_V):
+    diffs.append(f"values: max |stored - now| = {np.abs(stored_V - weights_V).max():.3g}")
+  if diffs:
+    raise ValueError(f"loss weights {path!r} do not match this run ({'; '.join(diffs)}); "
+                     "use a new --workdir or --config.resume=False.")
+  return stored_V
+
+
+def prepare_stats(config, workdir: str, tokenizer: Tokenizer,
+                  train_ex: data_lib.Examples) -> TokenStats:
+  """Token stats of the run's train targets: counted once, stored in
+  WORKDIR/checkpoints and reused by every later run or resume in the workdir."""
+  import jax
+
+  name = str(config.dataset.name or config.task)
+
+  def count() -> TokenStats:
+    local = count_examples(train_ex, tokenizer, dataset_name=name, split="train",
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    return sum_across_processes(local)
+
+  path = str(utils.path(workdir) / "checkpoints" / STATS_FILENAME)
+  return load_or_count(path, tokenizer, count, write=jax.process_index() == 0)
+
+
+def prepare_weights(config, workdir: str, stats: TokenStats, *, resuming: bool
+                    ) -> np.ndarray:
+  """The run's loss weights from the stats, stored beside them. A resumed run checks
+  them against what is stored (its checkpoints were trained with those); a fresh run
+  (re)writes them."""
+  import jax
+
+  path = str(utils.path(workdir) / "checkpoints" / WEIGHTS_FILENAME)
+  return load_or_save_weights(path, config, stats, write=jax.process_index() == 0,
+                              check=resuming)
+
+
+# ---------------------------------------------------------------------------
 # python -m pdl_jax.frequency --config=configs/<task>.py --workdir=DIR [--top=N]
 # ---------------------------------------------------------------------------
 
 
 def run_pass(cfg, workdir: str, top: int = 0) -> tuple[TokenStats, str]:
   """The frequency pass of a run config only: tokenizer (trained once in the
-  workdir), counts of the train targets stored where training with the same
-  workdir reuses them. Returns the stats and a report (with the `top` most and
-  least frequent tokens and their weights at the config's alpha)."""
-  from pdl_jax import train
+  workdir), counts of the train targets and the loss weights, stored where training
+  with the same workdir reuses them. Returns the stats and a report (with the `top`
+  most and least frequent tokens and their weights)."""
+  from pdl_jax import config_checks
 
-  train.validate_config(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer, _, stats = train.prepare_data(cfg, workdir)
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", STATS_FILENAME)
+  config_checks.validate_config(cfg)
+  tokenizer, train_ex = data_lib.prepare_train(cfg, workdir)
+  stats = prepare_stats(cfg, workdir, tokenizer, train_ex)
+  weights_V = prepare_weights(cfg, workdir, stats, resuming=False)
+  path = utils.path(workdir) / "checkpoints"
   report = (f"{stats.dataset} {stats.split} {list(stats.fields)}: {stats.num_examples} "
-            f"examples, {stats.num_tokens} tokens, vocab {stats.vocab_size}; stats at {path}")
+            f"examples, {stats.num_tokens} tokens, vocab {stats.vocab_size}; stats and "
+            f"weights in {path}")
   if top:
     report += f"\nweights at alpha={cfg.loss.alpha}:\n" + most_and_least_frequent(
-        stats, tokenizer, top, train.loss_weights(cfg, stats))
+        stats, tokenizer, top, weights_V)
   return stats, report
 
 

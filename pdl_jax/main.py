@@ -50,12 +50,22 @@ def default_workdir(config_arg: str, now: float | None = None) -> str:
   return os.path.join("workdirs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
 
 
+def jax_process_count() -> int:
+  import jax
+
+  return jax.process_count()
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   init_distributed()  # before any other JAX call
   from pdl_jax import train  # after flag parsing: keeps --help fast
 
+  if _WORKDIR.value is None and jax_process_count() > 1:
+    # Each host's clock would name its own folder: the processes must agree on one.
+    raise app.UsageError("--workdir is required when the run has several processes "
+                         "(the default name comes from this host's clock).")
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)

@@ -60,19 +60,32 @@ def unigram_entropy(texts: Sequence[str]) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
-def frequent_head(counts_V: np.ndarray, mass: float = 0.5) -> np.ndarray:
-  """Boolean [V]: the most frequent ids that together hold `mass` of the tokens."""
+def mass_before(counts_V: np.ndarray) -> np.ndarray:
+  """float64 [V]: for each id, the share of all tokens held by the ids ranked before
+  it by count (most frequent first; ties by id). The most frequent id has 0."""
   order = np.argsort(-counts_V, kind="stable")
-  cum = np.cumsum(counts_V[order]) / max(counts_V.sum(), 1)
-  head = np.zeros(len(counts_V), bool)
-  head[order[: int(np.searchsorted(cum, mass)) + 1]] = True
-  return head
+  sorted_counts = counts_V[order].astype(np.float64)
+  before = np.empty(len(counts_V), np.float64)
+  before[order] = (np.cumsum(sorted_counts) - sorted_counts) / max(sorted_counts.sum(), 1)
+  return before
+
+
+def frequent_head(counts_V: np.ndarray, mass: float = 0.5) -> np.ndarray:
+  """Boolean [V]: the most frequent ids that together hold `mass` of the tokens (the
+  one that crosses `mass` included)."""
+  return (mass_before(counts_V) < mass) & (counts_V > 0)
+
+
+def add_one_log_probs(counts_V: np.ndarray) -> np.ndarray:
+  """Natural log of the add-one smoothed relative frequency of each id: the train
+  unigram model (its NLL is the bar a model must clear) and surprisal."""
+  counts = counts_V.astype(np.float64)
+  return np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
 
 def surprisal_bits(counts_V: np.ndarray) -> np.ndarray:
   """-log2 of the add-one smoothed relative frequency of each id."""
-  counts = counts_V.astype(np.float64)
-  return -np.log2((counts + 1.0) / (counts.sum() + len(counts)))
+  return -add_one_log_probs(counts_V) / np.log(2.0)
 
 
 def profile(texts: Sequence[str], token_ids: Sequence[Sequence[int]],
@@ -97,14 +110,13 @@ def frequency_buckets(token_ids: Sequence[Sequence[int]], counts_V: np.ndarray,
                       num_buckets: int = 10) -> np.ndarray:
   """Share of tokens per train-frequency bucket [num_buckets].
 
-  Bucket k holds the ids ranked by train count whose cumulative mass lies in
-  [k, k + 1) / num_buckets (bucket 0 = the most frequent tokens); unseen ids go to
-  the last bucket.
+  Ids are ranked by train count; an id goes to bucket floor(num_buckets * m), where m
+  is the mass of the ids ranked before it, so bucket 0 always holds the most frequent
+  id, even one with more than 1/num_buckets of the mass. Unseen ids go to the last
+  bucket.
   """
-  order = np.argsort(-counts_V, kind="stable")
-  cum = np.cumsum(counts_V[order]) / max(counts_V.sum(), 1)
-  bucket_of = np.empty(len(counts_V), np.int64)
-  bucket_of[order] = np.minimum((cum * num_buckets - 1e-9).astype(np.int64), num_buckets - 1)
+  bucket_of = np.minimum((mass_before(counts_V) * num_buckets).astype(np.int64),
+                         num_buckets - 1)
   bucket_of[counts_V == 0] = num_buckets - 1
   flat = np.fromiter((t for seq in token_ids for t in seq), np.int64)
   flat = flat[(flat >= 0) & (flat < len(counts_V))]

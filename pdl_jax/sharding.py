@@ -1,9 +1,12 @@
-"""Device mesh from the config, logical axis rules, and the shardings of the loss.
+"""Device mesh from the config and the one set of logical axis rules.
 
 Sharding is jax.jit with NamedSharding over a jax.sharding.Mesh (the current form of
 pjit). Meshes use Auto axis types: jax.make_mesh now defaults to Explicit, under which
 with_sharding_constraint and optax's integer-label cross-entropy on vocabulary-sharded
 logits fail.
+
+One rule engine: Flax's (nn.logical_to_mesh_axes / nn.logical_to_mesh_sharding) for
+parameters, state and activations alike, with LOGICAL_AXIS_RULES.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -18,8 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # The mesh axes every config names, in order: data parallelism, then tensor/model.
 MESH_AXES = ("data", "model")
 
-# Logical array axes -> mesh axes (first match wins, as in t5x/flax). Batch goes
-# over data; the large feature axes (vocabulary, MLP hidden, heads) over model.
+# Logical array axes -> mesh axes, in Flax's order of precedence (for each logical
+# axis the first rule whose mesh axis the array does not use yet). Batch goes over
+# data; the large feature axes (vocabulary, MLP hidden, heads) over model.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("vocab", "model"),
@@ -78,29 +83,18 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int],
 
 
 def logical_to_spec(logical_axes: Sequence[str | None],
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
-                    ) -> P:
-  """PartitionSpec for an array whose axes carry these logical names.
+                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> P:
+  """PartitionSpec for an array whose axes carry these logical names (Flax's rules
+  engine, the one the parameters use).
 
-  A mesh axis is used at most once per array: a later logical axis that maps to an
-  already used mesh axis stays replicated.
+  Raises:
+    ValueError: a logical axis no rule names.
   """
-  table = {}
-  for logical, mesh_axis in rules:
-    table.setdefault(logical, mesh_axis)
-  used: set[str] = set()
-  spec = []
-  for name in logical_axes:
-    if name is not None and name not in table:
-      raise ValueError(
-          f"logical axis {name!r} has no rule; known axes are {sorted(table)}.")
-    mesh_axis = None if name is None else table[name]
-    if mesh_axis in used:
-      mesh_axis = None
-    if mesh_axis is not None:
-      used.add(mesh_axis)
-    spec.append(mesh_axis)
-  return P(*spec)
+  known = {logical for logical, _ in rules}
+  unknown = [name for name in logical_axes if name is not None and name not in known]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} have no rule; known axes are {sorted(known)}.")
+  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
 def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
@@ -108,18 +102,10 @@ def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes))
 
 
-def loss_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """Shardings of the loss inputs for [B, L, V] logits.
-
-  Logits over (batch -> data, vocab -> model); labels and mask over batch; the
-  weights table replicated (it is [V] float32, small next to the logits).
-  """
-  return {
-      "logits": named_sharding(mesh, "batch", "length", "vocab"),
-      "labels": named_sharding(mesh, "batch", "length"),
-      "mask": named_sharding(mesh, "batch", "length"),
-      "weights": NamedSharding(mesh, P()),
-  }
+def tree_shardings(mesh: Mesh, boxed_tree):
+  """Shardings of a tree of Flax-partitioned (boxed) values, e.g. an abstract state."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh,
+                                     LOGICAL_AXIS_RULES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

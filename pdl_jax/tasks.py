@@ -81,6 +81,9 @@ TASKS: dict[str, dict[str, DatasetSpec]] = {
     },
 }
 
+# The pretraining task: whole documents of every default corpus as targets.
+PRETRAIN = "pretrain"
+
 DEFAULT_DATASET = {"summarization": "debian_descriptions",
                    "dialogue": "shakespeare_dialogue",
                    "style_transfer": "bible_style"}

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from configs import common
-from pdl_jax import train
+from pdl_jax import config_checks
 
 CONFIGS = ("summarization", "dialogue", "style_transfer", "pretrain")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_configs_load_validate_and_parse_args(name):
   module = importlib.import_module(f"configs.{name}")
   c = module.get_config()
-  train.validate_config(c)
+  config_checks.validate_config(c)
   assert c.task == ("pretrain" if name == "pretrain" else name)
   smoke = module.get_config("smoke,loss=ce,alpha=0.25,seed=3")
   assert smoke.model.preset == "tiny" and smoke.num_steps < c.num_steps
   assert (smoke.loss.name, smoke.loss.alpha, smoke.seed) == ("ce", 0.25, 3)
-  train.validate_config(smoke)
+  config_checks.validate_config(smoke)
 
 
 def test_dataset_and_bool_args():
@@ -56,3 +56,42 @@ def test_default_workdir_name():
   from pdl_jax import main
   name = main.default_workdir("configs/dialogue.py:smoke,alpha=0.5", now=0)
   assert name.startswith(os.path.join("workdirs", "dialogue-19"))
+
+
+# A value for every key a config argument may set, and what it must become.
+ARG_VALUES = {
+    "loss": ("ce", "ce"), "alpha": ("0.25", 0.25), "epsilon": ("1e-7", 1e-7),
+    "dataset": ("bible_style/web_to_kjv", "bible_style/web_to_kjv"),
+    "model": ("tiny", "tiny"), "steps": ("12", 12), "seed": ("3", 3),
+    "batch_size": ("8", 8), "init_from": ("gs://bucket/pretrain", "gs://bucket/pretrain"),
+    "chunked": ("true", True), "decode": ("top_p", "top_p"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(common.ARG_KEYS))
+def test_every_config_argument_key_parses(key):
+  from configs import style_transfer
+  text, want = ARG_VALUES[key]
+  c = style_transfer.get_config(f"{key}={text}")
+  node = c
+  *path, last = common.ARG_KEYS[key].split(".")
+  for part in path:
+    node = node[part]
+  assert node[last] == want and type(node[last]) is type(want)
+  if key in ("epsilon", "init_from"):  # fields that default to None
+    node = style_transfer.get_config(f"{key}=none")
+    for part in path:
+      node = node[part]
+    assert node[last] is None
+
+
+def test_config_argument_values_of_the_wrong_type_name_the_item():
+  from configs import style_transfer
+  with pytest.raises(ValueError, match=r"'epsilon=tiny'.*expected float"):
+    style_transfer.get_config("epsilon=tiny")
+  with pytest.raises(ValueError, match=r"'steps=1.5'.*expected int"):
+    style_transfer.get_config("steps=1.5")
+
+
+def test_every_arg_key_has_a_test_value():
+  assert set(ARG_VALUES) == set(common.ARG_KEYS)

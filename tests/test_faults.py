@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax import input_pipeline as ip
+from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax import data as ip
+from pdl_jax import models
 from pdl_jax import train
 from pdl_jax.datasets import shakespeare_dialogue as S
 
@@ -97,7 +99,7 @@ def run_until(cmd, marker=None, sig=signal.SIGKILL, timeout=240):
 
 def params_and_steps(workdir):
   """(latest step, its params as numpy), whatever topology saved them."""
-  step = train.checkpoint_manager(str(workdir), 10).latest_step()
+  step = ckpt_lib.manager(str(workdir), 10).latest_step()
   path = os.path.join(str(workdir), "checkpoints", str(step), "state")
   ckptr = ocp.StandardCheckpointer()
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -120,7 +122,7 @@ def test_sigkill_at_several_points_resumes_exactly(data_dir, tmp_path):
   killed = tmp_path / "killed"
   # During/after the frequency pass, in the middle of training, and right after a
   # log line that precedes a checkpoint write (the save is asynchronous).
-  for marker in ("frequency pass done", "step 15/40", "step 30/40"):
+  for marker in ("token stats: saved", "step 15/40", "step 30/40"):
     rc, out = run_until(command(killed, data_dir), marker)
     assert rc == -signal.SIGKILL, out[-3000:]
   rc, out = run_until(command(killed, data_dir))
@@ -188,7 +190,7 @@ def test_unknown_config_key_is_refused_by_the_cli(tmp_path):
 
 
 def test_bad_data_is_handled_as_documented(tmp_path):
-  from pdl_jax import tokenizer as T
+  from pdl_jax import sentencepiece_tokenizer as T
   tok = T.train(make_texts(800, 0), str(tmp_path / "t.model"), 80)
   # Characters the tokenizer cannot encode map to unk; empty targets are dropped
   # and counted; over-long inputs are truncated.
@@ -197,7 +199,7 @@ def test_bad_data_is_handled_as_documented(tmp_path):
   assert len(ex) == 2 and ex.dropped_empty == 1 and ex.truncated == 1
   assert tok.unk_id in ex.seqs[0].tolist()
   # Labels outside the vocabulary reaching the loss are masked, never NaN.
-  model = train.make_model(tiny(), vocab_size=tok.vocab_size)
+  model = models.make_model(tiny(), vocab_size=tok.vocab_size)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   import flax.linen as nn
   batch = ip.make_batch(ex, np.array([0, 1]))
@@ -229,12 +231,47 @@ def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
 
 
 @pytest.mark.parametrize("overrides, what", [
-    ({"loss.alpha": 0.25}, "alpha: stored 0.5, now 0.25"),
-    ({"model.preset": "small"}, "model: stored"),
-    ({"loss.name": "ce"}, "loss: stored 'pdl', now 'ce'"),
+    ({"loss.alpha": 0.25}, "loss.alpha: stored 0.5, now 0.25"),
+    ({"model.preset": "small"}, "model.d_model: stored 64, now 192"),
+    ({"loss.name": "ce"}, "loss.name: stored 'pdl', now 'ce'"),
     ({"tokenizer.vocab_size": 80}, "tokenizer_requested"),
+    # The settings the fingerprint used to leave out: each changes the math.
+    ({"loss.epsilon": 1e-3}, "loss.epsilon: stored None, now 0.001"),
+    ({"loss.frequency": "count"}, "loss.frequency: stored 'relative', now 'count'"),
+    ({"loss.normalize": False}, "loss.normalize: stored True, now False"),
+    ({"loss.max_weight": 3.0}, "loss.max_weight: stored None, now 3.0"),
+    ({"optimizer.learning_rate": 1e-3}, "optimizer.learning_rate: stored 0.003, now 0.001"),
+    ({"optimizer.b2": 0.9}, "optimizer.b2: stored 0.98, now 0.9"),
+    ({"num_steps": 4}, "num_steps: stored 2, now 4"),  # shapes the cosine schedule
+    ({"dataset.max_train_examples": 30}, "max_train_examples: stored 4000, now 30"),
 ])
 def test_mismatched_workdir_is_refused(mock_data, tmp_path, overrides, what):
   train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  kwargs = {"num_steps": 2, "eval_every": 100, **overrides}
   with pytest.raises(ValueError, match=re.escape(what) + ".*resume=False"):
-    train.train_and_evaluate(tiny(num_steps=4, eval_every=100, **overrides), str(tmp_path))
+    train.train_and_evaluate(tiny(**kwargs), str(tmp_path))
+
+
+def test_changed_token_stats_are_refused_on_resume(mock_data, tmp_path):
+  import dataclasses
+
+  from pdl_jax import frequency
+  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  path = str(tmp_path / "checkpoints" / frequency.STATS_FILENAME)
+  stats = frequency.TokenStats.load(path)
+  counts = stats.counts.copy()
+  counts[5] += 3
+  dataclasses.replace(stats, counts=counts, num_tokens=int(counts.sum())).save(path)
+  with pytest.raises(ValueError, match="token stats of checksum.*counts changed"):
+    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+
+
+def test_stored_weights_that_differ_from_the_config_are_refused_on_resume(mock_data, tmp_path):
+  from pdl_jax import frequency
+  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  path = str(tmp_path / "checkpoints" / frequency.WEIGHTS_FILENAME)
+  weights, meta = frequency.load_weights(path)
+  stats = frequency.TokenStats.load(str(tmp_path / "checkpoints"))
+  frequency.save_weights(path, weights * 1.5, meta["settings"], stats)  # same settings
+  with pytest.raises(ValueError, match="loss_weights.npz.*values: max"):
+    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))

@@ -1,15 +1,16 @@
-"""Tokenizer and frequency pass: counts against collections.Counter, storage, errors."""
+"""Tokenizer and frequency pass: counts of the loss's tokens against
+collections.Counter, the stored weights, storage, errors."""
 
 import collections
 import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from pdl_jax import data as D
 from pdl_jax import frequency as F
 from pdl_jax import loss as L
-from pdl_jax import tokenizer as T
+from pdl_jax import sentencepiece_tokenizer as T
 
 WORDS = ("the a of and to in is was he for it with as his on be at by i this had not "
          "are but from or have an they which one you were her all she there would "
@@ -36,16 +37,19 @@ def tokenizer(tmp_path_factory):
   return T.train(make_texts(2000, 0), path, vocab_size=120, seed=0)
 
 
-def dataset(n, seed=1):
-  return tf.data.Dataset.from_tensor_slices(
-      {"inputs": make_texts(n, seed + 100), "targets": make_texts(n, seed)})
+def examples(tok, n, seed=1, max_target_len=12, seq_len=40):
+  return D.encode_examples(make_texts(n, seed + 100), make_texts(n, seed), tok,
+                           seq_len=seq_len, max_target_len=max_target_len)
 
 
-def counter_reference(tok, texts, add_eos=True):
+def counter_reference(tok, targets, max_target_len):
+  """Counter over what the loss sees: each target cut to max_target_len tokens, EOS
+  only after a target that was not cut."""
   c = collections.Counter()
-  for t in texts:
-    c.update(tok.encode_batch([t])[0])
-    if add_eos:
+  for t in targets:
+    ids = tok.encode_batch([t])[0]
+    c.update(ids[:max_target_len])
+    if len(ids) <= max_target_len:
       c[tok.eos_id] += 1
   out = np.zeros(tok.vocab_size, np.int64)
   for k, v in c.items():
@@ -59,7 +63,7 @@ def test_tokenizer_ids_hash_and_roundtrip(tokenizer, tmp_path):
   assert tokenizer.sep_id == 4 and tokenizer.id_to_piece([4]) == ["<sep>"]
   texts = ["the man said no", "and then there were two"]
   assert tokenizer.decode_batch(tokenizer.encode_batch(texts)) == texts
-  again = T.Tokenizer.load(tokenizer.path)
+  again = T.SentencePieceTokenizer.load(tokenizer.path)
   assert again.sha256 == tokenizer.sha256 and len(again.sha256) == 64
   # Training is deterministic: same text and seed, same model.
   other = T.train(make_texts(2000, 0), str(tmp_path / "b.model"), vocab_size=120, seed=0)
@@ -73,49 +77,52 @@ def test_load_or_train_reuses(tokenizer, tmp_path):
   second = T.load_or_train(path, None, 60)
   assert first.sha256 == second.sha256
   with pytest.raises(FileNotFoundError, match="nope.model"):
-    T.Tokenizer.load(str(tmp_path / "nope.model"))
+    T.SentencePieceTokenizer.load(str(tmp_path / "nope.model"))
   bad = tmp_path / "bad.model"
   bad.write_bytes(b"not a model")
   with pytest.raises(ValueError, match="bad.model.*not a valid SentencePiece"):
-    T.Tokenizer.load(str(bad))
+    T.SentencePieceTokenizer.load(str(bad))
 
 
-@pytest.mark.parametrize("batch_size, fields", [(7, ("targets",)), (64, ("inputs", "targets"))])
-def test_counts_equal_counter(tokenizer, batch_size, fields):
+@pytest.mark.parametrize("max_target_len", [4, 12, 30])
+def test_counts_are_the_loss_tokens(tokenizer, max_target_len):
   n = 300
-  stats = F.count_tokens(dataset(n), tokenizer, fields=fields, batch_size=batch_size,
-                         dataset_name="toy", split="train", log=lambda _: None)
-  texts = [t for f, seed in (("inputs", 101), ("targets", 1)) if f in fields
-           for t in make_texts(n, seed)]
-  want = counter_reference(tokenizer, texts)
+  ex = examples(tokenizer, n, max_target_len=max_target_len, seq_len=48)
+  stats = F.count_examples(ex, tokenizer, dataset_name="toy", split="train")
+  want = counter_reference(tokenizer, make_texts(n, 1), max_target_len)
   np.testing.assert_array_equal(stats.counts, want)
   assert stats.counts.dtype == np.int64
   assert stats.num_tokens == want.sum() and stats.num_examples == n
-  assert (stats.dataset, stats.split, stats.fields) == ("toy", "train", tuple(fields))
+  assert (stats.dataset, stats.split, stats.fields) == ("toy", "train", ("targets",))
   np.testing.assert_allclose(stats.weights(0.5), L.power_law_weights(want, 0.5))
+  # The same tokens as the loss mask of the batches.
+  b = D.make_batch(ex, np.arange(n))
+  np.testing.assert_array_equal(
+      np.bincount(b["labels"][b["loss_mask"] > 0], minlength=tokenizer.vocab_size), want)
 
 
-def test_progress_lines(tokenizer):
-  lines = []
-  F.count_tokens(dataset(50), tokenizer, batch_size=10, progress_every_s=0.0,
-                 log=lines.append)
-  assert any("examples" in l and "tokens/s" in l for l in lines)
-  assert "50 examples" in lines[-1]
+def test_truncated_targets_get_no_eos(tokenizer):
+  ex = D.encode_examples(["a b"] * 2, ["the man said no more to me", "no"], tokenizer,
+                         seq_len=40, max_target_len=3)
+  assert ex.targets_truncated == 1
+  b = D.make_batch(ex, np.arange(2))
+  first = b["labels"][0][b["loss_mask"][0] > 0].tolist()
+  assert len(first) == 3 and tokenizer.eos_id not in first
+  second = b["labels"][1][b["loss_mask"][1] > 0].tolist()
+  assert second[-1] == tokenizer.eos_id
 
 
-def test_empty_dataset_and_missing_field(tokenizer):
+def test_empty_examples(tokenizer):
+  ex = examples(tokenizer, 3)
+  empty = D.Examples(ex.seqs[:0], ex.target_start[:0], ex.lengths[:0], [], [], 0, 0)
   with pytest.raises(ValueError, match="toy.*train.*no examples"):
-    F.count_tokens(dataset(10).take(0), tokenizer, dataset_name="toy", split="train",
-                   log=lambda _: None)
-  with pytest.raises(ValueError, match=r"\['summary'\] are not in the dataset"):
-    F.count_tokens(dataset(10), tokenizer, fields=("summary",), log=lambda _: None)
+    F.count_examples(empty, tokenizer, dataset_name="toy", split="train")
 
 
-def test_shards_sum_to_whole(tokenizer):
-  ds = dataset(257)
-  whole = F.count_tokens(ds, tokenizer, batch_size=32, log=lambda _: None)
-  parts = [F.count_tokens(ds.shard(2, i), tokenizer, batch_size=32, log=lambda _: None)
-           for i in range(2)]
+def test_process_shards_sum_to_whole(tokenizer):
+  ex = examples(tokenizer, 257)
+  whole = F.count_examples(ex, tokenizer)
+  parts = [F.count_examples(ex, tokenizer, process_index=i, process_count=2) for i in range(2)]
   merged = parts[0].merge(parts[1])
   np.testing.assert_array_equal(merged.counts, whole.counts)
   assert merged.num_examples == 257 and merged.num_tokens == whole.num_tokens
@@ -123,8 +130,8 @@ def test_shards_sum_to_whole(tokenizer):
 
 
 def test_save_load_roundtrip_and_errors(tokenizer, tmp_path):
-  stats = F.count_tokens(dataset(40), tokenizer, dataset_name="toy", split="train",
-                         log=lambda _: None)
+  stats = F.count_examples(examples(tokenizer, 40), tokenizer, dataset_name="toy",
+                             split="train")
   path = stats.save(str(tmp_path))
   assert path == str(tmp_path / F.STATS_FILENAME)
   assert os.listdir(tmp_path) == [F.STATS_FILENAME]
@@ -149,7 +156,7 @@ def test_save_load_roundtrip_and_errors(tokenizer, tmp_path):
 
 
 def test_tokenizer_mismatch_is_refused(tokenizer, tmp_path):
-  stats = F.count_tokens(dataset(40), tokenizer, log=lambda _: None)
+  stats = F.count_examples(examples(tokenizer, 40), tokenizer)
   other = T.train(make_texts(800, 9), str(tmp_path / "o.model"), vocab_size=120, seed=0)
   with pytest.raises(ValueError, match="sha256"):
     stats.check_tokenizer(other)
@@ -164,8 +171,8 @@ def test_load_or_count_reuses_and_checks(tokenizer, tmp_path):
 
   def count():
     calls.append(1)
-    return F.count_tokens(dataset(30), tokenizer, dataset_name="toy", split="train",
-                          log=lambda _: None)
+    return F.count_examples(examples(tokenizer, 30), tokenizer, dataset_name="toy",
+                            split="train")
 
   first = F.load_or_count(path, tokenizer, count, dataset="toy", split="train",
                           fields=("targets",), log=lambda _: None)
@@ -181,7 +188,7 @@ def test_load_or_count_reuses_and_checks(tokenizer, tmp_path):
 
 
 def test_most_and_least_frequent_table(tokenizer):
-  stats = F.count_tokens(dataset(100), tokenizer, log=lambda _: None)
+  stats = F.count_examples(examples(tokenizer, 100), tokenizer)
   w = stats.weights(1.0)
   table = F.most_and_least_frequent(stats, tokenizer, 3, w)
   top = int(np.argmax(stats.counts))
@@ -189,13 +196,51 @@ def test_most_and_least_frequent_table(tokenizer):
   assert "most frequent" in table and "least frequent" in table
 
 
-def test_count_split_reads_a_tfds_split(tokenizer):
-  import tensorflow_datasets as tfds
+class _Cfg:
+  """The loss section of a config, as weight_settings reads it."""
 
-  import pdl_jax.datasets  # noqa: F401
-  with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
-    stats = F.count_split("shakespeare_dialogue", "train", tokenizer, log=lambda _: None)
-    ds = tfds.load("shakespeare_dialogue", split="train")
-    texts = [ex["targets"].decode() for ex in tfds.as_numpy(ds)]
-  np.testing.assert_array_equal(stats.counts, counter_reference(tokenizer, texts))
-  assert (stats.dataset, stats.split, stats.num_examples) == ("shakespeare_dialogue", "train", 30)
+  def __init__(self, **kw):
+    import ml_collections
+    self.loss = ml_collections.ConfigDict({
+        **dict(alpha=0.5, epsilon=None, frequency="relative", normalize=True,
+               max_weight=None), **kw})
+
+
+def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
+  stats = F.count_examples(examples(tokenizer, 60), tokenizer, dataset_name="toy",
+                           split="train")
+  path = str(tmp_path / F.WEIGHTS_FILENAME)
+  w = F.load_or_save_weights(path, _Cfg(), stats)
+  stored, meta = F.load_weights(path)
+  # The exact float32 array the run trains with, and what made it.
+  assert stored.dtype == np.float32
+  np.testing.assert_array_equal(stored, w)
+  np.testing.assert_array_equal(stored, L.power_law_weights(stats.counts, 0.5))
+  assert meta["settings"] == {"alpha": 0.5, "epsilon": None, "frequency": "relative",
+                              "normalize": True, "max_weight": None}
+  assert meta["counts_sha256"] == stats.metadata()["counts_sha256"]
+  np.testing.assert_array_equal(F.load_or_save_weights(path, _Cfg(), stats), w)
+  # Other settings, or other counts: refused, every difference listed.
+  with pytest.raises(ValueError, match="alpha: stored 0.5, now 1.0.*max_weight: stored "
+                                       "None, now 3.0"):
+    F.load_or_save_weights(path, _Cfg(alpha=1.0, max_weight=3.0), stats)
+  other = F.count_examples(examples(tokenizer, 61), tokenizer, dataset_name="toy",
+                           split="train")
+  with pytest.raises(ValueError, match="other token counts"):
+    F.load_or_save_weights(path, _Cfg(), other)
+  # A file whose weights were altered fails its checksum.
+  F.save_weights(path, w, F.weight_settings(_Cfg()), stats)
+  raw = bytearray(open(path, "rb").read())
+  data = np.load(path)
+  assert data["weights"].size == w.size
+  tampered = tmp_path / "t.npz"
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, weights=w * 2, meta=data["meta"])
+  tampered.write_bytes(buf.getvalue())
+  with pytest.raises(ValueError, match="t.npz.*checksum"):
+    F.load_weights(str(tampered))
+  trunc = tmp_path / "trunc.npz"
+  trunc.write_bytes(bytes(raw[: len(raw) // 2]))
+  with pytest.raises(ValueError, match="corrupt or truncated"):
+    F.load_weights(str(trunc))

@@ -56,3 +56,11 @@ def test_generation_metrics_has_reference_profile():
               "ref_mean_surprisal", "ref_rare_token_share", "ref_length"):
     assert key in out
   assert out["ref_mean_surprisal"] > out["mean_surprisal"]
+
+
+def test_most_frequent_token_is_in_decile_zero_even_above_a_tenth_of_the_mass():
+  counts = np.array([60, 20, 10, 10, 0])
+  # Token 0 holds 60% of the mass; ranking by the mass before a token puts it first.
+  np.testing.assert_allclose(M.frequency_buckets([[0]], counts), [1.0] + [0.0] * 9)
+  hist = M.frequency_buckets([[1], [2], [3], [4]], counts)
+  assert hist[6] == hist[8] == 0.25 and hist[9] == 0.5  # mass before: 0.6, 0.8, 0.9; unseen

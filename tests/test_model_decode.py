@@ -7,12 +7,12 @@ import pytest
 import flax.linen as nn
 
 from pdl_jax import decode as D
-from pdl_jax import model as M
+from pdl_jax.models import transformer as M
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = M.model_config("tiny", vocab_size=50, max_len=64)
+  cfg = M.model_config("tiny", vocab_size=50)
   model = M.Transformer(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return model, nn.meta.unbox(params), params

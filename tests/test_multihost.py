@@ -1,11 +1,14 @@
 """Two local CPU processes with jax.distributed (coordinator on 127.0.0.1, gloo):
 the frequency pass and a few train steps equal a single-process run."""
 
+import os
 import socket
 import subprocess
+import sys
 
 import jax
 import numpy as np
+import pytest
 
 from test_faults import ROOT, command, data_dir, env, params_and_steps  # noqa: F401
 
@@ -52,3 +55,91 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
   assert s1 == s2 == 6
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+COUNTS_SCRIPT = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from pdl_jax import frequency
+pid = int(sys.argv[2])
+counts = np.array([2**31 + 5, 3 + pid, 2**40 + pid, 0], np.int64)
+stats = frequency.TokenStats(counts=counts, num_tokens=int(counts.sum()), num_examples=7,
+                             vocab_size=4, tokenizer_sha256="x", dataset="d", split="train",
+                             fields=("targets",))
+total = frequency.sum_across_processes(stats)
+print("RESULT", total.counts.tolist(), total.num_examples, total.num_tokens, flush=True)
+"""
+
+
+def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
+  script = tmp_path / "counts.py"
+  script.write_text(COUNTS_SCRIPT)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+  want = [2 * (2**31 + 5), 7, 2 * 2**40 + 1, 0]
+  for out in outs:
+    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+    assert line == f"RESULT {want} 14 {sum(want)}"
+
+
+def test_several_processes_need_an_explicit_workdir(tmp_path):
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "pdl_jax.main", "--config=configs/dialogue.py:smoke",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=tmp_path, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert all(p.returncode != 0 for p in procs)
+  assert all("--workdir is required when the run has several processes" in o for o in outs)
+  assert not os.listdir(tmp_path)  # no per-host default folder
+
+
+def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path, monkeypatch):
+  """Process 1 of 2 neither moves the earlier run nor builds the dataset; it waits at
+  the barrier that follows process 0's work (the barrier is recorded here)."""
+  from pdl_jax import checkpoint, data, tasks, utils
+
+  events = []
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(utils, "sync", lambda name: events.append(("sync", name)))
+  (tmp_path / "metrics.jsonl").write_text("{}\n")
+  checkpoint.archive_previous_run(str(tmp_path))
+  assert events == [("sync", "archive previous run")]
+  assert os.listdir(tmp_path) == ["metrics.jsonl"]  # untouched by process 1
+
+  class Builder:
+    def __init__(self, name, data_dir=None):
+      events.append(("builder", name))
+      self.info = None
+
+    def download_and_prepare(self):
+      events.append(("prepare",))
+
+    def as_dataset(self, split, shuffle_files):
+      raise RuntimeError("stop here")
+
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds, "builder", Builder)
+  events.clear()
+  with pytest.raises(RuntimeError, match="stop here"):
+    data.load_texts(tasks.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
+  assert ("prepare",) not in events
+  assert events[0] == ("sync", "prepare shakespeare_dialogue")  # waits before reading
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  events.clear()
+  checkpoint.archive_previous_run(str(tmp_path))
+  assert [n for n in os.listdir(tmp_path) if n.startswith("previous-")]
+  assert events == [("sync", "archive previous run")]
+  events.clear()
+  with pytest.raises(RuntimeError, match="stop here"):
+    data.load_texts(tasks.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
+  assert events[:3] == [("builder", "shakespeare_dialogue"), ("prepare",),
+                        ("sync", "prepare shakespeare_dialogue")]

@@ -14,11 +14,11 @@ sys.path.insert(0, ROOT)
 from experiments import report  # noqa: E402
 
 
-def fake_run(root, name, loss, alpha, seed, nll, rouge1):
+def fake_run(root, name, loss, alpha, seed, nll, rouge1, num_steps=20):
   d = root / name
   d.mkdir(parents=True)
   (d / "config.json").write_text(json.dumps({"loss": {"name": loss, "alpha": alpha},
-                                             "seed": seed}))
+                                             "seed": seed, "num_steps": num_steps}))
   buckets = {f"eval/freq_bucket_{k}": (1.0 if k == 0 else 0.0) for k in range(10)}
   refs = {f"eval/ref_freq_bucket_{k}": 0.1 for k in range(10)}
   lines = [{"step": 5, "train/loss": 3.0},
@@ -36,9 +36,12 @@ def test_report_tables_and_plots(tmp_path):
   (tmp_path / "unfinished").mkdir()
   (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"loss": {"name": "pdl", "alpha": 2.0}}))
   (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1}) + "\n")
+  # Killed before its final eval: its last eval (step 20) is a mid-run one.
+  fake_run(tmp_path, "killed-seed0", "pdl", 3.0, 0, 9.0, 1.0, num_steps=40)
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
                         str(tmp_path)], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
+  assert "left out 2 runs" in out.stderr and "killed-seed0" in out.stderr
   rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
   assert [r["point"] for r in rows] == ["ce", "alpha=0.5", "alpha=1"]
   assert [r["seeds"] for r in rows] == ["1", "2", "1"]
@@ -51,6 +54,9 @@ def test_report_tables_and_plots(tmp_path):
   assert "References: length 7.000." in md
   for png in ("metrics_vs_alpha.png", "frequency_profile.png"):
     assert os.path.getsize(tmp_path / png) > 1000
+  strict = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                           str(tmp_path), "--strict"], capture_output=True, text=True, timeout=120)
+  assert strict.returncode != 0 and "killed-seed0" in strict.stderr
 
 
 def test_report_refuses_an_empty_root(tmp_path):
@@ -70,9 +76,14 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 10, out.stderr
-  (tmp_path / "ce-seed0" / "checkpoints" / "800").mkdir(parents=True)
-  assert sweep.is_finished(str(tmp_path / "ce-seed0"), 800)
-  assert not sweep.is_finished(str(tmp_path / "alpha0-seed0"), 800)
+  # Finished = the final eval is logged; a checkpoint at num_steps alone is not enough
+  # (a run killed after it, before its final eval).
+  fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0, num_steps=20)
+  fake_run(tmp_path, "alpha0-seed0", "pdl", 0.0, 0, 4.0, 10.0, num_steps=40)
+  (tmp_path / "alpha0-seed0" / "checkpoints" / "40").mkdir(parents=True)
+  assert sweep.is_finished(str(tmp_path / "ce-seed0"), 20)
+  assert not sweep.is_finished(str(tmp_path / "alpha0-seed0"), 40)
+  assert not sweep.is_finished(str(tmp_path / "alpha0.5-seed0"), 40)
 
 
 def test_report_copies_runs_and_regenerates_from_the_copies(tmp_path):
@@ -122,3 +133,24 @@ def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path
     assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
   readme = open(os.path.join(ROOT, "README.md")).read()
   assert open(os.path.join(results, "summary.md")).read().strip() in readme
+
+
+def test_sweep_exits_with_a_failed_points_status(tmp_path, monkeypatch):
+  """A preempted point (143) ends the sweep with 143, so a retry wrapper reruns it."""
+  from experiments import sweep
+  ran = []
+
+  class Done:
+    def __init__(self, rc):
+      self.returncode = rc
+
+  def fake_run(argv, cwd):
+    ran.append(argv)
+    return Done(0 if len(ran) == 1 else -15)  # the second point gets SIGTERM
+
+  monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+  monkeypatch.setattr(sys, "argv", ["sweep.py", "--config=configs/dialogue.py:smoke",
+                                    f"--root={tmp_path}"])
+  with pytest.raises(SystemExit) as e:
+    sweep.main()
+  assert e.value.code == 143 and len(ran) == 2

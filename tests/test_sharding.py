@@ -1,5 +1,6 @@
 """Mesh construction and the loss under jax.jit on a 4x2 mesh of forced CPU devices."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +42,18 @@ def test_make_mesh_bad_shapes(shape, match):
     sharding.make_mesh(shape)
 
 
-def test_logical_rules():
+def test_logical_rules_are_flax_rules():
   assert sharding.logical_to_spec(("batch", "length", "vocab")) == P("data", None, "model")
-  # model used once per array: the second model-mapped axis stays replicated.
-  assert sharding.logical_to_spec(("mlp", "vocab")) == P("model", None)
+  # A mesh axis once per array, taken by the earlier rule (vocab before mlp).
+  assert sharding.logical_to_spec(("mlp", "vocab")) == P(None, "model")
   with pytest.raises(ValueError, match="'pixels'"):
     sharding.logical_to_spec(("pixels",))
+  # One engine: activations get exactly what Flax gives the parameters, also for a
+  # rules table with fallbacks (where the old hand-written engine differed).
+  rules = (("batch", "data"), ("embed", "model"), ("embed", "data"), ("mlp", "model"))
+  for axes in (("batch", "embed"), ("embed", "mlp"), ("mlp", "embed"), ("embed",)):
+    assert sharding.logical_to_spec(axes, rules) == nn.logical_to_mesh_axes(axes, rules)
+  assert sharding.logical_to_spec(("mlp", "embed"), rules) == P(None, "model")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -65,7 +72,10 @@ def test_pdl_sharded_equals_single_device(dtype):
   single = jax.jit(value_and_grad)(*jax.device_put((logits, labels, weights, mask), dev0))
 
   mesh = sharding.make_mesh({"data": 4, "model": 2})
-  s = sharding.loss_shardings(mesh)
+  s = {"logits": sharding.named_sharding(mesh, "batch", "length", "vocab"),
+       "labels": sharding.named_sharding(mesh, "batch", "length"),
+       "mask": sharding.named_sharding(mesh, "batch", "length"),
+       "weights": sharding.replicated(mesh)}
   args = (jax.device_put(logits, s["logits"]), jax.device_put(labels, s["labels"]),
           jax.device_put(weights, s["weights"]), jax.device_put(mask, s["mask"]))
   fn = jax.jit(value_and_grad,

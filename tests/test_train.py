@@ -11,6 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import dialogue
+from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax import models
+from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
 from pdl_jax import train
 
@@ -52,7 +55,7 @@ def run(workdir, **overrides):
 
 
 def final_params(workdir):
-  mngr = train.checkpoint_manager(str(workdir), 5)
+  mngr = ckpt_lib.manager(str(workdir), 5)
   step = mngr.latest_step()
   import orbax.checkpoint as ocp
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
@@ -79,7 +82,7 @@ def test_run_writes_every_output(reference_run):
           "tokenizer.model"} <= names
   assert json.load(open(workdir / "config.json"))["loss"]["name"] == "pdl"
   ckpts = os.listdir(workdir / "checkpoints")
-  assert {"3", "6", "token_stats.npz"} <= set(ckpts)
+  assert {"3", "6", "token_stats.npz", "loss_weights.npz"} <= set(ckpts)
   lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_keys = {"train/loss", "train/nll", "train/weight_ess", "train/grad_norm",
                 "train/learning_rate", "train/tokens_per_s"}
@@ -87,7 +90,7 @@ def test_run_writes_every_output(reference_run):
   assert all(train_keys <= set(l) for l in lines if "train/loss" in l)
   evals = [l for l in lines if "eval/nll" in l]
   assert len(evals) == 1 and evals[0]["step"] == 6
-  for key in ("eval/nll", "eval/pdl_loss", "eval/rouge1", "eval/rouge2", "eval/rougeL",
+  for key in ("eval/nll", "eval/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL",
               "eval/bleu", "eval/chrf", "eval/distinct_1", "eval/distinct_2",
               "eval/unigram_entropy", "eval/mean_surprisal", "eval/rare_token_share",
               "eval/length", "eval/ref_mean_surprisal", "eval/unigram_nll",
@@ -130,8 +133,9 @@ def test_chunked_loss_training_equals_unchunked(tmp_path):
 
 def test_train_step_on_4x2_mesh_equals_single_device():
   cfg = tiny_config(**{"model.preset": "tiny"})
-  model = train.make_model(cfg, vocab_size=96)
-  tx, schedule = train.make_optimizer(cfg)
+  model = models.make_model(cfg, vocab_size=96)
+  tx = opt_lib.make_optimizer(cfg)
+  loss_fn = train.loss_fn_of(cfg, model)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 96, (8, 16)).astype(np.int32),
            "labels": rng.integers(0, 96, (8, 16)).astype(np.int32),
@@ -144,13 +148,11 @@ def test_train_step_on_4x2_mesh_equals_single_device():
     bs = sharding.named_sharding(mesh, "batch", "length")
     rep = sharding.replicated(mesh)
     sharded_batch = {k: jax.device_put(v, bs) for k, v in batch.items()}
-    grad_fn = jax.jit(jax.grad(lambda p, b, w: train.compute_loss(
-        p, b, w, model=model, loss_name="pdl", chunked=False, chunk_size=0)[0]),
+    grad_fn = jax.jit(jax.grad(lambda p, b, w: loss_fn(p, b, w)[0]),
         in_shardings=(shardings.params, bs, rep), out_shardings=shardings.params)
     grads = grad_fn(state.params, sharded_batch, weights)
-    step = jax.jit(lambda s, b, w: train.train_step(
-        s, b, w, model=model, tx=tx, schedule=schedule, loss_name="pdl", chunked=False,
-        chunk_size=0), in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep))
+    step = jax.jit(lambda s, b, w: train.train_step(s, b, w, loss_fn=loss_fn, tx=tx),
+                   in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep))
     state, metrics = step(state, sharded_batch, weights)
     if shape == (4, 2):
       emb = state.params["embed"]["embedding"]
@@ -180,8 +182,8 @@ def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
   for x, y in zip(jax.tree.leaves(ft), jax.tree.leaves(final_params(ref_dir)[1])):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-2)
   # A workdir written with another alpha is refused, with the way out named.
-  with pytest.raises(ValueError, match=r"different config \(alpha: stored 0.5, now 0.25\).*"
-                                        r"resume=False"):
+  with pytest.raises(ValueError, match=r"different config \(.*loss.alpha: stored 0.5, now "
+                                        r"0.25.*\).*resume=False"):
     run(ref_dir, **{"loss.alpha": 0.25})
   # The way out: resume=False starts afresh, keeping the earlier run aside.
   other = tmp_path / "other"
@@ -198,8 +200,78 @@ def test_frequency_cli_pass_is_reused_by_training(tmp_path):
   stats, report = frequency.run_pass(tiny_config(), str(tmp_path), top=3)
   assert "most frequent (down-weighted)" in report and "least frequent" in report
   path = tmp_path / "checkpoints" / frequency.STATS_FILENAME
-  mtime = os.path.getmtime(path)
+  weights_path = tmp_path / "checkpoints" / frequency.WEIGHTS_FILENAME
+  weights, meta = frequency.load_weights(str(weights_path))  # the CLI writes them too
+  assert meta["settings"]["alpha"] == 0.5
+  np.testing.assert_array_equal(weights, stats.weights(0.5))
+  mtimes = os.path.getmtime(path), os.path.getmtime(weights_path)
   run(tmp_path, num_steps=2, eval_every=100)
-  assert os.path.getmtime(path) == mtime  # training reused the stored stats
+  # Training reused the stored stats and found the stored weights its own.
+  assert (os.path.getmtime(path), os.path.getmtime(weights_path)) == mtimes
   again, _ = frequency.run_pass(tiny_config(), str(tmp_path))
   np.testing.assert_array_equal(again.counts, stats.counts)
+
+
+def metric_steps(workdir, key):
+  return [json.loads(l)["step"] for l in open(workdir / "metrics.jsonl") if key in l]
+
+
+def test_killed_before_the_final_eval_the_rerun_writes_it(reference_run, tmp_path):
+  import shutil
+  shutil.copytree(reference_run[0], tmp_path / "w")
+  w = tmp_path / "w"
+  # The state of a run killed after its last checkpoint, before its final eval.
+  lines = [l for l in open(w / "metrics.jsonl") if '"eval/nll"' not in l]
+  (w / "metrics.jsonl").write_text("".join(lines))
+  result = run(w)
+  assert metric_steps(w, "eval/nll") == [6] and result["eval/nll"] > 0
+  again = run(w)  # finished: nothing new, the same final eval returned
+  assert metric_steps(w, "eval/nll") == [6] and again["eval/nll"] == result["eval/nll"]
+
+
+def test_killed_before_the_first_checkpoint_logs_each_step_once(reference_run, tmp_path):
+  import shutil
+
+  import tensorflow as tf
+  shutil.copytree(reference_run[0], tmp_path / "w")
+  w = tmp_path / "w"
+  # The state of a run killed after logging steps 2 and 4 but before any checkpoint.
+  for step in ("3", "6"):
+    shutil.rmtree(w / "checkpoints" / step)
+  lines = [l for l in open(w / "metrics.jsonl") if json.loads(l)["step"] <= 4]
+  (w / "metrics.jsonl").write_text("".join(lines))
+  run(w)
+  assert metric_steps(w, "train/loss") == [2, 4, 6]
+  tb_steps = []
+  for f in (w / "tensorboard").iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(f)):
+      tb_steps += [event.step for v in event.summary.value if v.tag == "train/loss"]
+  assert sorted(tb_steps) == [2, 4, 6]
+
+
+def test_eval_loss_is_the_runs_own_objective(tmp_path):
+  ce = run(tmp_path / "ce", **{"loss.name": "ce", "num_steps": 2, "eval_every": 2})
+  assert ce["eval/loss"] == pytest.approx(ce["eval/nll"], rel=1e-6)
+  pdl = run(tmp_path / "pdl", **{"loss.alpha": 1.0, "num_steps": 2, "eval_every": 2})
+  assert pdl["eval/loss"] != pytest.approx(pdl["eval/nll"], rel=1e-3)
+
+
+def test_init_from_restores_params_only_into_the_current_shardings(reference_run):
+  from pdl_jax import checkpoint as ckpt
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
+  cfg = tiny_config()
+  model = models.make_model(cfg, vocab_size=final_params(reference_run[0])[1]["embed"][
+      "embedding"].shape[0])
+  state, shardings = train.create_state(model, opt_lib.make_optimizer(cfg), mesh, 0, 16)
+  params = ckpt.load_params(str(reference_run[0]),
+                            ckpt.abstract_like(state.params, shardings.params))
+  emb = params["embed"]["embedding"]
+  assert emb.sharding == shardings.params["embed"]["embedding"]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec("model", None)
+  assert_trees_close(jax.tree.map(np.asarray, params), final_params(reference_run[0])[1],
+                     rtol=0, atol=0)
+  small = models.make_model(tiny_config(**{"model.preset": "small"}), vocab_size=emb.shape[0])
+  one = sharding.make_mesh({"data": 1, "model": 1})  # 3 heads do not split over 2
+  other, other_sh = train.create_state(small, opt_lib.make_optimizer(cfg), one, 0, 16)
+  with pytest.raises(ValueError, match="do not match this model"):
+    ckpt.load_params(str(reference_run[0]), ckpt.abstract_like(other.params, other_sh.params))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pdl_jax import input_pipeline as ip
-from pdl_jax import tokenizer as T
+from pdl_jax import data as ip
+from pdl_jax import sentencepiece_tokenizer as T
 
 from test_frequency import make_texts
 
@@ -34,9 +34,11 @@ def test_truncation_and_empty_targets(tok):
                           seq_len=16, max_target_len=5)
   assert len(ex) == 1 and ex.dropped_empty == 2 and ex.truncated == 1
   b = ip.make_batch(ex, np.array([0]))
-  assert int(b["loss_mask"].sum()) == 6  # 5 target tokens + EOS
+  # 5 target tokens and no EOS: the target was cut, it did not end there.
+  assert int(b["loss_mask"].sum()) == 5 and ex.targets_truncated == 1
+  assert tok.eos_id not in b["labels"][0][b["loss_mask"][0] > 0].tolist()
   assert ex.seqs[0, ex.target_start[0] - 1] == tok.sep_id
-  assert ex.lengths[0] == 17  # full: seq_len + 1
+  assert ex.lengths[0] == 17  # full: one more prompt token where the EOS would be
   with pytest.raises(ValueError, match="seq_len must be >= 4.*got 3"):
     ip.encode_examples(["a"], ["b"], tok, seq_len=3, max_target_len=2)
 

@@ -30,7 +30,6 @@ class ModelConfig:
   num_heads: int = 4
   head_dim: int = 64
   mlp_dim: int = 1024
-  max_len: int = 512
   tied_embeddings: bool = True
   rope_base: float = 10000.0
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; params stay float32
@@ -157,7 +156,7 @@ class Transformer(nn.Module):
 
   key_mask_BxS marks real (non-padding) keys; attention is causal by buffer index.
   With return_hidden=True the final-norm hidden states are returned and
-  `unembed_DxV(params)` gives the output projection, for the chunked loss.
+  `unembed_DxV(model, params)` gives the output projection, for the chunked loss.
   """
 
   cfg: ModelConfig

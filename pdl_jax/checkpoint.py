@@ -1,0 +1,169 @@
+"""Checkpoints of a run: the orbax manager, the run fingerprint, init_from, archiving.
+
+Resume order (the one place it is written down):
+  1. WORKDIR/checkpoints has a step (and config.resume is True): its JSON meta is
+     read first and its fingerprint must equal this config's (every setting that
+     changes the math: model, tokenizer, data, loss and its weights, optimizer and
+     schedule, batch, steps, seed) and its token-stats checksum the stored stats';
+     then the whole train state is restored into the current shardings. Metrics
+     logged after that step by the killed run are dropped (metric_writer).
+  2. else config.init_from names another run's workdir: its latest params only
+     (fresh optimizer, step 0), restored straight into the current shardings.
+  3. else a fresh initialisation.
+With config.resume=False an earlier run's outputs are first moved to
+WORKDIR/previous-<time>/ (process 0, then a barrier), so step 1 finds nothing.
+
+Every path goes through the path layer (pdl_jax.utils), so a workdir may be gs://.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from pdl_jax import utils
+
+CHECKPOINTS = "checkpoints"
+# Everything a run writes into its workdir (what config.resume=False archives).
+RUN_OUTPUTS = ("config.json", CHECKPOINTS, "metrics.jsonl", "tokenizer.model", "samples",
+               "tensorboard")
+
+
+def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+  """The orbax manager of WORKDIR/checkpoints (items: train state and JSON meta)."""
+  return ocp.CheckpointManager(
+      utils.path(workdir) / CHECKPOINTS,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=("state", "meta"))
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree` in `shardings` (restore targets, no allocation)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
+  """What a workdir's checkpoints must agree with to be resumed by this config:
+  every setting that changes what the run computes (not logging, evaluation or
+  the chunking of the loss, which give the same math)."""
+  loss = config.loss.to_dict()
+  for key in ("chunked", "chunk_size"):
+    loss.pop(key, None)
+  fp = {
+      "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+      "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],
+      "model": model_cfg, "task": config.task, "dataset": config.dataset.name,
+      "max_train_examples": config.dataset.max_train_examples,
+      "seq_len": config.seq_len, "max_target_len": config.max_target_len,
+      "loss": loss, "optimizer": config.optimizer.to_dict(),
+      "batch_size": config.batch_size, "num_steps": config.num_steps,
+      "seed": config.seed, "skip_nonfinite_steps": config.skip_nonfinite_steps,
+  }
+  return json.loads(json.dumps(fp))  # as the meta stores it (tuples become lists)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_fingerprint(stored: dict, current: dict, where: str) -> None:
+  """Raises ValueError listing every setting that differs (as dotted keys)."""
+  stored, current = _flatten(stored), _flatten(current)
+  missing = object()
+  keys = sorted(set(stored) | set(current))
+  diffs = [f"{k}: stored {stored.get(k, missing)!r}, now {current.get(k, missing)!r}"
+           .replace(repr(missing), "(absent)")
+           for k in keys if stored.get(k, missing) != current.get(k, missing)]
+  if diffs:
+    raise ValueError(f"{where} was written by a different config ({'; '.join(diffs)}); "
+                     "use a new --workdir or --config.resume=False.")
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
+  """Saves the train state and its meta at `step` (asynchronously)."""
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, current: dict[str, Any],
+                   token_stats_sha256: str, where: str):
+  """(state, step) of the latest checkpoint, or None when there is none.
+
+  The meta is read and checked first: a checkpoint of another model shape could not
+  even be restored, and one of other settings must not be.
+
+  Raises:
+    ValueError: the fingerprint or the token-stats checksum differs.
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  where = f"{where} (checkpoint {step})"
+  check_fingerprint(meta["fingerprint"], current, where)
+  if meta.get("token_stats_sha256") != token_stats_sha256:
+    raise ValueError(f"{where} was trained with token stats of checksum "
+                     f"{str(meta.get('token_stats_sha256'))[:16]}..., but the stored stats "
+                     f"have {token_stats_sha256[:16]}...; the counts changed. Use a new "
+                     "--workdir or --config.resume=False.")
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state))).state
+  return state, step
+
+
+def load_params(init_from: str, abstract_params):
+  """Latest params of another run's workdir, restored straight into the shardings
+  of `abstract_params` (ShapeDtypeStructs); its optimizer state is not read.
+
+  Raises:
+    ValueError: no checkpoint there, or params of another structure or shape (other
+      model size or vocabulary).
+  """
+  mngr = manager(init_from, 1)
+  step = mngr.latest_step()
+  if step is None:
+    raise ValueError(f"config.init_from={init_from!r} has no checkpoint.")
+  # The stored tree's shapes first (metadata only): another model is a clear error.
+  stored = ocp.StandardCheckpointer().metadata(
+      utils.path(init_from) / CHECKPOINTS / str(step) / "state").item_metadata
+  want = jax.tree.map(lambda x: tuple(x.shape), abstract_params)
+  try:
+    got = jax.tree.map(lambda x: tuple(x.shape), dict(stored["params"]))
+  except (AttributeError, KeyError, TypeError):
+    got = None
+  if got != want:
+    raise ValueError(f"config.init_from={init_from!r}: its params do not match this "
+                     f"model (different preset or vocabulary): stored {got}, this run "
+                     f"{want}.")
+  target = {"params": abstract_params}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  return restored.state["params"]
+
+
+def archive_previous_run(workdir: str) -> None:
+  """Moves an earlier run's outputs into WORKDIR/previous-<time>/ (config.resume=False
+  starts afresh without deleting anything). Process 0 moves; every process waits at
+  a barrier before anyone reads the workdir."""
+  if jax.process_index() == 0:
+    root = utils.path(workdir)
+    present = [n for n in RUN_OUTPUTS if (root / n).exists()]
+    if present:
+      target = root / time.strftime("previous-%Y%m%d-%H%M%S")
+      target.mkdir(parents=True)
+      for name in present:
+        (root / name).rename(target / name)
+      utils.log(f"config.resume=False: moved the earlier run's {present} to {target}")
+  utils.sync("archive previous run")

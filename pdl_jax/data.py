@@ -1,0 +1,281 @@
+"""Data: a task's (prompt, target) texts -> the run's tokenizer -> encoded prefix-LM
+examples -> batches.
+
+One example becomes  [prompt tokens] [sep] [target tokens] [eos],  shifted into
+model inputs and labels; the loss mask is 1 on the labels that are target tokens or
+EOS, never on the prompt. A target cut to `max_target_len` gets no EOS: it did not
+end there, and an EOS would teach the model to stop early. The offline corpora fit
+in memory, so each process loads and tokenizes a split once (batched) into numpy
+arrays, and a batch is a pure function of (seed, step): the data position is the
+step, so a resumed run sees exactly the batches an uninterrupted one would, and
+each process feeds its devices with its rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from pdl_jax import sentencepiece_tokenizer as sp_lib
+from pdl_jax import tasks as tasks_lib
+from pdl_jax import tokenizer as tok_lib
+from pdl_jax import utils
+from pdl_jax.tokenizer import Tokenizer
+
+TOKENIZER_FILENAME = "tokenizer.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Tokenized examples of one split, padded to seq_len + 1.
+
+  seqs: int32 [N, seq_len + 1]: prompt, sep, target, eos (unless the target was
+    truncated), then padding.
+  target_start: int32 [N], index in seqs of the first target token.
+  lengths: int32 [N], real tokens in seqs.
+  prompts / targets: the texts, for evaluation and samples.
+  dropped_empty: examples dropped for an empty target.
+  truncated: examples whose prompt or target was cut.
+  targets_truncated: examples whose target was cut (they have no EOS).
+  """
+
+  seqs: np.ndarray
+  target_start: np.ndarray
+  lengths: np.ndarray
+  prompts: list[str]
+  targets: list[str]
+  dropped_empty: int
+  truncated: int
+  targets_truncated: int = 0
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  def loss_positions(self) -> np.ndarray:
+    """Bool [N, seq_len + 1]: the positions of seqs whose token the loss is on (each
+    is the label of the position before it)."""
+    pos = np.arange(self.seqs.shape[1])[None, :]
+    return (pos >= self.target_start[:, None]) & (pos < self.lengths[:, None])
+
+
+def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer, *,
+                    seq_len: int, max_target_len: int) -> Examples:
+  """Tokenizes and lays out prefix-LM sequences.
+
+  Truncation keeps the end of the prompt (nearest the target) and the start of the
+  target; a truncated target gets no EOS; examples with an empty target are dropped
+  and counted.
+
+  Raises:
+    ValueError: seq_len too short for one prompt token, the separator, one target
+      token and EOS, or max_target_len < 1.
+  """
+  if seq_len < 4:
+    raise ValueError(f"seq_len must be >= 4 to fit a prompt token, the separator, a "
+                     f"target token and EOS; got {seq_len}.")
+  if max_target_len < 1:
+    raise ValueError(f"max_target_len must be >= 1; got {max_target_len}.")
+  keep = [i for i, t in enumerate(targets) if t.strip()]
+  dropped = len(targets) - len(keep)
+  prompts = [prompts[i] for i in keep]
+  targets = [targets[i] for i in keep]
+  p_ids = tokenizer.encode_batch(prompts)
+  t_ids = tokenizer.encode_batch(targets)
+  total = seq_len + 1
+  seqs = np.full((len(keep), total), tokenizer.pad_id, np.int32)
+  target_start = np.zeros(len(keep), np.int32)
+  lengths = np.zeros(len(keep), np.int32)
+  truncated = targets_truncated = 0
+  sep, eos = tokenizer.sep_id, tokenizer.eos_id
+  room_for_target = min(max_target_len, total - 3)  # a prompt token, sep and EOS fit
+  for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+    # Target first (it is what is learned), then as much prompt as fits.
+    cut_t = t[:room_for_target] if len(t) > room_for_target else t + [eos]
+    room = total - 1 - len(cut_t)
+    cut_p = p[-room:] if len(p) > room else p
+    target_cut = len(t) > room_for_target
+    targets_truncated += int(target_cut)
+    truncated += int(len(cut_p) < len(p) or target_cut)
+    seq = cut_p + [sep] + cut_t
+    seqs[i, : len(seq)] = seq
+    target_start[i] = len(cut_p) + 1
+    lengths[i] = len(seq)
+  return Examples(seqs, target_start, lengths, prompts, targets, dropped, truncated,
+                  targets_truncated)
+
+
+def make_batch(examples: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
+  """Model inputs, labels and loss mask [b, seq_len] for the given example rows."""
+  seqs = examples.seqs[idx]
+  pos = np.arange(seqs.shape[1] - 1)[None, :]
+  # Label j is seqs[j + 1]; it is a target (or EOS) token when j + 1 >= target_start.
+  mask = ((pos + 1 >= examples.target_start[idx, None])
+          & (pos + 1 < examples.lengths[idx, None]))
+  return {"inputs": seqs[:, :-1], "labels": seqs[:, 1:],
+          "loss_mask": mask.astype(np.float32)}
+
+
+class TrainBatches:
+  """Batch at step s = a pure function of (seed, s): shuffled epochs, no repeats in
+  an epoch, last partial batch of an epoch dropped.
+
+  The permutation is over the whole split and a global batch of `batch_size`
+  rows is drawn per step; process i of n returns rows [i * b / n, (i + 1) * b / n)
+  of it, so n processes together train on exactly the batches one process would.
+  """
+
+  def __init__(self, examples: Examples, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if len(examples) < batch_size:
+      raise ValueError(
+          f"the training split has {len(examples)} examples, fewer than the batch size "
+          f"{batch_size}.")
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} "
+                       "processes.")
+    self.examples = examples
+    self.batch_size = batch_size
+    self.seed = seed
+    self.local = slice(process_index * batch_size // process_count,
+                       (process_index + 1) * batch_size // process_count)
+    self.steps_per_epoch = len(examples) // batch_size
+    self._perm_epoch, self._perm = -1, None
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Example rows of the whole global batch at `step` (the same on every process)."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._perm_epoch:
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+      self._perm_epoch = epoch
+    return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+  def indices(self, step: int) -> np.ndarray:
+    """Example rows of this process's part of the global batch at `step`."""
+    return self.global_indices(step)[self.local]
+
+  def real_tokens(self, step: int) -> int:
+    """Non-padding input tokens of the global batch at `step` (for tokens/s)."""
+    return int((self.examples.lengths[self.global_indices(step)] - 1).sum())
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    return make_batch(self.examples, self.indices(step))
+
+
+def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """The examples in order; the last batch is padded with fully masked rows."""
+  n = len(examples)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    batch = make_batch(examples, np.concatenate(
+        [idx, np.zeros(batch_size - len(idx), idx.dtype)]))
+    batch["loss_mask"][len(idx):] = 0.0
+    batch["example_mask"] = (np.arange(batch_size) < len(idx)).astype(np.float32)
+    yield batch
+
+
+# ---------------------------------------------------------------------------
+# Texts of a split.
+# ---------------------------------------------------------------------------
+
+
+def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
+               limit: int | None = None, log=utils.log) -> tuple[list[str], list[str]]:
+  """(prompts, targets) of a TFDS split (its first `limit` examples if given).
+
+  Builds the dataset first if needed (the offline builders fetch their sources):
+  process 0 builds, the others wait for it, so that several processes never write
+  one data_dir at once.
+  """
+  import tensorflow_datasets as tfds
+
+  import pdl_jax.datasets  # noqa: F401  registers the offline builders
+
+  start = time.perf_counter()
+  if jax.process_index() == 0:
+    tfds.builder(spec.tfds_name, data_dir=data_dir).download_and_prepare()  # no-op once built
+  utils.sync(f"prepare {spec.tfds_name}")
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)  # sees process 0's build
+  tfds_split = spec.splits[split]
+  if limit is not None:
+    try:  # a slice past the end is an error in TFDS: a limit above the size means all
+      size = builder.info.splits[tfds_split].num_examples
+    except (KeyError, TypeError):
+      size = None
+    if not size or limit < size:
+      tfds_split = f"{tfds_split}[:{limit}]"
+  ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+  prompts, targets = [], []
+  for ex in tfds.as_numpy(ds):
+    p, t = spec.format(ex)
+    prompts.append(p)
+    targets.append(t)
+  log(f"data: {spec.tfds_name} {tfds_split}: {len(prompts)} examples "
+      f"({time.perf_counter() - start:.1f} s)")
+  return prompts, targets
+
+
+def load_split_texts(config, split: str, limit: int | None = None
+                     ) -> tuple[list[str], list[str]]:
+  """(prompts, targets) of a split of the config's task; for pretraining, whole
+  documents of every default corpus as targets."""
+  # Every process reads the whole (small, offline) split and takes its rows of each
+  # global batch (TrainBatches).
+  kwargs = dict(data_dir=config.dataset.data_dir, limit=limit)
+  if config.task != tasks_lib.PRETRAIN:
+    return load_texts(tasks_lib.get_dataset(config.task, config.dataset.name), split,
+                      **kwargs)
+  prompts, targets = [], []
+  for task in sorted(tasks_lib.DEFAULT_DATASET):
+    raw = dataclasses.replace(tasks_lib.get_dataset(task), prompt="{inputs}")
+    p, t = load_texts(raw, split, **kwargs)
+    prompts.extend([""] * len(p))
+    targets.extend(f"{a}\n{b}" for a, b in zip(p, t))
+  return prompts, targets
+
+
+# ---------------------------------------------------------------------------
+# The run's tokenizer and encoded splits.
+# ---------------------------------------------------------------------------
+
+
+def get_tokenizer(config, workdir: str,
+                  train_texts: Callable[[], tuple[list[str], list[str]]]) -> Tokenizer:
+  """The configured tokenizer, init_from's, or one trained once in the workdir."""
+  path = config.tokenizer.path
+  if path is None and config.init_from is not None:
+    path = str(utils.path(config.init_from) / TOKENIZER_FILENAME)
+  if path is not None:
+    return tok_lib.load(path)
+  path = str(utils.path(workdir) / TOKENIZER_FILENAME)
+  if jax.process_index() == 0:  # one process trains; the others wait, then load it
+    if not utils.path(path).exists():
+      utils.log(f"tokenizer: training a {config.tokenizer.vocab_size}-piece unigram model")
+    texts = (t for pair in zip(*train_texts()) for t in pair if t)
+    sp_lib.load_or_train(path, texts, config.tokenizer.vocab_size, seed=config.seed,
+                         max_sentences=config.tokenizer.train_sentences)
+  utils.sync("tokenizer")
+  return tok_lib.load(path)
+
+
+def encode_split(config, tokenizer: Tokenizer, texts: tuple[list[str], list[str]]
+                 ) -> Examples:
+  """encode_examples with the config's lengths."""
+  return encode_examples(*texts, tokenizer, seq_len=config.seq_len,
+                         max_target_len=config.max_target_len)
+
+
+def prepare_train(config, workdir: str) -> tuple[Tokenizer, Examples]:
+  """The run's tokenizer (trained once in the workdir) and its encoded train split."""
+  texts = functools.lru_cache(None)(
+      lambda: load_split_texts(config, "train", config.dataset.max_train_examples))
+  tokenizer = get_tokenizer(config, workdir, texts)
+  train_ex = encode_split(config, tokenizer, texts())
+  utils.log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty "
+            f"targets dropped, {train_ex.truncated} truncated, "
+            f"{train_ex.targets_truncated} of them in the target: no EOS)")
+  return tokenizer, train_ex

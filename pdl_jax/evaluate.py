@@ -1,0 +1,114 @@
+"""Evaluation on a fixed validation subset: the run's own loss and the plain token NLL
+(same loss function as training), the unigram bar, decoding and generation metrics,
+and sample generations written to WORKDIR/samples."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import numpy as np
+
+from pdl_jax import data as data_lib
+from pdl_jax import decode as decode_lib
+from pdl_jax import metrics as metrics_lib
+from pdl_jax import tasks as tasks_lib
+from pdl_jax import utils
+
+
+def eval_sums(params, batch, weights_V, *, loss_fn):
+  """Sums over a batch that add up across batches: target tokens, their NLL, and the
+  numerator and denominator of the run's loss (loss_fn(params, batch, weights_V) ->
+  (loss, LossAux), the function training uses)."""
+  loss, aux = loss_fn(params, batch, weights_V)
+  return {"tokens": aux.num_tokens, "nll_sum": aux.nll * aux.num_tokens,
+          "loss_num": loss * aux.weight_sum, "loss_den": aux.weight_sum}
+
+
+def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray) -> float:
+  """NLL (nats/token) of the examples' loss tokens under the add-one smoothed train
+  unigram distribution: the bar a model must clear to have learned more than
+  frequencies."""
+  ids = examples.seqs[examples.loss_positions()]
+  return float(-metrics_lib.add_one_log_probs(counts_V)[ids].mean()) if ids.size else 0.0
+
+
+class Evaluator:
+  """Eval loss and generation metrics on a fixed validation subset.
+
+  Logged keys: eval/loss (the run's own objective: the PDL loss for PDL runs, the
+  token cross-entropy for CE runs), eval/nll (plain token NLL: the number that
+  compares across losses and alphas), eval/unigram_nll, and for tasks with
+  generation the metrics of pdl_jax.metrics on greedy/beam/top-p outputs.
+  """
+
+  def __init__(self, config, workdir: str, model, tokenizer, examples: data_lib.Examples,
+               counts_V: np.ndarray, weights_V, mesh, param_shardings, loss_fn):
+    self.config, self.workdir, self.model, self.tok = config, workdir, model, tokenizer
+    self.examples, self.counts_V, self.weights_V = examples, counts_V, weights_V
+    self.mesh = mesh
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.sums_fn = jax.jit(functools.partial(eval_sums, loss_fn=loss_fn),
+                           in_shardings=(param_shardings, rep, rep), out_shardings=rep)
+    prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
+               for i in range(len(examples))]
+    self.prompt_len = max(len(p) for p in prompts)
+    self.prompts = prompts
+    self.ref_ids = tokenizer.encode_batch(examples.targets)
+    self.unigram_nll = unigram_nll(examples, counts_V)
+    self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
+                                tokenizer.unk_id} - {tokenizer.eos_id, -1}))
+
+  def __call__(self, params, step: int) -> dict[str, float]:
+    c = self.config
+    sums = None
+    for batch in data_lib.eval_batches(self.examples, c.eval.batch_size):
+      out = self.sums_fn(params, utils.replicate(self.mesh, {
+          k: v for k, v in batch.items() if k != "example_mask"}), self.weights_V)
+      out = jax.tree.map(lambda x: utils.to_host(x).astype(np.float64), out)
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    result = {"eval/loss": float(sums["loss_num"] / max(sums["loss_den"], 1e-30)),
+              "eval/nll": float(sums["nll_sum"] / max(sums["tokens"], 1)),
+              "eval/unigram_nll": self.unigram_nll}
+    if c.task == tasks_lib.PRETRAIN:
+      return result
+    hyps, hyp_ids = self._generate(params)
+    gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
+                                         self.ref_ids, self.counts_V)
+    # Share of tokens per train-frequency decile (0 = most frequent), for the plots
+    # of what each alpha generates against the references.
+    for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
+      for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
+        gen[f"{prefix}_{k}"] = share
+    result.update({f"eval/{k}": float(v) for k, v in gen.items()})
+    self._write_samples(step, hyps)
+    return result
+
+  def _generate(self, params) -> tuple[list[str], list[list[int]]]:
+    c = self.config
+    hyp_ids = []
+    rng = jax.random.key(c.seed + 1)
+    for start in range(0, len(self.prompts), c.eval.batch_size):
+      chunk = self.prompts[start:start + c.eval.batch_size]
+      padded = chunk + [chunk[-1]] * (c.eval.batch_size - len(chunk))
+      tokens, mask = decode_lib.left_pad(padded, self.prompt_len, self.tok.pad_id)
+      tokens, mask = utils.replicate(self.mesh, (tokens, mask))
+      out = decode_lib.decode(self.model, params, tokens, mask,
+                              jax.random.fold_in(rng, start), method=c.eval.decode,
+                              max_new_tokens=c.eval.max_new_tokens,
+                              eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                              beam_size=c.eval.beam_size, top_p=c.eval.top_p,
+                              temperature=c.eval.temperature, banned_ids=self.banned)
+      hyp_ids.extend(decode_lib.strip_after_eos(utils.to_host(out), self.tok.eos_id,
+                                                self.tok.pad_id)[:len(chunk)])
+    return self.tok.decode_batch(hyp_ids), hyp_ids
+
+  def _write_samples(self, step: int, hyps: list[str]) -> None:
+    if jax.process_index() != 0:
+      return
+    lines = [json.dumps({"input": p, "reference": r, "generation": h})
+             for p, r, h in zip(self.examples.prompts, self.examples.targets,
+                                hyps[:self.config.eval.num_samples])]
+    utils.atomic_write_text(utils.path(self.workdir) / "samples" / f"step_{step:07d}.jsonl",
+                            "\n".join(lines) + "\n")

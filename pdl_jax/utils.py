@@ -1,0 +1,99 @@
+"""Small helpers every part of a run shares: the path layer, logging, barriers and
+host transfer.
+
+The path layer: every file the project reads or writes (workdir, init_from, the
+tokenizer, token stats and weights, metrics, samples, config.json, exports) goes
+through `path()`, an etils.epath Path, so that `gs://bucket/...` works as well as a
+local folder (orbax uses the same layer for checkpoints). Writes are atomic: a
+temporary name in the same folder, then a rename, so a reader never sees half a
+file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+import jax
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an epath Path: local paths become absolute, cloud paths stay as given."""
+  text = os.fspath(p)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(text))  # orbax wants absolute local paths
+
+
+def is_local(p: PathLike) -> bool:
+  """True for a path on this machine's filesystem (no URI scheme)."""
+  return "://" not in os.fspath(p)
+
+
+def atomic_write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes data to `p` via a temporary name in the same folder and a rename."""
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(target)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
+
+
+def atomic_write_text(p: PathLike, text: str) -> None:
+  """atomic_write_bytes of UTF-8 text."""
+  atomic_write_bytes(p, text.encode("utf-8"))
+
+
+def log(line: str) -> None:
+  """A progress line on stderr, from process 0 only (every process would repeat it)."""
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (a no-op on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(x) -> np.ndarray:
+  """A (replicated) array as numpy on this process, also when it spans processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
+
+
+def replicate(mesh: jax.sharding.Mesh, tree):
+  """Host values (the same on every process) as replicated global arrays."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)),
+                      tree)
+
+
+def allgather_int64(values: np.ndarray) -> np.ndarray:
+  """[P, ...] int64 values of every process, exact.
+
+  JAX collectives run with x64 off, so an int64 array would come back as int32
+  (2**31 + 5 turns negative). Each int64 is sent as its two 32-bit halves and put
+  back together here.
+  """
+  values = np.ascontiguousarray(values, dtype=np.int64)
+  if jax.process_count() == 1:
+    return values[None]
+  from jax.experimental import multihost_utils
+
+  halves = values.view(np.int32)  # [..., 2 * n]: low and high words, exact
+  gathered = np.asarray(multihost_utils.process_allgather(halves))
+  gathered = np.ascontiguousarray(gathered.astype(np.int32))
+  return gathered.view(np.int64).reshape((jax.process_count(),) + values.shape)
