@@ -54,6 +54,7 @@ run() {
 #   pid      the wrapper's pid (its own session: setsid); child: the command's pid (and
 #            process group); exit: the last attempt's exit status; retries: reruns so far
 #   log      the command's output and the wrapper's lines, appended across attempts
+#   env      the environment of `job start` (restored for a rerun after a restart)
 #   lock     held (flock) while the wrapper runs: the "already running" check
 # A @reboot crontab entry (installed by `job start`; JOB_REBOOT_HOOK=0 skips it) runs
 # `job reboot`, which restarts every job whose state is still "running".
@@ -136,6 +137,7 @@ job_start() {  # NAME -- CMD...
   echo running >"$dir/state"
   echo 0 >"$dir/retries"
   rm -f "$dir/child" "$dir/exit"
+  env -0 >"$dir/env"  # for a rerun after a restart (cron's environment is bare)
   touch "$dir/log"
   job_install_reboot_hook
   job_log "$dir" "start on $(hostname): ${cmd% }"
@@ -157,6 +159,17 @@ job_reboot() {  # restart every job left "running" (after a restart of the machi
   done
 }
 
+job_restore_env() {  # FILE: the environment `job start` saw (env -0), over this one
+  local kv
+  [[ -f "$1" ]] || return 0
+  while IFS= read -r -d '' kv; do
+    case "${kv%%=*}" in
+      PWD | OLDPWD | SHLVL | _ | JOBS_DIR | *[!A-Za-z0-9_]*) ;;
+      *) export "${kv?}" 2>/dev/null || true ;;
+    esac
+  done <"$1"
+}
+
 job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_launch
   local name="$1" reason="$2" dir="$JOBS_DIR/$1"
   local argv=() child=0 stop=0 rc retries offset i
@@ -172,6 +185,7 @@ job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_l
   echo "$$" >"$dir/pid"
   retries="$(cat "$dir/retries")"
   if [[ "$reason" == reboot ]]; then
+    job_restore_env "$dir/env"
     retries=$((retries + 1))
     echo "$retries" >"$dir/retries"
     job_log "$dir" "the machine restarted while the job ran; rerunning (retry $retries/$MAX_RETRIES)"

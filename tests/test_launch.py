@@ -33,6 +33,12 @@ def isolated(tmp_path, monkeypatch):
   for var in ("SPOT", "QUEUED", "RUNTIME_VERSION", "WORKDIR_ROOT", "JOB", "REPO_DIR",
               "MAX_RETRIES", "KILL_GRACE", "RESTART"):
     monkeypatch.delenv(var, raising=False)
+  yield
+  # A test that failed half-way leaves no detached job running.
+  jobs = tmp_path / "jobs"
+  for name in (os.listdir(jobs) if jobs.is_dir() else []):
+    if job_alive(tmp_path, name):
+      launch("job", "kill", name, extra_env={"KILL_GRACE": "10"})
 
 
 def launch(*args, extra_env=None, timeout=120):
@@ -266,6 +272,7 @@ def test_job_reruns_a_sweep_whose_point_was_preempted(tmp_path):
 
 
 LONG = """
+echo "marker $MARKER"
 trap 'echo "got SIGTERM: saving"; sleep 0.5; exit 143' TERM
 for i in $(seq 600); do echo "step $i/600  loss 1.0  eta 9.9 min"; sleep 0.2 & wait $!; done
 """
@@ -302,7 +309,7 @@ def test_job_kill_escalates_to_sigkill(tmp_path):
 
 def test_machine_shutdown_keeps_the_job_for_the_reboot_entry(tmp_path):
   cmd = script(tmp_path, LONG)
-  job("start", "r", "--", cmd)
+  job("start", "r", "--", cmd, MARKER="from-start")
   wait_for(lambda: "step 2/600" in read(tmp_path, "r", "log"), what="step 2")
   # Shutdown: SIGTERM to the wrapper (and everything). It passes it on and stops, but
   # the state stays "running" for the @reboot entry.
@@ -311,9 +318,11 @@ def test_machine_shutdown_keeps_the_job_for_the_reboot_entry(tmp_path):
   assert read(tmp_path, "r", "state").strip() == "running"
   assert "got SIGTERM: saving" in read(tmp_path, "r", "log")
   assert "interrupted: no wrapper runs" in job("status", "r").stdout
-  out = job("reboot")  # what the @reboot crontab entry runs
+  out = job("reboot", MARKER="")  # what the @reboot crontab entry runs
   assert out.returncode == 0 and "restarted job r" in out.stdout, out.stderr
   wait_for(lambda: job_alive(tmp_path, "r"), what="the restarted wrapper")
+  # The rerun sees the environment of `job start` (cron's is bare).
+  wait_for(lambda: read(tmp_path, "r", "log").count("marker from-start") == 2, what="rerun")
   assert "the machine restarted while the job ran; rerunning (retry 1/20)" in read(
       tmp_path, "r", "log")
   assert job("reboot").stdout == ""  # already running: not started twice
@@ -362,22 +371,27 @@ def last_eval(workdir):
 def test_preempted_training_run_resumes_and_matches(data_dir, tmp_path):
   env = {k: v for k, v in subprocess_env().items() if k in ("JAX_PLATFORMS", "XLA_FLAGS",
                                                            "TF_CPP_MIN_LOG_LEVEL")}
-  ref = tmp_path / "ref"
-  done = subprocess.run(smoke(ref, data_dir), cwd=ROOT, env=subprocess_env(),
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-
   out = job("start", "e2e", "--", *smoke(tmp_path / "run", data_dir), **env)
   assert out.returncode == 0, out.stderr
-  wait_for(lambda: "step 10/20" in read(tmp_path, "e2e", "log"), 240, "step 10")
-  again = job("start", "e2e", "--", "true")
-  assert again.returncode == 1 and "already running" in again.stderr
-  # Preemption: the run itself (not the wrapper) gets SIGTERM, saves and exits 143.
-  os.kill(int(read(tmp_path, "e2e", "child")), signal.SIGTERM)
-  state = wait_state(tmp_path, "e2e", "finished", "failed", "gave-up", timeout=240)
-  log = read(tmp_path, "e2e", "log")
-  assert state == "finished", log[-3000:]
-  assert "SIGTERM: saved a checkpoint at step" in log
-  assert "exit 143 (preempted: SIGTERM); rerunning" in log and "resumed from step" in log
-  assert train_lines(tmp_path / "run") == train_lines(ref)
-  assert last_eval(tmp_path / "run") == last_eval(ref)
+  # The uninterrupted reference runs meanwhile (the wrapper returned at once).
+  ref = tmp_path / "ref"
+  ref_log = open(tmp_path / "ref.log", "w")
+  reference = subprocess.Popen(smoke(ref, data_dir), cwd=ROOT, env=subprocess_env(),
+                               stdout=ref_log, stderr=subprocess.STDOUT)
+  try:
+    wait_for(lambda: "step 5/20" in read(tmp_path, "e2e", "log"), 240, "step 5")
+    again = job("start", "e2e", "--", "true")
+    assert again.returncode == 1 and "already running" in again.stderr
+    # Preemption: the run itself (not the wrapper) gets SIGTERM, saves and exits 143.
+    os.kill(int(read(tmp_path, "e2e", "child")), signal.SIGTERM)
+    state = wait_state(tmp_path, "e2e", "finished", "failed", "gave-up", timeout=240)
+    log = read(tmp_path, "e2e", "log")
+    assert state == "finished", log[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in log
+    assert "exit 143 (preempted: SIGTERM); rerunning" in log and "resumed from step" in log
+    assert reference.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    assert train_lines(tmp_path / "run") == train_lines(ref)
+    assert last_eval(tmp_path / "run") == last_eval(ref)
+  finally:
+    if reference.poll() is None:
+      reference.kill()
