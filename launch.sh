@@ -59,6 +59,11 @@ run() {
 # A @reboot crontab entry (installed by `job start`; JOB_REBOOT_HOOK=0 skips it) runs
 # `job reboot`, which restarts every job whose state is still "running".
 
+# Set on this machine, these go to the workers with `tpu run|sweep|kill` too.
+FORWARD=()
+for var in MAX_RETRIES RETRY_DELAY KILL_GRACE; do
+  [[ -z "${!var:-}" ]] || FORWARD+=("$var=${!var}")
+done
 JOBS_DIR="${JOBS_DIR:-jobs}"
 MAX_RETRIES="${MAX_RETRIES:-20}"
 RETRY_DELAY="${RETRY_DELAY:-10}"
@@ -397,11 +402,13 @@ ssh_workers() {
     --worker="$1" --command="$2"
 }
 
-# The command line, for a worker, that runs ./launch.sh ARGS... in the repo folder there.
+# The command line, for a worker, that runs ./launch.sh ARGS... in the repo folder there
+# (with MAX_RETRIES, RETRY_DELAY, KILL_GRACE when set here).
 remote_launch() {
-  local args
+  local args env=""
   args="$(printf '%q ' "$@")"
-  printf 'cd %q && ./launch.sh %s' "$REPO" "${args% }"
+  [[ ${#FORWARD[@]} == 0 ]] || env="env $(printf '%q ' "${FORWARD[@]}")"
+  printf 'cd %q && %s./launch.sh %s' "$REPO" "$env" "${args% }"
 }
 
 # Where `tpu run`/`tpu sweep` remember the last job they started, for `tpu recreate`.

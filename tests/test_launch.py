@@ -50,7 +50,8 @@ def launch(*args, extra_env=None, timeout=120):
 
 def dry(*args, **env):
   """The commands `launch.sh ... --dry-run` prints, each split into its words."""
-  out = launch(*args, "--dry-run", extra_env={**TPU_ENV, **env})
+  unset = {"RETRY_DELAY": "", "MAX_RETRIES": "", "KILL_GRACE": ""}  # not passed on
+  out = launch(*args, "--dry-run", extra_env={**TPU_ENV, **unset, **env})
   assert out.returncode == 0, out.stderr
   return [shlex.split(line) for line in out.stdout.strip().splitlines()]
 
@@ -146,6 +147,12 @@ def test_status_logs_kill_and_the_rest():
       *SSH, "--worker=0", "--command=cd pdl_jax && ./launch.sh job logs s -n 50"]
   assert dry("tpu", "kill") == [
       [*SSH, "--worker=all", "--command=cd pdl_jax && ./launch.sh job kill run"]]
+  # Wrapper settings given here go along to the workers.
+  assert dry("tpu", "kill", KILL_GRACE="60") == [
+      [*SSH, "--worker=all", "--command=cd pdl_jax && env KILL_GRACE=60 ./launch.sh job kill run"]]
+  (cmd,) = dry("tpu", "run", "c.py", "--workdir=w", MAX_RETRIES="3", RETRY_DELAY="5")
+  assert remote(cmd)[:7] == ["cd", "pdl_jax", "&&", "env", "MAX_RETRIES=3", "RETRY_DELAY=5",
+                             "./launch.sh"]
   assert dry("tpu", "stop") == [[*GCLOUD, "tpu-vm", "stop", "pdl-v4", *WHERE]]
   assert dry("tpu", "delete") == [[*GCLOUD, "tpu-vm", "delete", "pdl-v4", *WHERE, "--quiet"]]
   assert dry("tpu", "delete", QUEUED="1") == [
