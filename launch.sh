@@ -83,6 +83,17 @@ group_alive() {  # PGID
   [[ "$1" =~ ^[0-9]+$ && "$1" != 0 ]] && kill -0 -- "-$1" 2>/dev/null
 }
 
+boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown; }
+
+# The command's process group while some of it still runs (written by the wrapper with
+# the boot it belongs to: after a restart the number means nothing), else nothing.
+job_child() {  # DIR
+  local pgid boot
+  read -r pgid boot 2>/dev/null <"$1/child" || return 0
+  [[ "$boot" == "$(boot_id)" ]] && group_alive "$pgid" && echo "$pgid"
+  return 0
+}
+
 # Exit statuses that mean "preempted, run again": 143 (the run saved a checkpoint on
 # SIGTERM, or was killed by it before its handler was set), and sweep.py's report of a
 # point that exited so (sweep.py exits 1 then: CalledProcessError in the attempt's log).
@@ -132,7 +143,7 @@ job_start() {  # NAME -- CMD...
   [[ $# -ge 1 ]] || usage
   mkdir -p "$dir"
   exec 9>>"$dir/lock"
-  if ! flock -n 9 || group_alive "$(cat "$dir/child" 2>/dev/null || true)"; then
+  if ! flock -n 9 || [[ -n "$(job_child "$dir")" ]]; then
     echo "$(hostname): job $name is already running (wrapper pid $(cat "$dir/pid" 2>/dev/null)): $(cat "$dir/cmd"); not started again ('./launch.sh job kill $name' stops it)" >&2
     exit 1
   fi
@@ -142,7 +153,7 @@ job_start() {  # NAME -- CMD...
   echo running >"$dir/state"
   echo 0 >"$dir/retries"
   rm -f "$dir/child" "$dir/exit"
-  env -0 >"$dir/env"  # for a rerun after a restart (cron's environment is bare)
+  (umask 077 && env -0 >"$dir/env")  # for a rerun after a restart (cron's env is bare)
   touch "$dir/log"
   job_install_reboot_hook
   job_log "$dir" "start on $(hostname): ${cmd% }"
@@ -211,7 +222,7 @@ job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_l
       "${argv[@]}" 9>&- </dev/null &
     fi
     child=$!
-    echo "$child" >"$dir/child"
+    echo "$child $(boot_id)" >"$dir/child"
     # wait returns early when a trapped signal arrives: wait again while the child lives
     # (a zombie counts: the next wait collects its status).
     wait "$child" && rc=0 || rc=$?
@@ -229,6 +240,7 @@ job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_l
       kill -KILL -- "-$child" 2>/dev/null || true
     fi
     child=0
+    rm -f "$dir/child"
     echo "$rc" >"$dir/exit"
     ((stop == 0)) || break
     if [[ "$rc" == 0 ]]; then
@@ -268,7 +280,7 @@ job_status() {  # NAME: one line
   state="$(cat "$dir/state")"
   if job_running "$dir"; then
     [[ "$state" == stopping ]] || state="running"
-    state+=" (wrapper pid $(cat "$dir/pid" 2>/dev/null), retries $(cat "$dir/retries")/$MAX_RETRIES)"
+    state+=" (wrapper pid $(cat "$dir/pid" 2>/dev/null), $(cat "$dir/retries") reruns)"
   elif [[ "$state" == running ]]; then
     state="interrupted: no wrapper runs (machine restarted before the @reboot entry ran, or the wrapper was killed); 'job start' or 'job reboot' reruns it"
   elif [[ -f "$dir/exit" ]]; then
@@ -315,13 +327,13 @@ job_kill() {  # NAME: SIGTERM to the wrapper (it passes it on), SIGKILL after KI
     echo "$(hostname): no job $name"
     return 0
   fi
-  child="$(cat "$dir/child" 2>/dev/null || true)"
+  child="$(job_child "$dir")"
   if ! job_running "$dir"; then
     if [[ "$(cat "$dir/state")" == running ]]; then
       echo killed >"$dir/state"  # so that no @reboot entry restarts it
       job_log "$dir" "killed while not running (was interrupted); not rerun"
     fi
-    if group_alive "$child"; then kill -TERM -- "-$child" 2>/dev/null || true; fi
+    if [[ -n "$child" ]]; then kill -TERM -- "-$child" 2>/dev/null || true; fi
     echo "$(hostname): job $name is not running ($(cat "$dir/state"))"
     return 0
   fi
@@ -333,7 +345,8 @@ job_kill() {  # NAME: SIGTERM to the wrapper (it passes it on), SIGKILL after KI
     sleep 0.5
   done
   if job_running "$dir"; then
-    if group_alive "$child"; then kill -KILL -- "-$child" 2>/dev/null || true; fi
+    child="$(job_child "$dir")"
+    if [[ -n "$child" ]]; then kill -KILL -- "-$child" 2>/dev/null || true; fi
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     echo killed >"$dir/state"
     job_log "$dir" "SIGKILL: still running $KILL_GRACE s after SIGTERM (KILL_GRACE)"

@@ -307,7 +307,8 @@ def test_job_second_start_refused_and_kill_stops_without_rerun(tmp_path):
 def test_job_kill_escalates_to_sigkill(tmp_path):
   cmd = script(tmp_path, "trap '' TERM\nwhile :; do sleep 0.2; done\n")
   job("start", "h", "--", cmd)
-  child = int(read(tmp_path, "h", "child"))
+  wait_for(lambda: os.path.exists(tmp_path / "jobs" / "h" / "child"), what="the command")
+  child = int(read(tmp_path, "h", "child").split()[0])
   out = job("kill", "h", KILL_GRACE="2")
   assert "stopped (killed" in out.stdout
   assert "SIGKILL: still running 2 s after SIGTERM" in read(tmp_path, "h", "log")
@@ -390,7 +391,7 @@ def test_preempted_training_run_resumes_and_matches(data_dir, tmp_path):
     again = job("start", "e2e", "--", "true")
     assert again.returncode == 1 and "already running" in again.stderr
     # Preemption: the run itself (not the wrapper) gets SIGTERM, saves and exits 143.
-    os.kill(int(read(tmp_path, "e2e", "child")), signal.SIGTERM)
+    os.kill(int(read(tmp_path, "e2e", "child").split()[0]), signal.SIGTERM)
     state = wait_state(tmp_path, "e2e", "finished", "failed", "gave-up", timeout=240)
     log = read(tmp_path, "e2e", "log")
     assert state == "finished", log[-3000:]
