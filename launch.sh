@@ -20,7 +20,7 @@
 #   WORKDIR_ROOT (shared root of sweeps, e.g. gs://BUCKET/sweeps; required for sweep).
 #
 # job actions (what tpu run/sweep/status/logs/kill run on each worker; files in jobs/NAME/):
-#   start NAME -- CMD...   runs CMD detached (setsid, nohup) and returns; reruns it when it
+#   start NAME [--dry-run] -- CMD...   runs CMD detached (setsid, nohup), returns; reruns it when it
 #                          exits 143 (SIGTERM: preemption) or the machine restarted (@reboot
 #                          crontab entry), at most MAX_RETRIES times (default 20)
 #   status NAME | logs NAME [-n N] [-f] [--prefix] | kill NAME (SIGKILL after KILL_GRACE s)
@@ -136,11 +136,21 @@ job_install_reboot_hook() {
   { grep -vF "$marker" <<<"$current" | grep -v '^$' || true; echo "$line"; } | crontab -
 }
 
-job_start() {  # NAME -- CMD...
+job_start() {  # NAME [--dry-run] -- CMD...
   local name="$1" dir="$JOBS_DIR/$1"
   shift
+  [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1 && shift
   [[ "${1:-}" == "--" ]] && shift
   [[ $# -ge 1 ]] || usage
+  if [[ "$DRY_RUN" == 1 ]]; then
+    # What would run: the detached wrapper, then each attempt of the command.
+    echo "# wrapper (pid in $dir/pid, output in $dir/log, lock $dir/lock):"
+    printf '%q ' nohup setsid "$SELF" job _loop "$name" start
+    printf '>>%q 2>&1 </dev/null &\n' "$dir/log"
+    echo "# each attempt (pid in $dir/child); rerun on exit 143 or after a restart, at most MAX_RETRIES=$MAX_RETRIES times, RETRY_DELAY=$RETRY_DELAY s apart:"
+    run setsid "$@"
+    return 0
+  fi
   mkdir -p "$dir"
   exec 9>>"$dir/lock"
   if ! flock -n 9 || [[ -n "$(job_child "$dir")" ]]; then

@@ -115,6 +115,25 @@ def test_run_starts_the_job_wrapper_detached_on_every_worker(tmp_path):
   assert not (tmp_path / "state").exists()  # --dry-run remembers nothing
 
 
+def test_what_run_starts_on_a_worker(tmp_path):
+  # The worker side of `tpu run`, with --dry-run: the detached wrapper, its files, the
+  # command of every attempt and the retry bound.
+  (cmd,) = dry("tpu", "run", "configs/dialogue.py", "--workdir=gs://b/w")
+  argv = remote(cmd)
+  assert argv[3:8] == ["./launch.sh", "job", "start", "run", "--"]
+  out = launch("job", "start", "run", "--dry-run", *argv[7:])
+  assert out.returncode == 0, out.stderr
+  jobs = tmp_path / "jobs" / "run"
+  assert out.stdout.splitlines() == [
+      f"# wrapper (pid in {jobs}/pid, output in {jobs}/log, lock {jobs}/lock):",
+      f"nohup setsid {ROOT}/launch.sh job _loop run start >>{jobs}/log 2>&1 </dev/null &",
+      f"# each attempt (pid in {jobs}/child); rerun on exit 143 or after a restart, at most "
+      "MAX_RETRIES=20 times, RETRY_DELAY=0 s apart:",
+      "setsid .venv/bin/python -m pdl_jax.main --config=configs/dialogue.py "
+      "--workdir=gs://b/w "]
+  assert not jobs.exists()
+
+
 def test_sweep_runs_sweep_py_on_the_workers():
   out = launch("tpu", "sweep", "configs/dialogue.py", "--dry-run", extra_env=TPU_ENV)
   assert out.returncode == 2 and "set WORKDIR_ROOT" in out.stderr
@@ -291,6 +310,15 @@ def test_job_second_start_refused_and_kill_stops_without_rerun(tmp_path):
   wait_for(lambda: "step 3/600" in read(tmp_path, "k", "log"), what="step 3")
   again = job("start", "k", "--", cmd)
   assert again.returncode == 1 and "already running" in again.stderr
+  # Detached: the wrapper leads its own session (no terminal, no SIGHUP from ssh; it
+  # ignores one anyway), the command its own process group.
+  pid = int(read(tmp_path, "k", "pid"))
+  child = int(read(tmp_path, "k", "child").split()[0])
+  assert os.getsid(pid) == pid and os.getsid(pid) != os.getsid(0)
+  assert os.getpgid(child) == child
+  os.kill(pid, signal.SIGHUP)
+  time.sleep(0.5)
+  assert job_alive(tmp_path, "k") and "rerunning" not in read(tmp_path, "k", "log")
   status = job("status", "k").stdout
   assert "job k running (wrapper pid" in status and "eta 9.9 min" in status
   logs = job("logs", "k", "-n", "2", "--prefix").stdout.splitlines()
