@@ -20,10 +20,12 @@
 #   WORKDIR_ROOT (shared root of sweeps, e.g. gs://BUCKET/sweeps; required for sweep).
 #
 # job actions (what tpu run/sweep/status/logs/kill run on each worker; files in jobs/NAME/):
-#   start NAME [--dry-run] -- CMD...   runs CMD detached (setsid, nohup), returns; reruns it when it
-#                          exits 143 (SIGTERM: preemption) or the machine restarted (@reboot
-#                          crontab entry), at most MAX_RETRIES times (default 20)
+#   start NAME [--dry-run] -- CMD...   runs CMD detached (setsid, nohup) and returns;
+#              reruns it when it exits 143 (SIGTERM: preemption) or the machine restarted
+#              (@reboot crontab entry), at most MAX_RETRIES times (default 20); refused
+#              while the job runs
 #   status NAME | logs NAME [-n N] [-f] [--prefix] | kill NAME (SIGKILL after KILL_GRACE s)
+#   reboot     restarts every job still "running" (what the @reboot entry runs)
 set -euo pipefail
 cd "$(dirname "$0")"
 SELF="$PWD/$(basename "$0")"
