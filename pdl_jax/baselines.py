@@ -219,7 +219,9 @@ def face_weights(pred_counts_V: jax.Array) -> jax.Array:
   if c_V.ndim != 1:
     raise ValueError(f"pred_counts must be 1-D [vocab]; got shape {c_V.shape}.")
   top = jnp.max(c_V)
-  w_V = 1.0 - c_V / jnp.where(top > 0, top, 1.0)
+  # (top - c) / top rather than 1 - c / top: exactly 0 for the top token, never
+  # negative (XLA may turn the division into a multiply by a reciprocal).
+  w_V = (top - c_V) / jnp.where(top > 0, top, 1.0)
   total = jnp.sum(w_V)
   return jnp.where(total > 0, w_V * (c_V.shape[0] / jnp.where(total > 0, total, 1.0)),
                    1.0)

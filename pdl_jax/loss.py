@@ -396,6 +396,9 @@ def weighted_loss_and_aux(
   """
   check_reduction(reduction)
   _check_logits_labels(logits, labels, mask)
+  if weights is None:
+    raise ValueError("weights must be a [vocab] array for a frequency-weighted loss; "
+                     "got None.")
   check_weights(weights, logits.shape[-1], "logits' last axis")
   nll, mask, safe_labels = _masked_nll(logits, labels, mask)
   token_w = mask * weights.astype(jnp.float32)[safe_labels]
