@@ -133,8 +133,9 @@ def power_law_weights(
       normalisation changes nothing there except what `max_weight` and
       `fix_token_weight`'s value mean (multiples of an average corpus token's
       weight). With the "tokens" reduction it matters: the scale then multiplies
-      the gradient, and mean 1 makes the expected loss over corpus tokens match
-      CE's scale.
+      the gradient, and mean 1 keeps an average corpus token at weight 1, so the
+      gradient's overall size stays comparable to CE's (the weighted loss itself
+      is still larger than CE, rare tokens having larger NLL).
     max_weight: if given (> 0), clip the (normalised) weights to at most this,
       applied last, so a token never weighs more than max_weight (in units of the
       average corpus token when normalize=True).
@@ -263,7 +264,7 @@ def fix_token_weight(weights_V, token_id: int, value: float, *, counts_V=None):
       outside [0, V), a value that is negative or not finite, or counts of another
       length (or all zero).
   """
-  is_numpy = isinstance(weights_V, np.ndarray)
+  is_numpy = not isinstance(weights_V, jax.Array)  # tracers are jax.Arrays
   xp = np if is_numpy else jnp
   weights_V = xp.asarray(weights_V, xp.float32)
   if weights_V.ndim != 1:
