@@ -106,13 +106,15 @@ def tlat_weights(counts_V, kind: str, A: float | None = None,
     "exp":  w = A * exp(-T * x) + 1
     "chi2": w = A * x**2 * exp(-T * x) + 1
 
-  A=None (default) sets A as the authors' code does: the largest weight over the
-  vocabulary is e, i.e. w = (e - 1) * f / max f + 1 with f the x-dependent factor,
+  A=None (default) sets A as the authors' code does: the largest weight of a seen
+  token is e, i.e. w = (e - 1) * f / max_seen f + 1 with f the x-dependent factor,
   so every weight is in [1, e] (frequent tokens near 1). An explicit A uses the
   paper's formula as written. T defaults to the code's default, 1.
 
-  Unseen tokens (count 0) follow the formula at x = 0: the largest weight (e with
-  A=None) for "exp", and 1 for "chi2" (its curve vanishes at 0).
+  Unseen tokens (count 0; not in the code's dictionary) follow the formula at
+  x = 0, capped at e when A=None: e for "exp" (the formula would exceed the
+  rarest seen token's e), and 1 for "chi2" (its curve vanishes at 0). They can be
+  labels only at eval time.
 
   Deviations from the paper/code: no "weight drop" (the code resets a token's
   weight to 1 with probability 0.1 during training; our losses take no rng, and a
@@ -141,11 +143,10 @@ def tlat_weights(counts_V, kind: str, A: float | None = None,
   with np.errstate(divide="ignore"):
     log_f_V = -T * x_V + (2.0 * np.log(x_V) if kind == "chi2" else 0.0)
   if A is None:
-    f_V = np.exp(log_f_V - log_f_V.max())  # f / max f, in [0, 1]
-    A = math.e - 1.0
-  else:
-    f_V = np.exp(log_f_V)
-  return (A * f_V + 1.0).astype(np.float32)
+    # f / max f over seen tokens: 1 for the heaviest seen token.
+    f_V = np.exp(log_f_V - log_f_V[counts_V > 0].max())
+    return np.minimum((math.e - 1.0) * f_V + 1.0, math.e).astype(np.float32)
+  return (A * np.exp(log_f_V) + 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------

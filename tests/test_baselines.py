@@ -83,8 +83,8 @@ def np_tlat(counts, kind, A=None, T=1.0):
   median = seen[n // 2] if n % 2 else 0.5 * (seen[n // 2 - 1] + seen[n // 2])
   x = counts / median
   f = np.exp(-T * x) * (x ** 2 if kind == "chi2" else 1.0)
-  if A is None:
-    return (math.e - 1) * f / f.max() + 1
+  if A is None:  # normalised over the seen tokens (the code's dictionary), capped at e
+    return np.minimum((math.e - 1) * f / f[counts > 0].max() + 1, math.e)
   return A * f + 1
 
 
@@ -250,9 +250,13 @@ def test_tlat_weights_formula_and_range(kind):
   w = B.tlat_weights(counts, kind)
   np.testing.assert_allclose(w, np_tlat(counts, kind), rtol=1e-6)
   assert w.min() >= 1.0 and w.max() == pytest.approx(math.e, rel=1e-6)
-  # Frequent tokens weigh about 1; the unseen get e (exp) or 1 (chi2).
+  # Frequent tokens weigh about 1; the unseen get e (exp) or 1 (chi2); the heaviest
+  # seen token weighs e.
   assert w[np.argmax(counts)] == pytest.approx(1.0, abs=1e-6)
   assert w[0] == pytest.approx(math.e if kind == "exp" else 1.0, rel=1e-6)
+  assert w[20:].max() == pytest.approx(math.e, rel=1e-6)
+  if kind == "exp":  # the rarest seen token
+    assert w[20:][np.argmin(counts[20:])] == pytest.approx(math.e, rel=1e-6)
   np.testing.assert_allclose(B.tlat_weights(counts, kind, A=0.5, T=2.0),
                              np_tlat(counts, kind, 0.5, 2.0), rtol=1e-6)
 
