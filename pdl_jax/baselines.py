@@ -305,10 +305,12 @@ def focal_loss_and_aux(
     mask: jax.Array | None = None,
     gamma: float = 2.0,
 ) -> tuple[jax.Array, L.LossAux]:
-  """Focal loss over the vocabulary softmax: -(1 - p_t)**gamma * log p_t (Lin et al.
+  """Focal loss over the vocabulary softmax, mean over target tokens.
 
-  2017), mean over target tokens. gamma = 0 is CE. The factor is differentiated, as
-  in the paper. (optax.sigmoid_focal_loss is the binary version, not this.)
+    loss_t = -(1 - p_t)**gamma * log p_t      (Lin et al. 2017)
+
+  gamma = 0 is CE. The factor is differentiated, as in the paper (no stop-gradient).
+  optax.sigmoid_focal_loss is the binary version, not this.
 
   Args: as `unlikelihood_loss_and_aux`, with gamma >= 0 (the paper's default 2).
   """
