@@ -1,5 +1,8 @@
 """Memory-efficient PDL from hidden states: vocabulary-chunked logits, custom VJP.
 
+Serves every loss whose per-token loss is w[label] * nll (`loss.CHUNKABLE`: ce, pdl,
+itf, tlat_exp, tlat_chi2) through `get_loss_from_hidden(name, **params)`.
+
 `pdl_loss(hidden @ unembed, ...)` materialises [N, V] float32 logits and, in the
 backward pass, their [N, V] gradient; at V = 128k and N = 4096 that is 4 GB. Here the
 logits exist one vocabulary chunk [N, C] at a time:
@@ -161,7 +164,7 @@ def _check(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N):
     L.check_weights(weights_V, unembed_DxV.shape[1], "unembed's last axis")
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "reduction"))
 def pdl_loss_from_hidden_and_aux(
     hidden_NxD: jax.Array,
     unembed_DxV: jax.Array,
@@ -170,22 +173,27 @@ def pdl_loss_from_hidden_and_aux(
     *,
     mask_N: jax.Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reduction: str = "weights",
 ) -> tuple[jax.Array, L.LossAux]:
-  """`pdl_loss_and_aux(hidden @ unembed, ...)` without materialising the logits.
+  """`weighted_loss_and_aux(hidden @ unembed, ...)` without materialising the logits.
 
   Args:
     hidden_NxD: [N, D] final hidden states (float32 or bfloat16).
     unembed_DxV: [D, V] output projection (same dtype).
     labels_N: [N] integer ids; ids outside [0, V) are ignored like masked tokens.
-    weights_V: [V] PDL weights, or None for plain cross-entropy.
+    weights_V: [V] per-vocabulary weights (PDL, ITF, TLAT), or None for plain
+      cross-entropy.
     mask_N: [N] 1 for target tokens; default all ones.
     chunk_size: vocabulary columns per chunk; need not divide V. Peak temporary
       memory is about N * chunk_size * 4 bytes a buffer.
+    reduction: "weights" (divide by sum(mask * w[y]), PDL) or "tokens" (divide by
+      the number of target tokens); see `loss.weighted_loss_and_aux`.
 
   Returns:
-    (loss, LossAux) as `pdl_loss_and_aux`; same value and gradients (wrt hidden and
-    unembed) as the unchunked loss, up to float32 summation order.
+    (loss, LossAux) as `loss.weighted_loss_and_aux`; same value and gradients (wrt
+    hidden and unembed) as the unchunked loss, up to float32 summation order.
   """
+  L.check_reduction(reduction)
   _check(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N)
   mask_N, safe_labels_N = L.effective_mask(labels_N, unembed_DxV.shape[1], mask_N)
   nll_N = chunked_token_nll(hidden_NxD, unembed_DxV, safe_labels_N, chunk_size)
@@ -195,7 +203,7 @@ def pdl_loss_from_hidden_and_aux(
     token_w_N = mask_N * weights_V.astype(jnp.float32)[safe_labels_N]
   # Masked tokens can hold any finite NLL; zero them so 0 * value stays exact.
   nll_N = jnp.where(mask_N > 0, nll_N, 0.0)
-  return L.reduce_token_losses(nll_N, mask_N, token_w_N)
+  return L.reduce_token_losses(nll_N, mask_N, token_w_N, reduction=reduction)
 
 
 def pdl_loss_from_hidden(
@@ -206,7 +214,40 @@ def pdl_loss_from_hidden(
     *,
     mask_N: jax.Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reduction: str = "weights",
 ) -> jax.Array:
   """Scalar PDL from hidden states; see `pdl_loss_from_hidden_and_aux`."""
   return pdl_loss_from_hidden_and_aux(hidden_NxD, unembed_DxV, labels_N, weights_V,
-                                      mask_N=mask_N, chunk_size=chunk_size)[0]
+                                      mask_N=mask_N, chunk_size=chunk_size,
+                                      reduction=reduction)[0]
+
+
+def get_loss_from_hidden(name: str, **params):
+  """Chunked counterpart of `loss.get_loss`, for the names in `loss.CHUNKABLE`.
+
+  Returns fn(hidden_NxD, unembed_DxV, labels_N, weights_V, *, mask_N, chunk_size)
+  -> (loss, LossAux), equal to get_loss(name, **params)(hidden @ unembed, labels,
+  weights_V, mask=mask_N). "ce" ignores weights_V.
+
+  Raises:
+    ValueError: naming the loss, for a loss without a chunked path (face,
+      unlikelihood, focal, label_smoothing: set loss.chunked=False), an unknown
+      name, or parameters as `loss.get_loss`.
+  """
+  if not L.supports_chunked(name):
+    raise ValueError(
+        f"loss {name!r} has no chunked path (loss.chunked=True supports only "
+        f"{sorted(L.CHUNKABLE)}): its per-token loss needs more of the logits than "
+        "the label's; set loss.chunked=False.")
+  L.get_loss(name, **params)  # validates the parameters
+  reduction = L.resolve_reduction(name, params.get("reduction"))
+  use_weights = name != "ce"
+
+  def fn(hidden_NxD, unembed_DxV, labels_N, weights_V=None, *, mask_N=None,
+         chunk_size=DEFAULT_CHUNK_SIZE):
+    if use_weights and weights_V is None:
+      raise ValueError(f"loss {name!r} needs weights_V; got None.")
+    return pdl_loss_from_hidden_and_aux(
+        hidden_NxD, unembed_DxV, labels_N, weights_V if use_weights else None,
+        mask_N=mask_N, chunk_size=chunk_size, reduction=reduction)
+  return fn

@@ -1,22 +1,34 @@
-"""Power-Law Decay Loss (PDL) and plain cross-entropy: pure math, no config, no I/O.
+"""Power-Law Decay Loss (PDL), cross-entropy and the loss registry: pure math, no I/O.
 
 PDL multiplies each target token's negative log-likelihood by a per-vocabulary weight
 
     w(t) = 1 / (freq(t) + eps) ** alpha
 
-and normalises by the sum of the weights of the real (unmasked) target tokens:
+and, by default, normalises by the sum of the weights of the real (unmasked) target
+tokens (reduction "weights"):
 
     loss = sum_i mask_i * w[y_i] * nll_i / sum_i mask_i * w[y_i].
 
-alpha = 0 (or weights all ones) is the masked mean token cross-entropy.
+With that reduction the loss is invariant to scaling all weights by a constant: the
+scale of the weights cancels, so it neither raises nor lowers the loss or the
+gradient. Reduction "tokens" divides by the number of target tokens instead, as the
+ITF/FACE/TLAT papers do; then the scale of the weights multiplies the gradient (an
+effective learning-rate factor). alpha = 0 (or weights all ones) is the masked mean
+token cross-entropy under either reduction.
 
-Everything here is a pure function of arrays. `power_law_weights` runs once on the
-host (float64 numpy, returned as float32); the losses are jitted and work on arrays
-sharded over any mesh (XLA inserts the collectives for a vocabulary-sharded logsumexp).
+`get_loss(name, **params)` returns every loss of the project (CE, PDL and the
+baselines of `pdl_jax.baselines`) as fn(logits, labels, weights_V, *, mask) ->
+(loss, LossAux), so one train step serves all.
+
+Everything here is a pure function of arrays. Weight builders (`power_law_weights`,
+`baselines.itf_weights`, `baselines.tlat_weights`) run once on the host (float64
+numpy, returned as float32); the losses are jitted and work on arrays sharded over
+any mesh (XLA inserts the collectives for a vocabulary-sharded logsumexp).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, NamedTuple
@@ -28,6 +40,34 @@ import optax
 
 FREQUENCY_KINDS = ("relative", "count")
 
+# How a weighted loss is normalised: by the sum of mask * w[label] ("weights", PDL's
+# choice) or by the number of target tokens ("tokens", as in ITF, FACE and TLAT).
+REDUCTIONS = ("weights", "tokens")
+
+# Every loss `get_loss` knows. The weighted ones multiply the token NLL by a
+# per-vocabulary weight w[label] (static from counts, or FACE's from running counts).
+LOSS_NAMES = ("ce", "pdl", "itf", "face", "tlat_exp", "tlat_chi2", "unlikelihood",
+              "focal", "label_smoothing")
+WEIGHTED_LOSSES = ("pdl", "itf", "face", "tlat_exp", "tlat_chi2")
+
+# Reduction used when `reduction=None`: each paper's own.
+DEFAULT_REDUCTION = {"pdl": "weights", "itf": "tokens", "face": "tokens",
+                     "tlat_exp": "tokens", "tlat_chi2": "tokens"}
+
+# Keyword parameters each loss's factory takes (config.loss has a field of each name).
+LOSS_PARAMS = {
+    "ce": (), "pdl": ("reduction",), "itf": ("reduction",), "face": ("reduction",),
+    "tlat_exp": ("reduction",), "tlat_chi2": ("reduction",),
+    "unlikelihood": ("ul_alpha",), "focal": ("gamma",),
+    "label_smoothing": ("smoothing",),
+}
+
+# Losses the vocabulary-chunked path (`chunked_loss`, no [B, L, V] logits) supports:
+# those whose per-token loss is w[label] * nll. FACE is excluded because its count
+# update needs the argmax of the full logits; unlikelihood, focal and label smoothing
+# need other entries of the softmax than the label's.
+CHUNKABLE = frozenset({"ce", "pdl", "itf", "tlat_exp", "tlat_chi2"})
+
 # Above this ratio between the weight of a never-seen token and that of a token seen
 # once, a single rare label can dominate a batch (see `effective_sample_size`).
 _UNSEEN_RATIO_WARNING = 100.0
@@ -36,9 +76,11 @@ _UNSEEN_RATIO_WARNING = 100.0
 class LossAux(NamedTuple):
   """What a loss returns beside the optimised value, for logging.
 
-  nll: masked mean of the plain token NLL (cross-entropy), comparable across alphas.
-  weight_sum: sum of mask * w[label] (the PDL denominator).
-  num_tokens: number of unmasked target tokens.
+  nll: masked mean of the plain token NLL (cross-entropy), comparable across alphas
+    and across losses.
+  weight_sum: sum of mask * w[label] (the "weights" reduction's denominator; equals
+    num_tokens for losses without frequency weights).
+  num_tokens: number of unmasked target tokens (the "tokens" reduction's denominator).
   ess: effective sample size of the batch's token weights (equals num_tokens for CE).
   """
 
@@ -86,9 +128,17 @@ def power_law_weights(
     frequency: "relative" (count / total) or "count" (raw counts, as in the
       authors' reference code).
     normalize: rescale so that the mean weight over the corpus tokens,
-      sum(counts * w) / sum(counts), is 1, which keeps PDL on the scale of CE.
+      sum(counts * w) / sum(counts), is 1. With the default "weights" reduction
+      the loss is invariant to this overall scale (it cancels in the ratio), so
+      normalisation changes nothing there except what `max_weight` and
+      `fix_token_weight`'s value mean (multiples of an average corpus token's
+      weight). With the "tokens" reduction it matters: the scale then multiplies
+      the gradient, and mean 1 keeps an average corpus token at weight 1, so the
+      gradient's overall size stays comparable to CE's (the weighted loss itself
+      is still larger than CE, rare tokens having larger NLL).
     max_weight: if given (> 0), clip the (normalised) weights to at most this,
-      applied last, so a token never weighs more than max_weight.
+      applied last, so a token never weighs more than max_weight (in units of the
+      average corpus token when normalize=True).
 
   Returns:
     float32 numpy array [V].
@@ -98,28 +148,8 @@ def power_law_weights(
       not 1-D, negative, not finite or all zero, an unknown `frequency`, or
       max_weight <= 0.
   """
-  counts_V = np.asarray(counts)
-  if counts_V.ndim != 1:
-    raise ValueError(f"counts must be 1-D [vocab]; got shape {counts_V.shape}.")
-  if counts_V.size == 0:
-    raise ValueError("counts is empty; expected one count per vocabulary entry.")
-  if not np.issubdtype(counts_V.dtype, np.number) or np.issubdtype(
-      counts_V.dtype, np.complexfloating):
-    raise ValueError(f"counts must be real numbers; got dtype {counts_V.dtype}.")
-  counts_V = counts_V.astype(np.float64)
-  if not np.all(np.isfinite(counts_V)):
-    bad = int(np.flatnonzero(~np.isfinite(counts_V))[0])
-    raise ValueError(
-        f"counts must be finite; counts[{bad}] = {counts_V[bad]}.")
-  if np.any(counts_V < 0):
-    bad = int(np.flatnonzero(counts_V < 0)[0])
-    raise ValueError(
-        f"counts must be >= 0; counts[{bad}] = {counts_V[bad]}.")
+  counts_V = check_counts(counts)
   total = float(counts_V.sum())
-  if total <= 0:
-    raise ValueError(
-        f"counts are all zero (vocab size {counts_V.size}); expected a frequency "
-        "pass over a non-empty corpus.")
   alpha = _check_alpha(alpha)
   _check_frequency(frequency)
   if epsilon is None:
@@ -150,6 +180,35 @@ def power_law_weights(
   if max_weight is not None:
     weights_V = np.minimum(weights_V, max_weight)
   return weights_V.astype(np.float32)
+
+
+def check_counts(counts) -> np.ndarray:
+  """counts as float64 [V], or ValueError naming the bad shape, dtype or entry.
+
+  Counts must be 1-D, real, finite, non-negative and not all zero.
+  """
+  counts_V = np.asarray(counts)
+  if counts_V.ndim != 1:
+    raise ValueError(f"counts must be 1-D [vocab]; got shape {counts_V.shape}.")
+  if counts_V.size == 0:
+    raise ValueError("counts is empty; expected one count per vocabulary entry.")
+  if not np.issubdtype(counts_V.dtype, np.number) or np.issubdtype(
+      counts_V.dtype, np.complexfloating):
+    raise ValueError(f"counts must be real numbers; got dtype {counts_V.dtype}.")
+  counts_V = counts_V.astype(np.float64)
+  if not np.all(np.isfinite(counts_V)):
+    bad = int(np.flatnonzero(~np.isfinite(counts_V))[0])
+    raise ValueError(
+        f"counts must be finite; counts[{bad}] = {counts_V[bad]}.")
+  if np.any(counts_V < 0):
+    bad = int(np.flatnonzero(counts_V < 0)[0])
+    raise ValueError(
+        f"counts must be >= 0; counts[{bad}] = {counts_V[bad]}.")
+  if float(counts_V.sum()) <= 0:
+    raise ValueError(
+        f"counts are all zero (vocab size {counts_V.size}); expected a frequency "
+        "pass over a non-empty corpus.")
+  return counts_V
 
 
 def _check_alpha(alpha: float) -> float:
@@ -183,6 +242,54 @@ def effective_sample_size(token_weights: jax.Array) -> jax.Array:
   sum_w2 = jnp.sum(w * w)
   return jnp.where(sum_w2 > 0, sum_w * sum_w / jnp.where(sum_w2 > 0, sum_w2, 1.0),
                    0.0)
+
+
+def fix_token_weight(weights_V, token_id: int, value: float, *, counts_V=None):
+  """A copy of weights_V with weights_V[token_id] set to `value` (e.g. loss.eos_weight).
+
+  Used to stop EOS from getting its frequency weight: EOS ends every target, so
+  frequency weighting makes it one of the lightest tokens and the model learns to
+  end late. `value` is in the units of the weights array: for PDL's normalised
+  weights and FACE's (mean 1 over the vocabulary) 1 is an average token. For
+  unnormalised weights (ITF, TLAT, PDL with normalize=False) pass the corpus counts:
+  the value is then multiplied by the mean weight of a corpus token,
+  sum(counts * w) / sum(counts) (computed before the fix), so 1 again means an
+  average token.
+
+  Works on host numpy arrays (returns float32 numpy) and on jax arrays, traced
+  included (returns float32 jax), so it can follow `face_weights` in a train step.
+
+  Raises:
+    ValueError: naming the bad value, for weights that are not 1-D, a token id
+      outside [0, V), a value that is negative or not finite, or counts of another
+      length (or all zero).
+  """
+  is_numpy = not isinstance(weights_V, jax.Array)  # tracers are jax.Arrays
+  xp = np if is_numpy else jnp
+  weights_V = xp.asarray(weights_V, xp.float32)
+  if weights_V.ndim != 1:
+    raise ValueError(f"weights must be 1-D [vocab]; got shape {weights_V.shape}.")
+  vocab = weights_V.shape[0]
+  if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
+    raise ValueError(f"token_id must be an int; got {token_id!r}.")
+  if not 0 <= int(token_id) < vocab:
+    raise ValueError(f"token_id must be in [0, {vocab}); got {token_id}.")
+  value = float(value)
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"value (the fixed token weight) must be >= 0 and finite; got "
+                     f"{value}.")
+  if counts_V is not None:
+    counts_V = check_counts(counts_V)
+    if counts_V.shape[0] != vocab:
+      raise ValueError(f"counts length ({counts_V.shape[0]}) must equal len(weights) "
+                       f"({vocab}).")
+    mean = xp.dot(xp.asarray(counts_V / counts_V.sum(), xp.float32), weights_V)
+    value = value * mean
+  if is_numpy:
+    out_V = weights_V.copy()
+    out_V[int(token_id)] = value
+    return out_V
+  return weights_V.at[int(token_id)].set(value)
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +372,40 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-@jax.jit
+def check_reduction(reduction: str) -> None:
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def weighted_loss_and_aux(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    reduction: str = "weights",
+) -> tuple[jax.Array, LossAux]:
+  """sum(mask * w[y] * nll) / denominator, and the logging aux.
+
+  The loss of PDL, ITF, FACE and TLAT, which differ only in their weights and
+  default reduction. Arguments as `pdl_loss`, plus:
+
+    reduction: "weights" divides by sum(mask * w[y]) (PDL; invariant to the scale
+      of the weights), "tokens" by the number of target tokens (ITF, FACE, TLAT;
+      the scale of the weights multiplies the gradient).
+  """
+  check_reduction(reduction)
+  _check_logits_labels(logits, labels, mask)
+  if weights is None:
+    raise ValueError("weights must be a [vocab] array for a frequency-weighted loss; "
+                     "got None.")
+  check_weights(weights, logits.shape[-1], "logits' last axis")
+  nll, mask, safe_labels = _masked_nll(logits, labels, mask)
+  token_w = mask * weights.astype(jnp.float32)[safe_labels]
+  return reduce_token_losses(nll, mask, token_w, reduction=reduction)
+
+
 def pdl_loss_and_aux(
     logits: jax.Array,
     labels: jax.Array,
@@ -274,32 +414,48 @@ def pdl_loss_and_aux(
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, LossAux]:
   """PDL value and logging aux; see `pdl_loss` for the arguments."""
-  _check_logits_labels(logits, labels, mask)
-  check_weights(weights, logits.shape[-1], "logits' last axis")
-  nll, mask, safe_labels = _masked_nll(logits, labels, mask)
-  token_w = mask * weights.astype(jnp.float32)[safe_labels]
-  return reduce_token_losses(nll, mask, token_w)
+  return weighted_loss_and_aux(logits, labels, weights, mask=mask, reduction="weights")
 
 
-def reduce_token_losses(nll: jax.Array, mask: jax.Array,
-                        token_w: jax.Array) -> tuple[jax.Array, LossAux]:
-  """Weighted mean of per-token NLL and the logging aux.
+def reduce_token_losses(nll: jax.Array, mask: jax.Array, token_w: jax.Array, *,
+                        reduction: str = "weights",
+                        token_loss: jax.Array | None = None
+                        ) -> tuple[jax.Array, LossAux]:
+  """Weighted mean of per-token losses and the logging aux.
 
   Args:
-    nll: [...] float32 per-token NLL (finite where mask > 0).
+    nll: [...] float32 per-token NLL (finite where mask > 0); logged as aux.nll.
     mask: [...] float32, 0 for tokens that do not count.
     token_w: [...] float32 mask * w[label] (equal to mask for CE).
+    reduction: "weights" divides by sum(token_w), "tokens" by sum(mask).
+    token_loss: [...] float32 per-token loss to reduce, if not the NLL itself
+      (unlikelihood, focal, label smoothing).
 
   Returns:
-    (sum(token_w * nll) / sum(token_w), LossAux); exactly 0 for an empty batch.
+    (sum(token_w * token_loss) / denominator, LossAux); exactly 0, with zero
+    gradients, for an empty batch.
   """
+  check_reduction(reduction)
   weight_sum = jnp.sum(token_w)
   num_tokens = jnp.sum(mask)
-  loss = _safe_ratio(jnp.sum(token_w * nll), weight_sum)
+  per_token = nll if token_loss is None else token_loss
+  den = weight_sum if reduction == "weights" else num_tokens
+  loss = _safe_ratio(jnp.sum(token_w * per_token), den)
   mean_nll = _safe_ratio(jnp.sum(mask * nll), num_tokens)
   aux = LossAux(nll=mean_nll, weight_sum=weight_sum, num_tokens=num_tokens,
                 ess=effective_sample_size(token_w))
   return loss, aux
+
+
+def loss_denominator(aux: LossAux, reduction: str) -> jax.Array:
+  """The denominator a loss was divided by: aux.weight_sum or aux.num_tokens.
+
+  loss * loss_denominator(aux, reduction) is the numerator, to sum over micro-batches
+  (gradient accumulation) or eval batches before one division; averaging per-batch
+  ratios is biased when denominators differ.
+  """
+  check_reduction(reduction)
+  return aux.weight_sum if reduction == "weights" else aux.num_tokens
 
 
 def pdl_loss(
@@ -355,16 +511,75 @@ def cross_entropy_loss(
 LossFn = Callable[..., tuple[jax.Array, LossAux]]
 
 
-def get_loss(name: str) -> LossFn:
-  """Loss by config name, as fn(logits, labels, weights, *, mask) -> (loss, aux).
+def _check_name(name: str) -> None:
+  if name not in LOSS_NAMES:
+    raise ValueError(f"loss name must be one of {LOSS_NAMES}; got {name!r}.")
 
-  "ce" ignores `weights`, so a run switches between CE and PDL by one config field.
+
+def resolve_reduction(name: str, reduction: str | None = None) -> str:
+  """The reduction loss `name` uses: `reduction`, or the paper's when None.
+
+  Losses without frequency weights (ce, unlikelihood, focal, label_smoothing) have
+  all token weights 1, where both reductions are the same; they report "tokens".
   """
-  if name == "pdl":
-    return pdl_loss_and_aux
+  _check_name(name)
+  if reduction is not None:
+    check_reduction(reduction)
+  if name not in WEIGHTED_LOSSES:
+    return "tokens"
+  return DEFAULT_REDUCTION[name] if reduction is None else reduction
+
+
+def supports_chunked(name: str) -> bool:
+  """Whether loss `name` has a vocabulary-chunked path (config.loss.chunked=True).
+
+  Raises ValueError for an unknown name.
+  """
+  _check_name(name)
+  return name in CHUNKABLE
+
+
+def get_loss(name: str, **params) -> LossFn:
+  """Loss by config name, as fn(logits, labels, weights_V, *, mask) -> (loss, aux).
+
+  Every loss takes the same arguments, so one train step serves all; losses without
+  frequency weights (ce, unlikelihood, focal, label_smoothing) ignore `weights_V`
+  (None allowed). aux is a `LossAux` whose `nll` is always the plain token NLL.
+
+  Names and keyword params (`LOSS_PARAMS[name]`; config.loss has a field of each):
+    "ce": masked mean token cross-entropy.
+    "pdl": power-law decay loss, weights from `power_law_weights`.
+    "itf": Nakamura et al. 2019, weights from `baselines.itf_weights`.
+    "face": Jiang et al. 2019, weights from `baselines.face_weights` of the running
+      prediction counts (`baselines.face_count_update`, train state).
+    "tlat_exp", "tlat_chi2": Gu et al. 2020, weights from `baselines.tlat_weights`.
+      These five take `reduction` ("weights" | "tokens"; None = the paper's:
+      "weights" for pdl, "tokens" for the others, see DEFAULT_REDUCTION).
+    "unlikelihood": Welleck et al. 2019, token level; `ul_alpha` (default 1.0).
+    "focal": Lin et al. 2017 over the vocabulary softmax; `gamma` (default 2.0).
+    "label_smoothing": `smoothing` (default 0.1).
+
+  Raises:
+    ValueError: naming the bad value, for an unknown name, a parameter the loss
+      does not take, or a bad parameter value.
+  """
+  _check_name(name)
+  unknown = sorted(set(params) - set(LOSS_PARAMS[name]))
+  if unknown:
+    raise ValueError(f"loss {name!r} takes parameters {LOSS_PARAMS[name]}; got "
+                     f"unknown {unknown}.")
   if name == "ce":
     def ce(logits, labels, weights=None, *, mask=None):
       del weights  # CE is PDL with all weights 1.
       return cross_entropy_loss_and_aux(logits, labels, mask=mask)
     return ce
-  raise ValueError(f"loss name must be one of ('ce', 'pdl'); got {name!r}.")
+  if name in WEIGHTED_LOSSES:
+    reduction = resolve_reduction(name, params.get("reduction"))
+
+    def weighted(logits, labels, weights, *, mask=None):
+      return weighted_loss_and_aux(logits, labels, weights, mask=mask,
+                                   reduction=reduction)
+    return weighted
+  # Imported here: baselines builds on this module's helpers.
+  from pdl_jax import baselines
+  return baselines.get_unweighted_loss(name, **params)

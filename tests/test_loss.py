@@ -321,8 +321,8 @@ def test_bad_mask_shape_and_loss_name():
     L.pdl_loss(lg, lb, w, mask=jnp.ones(3))
   with pytest.raises(ValueError, match=r"labels shape \(2, 4\)"):
     L.cross_entropy_loss(lg, jnp.zeros((2, 4), jnp.int32))
-  with pytest.raises(ValueError, match="'focal'"):
-    L.get_loss("focal")
+  with pytest.raises(ValueError, match="'hinge'"):
+    L.get_loss("hinge")
 
 
 def test_bad_input_is_caught_at_trace_time_inside_jit():
