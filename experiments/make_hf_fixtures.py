@@ -44,7 +44,8 @@ BATCH, LENGTH = 2, 16
 
 _LLAMA = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+              rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+              initializer_range=0.1)  # larger than 0.02: peaked attention, so RoPE matters
 
 # name -> (config class, kwargs, save_pretrained kwargs)
 FAMILIES = {
@@ -52,7 +53,7 @@ FAMILIES = {
     "llama3_rope": ("LlamaConfig", dict(
         _LLAMA, num_hidden_layers=3, tie_word_embeddings=False, rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=64)), {}),
+            high_freq_factor=4.0, original_max_position_embeddings=16)), {}),
     "llama_linear_rope": ("LlamaConfig", dict(
         _LLAMA, vocab_size=TOKENIZER_VOCAB, tie_word_embeddings=True, attention_bias=True,
         mlp_bias=True, rms_norm_eps=1e-6,
@@ -69,7 +70,7 @@ FAMILIES = {
                                   rms_norm_eps=1e-6), {}),
     "gpt2": ("GPT2Config", dict(vocab_size=TOKENIZER_VOCAB, n_embd=32, n_layer=2, n_head=4,
                                 n_positions=64, activation_function="gelu_new",
-                                layer_norm_epsilon=1e-5, bos_token_id=BOS,
+                                layer_norm_epsilon=1e-5, initializer_range=0.1, bos_token_id=BOS,
                                 eos_token_id=EOS), {}),
 }
 

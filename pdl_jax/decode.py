@@ -8,6 +8,7 @@ the same positions as it would unpadded. After a row emits EOS it emits padding.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,17 @@ def _positions(mask_BxP: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
 
 
+def _init_cache(model, batch: int, length: int):
+  """The zero KV cache of the model's own module: each model module (pdl_jax.model,
+  pdl_jax.models.decoder) defines init_cache(cfg, batch, length); the decoder's holds
+  the KV heads only (grouped-query attention)."""
+  module = sys.modules.get(type(model).__module__, model_lib)
+  return getattr(module, "init_cache", model_lib.init_cache)(model.cfg, batch, length)
+
+
 def _prefill(model, params, tokens_BxP, mask_BxP, total_len):
-  cfg = model.cfg
   b, p = tokens_BxP.shape
-  cache = model_lib.init_cache(cfg, b, total_len)
+  cache = _init_cache(model, b, total_len)
   key_mask_BxS = jnp.concatenate(
       [mask_BxP, jnp.ones((b, total_len - p), mask_BxP.dtype)], axis=1)
   logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, _positions(mask_BxP),
