@@ -12,6 +12,7 @@ import os
 import shutil
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,13 +35,6 @@ def _dir(name):
 
 def _rel_err(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def _flat(tree):
-  return {"/".join(k): np.asarray(v) for k, v in
-          jax.tree_util.tree_flatten_with_path(tree)[0] and
-          [(tuple(str(getattr(p, "key", p)) for p in path), v)
-           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]]}
 
 
 def test_all_families_have_fixtures():
@@ -138,11 +132,18 @@ def test_kv_cache_decoding_equals_full_forward(name):
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
   prompts = [ref["tokens"][0, :5].tolist(), ref["tokens"][1, :9].tolist()]
   tokens, mask = decode.left_pad(prompts, 9, pad_id=0)
-  cached = decode.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
-                           jax.random.key(0), max_new_tokens=6, eos_id=-1, pad_id=0)
-  full = decode.generate_without_cache(model, params, tokens, mask, max_new_tokens=6,
-                                       eos_id=-1, pad_id=0)
-  np.testing.assert_array_equal(np.asarray(cached), full)
+  new = 6
+  cached = np.asarray(decode.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                      jax.random.key(0), max_new_tokens=new, eos_id=-1,
+                                      pad_id=0))
+  # Repeated full forward passes, all at once: one pass without a cache over prompt +
+  # generated tokens; greedy decoding by full passes emits token t iff it is the argmax
+  # at the position before it, given the same earlier tokens (one compile, not `new`).
+  full_tokens = np.concatenate([tokens, cached], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(cached)], axis=1)
+  positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+  logits, _ = jax.jit(model.apply)({"params": params}, full_tokens, positions, full_mask)
+  np.testing.assert_array_equal(np.asarray(logits)[:, 8:8 + new].argmax(-1), cached)
   assert decoder_lib.init_cache(cfg, 2, 15)["k"].shape == (
       cfg.num_layers, 2, 15, cfg.num_kv_heads, cfg.head_dim)  # KV heads only
 
@@ -200,17 +201,20 @@ def test_own_model_runs_in_decoder_and_exports_as_llama(tmp_path):
   own_cfg = model_lib.model_config("tiny", vocab_size=96, num_layers=2)
   own = model_lib.Transformer(own_cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 7)), jnp.int32)
-  params = own.init(jax.random.key(1), tokens)["params"]
-  params = jax.tree.map(lambda x: x, params)
-  own_logits, _ = own.apply(params if "params" in params else {"params": params}, tokens) \
-      if False else own.apply({"params": params}, tokens)
+  params = nn.meta.unbox(jax.jit(own.init)(jax.random.key(1), tokens)["params"])
+  own_logits, _ = jax.jit(own.apply)({"params": params}, tokens)
   cfg = decoder_lib.from_model_config(own_cfg)
-  dec_logits, _ = decoder_lib.Decoder(cfg).apply({"params": params}, tokens)
+  # Same param names and shapes: the own model's params run in the decoder.
+  dec_logits, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, tokens)
   np.testing.assert_allclose(dec_logits, own_logits, rtol=1e-5, atol=1e-5)
   out = pretrained.export(params, cfg, tmp_path / "own")
   hf_cfg = pretrained.read_config(out)
+  # The d**-0.5 scale of the tied unembedding is exported untied (lm_head = scaled embed).
   assert hf_cfg.model_type == "llama" and not hf_cfg.tied_embeddings
-  hf_logits = pretrained.logits(os.fspath(out), np.asarray(tokens))
+  hf_params = pretrained.load_params(out, hf_cfg)
+  np.testing.assert_array_equal(
+      hf_params["unembed"], np.asarray(params["embed"]["embedding"]).T * own_cfg.d_model ** -0.5)
+  hf_logits, _ = jax.jit(decoder_lib.Decoder(hf_cfg).apply)({"params": hf_params}, tokens)
   np.testing.assert_allclose(hf_logits, own_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -228,8 +232,38 @@ def test_dir_without_config_is_named(tmp_path):
 def test_missing_shard_is_named(tmp_path):
   d = _copy("mistral", tmp_path)
   os.remove(d / "model-00002-of-00004.safetensors")
-  with pytest.raises(ValueError, match="shard file 'model-00002-of-00004.safetensors'"):
+  with pytest.raises(ValueError, match="shard file 'model-00002-of-00004.safetensors'") as err:
     pretrained.load_params(d, pretrained.read_config(d))
+  assert "missing tensor" not in str(err.value)  # its tensors are covered by the file
+
+
+def test_every_param_has_logical_axes():
+  for name in ("gpt2", "qwen3", "llama_linear_rope"):
+    boxed = pretrained.abstract_params(pretrained.read_config(_dir(name)))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    for box in leaves:  # every name has a rule
+      sharding_lib.logical_to_spec(box.names)
+
+
+@pytest.mark.parametrize("kind,shape,part", [
+    ("copy", (6, 4), 0), ("T", (6, 4), 0), ("in_heads", (4, 6, 2), 0),
+    ("heads_out", (6, 2, 4), 0), ("bias_heads", (6, 2), 0),
+    ("conv_in_heads", (4, 6, 2), 2), ("conv_bias_heads", (6, 2), 1),
+    ("conv_heads_out", (6, 2, 4), 0)])
+def test_sliced_reads_equal_slices_of_the_full_read(kind, shape, part):
+  """What make_array_from_callback asks for (one device's block) is read exactly."""
+  t = pretrained._Tensor("w", ("w",), kind, part)
+  src = np.arange(np.prod(pretrained._source_shape(t, shape)), dtype=np.float32).reshape(
+      pretrained._source_shape(t, shape))
+  full = pretrained._read(src, t, shape, tuple(slice(None) for _ in shape))
+  assert full.shape == shape
+  blocks = [tuple(slice(0, n // 2) for n in shape), tuple(slice(n // 2, n) for n in shape),
+            tuple(slice(1, n) for n in shape)]
+  for idx in blocks:
+    np.testing.assert_array_equal(pretrained._read(src, t, shape, idx), full[idx])
+  if kind not in ("conv_in_heads", "conv_bias_heads"):  # fused parts export together
+    np.testing.assert_array_equal(pretrained._to_hf(t, full), src)
 
 
 def test_all_checkpoint_mismatches_in_one_error(tmp_path):

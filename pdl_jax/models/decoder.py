@@ -343,6 +343,9 @@ class Decoder(nn.Module):
           f"{cfg.model_type}: sliding-window attention (window {cfg.sliding_window}) is not "
           f"supported and this call attends over {s} positions; use sequences of at most "
           f"{cfg.sliding_window} tokens (then it equals full causal attention).")
+    if cfg.positions == "learned" and s > cfg.max_len:
+      raise ValueError(f"{cfg.model_type}: {s} positions exceed the {cfg.max_len} learned "
+                       "position embeddings.")
     causal_LxS = jnp.arange(s)[None, :] <= query_index[:, None]
     mask_BxLxS = jnp.broadcast_to(causal_LxS, (b, l, s))
     if key_mask_BxS is not None:
