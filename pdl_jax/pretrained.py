@@ -50,7 +50,7 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
 _TIED_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
                  "gemma": True, "gpt2": True}
 # Tensors some checkpoints carry that are buffers, not weights.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json")
@@ -372,6 +372,12 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
   pdtype = jnp.dtype(cfg.param_dtype)
   with _local_dir(model_dir) as local:
     weight_map, missing_files = _weight_files(local)
+    # Stored name of each canonical (transformers) name: the original GPT-2 checkpoints
+    # name their tensors without the "transformer." prefix that save_pretrained writes.
+    stored = {n: n for n in weight_map}
+    if cfg.model_type == "gpt2" and "transformer.wte.weight" not in weight_map:
+      stored = {("transformer." + n if n != "lm_head.weight" else n): n for n in weight_map}
+    weight_map = {canonical: weight_map[n] for canonical, n in stored.items()}
     # The tensors of a missing shard are covered by the error naming the file.
     errors = [f"shard file {f!r} named in model.safetensors.index.json does not exist"
               for f in missing_files]
@@ -381,7 +387,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
       wanted = {t.name for t in table}
       unexpected = sorted(n for n in weight_map if n not in wanted and not _IGNORED.search(n)
                           and not (cfg.tied_embeddings and n == "lm_head.weight"))
-      errors += [f"unexpected tensor {n!r} (in {weight_map[n]})" for n in unexpected]
+      errors += [f"unexpected tensor {stored[n]!r} (in {weight_map[n]})" for n in unexpected]
       checked = set()
       for t in table:
         if t.name in checked:  # GPT-2's fused c_attn feeds three params
@@ -392,7 +398,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
           continue
         if weight_map[t.name] in missing_files:
           continue
-        src = handles[weight_map[t.name]].get_slice(t.name)
+        src = handles[weight_map[t.name]].get_slice(stored[t.name])
         shape = flat_abstract[t.path].shape
         want, got = _source_shape(t, shape), tuple(src.get_shape())
         if want != got:
@@ -403,7 +409,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
                          f"({cfg.model_type}): " + "; ".join(errors))
       params: dict[tuple[str, ...], jax.Array] = {}
       for t in table:
-        src = handles[weight_map[t.name]].get_slice(t.name)
+        src = handles[weight_map[t.name]].get_slice(stored[t.name])
         shape = flat_abstract[t.path].shape
         sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
                     if flat_shardings is None else flat_shardings[t.path])
@@ -581,6 +587,9 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
     if is_writer and tmp.exists():
       tmp.rmtree()
     raise
+  if jax.process_count() > 1:  # no process returns before the folder exists
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"pdl_jax.pretrained.export {os.fspath(out_dir)}")
   return out_dir
 
 

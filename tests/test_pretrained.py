@@ -237,6 +237,32 @@ def test_missing_shard_is_named(tmp_path):
   assert "missing tensor" not in str(err.value)  # its tensors are covered by the file
 
 
+def test_original_gpt2_names_without_prefix_and_buffers_load(tmp_path):
+  """The original gpt2 checkpoints: no "transformer." prefix, attn.bias buffers."""
+  d = _copy("gpt2", tmp_path)
+  tensors = {k.removeprefix("transformer."): v
+             for k, v in load_file(d / "model.safetensors").items()}
+  tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+  cfg = pretrained.read_config(d)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               pretrained.load_params(_dir("gpt2"), cfg), pretrained.load_params(d, cfg))
+  del tensors["h.1.mlp.c_fc.bias"]
+  tensors["h.1.mlp.extra"] = np.zeros(2, np.float32)
+  save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="unexpected tensor 'h.1.mlp.extra'.*missing tensor "
+                     "'transformer.h.1.mlp.c_fc.bias'"):
+    pretrained.load_params(d, cfg)
+
+
+def test_bfloat16_compute_stays_close():
+  cfg = pretrained.read_config(_dir("gemma"), dtype="bfloat16")
+  params = pretrained.load_params(_dir("gemma"), cfg)
+  ref = np.load(os.path.join(_dir("gemma"), "reference.npz"))
+  out, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, ref["tokens"])
+  assert out.dtype == jnp.float32 and _rel_err(np.asarray(out), ref["logits"]) < 2e-2
+
+
 def test_every_param_has_logical_axes():
   for name in ("gpt2", "qwen3", "llama_linear_rope"):
     boxed = pretrained.abstract_params(pretrained.read_config(_dir(name)))
