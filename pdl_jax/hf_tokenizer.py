@@ -115,6 +115,11 @@ class HFTokenizer:
     models trained elsewhere."""
     return self._eos
 
+  def padding_ids(self, num_embeddings: int) -> tuple[int, ...]:
+    """Embedding rows past the tokenizer (a model's padded vocabulary): ids no text has,
+    to pass to decoding as banned ids so they are never generated."""
+    return tuple(range(self.vocab_size, num_embeddings))
+
   def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
     """Token ids of each text, no special tokens added (no BOS/EOS).
 

@@ -38,6 +38,7 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pdl_jax import tokenizer as sp_tokenizer
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import Decoder, DecoderConfig
 
@@ -441,10 +442,14 @@ def logits(model_dir: str, tokens_BxL: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ export
 
-def own_model_hf_config(cfg: DecoderConfig, *, bos_token_id: int | None = None,
-                        eos_token_id: int | None = None,
-                        pad_token_id: int | None = None) -> dict[str, Any]:
+def own_model_hf_config(cfg: DecoderConfig, *,
+                        bos_token_id: int | None = sp_tokenizer.BOS_ID,
+                        eos_token_id: int | None = sp_tokenizer.EOS_ID,
+                        pad_token_id: int | None = sp_tokenizer.PAD_ID) -> dict[str, Any]:
   """Llama config.json for a DecoderConfig in the own model's math (model_type "pdl").
+
+  The special ids default to the project's SentencePiece ids (pdl_jax.tokenizer:
+  pad 0, eos 1, bos 2).
 
   The own model ties its unembedding scaled by d_model**-0.5. That scale cannot be
   folded into a tied embedding without changing the input embedding, so the export is

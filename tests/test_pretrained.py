@@ -334,6 +334,8 @@ def test_hf_tokenizer_round_trip_and_special_ids():
   assert tok.decode_batch(ids) == texts
   # Specials and padded embedding rows (300..319) never reach the text.
   assert tok.decode_batch([[1] + ids[0] + [2, 0, 310]]) == texts[:1]
+  assert tok.padding_ids(pretrained.read_config(_dir("llama3_rope")).vocab_size) == tuple(
+      range(300, 320))
   assert "".join(tok.id_to_piece(ids[0])).replace("Ġ", " ") == texts[0]
   with open(os.path.join(_dir("llama3_rope"), "tokenizer.json"), "rb") as f:
     assert tok.sha256 == hashlib.sha256(f.read()).hexdigest()
