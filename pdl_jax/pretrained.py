@@ -433,10 +433,15 @@ def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
 
 
 def logits(model_dir: str, tokens_BxL: np.ndarray) -> np.ndarray:
-  """float32 [B, L, V] logits of the checkpoint for int32 ids (no padding), in float32."""
+  """float32 [B, L, V] logits of the checkpoint for int32 ids (no padding).
+
+  Computed in float32 with full-precision matmuls: the accelerators' default for
+  float32 dots (TF32 on recent GPUs, bfloat16 passes on TPU) would not be a reference.
+  """
   model, params = load(model_dir)
   tokens = jnp.asarray(np.asarray(tokens_BxL, np.int32))
-  out, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+  with jax.default_matmul_precision("highest"):
+    out, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
   return np.asarray(out, np.float32)
 
 
