@@ -313,7 +313,7 @@ def test_all_checkpoint_mismatches_in_one_error(tmp_path):
 
 def test_sharded_load_on_4x2_mesh_equals_unsharded():
   mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
-  for name in ("llama", "gpt2"):
+  for name in ("gpt2", "llama"):
     cfg = pretrained.read_config(_dir(name))
     plain = pretrained.load_params(_dir(name), cfg)
     shardings = pretrained.param_shardings(cfg, mesh)
@@ -324,6 +324,11 @@ def test_sharded_load_on_4x2_mesh_equals_unsharded():
     assert query.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
     assert query.addressable_shards[0].data.shape == (32, 2, 8)  # each device: its heads
     assert sharded["embed"]["embedding"].sharding.spec[0] == "model"
+  # The sharded llama (last of the loop; GQA, KV heads replicated by the kv_heads rule)
+  # computes the reference logits under jit.
+  ref = np.load(os.path.join(_dir("llama"), "reference.npz"))
+  out, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": sharded}, ref["tokens"])
+  assert _rel_err(np.asarray(out), ref["logits"]) <= 1e-4
 
 
 def test_hf_tokenizer_round_trip_and_special_ids():
