@@ -15,7 +15,9 @@ Paths go through etils.epath, so a model directory may be gs://...; safetensors
 memory-maps local files only, so a non-local directory is first copied to a local
 temporary folder (reading a remote checkpoint costs one download, as with
 huggingface_hub's cache). Export writes into a temporary folder next to the target
-and renames it at the end, so a crash never leaves a half export.
+and renames it at the end, so a crash never leaves a half export (on a local disk the
+rename is atomic; on an object store such as GCS epath's rename copies, so a reader
+may briefly see a partial folder under the final name while it runs).
 """
 
 from __future__ import annotations
