@@ -30,6 +30,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "model"),
     ("mlp", "model"),
     ("heads", "model"),
+    # Key/value heads of grouped-query attention (pdl_jax.models.decoder): often fewer
+    # (1-8) than the devices of the model axis, so replicated; their projections are
+    # num_heads / num_kv_heads times smaller than the query's.
+    ("kv_heads", None),
     ("embed", None),
     ("kv", None),
     ("length", None),

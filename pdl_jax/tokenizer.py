@@ -2,7 +2,8 @@
 metrics), and `load`, which picks the implementation from the file.
 
 Implementations: SentencePiece (`.model`, pdl_jax.sentencepiece_tokenizer), the one
-the project trains for its own model.
+the project trains for its own model; Hugging Face `tokenizers` (`tokenizer.json`,
+pdl_jax.hf_tokenizer), the one of a pretrained model directory.
 """
 
 from __future__ import annotations
@@ -51,14 +52,19 @@ class Tokenizer(Protocol):
 
 
 def load(path: str) -> Tokenizer:
-  """The tokenizer stored at `path` (a SentencePiece `.model`).
+  """The tokenizer stored at `path`: a SentencePiece `.model`, a Hugging Face
+  `tokenizer.json`, or a model directory holding a tokenizer.json.
 
   Raises:
     ValueError: a file of a kind no implementation reads.
     FileNotFoundError: nothing at `path`.
   """
-  from pdl_jax import sentencepiece_tokenizer
+  from pdl_jax import hf_tokenizer, sentencepiece_tokenizer, utils
 
-  if str(path).endswith(".model"):
-    return sentencepiece_tokenizer.SentencePieceTokenizer.load(path)
-  raise ValueError(f"tokenizer {path!r}: expected a SentencePiece .model file.")
+  text = str(path)
+  if text.endswith(".model"):
+    return sentencepiece_tokenizer.SentencePieceTokenizer.load(text)
+  if text.endswith(".json") or (utils.path(text) / "tokenizer.json").exists():
+    return hf_tokenizer.HFTokenizer.load(text)
+  raise ValueError(f"tokenizer {text!r}: expected a SentencePiece .model file, a "
+                   "tokenizer.json, or a model directory with a tokenizer.json.")

@@ -1,4 +1,5 @@
-"""Model definitions: the project's own Transformer (transformer.py)."""
+"""Model definitions: the project's own Transformer (transformer.py) and one Flax
+decoder for the Hugging Face families (decoder.py), chosen by the config."""
 
 from __future__ import annotations
 

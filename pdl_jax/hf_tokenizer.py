@@ -1,0 +1,142 @@
+"""Hugging Face `tokenizers` tokenizer (tokenizer.json) behind the interface of
+`pdl_jax.tokenizer.Tokenizer`, for pretrained checkpoints.
+
+Special ids come from the model directory: tokenizer_config.json (token strings or
+AddedToken dicts), then generation_config.json, then config.json; the first source
+that names an id wins, and every EOS id found (generation_config may list several,
+as Llama 3 does) is kept in `eos_ids`. Without a pad token, pad = eos. Ids a model
+lacks are -1 (as SentencePiece reports a disabled id).
+
+`vocab_size` is the tokenizer's size; a model's embedding may have more rows
+(padding to a multiple of 64/128); decoding drops such ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import tokenizers
+from etils import epath
+
+
+def _token_content(token: Any) -> str | None:
+  """'</s>' from '</s>' or from an AddedToken dict {'content': '</s>', ...}."""
+  if isinstance(token, dict):
+    return token.get("content")
+  return token if isinstance(token, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+  if value is None:
+    return []
+  if isinstance(value, (list, tuple)):
+    return [int(v) for v in value]
+  return [int(value)]
+
+
+class HFTokenizer:
+  """A tokenizer.json with batch encode/decode, special ids and a content hash."""
+
+  def __init__(self, tokenizer_json: bytes, path: str = "<memory>",
+               special_sources: Sequence[dict[str, Any]] = ()):
+    """Wraps tokenizer.json bytes; `special_sources` are the parsed
+    tokenizer_config.json, generation_config.json and config.json (in that order of
+    precedence); use `load` for a directory."""
+    self.path = path
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as e:  # the library raises plain Exception subclasses
+      raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+    self.sha256 = hashlib.sha256(tokenizer_json).hexdigest()
+    ids: dict[str, list[int]] = {"bos": [], "eos": [], "pad": [], "unk": []}
+    for source in special_sources:
+      for kind in ids:
+        found = []
+        token = _token_content(source.get(f"{kind}_token"))
+        if token is not None and self._tok.token_to_id(token) is not None:
+          found = [self._tok.token_to_id(token)]
+        found += _ids(source.get(f"{kind}_token_id"))
+        if not ids[kind]:
+          ids[kind] = found
+        elif kind == "eos":
+          ids[kind] += [i for i in found if i not in ids[kind]]
+    self.eos_ids: tuple[int, ...] = tuple(ids["eos"])
+    self._bos = ids["bos"][0] if ids["bos"] else -1
+    self._eos = ids["eos"][0] if ids["eos"] else -1
+    self._pad = ids["pad"][0] if ids["pad"] else self._eos
+    self._unk = ids["unk"][0] if ids["unk"] else -1
+    # Ids never shown in decoded text: the library's special tokens and ours.
+    self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    self._special |= {i for i in (self._bos, self._pad, *self.eos_ids) if i >= 0}
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "HFTokenizer":
+    """Loads a model directory (or its tokenizer.json) with the special ids beside it."""
+    path = epath.Path(path)
+    folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
+    if not file.exists():
+      raise FileNotFoundError(
+          f"tokenizer {os.fspath(file)!r} does not exist; give a Hugging Face model "
+          "directory with a tokenizer.json (or the file itself).")
+    sources = []
+    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+      if (folder / name).exists():
+        sources.append(json.loads((folder / name).read_text()))
+    return cls(file.read_bytes(), os.fspath(file), sources)
+
+  @property
+  def vocab_size(self) -> int:
+    """Tokens the tokenizer knows (added tokens included); the embedding may be larger."""
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def unk_id(self) -> int:
+    return self._unk
+
+  @property
+  def sep_id(self) -> int:
+    """EOS: a pretrained model has no separator token (its prompt format is plain text),
+    so the prompt/target boundary uses EOS, as the SentencePiece tokenizer does for
+    models trained elsewhere."""
+    return self._eos
+
+  def padding_ids(self, num_embeddings: int) -> tuple[int, ...]:
+    """Embedding rows past the tokenizer (a model's padded vocabulary): ids no text has,
+    to pass to decoding as banned ids so they are never generated."""
+    return tuple(range(self.vocab_size, num_embeddings))
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (no BOS/EOS).
+
+    Batched in the library's own thread pool; its size is process-wide
+    (RAYON_NUM_THREADS), so `num_threads` is accepted for interface parity only.
+    """
+    del num_threads
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Text of each id sequence; special ids and ids past the tokenizer (padded
+    embedding rows) are dropped."""
+    n = self.vocab_size
+    clean = [[int(i) for i in seq if 0 <= int(i) < n and int(i) not in self._special]
+             for seq in ids]
+    return self._tok.decode_batch(clean, skip_special_tokens=True)
+
+  def id_to_piece(self, ids: Iterable[int]) -> list[str]:
+    """The token string of each id (byte-level pieces look like 'Ġthe'); '' if unknown."""
+    return [self._tok.id_to_token(int(i)) or "" for i in ids]

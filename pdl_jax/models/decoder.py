@@ -1,0 +1,383 @@
+"""One Flax linen decoder for the project's own model and Hugging Face decoder families.
+
+`DecoderConfig` describes the architecture with a few switches (norm kind, MLP kind,
+activation, positions, biases, q/k norm, embedding scale, tied unembedding and its
+scale, grouped-query attention); `pdl_jax.pretrained.read_config` fills it from a
+Hugging Face config.json (llama incl. llama3 / linear RoPE scaling, mistral, qwen2,
+qwen3, gemma, gpt2), `from_model_config` from the project's own `ModelConfig`.
+
+The call interface is the one of `pdl_jax.models.transformer.Transformer`, so `pdl_jax.decode`
+drives either:
+
+    __call__(tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
+             cache_index=None, return_hidden=False) -> (logits_BxLxV | hidden_BxLxD, cache)
+
+The KV cache ({"k", "v"}: [layers, B, S, KV, K]) holds the KV heads only; each KV
+head serves num_heads / num_kv_heads query heads. Parameter names match
+`pdl_jax.models.transformer.Transformer` (embed, block_i/attn/{query,key,value,out},
+block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
+the own model's params run unchanged in the decoder.
+
+Logical axis names are the project's ("vocab", "embed", "heads", "kv", "mlp") plus
+"kv_heads" for the key/value heads: under grouped-query attention there are often
+fewer KV heads (1-8) than devices on the model axis, so they cannot share the rule
+of the query heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Cache = dict[str, jax.Array]
+
+NORMS = ("rms", "rms_plus_one", "layer")
+MLPS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+POSITIONS = ("rope", "learned")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a decoder-only LM; hashable (it is a static field of the module)."""
+
+  vocab_size: int  # rows of the embedding (may exceed the tokenizer's size: padded rows)
+  d_model: int
+  num_layers: int
+  num_heads: int  # query heads
+  num_kv_heads: int  # key/value heads (== num_heads without grouped-query attention)
+  head_dim: int
+  mlp_dim: int
+  max_len: int = 2048  # positions: table size for learned positions, informative for RoPE
+  norm: str = "rms"  # "rms" x*w; "rms_plus_one" x*(1+w) (Gemma); "layer" LayerNorm+bias (GPT-2)
+  norm_eps: float = 1e-6
+  mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "plain": down(act(up(x)))
+  activation: str = "silu"  # "silu", "gelu_tanh" (gelu_new / gelu_pytorch_tanh), "gelu", "relu"
+  positions: str = "rope"  # "rope" (rotate-half form) or "learned" (GPT-2 wpe)
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # "default", "linear", "llama3"
+  rope_factor: float = 1.0  # linear / llama3 scaling factor
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
+  qkv_bias: bool = False
+  out_bias: bool = False  # bias of the attention output projection
+  mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+  embed_scale: bool = False  # Gemma: embeddings * sqrt(d_model), rounded to the compute dtype
+  tied_embeddings: bool = True
+  unembed_scale: float | None = None  # the own model's d_model**-0.5 on the tied unembedding
+  sliding_window: int | None = None  # Mistral: refused when a call attends further than this
+  dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  param_dtype: str = "float32"
+  model_type: str = "pdl"  # Hugging Face model_type it came from; "pdl" for the own model
+  # The config.json it was read from (export writes it back); no part of eq/hash.
+  source_config_json: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+  def __post_init__(self):
+    checks = (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS),
+              ("positions", POSITIONS), ("rope_type", ROPE_TYPES),
+              ("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32", "bfloat16")))
+    for name, allowed in checks:
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not supported; "
+                         f"supported: {allowed}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}.")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim; got {self.head_dim}.")
+
+
+def from_model_config(model_cfg: Any) -> DecoderConfig:
+  """The project's own `pdl_jax.models.transformer.ModelConfig` as a DecoderConfig.
+
+  RMSNorm eps 1e-6, SwiGLU, RoPE, no biases; a tied unembedding is scaled by
+  d_model**-0.5 (the own model's convention; Hugging Face models have no scale).
+  """
+  tied = model_cfg.tied_embeddings
+  return DecoderConfig(
+      vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
+      num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+      num_kv_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
+      mlp_dim=model_cfg.mlp_dim, max_len=model_cfg.max_len, norm="rms", norm_eps=1e-6,
+      mlp="gated", activation="silu", positions="rope", rope_theta=model_cfg.rope_base,
+      tied_embeddings=tied, unembed_scale=model_cfg.d_model ** -0.5 if tied else None,
+      dtype=model_cfg.dtype, model_type="pdl")
+
+
+def _init(names: tuple[str | None, ...], init=nn.initializers.xavier_uniform()):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "silu":
+    return nn.silu(x)
+  if name == "gelu_tanh":
+    return nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return nn.gelu(x, approximate=False)
+  return nn.relu(x)
+
+
+class Norm(nn.Module):
+  """RMSNorm (x*w or Gemma's x*(1+w)) or LayerNorm with bias; statistics in float32."""
+
+  kind: str
+  eps: float
+  param_dtype: Any = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    # Gemma stores the scale offset by one: zeros are the identity.
+    one_init = nn.initializers.zeros if self.kind == "rms_plus_one" else nn.initializers.ones
+    scale = self.param("scale", _init((self.axis_name,), one_init), (dim,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layer":
+      bias = self.param("bias", _init((self.axis_name,), nn.initializers.zeros), (dim,),
+                        self.param_dtype)
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    w = scale.astype(jnp.float32)
+    if self.kind == "rms_plus_one":
+      w = 1.0 + w
+    # Scale in float32 then cast (as the own model; Llama casts first: equal in float32).
+    return (y * w).astype(x.dtype)
+
+
+def inverse_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim/2] (float32), with linear / llama3 scaling.
+
+  Computed in numpy as Hugging Face does in torch: 1 / theta**(arange(0, K, 2) / K),
+  so the angles match to the last bit or close to it.
+  """
+  k = cfg.head_dim
+  exponent = np.arange(0, k, 2, dtype=np.int64).astype(np.float32) / np.float32(k)
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+  if cfg.rope_type == "linear":
+    inv_freq = inv_freq / np.float32(cfg.rope_factor)
+  elif cfg.rope_type == "llama3":
+    # Llama 3.1: low frequencies (long wavelengths) divided by factor, high ones kept,
+    # a smooth blend in between (transformers' _compute_llama3_parameters).
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: np.ndarray
+           ) -> jax.Array:
+  """Rotate-half RoPE (first half / second half of the head), as Hugging Face Llama."""
+  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_K2)
+  sin = jnp.sin(angle_BxLxK2)[:, :, None, :]
+  cos = jnp.cos(angle_BxLxK2)[:, :, None, :]
+  half = x_BxLxHxK.shape[-1] // 2
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  """Causal attention with grouped KV heads, optional biases, q/k norm and KV cache."""
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def proj(name, heads, heads_axis):
+      return nn.DenseGeneral(
+          (heads, k), dtype=dtype, param_dtype=pdtype, use_bias=cfg.qkv_bias, name=name,
+          kernel_init=_init(("embed", heads_axis, "kv")),
+          bias_init=_init((heads_axis, "kv"), nn.initializers.zeros))(x_BxLxD)
+
+    q_BxLxHxK = proj("query", h, "heads")
+    k_BxLxGxK = proj("key", g, "kv_heads")
+    v_BxLxGxK = proj("value", g, "kv_heads")
+    if cfg.qk_norm:
+      q_BxLxHxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="q_norm")(q_BxLxHxK)
+      k_BxLxGxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="k_norm")(k_BxLxGxK)
+    if cfg.positions == "rope":
+      inv_freq = inverse_frequencies(cfg)
+      q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, inv_freq)
+      k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, inv_freq)
+    if kv is not None:  # write this chunk into the cache, attend over all of it
+      k_cache, v_cache = kv
+      k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, k_BxLxGxK.astype(k_cache.dtype), cache_index, axis=1)
+      v_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, v_BxLxGxK.astype(v_cache.dtype), cache_index, axis=1)
+      kv = (k_BxSxGxK, v_BxSxGxK)
+    else:
+      k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
+    b, l = q_BxLxHxK.shape[:2]
+    # Query heads grouped by the KV head they share: head i uses KV head i // (H/G),
+    # the order of transformers' repeat_kv.
+    q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
+    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK.astype(dtype),
+                                  preferred_element_type=jnp.float32) * k ** -0.5
+    logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, -1e30)
+    probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype)
+    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BxSxGxK.astype(dtype))
+    out_BxLxHxK = out_BxLxGxRxK.reshape(b, l, h, k)
+    out_BxLxD = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, use_bias=cfg.out_bias,
+        kernel_init=_init(("heads", "kv", "embed")),
+        bias_init=_init(("embed",), nn.initializers.zeros), name="out")(out_BxLxHxK)
+    return out_BxLxD, kv
+
+
+class MLP(nn.Module):
+  """Gated (SwiGLU / GeGLU) or plain (GPT-2) MLP."""
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def dense(features, name, axes):
+      return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=pdtype,
+                      name=name, kernel_init=_init(axes),
+                      bias_init=_init(axes[-1:], nn.initializers.zeros))
+
+    up_BxLxF = dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_BxLxD)
+    if cfg.mlp == "gated":
+      gate_BxLxF = dense(cfg.mlp_dim, "gate", ("embed", "mlp"))(x_BxLxD)
+      hidden_BxLxF = _activation(cfg.activation, gate_BxLxF) * up_BxLxF
+    else:
+      hidden_BxLxF = _activation(cfg.activation, up_BxLxF)
+    return dense(cfg.d_model, "down", ("mlp", "embed"))(hidden_BxLxF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: attention, then MLP."""
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
+    cfg = self.cfg
+    pdtype = jnp.dtype(cfg.param_dtype)
+    attn, kv = Attention(cfg, name="attn")(
+        Norm(cfg.norm, cfg.norm_eps, pdtype, name="attn_norm")(x_BxLxD), positions_BxL,
+        mask_BxLxS, kv, cache_index)
+    x_BxLxD = x_BxLxD + attn
+    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(
+        Norm(cfg.norm, cfg.norm_eps, pdtype, name="mlp_norm")(x_BxLxD))
+    return x_BxLxD, kv
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM with the call interface of `pdl_jax.models.transformer.Transformer`.
+
+  key_mask_BxS marks real (non-padding) keys; attention is causal by buffer index.
+  With return_hidden=True the final-norm hidden states are returned and
+  `unembed_matrix()` gives the [D, V] output projection (for the chunked loss).
+  """
+
+  cfg: DecoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                          embedding_init=_init(("vocab", "embed"), nn.initializers.normal(1.0)),
+                          name="embed")
+    if cfg.positions == "learned":
+      self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                                embedding_init=_init((None, "embed"),
+                                                     nn.initializers.normal(0.02)),
+                                name="pos_embed")
+    self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype, name="final_norm")
+    if not cfg.tied_embeddings:
+      self.unembed = self.param(
+          "unembed", _init(("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5)),
+          (cfg.d_model, cfg.vocab_size), pdtype)
+
+  def unembed_matrix(self) -> jax.Array:
+    """[D, V] output projection: the (scaled, for the own model) embedding when tied."""
+    if not self.cfg.tied_embeddings:
+      return self.unembed
+    w_DxV = self.embed.embedding.T
+    if self.cfg.unembed_scale not in (None, 1, 1.0):
+      w_DxV = w_DxV * self.cfg.unembed_scale
+    return w_DxV
+
+  def __call__(self, tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
+               cache_index=None, return_hidden=False):
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    if cache is None:
+      s, query_index = l, jnp.arange(l)
+    else:
+      s, query_index = cache["k"].shape[2], cache_index + jnp.arange(l)
+    if cfg.sliding_window is not None and s > cfg.sliding_window:
+      raise ValueError(
+          f"{cfg.model_type}: sliding-window attention (window {cfg.sliding_window}) is not "
+          f"supported and this call attends over {s} positions; use sequences of at most "
+          f"{cfg.sliding_window} tokens (then it equals full causal attention).")
+    if cfg.positions == "learned" and s > cfg.max_len:
+      raise ValueError(f"{cfg.model_type}: {s} positions exceed the {cfg.max_len} learned "
+                       "position embeddings.")
+    causal_LxS = jnp.arange(s)[None, :] <= query_index[:, None]
+    mask_BxLxS = jnp.broadcast_to(causal_LxS, (b, l, s))
+    if key_mask_BxS is not None:
+      mask_BxLxS = mask_BxLxS & key_mask_BxS[:, None, :].astype(bool)
+    x_BxLxD = self.embed(tokens_BxL)
+    if cfg.embed_scale:
+      # Gemma multiplies by sqrt(d) rounded to the compute dtype (bf16: 55.5 for d=3072).
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, x_BxLxD.dtype)
+    if cfg.positions == "learned":
+      x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      x_BxLxD, kv = block(x_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    hidden_BxLxD = self.final_norm(x_BxLxD)
+    new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    if return_hidden:
+      return hidden_BxLxD, new_cache
+    logits_BxLxV = jnp.matmul(hidden_BxLxD, self.unembed_matrix().astype(hidden_BxLxD.dtype),
+                              preferred_element_type=jnp.float32)
+    return logits_BxLxV, new_cache
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> Cache:
+  """Zero KV cache [layers, B, S, KV, K]: the KV heads only."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+
+
+def unembed_DxV(model: Decoder, params) -> jax.Array:
+  """The [D, V] output projection of `params` (for the chunked loss)."""
+  return model.apply({"params": params}, method=Decoder.unembed_matrix)
