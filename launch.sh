@@ -96,13 +96,11 @@ job_child() {  # DIR
   return 0
 }
 
-# Exit statuses that mean "preempted, run again": 143 (the run saved a checkpoint on
-# SIGTERM, or was killed by it before its handler was set), and sweep.py's report of a
-# point that exited so (sweep.py exits 1 then: CalledProcessError in the attempt's log).
-job_preempted() {  # RC LOG OFFSET
-  [[ "$1" == 143 ]] && return 0
-  [[ "$1" != 0 ]] && tail -c "+$(($3 + 1))" "$2" |
-    grep -qE 'returned non-zero exit status 143\.|died with <Signals\.SIGTERM: 15>\.'
+# The exit status that means "preempted, run again": 143 (the run saved a checkpoint on
+# SIGTERM, or was killed by it before its handler was set; sweep.py exits with the
+# status of a point that exited so).
+job_preempted() {  # RC
+  [[ "$1" == 143 ]]
 }
 
 # Starts the wrapper loop detached: own session (no SIGHUP from ssh), output to the log,
@@ -200,7 +198,7 @@ job_restore_env() {  # FILE: the environment `job start` saw (env -0), over this
 
 job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_launch
   local name="$1" reason="$2" dir="$JOBS_DIR/$1"
-  local argv=() child=0 stop=0 rc retries offset i
+  local argv=() child=0 stop=0 rc retries i
   flock -n 9 2>/dev/null || { exec 9>>"$dir/lock" && flock -n 9; } || {
     echo "job $name: another wrapper holds $dir/lock" >&2
     exit 1
@@ -226,7 +224,6 @@ job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_l
     fi
     [[ "$(cat "$dir/state")" == stopping ]] && stop=1
     ((stop == 0)) || break
-    offset="$(stat -c %s "$dir/log")"
     job_log "$dir" "attempt $((retries + 1)): $(cat "$dir/cmd")"
     if command -v setsid >/dev/null; then
       setsid "${argv[@]}" 9>&- </dev/null &
@@ -260,7 +257,7 @@ job_loop() {  # NAME REASON (start | reboot): the wrapper, run detached by job_l
       job_log "$dir" "finished (exit 0)"
       exit 0
     fi
-    if ! job_preempted "$rc" "$dir/log" "$offset"; then
+    if ! job_preempted "$rc"; then
       echo failed >"$dir/state"
       job_log "$dir" "failed: exit $rc; not rerun (only a preemption, exit 143, is)"
       exit "$rc"

@@ -12,26 +12,39 @@ import sys
 
 import ml_collections
 
+# The losses PDL is compared with in the task sweeps (pdl_jax/baselines.py).
+BASELINES = ("itf", "face", "tlat_exp", "tlat_chi2", "unlikelihood", "focal",
+             "label_smoothing")
+
 # Values a `get_config(arg)` string may set, with the config path each one sets.
 ARG_KEYS = {
     "loss": "loss.name", "alpha": "loss.alpha", "epsilon": "loss.epsilon",
     "dataset": "dataset.name", "model": "model.preset", "steps": "num_steps",
     "seed": "seed", "batch_size": "batch_size", "init_from": "init_from",
-    "chunked": "loss.chunked", "decode": "eval.decode",
+    "chunked": "loss.chunked", "decode": "eval.decode", "pretrained": "model.pretrained",
+    "reduction": "loss.reduction", "eos_weight": "loss.eos_weight",
 }
 
 
 def get_loss_config() -> ml_collections.ConfigDict:
   """The loss section: which loss, and how PDL weights are made from counts."""
   c = ml_collections.ConfigDict()
-  c.name = "pdl"  # "ce" (plain cross-entropy) or "pdl" (power-law decay loss).
+  c.name = "pdl"  # "ce", "pdl", or a baseline: itf, face, tlat_exp, tlat_chi2, unlikelihood, focal, label_smoothing.
   c.alpha = 0.5  # Decay exponent of w(t) = 1 / (freq(t) + eps) ** alpha; 0 = CE.
   c.epsilon = ml_collections.FieldReference(None, field_type=float)  # None: add-one smoothing.
   c.frequency = "relative"  # "relative" (count / total) or "count" (raw counts).
   c.normalize = True  # Rescale weights to mean 1 over corpus tokens.
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
-  c.chunked = False  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits).
+  c.chunked = False  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits); ce, pdl, itf, tlat only.
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked.
+  c.reduction = ml_collections.FieldReference(None, field_type=str)  # Weighted losses: "weights" (sum of weights) or "tokens" (token count); None: the loss's paper.
+  c.eos_weight = ml_collections.FieldReference(None, field_type=float)  # Weighted losses: EOS's weight in units of an average token; None: its frequency weight.
+  c.itf_lambda = 0.4  # ITF (Nakamura et al. 2019): w = 1 / count ** itf_lambda.
+  c.tlat_A = ml_collections.FieldReference(None, field_type=float)  # TLAT (Gu et al. 2020) scale A; None: weights in [1, e] as the authors' code.
+  c.tlat_T = 1.0  # TLAT temperature T of exp(-T * count / median).
+  c.ul_alpha = 1.0  # Unlikelihood (Welleck et al. 2019) weight of the candidate penalty.
+  c.gamma = 2.0  # Focal loss exponent: -(1 - p) ** gamma * log p.
+  c.smoothing = 0.1  # Label smoothing mass.
   return c
 
 
@@ -54,15 +67,17 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
 
-  c.tokenizer = ml_collections.ConfigDict()  # SentencePiece.
+  c.tokenizer = ml_collections.ConfigDict()  # Own model's SentencePiece (a pretrained model brings its own).
   c.tokenizer.path = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/tokenizer.model (from init_from's run if set).
   c.tokenizer.vocab_size = 4000  # Pieces when the tokenizer is trained.
   c.tokenizer.train_sentences = 300_000  # Texts read to train it.
 
-  c.model = ml_collections.ConfigDict()  # Transformer (pdl_jax/model.py).
-  c.model.preset = "small"  # "tiny", "small" or "base" (pdl_jax/model.py PRESETS).
+  c.model = ml_collections.ConfigDict()  # The decoder (pdl_jax/models/).
+  c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # Hugging Face model directory (local or gs://): shape, weights and tokenizer from there; None: the own model below.
+  c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/transformer.py PRESETS).
   c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
-  c.model.tied_embeddings = True  # Output projection = embedding transposed.
+  c.model.param_dtype = "float32"  # Parameter dtype: "float32" or "bfloat16".
+  c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
 
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
   c.max_target_len = 64  # Target tokens kept (the prompt is cut first).
@@ -88,7 +103,8 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()  # Evaluation on a fixed validation subset.
   c.eval.num_examples = 256  # Fixed validation subset: its first N examples.
   c.eval.batch_size = 64  # Sequences per eval / decode batch.
-  c.eval.decode = "greedy"  # "greedy", "beam" or "top_p".
+  c.eval.decode = "greedy"  # "greedy", "beam" or "top_p": logged as eval/<metric>.
+  c.eval.extra_decodes = ("top_p",)  # More decodings of the same prompts, logged as eval/<method>/<metric>.
   c.eval.max_new_tokens = 48  # Generated tokens at most.
   c.eval.beam_size = 4  # Beams for decode="beam".
   c.eval.top_p = 0.9  # Nucleus mass for decode="top_p".
@@ -104,6 +120,8 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # PDL alphas of the sweep (0 = CE).
   c.sweep.seeds = (0,)  # Seeds per alpha.
   c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).
+  c.sweep.eos_weight_alphas = ()  # PDL points with loss.eos_weight=1 at these alphas.
+  c.sweep.baselines = ()  # Baseline losses, one point each (loss names, see pdl_jax/loss.py).
   return c
 
 

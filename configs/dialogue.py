@@ -17,4 +17,6 @@ def get_config(arg: str | None = None):
   c.max_target_len = 40  # Turns are short; long speeches are cut.
   c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The dialogue sweep.
   c.sweep.seeds = (0, 1)  # Two seeds here: the seed-to-seed spread the README reports.
+  c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
+  c.sweep.baselines = common.BASELINES  # The frequency-aware and anti-dullness baselines.
   return common.parse_arg(c, arg)

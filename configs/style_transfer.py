@@ -16,4 +16,6 @@ def get_config(arg: str | None = None):
   c.max_target_len = 60  # Whole verses but the longest.
   c.eval.max_new_tokens = 60  # Whole verses but the longest.
   c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The style-transfer sweep.
+  c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
+  c.sweep.baselines = common.BASELINES  # The frequency-aware and anti-dullness baselines.
   return common.parse_arg(c, arg)

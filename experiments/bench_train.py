@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from pdl_jax import loss as loss_lib  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
 from configs.common import load_config  # noqa: E402
-from pdl_jax import models  # noqa: E402
+from pdl_jax.models import factory as models  # noqa: E402
 from pdl_jax import optimizer as opt_lib  # noqa: E402
 from pdl_jax import train  # noqa: E402
 

@@ -64,11 +64,24 @@ def final_eval(run: str) -> dict[str, float] | None:
 
 
 def point_of(config: dict[str, Any]) -> tuple[str, float]:
-  """(label, alpha for sorting/plotting; nan for CE)."""
-  if config["loss"]["name"] == "ce":
-    return "ce", math.nan
-  alpha = float(config["loss"]["alpha"])
+  """(label, alpha for plotting: nan for CE and the baselines, which are labelled by
+  their loss name; PDL with a fixed EOS weight is `alpha=A,eos=E`)."""
+  loss = config["loss"]
+  if loss["name"] != "pdl":
+    return loss["name"], math.nan
+  alpha = float(loss["alpha"])
+  if loss.get("eos_weight") is not None:
+    return f"alpha={alpha:g},eos={float(loss['eos_weight']):g}", math.nan
   return f"alpha={alpha:g}", alpha
+
+
+def _order(label: str, alpha: float) -> tuple:
+  """CE, then PDL by alpha, then PDL with a fixed EOS weight, then the baselines."""
+  if label == "ce":
+    return (0, 0.0, "")
+  if not math.isnan(alpha):
+    return (1, alpha, "")
+  return (2 if label.startswith("alpha=") else 3, 0.0, label)
 
 
 def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
@@ -98,9 +111,7 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
   if not points:
     raise SystemExit(f"no finished runs (config.json + metrics.jsonl with an eval at "
                      f"num_steps) under {root}")
-  # CE first, then by alpha.
-  return dict(sorted(points.items(),
-                     key=lambda kv: -1.0 if math.isnan(kv[1]["alpha"]) else kv[1]["alpha"]))
+  return dict(sorted(points.items(), key=lambda kv: _order(kv[0], kv[1]["alpha"])))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -158,12 +169,16 @@ def write_plots(points, out: str) -> None:
     ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", label="PDL")
     if "ce" in points and c in points["ce"]["metrics"]:
       ax.axhline(mean_std(points["ce"]["metrics"][c])[0], ls="--", c="gray", label="CE")
+    others = [k for k, p in points.items() if k != "ce" and math.isnan(p["alpha"])]
+    for k, color in zip(others, plt.cm.tab10.colors):  # baselines, PDL with EOS weight
+      if c in points[k]["metrics"]:
+        ax.axhline(mean_std(points[k]["metrics"][c])[0], ls="-.", lw=1, c=color, label=k)
     ref = c.replace("eval/", "eval/ref_")
     if ref in next(iter(points.values()))["metrics"]:
       ax.axhline(statistics.fmean(next(iter(points.values()))["metrics"][ref]), ls=":",
                  c="green", label="references")
     ax.set_title(c.split("/")[1])
-    ax.set_xlabel("alpha")
+    ax.set_xlabel("alpha (PDL); lines: CE, baselines")
   for ax in list(axes.flat)[len(cols):]:
     ax.axis("off")
   axes.flat[0].legend()
@@ -204,9 +219,12 @@ def copy_runs(points, root: str, out: str) -> list[str]:
     for run in p["runs"]:
       src = utils.path(run)
       dest = utils.path(out) / "runs" / src.relative_to(utils.path(root))
-      samples = sorted(p.name for p in (src / "samples").glob("step_*.jsonl"))
-      # evaluate.py names them step_<7-digit step>.jsonl: the largest name is the last eval.
-      files = ["config.json", "metrics.jsonl"] + ([f"samples/{samples[-1]}"] if samples else [])
+      # evaluate.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
+      # method, the largest name is the last eval.
+      last: dict[str, str] = {}
+      for name in sorted(p.name for p in (src / "samples").glob("*step_*.jsonl")):
+        last[name.split("step_")[0]] = name
+      files = ["config.json", "metrics.jsonl"] + [f"samples/{n}" for n in last.values()]
       for name in files:
         atomic_write_bytes(dest / name, (src / name).read_bytes())
       copied.append(str(dest))

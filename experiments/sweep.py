@@ -1,4 +1,5 @@
-"""Runs a config's alpha sweep: alphas x seeds, plus CE, one run after another.
+"""Runs a config's sweep: CE, PDL alphas, PDL with EOS weight 1, baselines, x seeds,
+one run after another.
 
     python experiments/sweep.py --config=configs/dialogue.py[:args] --root=workdirs/dialogue \
         [--init_from=workdirs/pretrain] [--print]
@@ -27,13 +28,22 @@ from pdl_jax import metric_writer  # noqa: E402
 
 
 def points(config) -> list[tuple[str, str]]:
-  """[(folder name, config argument items)] of the sweep, CE first."""
+  """[(folder name, config argument items)] of the sweep, per seed: CE, PDL at each
+  alpha, PDL with EOS at the weight of an average token (sweep.eos_weight_alphas:
+  separates PDL's effect on word choice from its effect on length), then one point per
+  baseline loss (sweep.baselines), all at the same compute and init."""
+  sweep = config.sweep
   out = []
-  for seed in config.sweep.seeds:
-    if config.sweep.include_ce:
+  for seed in sweep.seeds:
+    if sweep.include_ce:
       out.append((f"ce-seed{seed}", f"loss=ce,seed={seed}"))
-    for alpha in config.sweep.alphas:
+    for alpha in sweep.alphas:
       out.append((f"alpha{alpha:g}-seed{seed}", f"loss=pdl,alpha={alpha},seed={seed}"))
+    for alpha in sweep.eos_weight_alphas:
+      out.append((f"alpha{alpha:g}-eos1-seed{seed}",
+                  f"loss=pdl,alpha={alpha},eos_weight=1,seed={seed}"))
+    for name in sweep.baselines:
+      out.append((f"{name}-seed{seed}", f"loss={name},seed={seed}"))
   return out
 
 

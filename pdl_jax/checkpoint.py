@@ -122,18 +122,22 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, current: dict[st
   return state, step
 
 
-def load_params(init_from: str, abstract_params):
-  """Latest params of another run's workdir, restored straight into the shardings
-  of `abstract_params` (ShapeDtypeStructs); its optimizer state is not read.
+def load_params(init_from: str, abstract_params, step: int | None = None):
+  """Params (latest, or of `step`) of a run's workdir, restored straight into the
+  shardings of `abstract_params` (ShapeDtypeStructs); its optimizer state is not read.
 
   Raises:
     ValueError: no checkpoint there, or params of another structure or shape (other
       model size or vocabulary).
   """
   mngr = manager(init_from, 1)
-  step = mngr.latest_step()
+  steps = mngr.all_steps()
+  if not steps:
+    raise ValueError(f"{init_from!r} has no checkpoint.")
   if step is None:
-    raise ValueError(f"config.init_from={init_from!r} has no checkpoint.")
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f"{init_from!r} has no checkpoint of step {step}; it has {sorted(steps)}.")
   # The stored tree's shapes first (metadata only): another model is a clear error.
   stored = ocp.StandardCheckpointer().metadata(
       utils.path(init_from) / CHECKPOINTS / str(step) / "state").item_metadata
@@ -143,7 +147,7 @@ def load_params(init_from: str, abstract_params):
   except (AttributeError, KeyError, TypeError):
     got = None
   if got != want:
-    raise ValueError(f"config.init_from={init_from!r}: its params do not match this "
+    raise ValueError(f"{init_from!r}: its params do not match this "
                      f"model (different preset or vocabulary): stored {got}, this run "
                      f"{want}.")
   target = {"params": abstract_params}

@@ -11,7 +11,10 @@ from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
 from pdl_jax.models import transformer
 
-LOSSES = ("ce", "pdl")
+
+def loss_params(config) -> dict:
+  """The hyperparameters of the config's loss that loss.get_loss takes."""
+  return {k: config.loss[k] for k in loss_lib.LOSS_PARAMS[config.loss.name]}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -21,24 +24,52 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task={config.task!r}; expected one of {allowed_tasks}.")
   if config.task != tasks_lib.PRETRAIN:
     tasks_lib.get_dataset(config.task, config.dataset.name)
-  if config.loss.name not in LOSSES:
-    raise ValueError(f"config.loss.name={config.loss.name!r}; expected one of {LOSSES}.")
-  if not config.loss.alpha >= 0:
-    raise ValueError(f"config.loss.alpha={config.loss.alpha}; expected >= 0.")
-  if config.loss.epsilon is not None and not config.loss.epsilon > 0:
-    raise ValueError(f"config.loss.epsilon={config.loss.epsilon}; expected > 0 or None.")
+  c = config.loss
+  if c.name not in loss_lib.LOSS_NAMES:
+    raise ValueError(f"config.loss.name={c.name!r}; expected one of {loss_lib.LOSS_NAMES}.")
+  if c.chunked and not loss_lib.supports_chunked(c.name):
+    raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
+                     "needs the full logits; chunked losses are "
+                     f"{sorted(loss_lib.CHUNKABLE)}.")
+  if c.reduction is not None and c.reduction not in loss_lib.REDUCTIONS:
+    raise ValueError(f"config.loss.reduction={c.reduction!r}; expected one of "
+                     f"{loss_lib.REDUCTIONS} or None.")
+  if c.eos_weight is not None and (c.name not in loss_lib.WEIGHTED_LOSSES
+                                   or not c.eos_weight >= 0):
+    raise ValueError(f"config.loss.eos_weight={c.eos_weight} with loss {c.name!r}; expected "
+                     f"None, or a number >= 0 with a weighted loss {loss_lib.WEIGHTED_LOSSES}.")
+  for key, ok, want in (("itf_lambda", c.itf_lambda >= 0, ">= 0"),
+                        ("tlat_T", c.tlat_T > 0, "> 0"),
+                        ("tlat_A", c.tlat_A is None or c.tlat_A >= 0, "None or >= 0")):
+    if not ok:
+      raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
+  loss_lib.get_loss(c.name, **loss_params(config))  # gamma, smoothing, ul_alpha ranges
+  if not c.alpha >= 0:
+    raise ValueError(f"config.loss.alpha={c.alpha}; expected >= 0.")
+  if c.epsilon is not None and not c.epsilon > 0:
+    raise ValueError(f"config.loss.epsilon={c.epsilon}; expected > 0 or None.")
   if config.loss.frequency not in loss_lib.FREQUENCY_KINDS:
     raise ValueError(f"config.loss.frequency={config.loss.frequency!r}; expected one of "
                      f"{loss_lib.FREQUENCY_KINDS}.")
+  if config.model.pretrained is not None and not (
+      utils.path(config.model.pretrained) / "config.json").exists():
+    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} has no "
+                     "config.json; expected a Hugging Face model directory (config.json, "
+                     "*.safetensors, tokenizer files).")
+  if config.model.pretrained is not None and config.init_from is not None:
+    raise ValueError("config.model.pretrained and config.init_from are both set; "
+                     "init_from already names the run whose params start this one.")
+  for key in ("dtype", "param_dtype"):
+    if config.model[key] not in ("float32", "bfloat16"):
+      raise ValueError(f"config.model.{key}={config.model[key]!r}; expected 'float32' or "
+                       "'bfloat16'.")
   if config.model.preset not in transformer.PRESETS:
     raise ValueError(f"config.model.preset={config.model.preset!r}; expected one of "
                      f"{sorted(transformer.PRESETS)}.")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.model.dtype={config.model.dtype!r}; expected 'float32' or "
-                     "'bfloat16'.")
-  if config.eval.decode not in decode_lib.METHODS:
-    raise ValueError(f"config.eval.decode={config.eval.decode!r}; expected one of "
-                     f"{decode_lib.METHODS}.")
+  for method in (config.eval.decode, *config.eval.extra_decodes):
+    if method not in decode_lib.METHODS:
+      raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
+                       f"eval.extra_decodes); expected one of {decode_lib.METHODS}.")
   if config.seq_len < 4:
     raise ValueError(f"config.seq_len={config.seq_len}; expected >= 4 (a prompt token, "
                      "the separator, a target token and EOS).")

@@ -1,8 +1,10 @@
 """Data: a task's (prompt, target) texts -> the run's tokenizer -> encoded prefix-LM
 examples -> batches.
 
-One example becomes  [prompt tokens] [sep] [target tokens] [eos],  shifted into
-model inputs and labels; the loss mask is 1 on the labels that are target tokens or
+One example becomes  [prefix] [prompt tokens] [separator] [target tokens] [eos],
+shifted into model inputs and labels (the own model's separator is its `<sep>`
+piece and it has no prefix; a pretrained model's separator is plain text, a newline,
+and its prefix is its BOS where it has one: Llama 3 and Gemma expect it); the loss mask is 1 on the labels that are target tokens or
 EOS, never on the prompt. A target cut to `max_target_len` gets no EOS: it did not
 end there, and an EOS would teach the model to stop early. The offline corpora fit
 in memory, so each process loads and tokenizes a split once (batched) into numpy
@@ -21,6 +23,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from pdl_jax import pretrained
 from pdl_jax import sentencepiece_tokenizer as sp_lib
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import tokenizer as tok_lib
@@ -91,19 +94,25 @@ def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer
   target_start = np.zeros(len(keep), np.int32)
   lengths = np.zeros(len(keep), np.int32)
   truncated = targets_truncated = 0
-  sep, eos = tokenizer.sep_id, tokenizer.eos_id
-  room_for_target = min(max_target_len, total - 3)  # a prompt token, sep and EOS fit
+  prefix, sep, eos = (list(tokenizer.prompt_prefix_ids), list(tokenizer.separator_ids),
+                      tokenizer.eos_id)
+  fixed = len(prefix) + len(sep)
+  if total - fixed < 3:
+    raise ValueError(f"seq_len={seq_len} leaves no room next to the tokenizer's prefix "
+                     f"{prefix} and separator {sep}.")
+  # A prompt token, the prefix, the separator and EOS always fit.
+  room_for_target = min(max_target_len, total - fixed - 2)
   for i, (p, t) in enumerate(zip(p_ids, t_ids)):
     # Target first (it is what is learned), then as much prompt as fits.
     cut_t = t[:room_for_target] if len(t) > room_for_target else t + [eos]
-    room = total - 1 - len(cut_t)
+    room = total - fixed - len(cut_t)
     cut_p = p[-room:] if len(p) > room else p
     target_cut = len(t) > room_for_target
     targets_truncated += int(target_cut)
     truncated += int(len(cut_p) < len(p) or target_cut)
-    seq = cut_p + [sep] + cut_t
+    seq = prefix + cut_p + sep + cut_t
     seqs[i, : len(seq)] = seq
-    target_start[i] = len(cut_p) + 1
+    target_start[i] = len(prefix) + len(cut_p) + len(sep)
     lengths[i] = len(seq)
   return Examples(seqs, target_start, lengths, prompts, targets, dropped, truncated,
                   targets_truncated)
@@ -245,7 +254,10 @@ def load_split_texts(config, split: str, limit: int | None = None
 
 def get_tokenizer(config, workdir: str,
                   train_texts: Callable[[], tuple[list[str], list[str]]]) -> Tokenizer:
-  """The configured tokenizer, init_from's, or one trained once in the workdir."""
+  """A pretrained model's tokenizer, the configured one, init_from's, or one trained
+  once in the workdir."""
+  if config.model.pretrained is not None:
+    return tok_lib.load(config.model.pretrained)  # never retrained or resized
   path = config.tokenizer.path
   if path is None and config.init_from is not None:
     path = str(utils.path(config.init_from) / TOKENIZER_FILENAME)
@@ -269,13 +281,31 @@ def encode_split(config, tokenizer: Tokenizer, texts: tuple[list[str], list[str]
                          max_target_len=config.max_target_len)
 
 
-def prepare_train(config, workdir: str) -> tuple[Tokenizer, Examples]:
-  """The run's tokenizer (trained once in the workdir) and its encoded train split."""
+def vocab_size(config, tokenizer: Tokenizer) -> int:
+  """The run's vocabulary: a pretrained model's embedding rows (often more than its
+  tokenizer has tokens), else the tokenizer's size.
+
+  Raises:
+    ValueError: a tokenizer with more tokens than the embedding has rows.
+  """
+  if config.model.pretrained is None:
+    return tokenizer.vocab_size
+  rows = pretrained.read_config(config.model.pretrained).vocab_size
+  if tokenizer.vocab_size > rows:
+    raise ValueError(f"the tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens, "
+                     f"more than the {rows} embedding rows of {config.model.pretrained!r}.")
+  return rows
+
+
+def prepare_train(config, workdir: str) -> tuple[Tokenizer, Examples, int]:
+  """The run's tokenizer (trained once in the workdir, or the pretrained model's),
+  its encoded train split, and the run's vocabulary size."""
   texts = functools.lru_cache(None)(
       lambda: load_split_texts(config, "train", config.dataset.max_train_examples))
   tokenizer = get_tokenizer(config, workdir, texts)
+  vocab = vocab_size(config, tokenizer)  # before any long work: a clear error
   train_ex = encode_split(config, tokenizer, texts())
   utils.log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty "
             f"targets dropped, {train_ex.truncated} truncated, "
             f"{train_ex.targets_truncated} of them in the target: no EOS)")
-  return tokenizer, train_ex
+  return tokenizer, train_ex, vocab

@@ -12,18 +12,21 @@ import numpy as np
 
 from pdl_jax import data as data_lib
 from pdl_jax import decode as decode_lib
+from pdl_jax import loss as loss_lib
 from pdl_jax import metrics as metrics_lib
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
 
 
-def eval_sums(params, batch, weights_V, *, loss_fn):
+def eval_sums(params, face_counts_V, batch, weights_V, *, loss_fn, reduction: str):
   """Sums over a batch that add up across batches: target tokens, their NLL, and the
-  numerator and denominator of the run's loss (loss_fn(params, batch, weights_V) ->
-  (loss, LossAux), the function training uses)."""
-  loss, aux = loss_fn(params, batch, weights_V)
+  numerator and denominator of the run's loss (loss_fn(params, batch, weights_V,
+  face_counts_V) -> (loss, (LossAux, _)), the function training uses; its
+  denominator is the weight sum or the token count, by `reduction`)."""
+  loss, (aux, _) = loss_fn(params, batch, weights_V, face_counts_V)
+  den = loss_lib.loss_denominator(aux, reduction)
   return {"tokens": aux.num_tokens, "nll_sum": aux.nll * aux.num_tokens,
-          "loss_num": loss * aux.weight_sum, "loss_den": aux.weight_sum}
+          "loss_num": loss * den, "loss_den": den}
 
 
 def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray) -> float:
@@ -40,31 +43,40 @@ class Evaluator:
   Logged keys: eval/loss (the run's own objective: the PDL loss for PDL runs, the
   token cross-entropy for CE runs), eval/nll (plain token NLL: the number that
   compares across losses and alphas), eval/unigram_nll, and for tasks with
-  generation the metrics of pdl_jax.metrics on greedy/beam/top-p outputs.
+  generation the metrics of pdl_jax.metrics on the outputs of config.eval.decode
+  (greedy by default) under eval/<metric>, and of each of config.eval.extra_decodes
+  (nucleus sampling, top-p, with a fixed seed by default) under eval/<method>/<metric>.
   """
 
   def __init__(self, config, workdir: str, model, tokenizer, examples: data_lib.Examples,
-               counts_V: np.ndarray, weights_V, mesh, param_shardings, loss_fn):
+               counts_V: np.ndarray, weights_V, mesh, state_shardings, loss_fn):
     self.config, self.workdir, self.model, self.tok = config, workdir, model, tokenizer
     self.examples, self.counts_V, self.weights_V = examples, counts_V, weights_V
     self.mesh = mesh
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.sums_fn = jax.jit(functools.partial(eval_sums, loss_fn=loss_fn),
-                           in_shardings=(param_shardings, rep, rep), out_shardings=rep)
+    reduction = loss_lib.resolve_reduction(config.loss.name, config.loss.reduction)
+    self.sums_fn = jax.jit(
+        functools.partial(eval_sums, loss_fn=loss_fn, reduction=reduction),
+        in_shardings=(state_shardings.params, state_shardings.face_counts, rep, rep),
+        out_shardings=rep)
     prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
                for i in range(len(examples))]
     self.prompt_len = max(len(p) for p in prompts)
     self.prompts = prompts
     self.ref_ids = tokenizer.encode_batch(examples.targets)
     self.unigram_nll = unigram_nll(examples, counts_V)
+    # Control ids, and a pretrained embedding's rows past its tokenizer: never
+    # generated (no text has them).
+    padding_rows = range(tokenizer.vocab_size, model.cfg.vocab_size)
     self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
-                                tokenizer.unk_id} - {tokenizer.eos_id, -1}))
+                                tokenizer.unk_id, *padding_rows} - {tokenizer.eos_id, -1}))
 
-  def __call__(self, params, step: int) -> dict[str, float]:
+  def __call__(self, state, step: int) -> dict[str, float]:
     c = self.config
+    params = state.params
     sums = None
     for batch in data_lib.eval_batches(self.examples, c.eval.batch_size):
-      out = self.sums_fn(params, utils.replicate(self.mesh, {
+      out = self.sums_fn(params, state.face_counts, utils.replicate(self.mesh, {
           k: v for k, v in batch.items() if k != "example_mask"}), self.weights_V)
       out = jax.tree.map(lambda x: utils.to_host(x).astype(np.float64), out)
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
@@ -73,19 +85,22 @@ class Evaluator:
               "eval/unigram_nll": self.unigram_nll}
     if c.task == tasks_lib.PRETRAIN:
       return result
-    hyps, hyp_ids = self._generate(params)
-    gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
-                                         self.ref_ids, self.counts_V)
-    # Share of tokens per train-frequency decile (0 = most frequent), for the plots
-    # of what each alpha generates against the references.
-    for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
-      for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
-        gen[f"{prefix}_{k}"] = share
-    result.update({f"eval/{k}": float(v) for k, v in gen.items()})
-    self._write_samples(step, hyps)
+    for i, method in enumerate((c.eval.decode, *c.eval.extra_decodes)):
+      hyps, hyp_ids = self._generate(params, method)
+      gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
+                                           self.ref_ids, self.counts_V)
+      # Share of tokens per train-frequency decile (0 = most frequent), for the plots
+      # of what each loss generates against the references.
+      for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
+        for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
+          gen[f"{prefix}_{k}"] = share
+      scope = "eval/" if i == 0 else f"eval/{method}/"
+      result.update({f"{scope}{k}": float(v) for k, v in gen.items()
+                     if i == 0 or not k.startswith("ref_")})  # references: once
+      self._write_samples(step, hyps, "" if i == 0 else f"{method}_")
     return result
 
-  def _generate(self, params) -> tuple[list[str], list[list[int]]]:
+  def _generate(self, params, method: str) -> tuple[list[str], list[list[int]]]:
     c = self.config
     hyp_ids = []
     rng = jax.random.key(c.seed + 1)
@@ -95,7 +110,7 @@ class Evaluator:
       tokens, mask = decode_lib.left_pad(padded, self.prompt_len, self.tok.pad_id)
       tokens, mask = utils.replicate(self.mesh, (tokens, mask))
       out = decode_lib.decode(self.model, params, tokens, mask,
-                              jax.random.fold_in(rng, start), method=c.eval.decode,
+                              jax.random.fold_in(rng, start), method=method,
                               max_new_tokens=c.eval.max_new_tokens,
                               eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                               beam_size=c.eval.beam_size, top_p=c.eval.top_p,
@@ -104,11 +119,12 @@ class Evaluator:
                                                 self.tok.pad_id)[:len(chunk)])
     return self.tok.decode_batch(hyp_ids), hyp_ids
 
-  def _write_samples(self, step: int, hyps: list[str]) -> None:
+  def _write_samples(self, step: int, hyps: list[str], prefix: str = "") -> None:
     if jax.process_index() != 0:
       return
     lines = [json.dumps({"input": p, "reference": r, "generation": h})
              for p, r, h in zip(self.examples.prompts, self.examples.targets,
                                 hyps[:self.config.eval.num_samples])]
-    utils.atomic_write_text(utils.path(self.workdir) / "samples" / f"step_{step:07d}.jsonl",
+    utils.atomic_write_text(
+        utils.path(self.workdir) / "samples" / f"{prefix}step_{step:07d}.jsonl",
                             "\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pdl_jax import baselines
 from pdl_jax import data as data_lib
 from pdl_jax import loss as loss_lib
 from pdl_jax import utils
@@ -109,12 +110,16 @@ class TokenStats:
         num_tokens=self.num_tokens + other.num_tokens,
         num_examples=self.num_examples + other.num_examples)
 
-  def check_tokenizer(self, tokenizer: Tokenizer, where: str = "token stats") -> None:
-    """Raises ValueError unless these stats were counted with `tokenizer`."""
-    if self.vocab_size != tokenizer.vocab_size:
+  def check_tokenizer(self, tokenizer: Tokenizer, where: str = "token stats",
+                      vocab_size: int | None = None) -> None:
+    """Raises ValueError unless these stats were counted with `tokenizer` over a
+    vocabulary of `vocab_size` ids (default the tokenizer's; a pretrained model's
+    embedding may have more rows than its tokenizer has tokens)."""
+    want = tokenizer.vocab_size if vocab_size is None else vocab_size
+    if self.vocab_size != want:
       raise ValueError(
           f"{where} were counted with vocab size {self.vocab_size}, but the "
-          f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size}; recount with "
+          f"tokenizer {tokenizer.path!r} has {want}; recount with "
           "this tokenizer or use the tokenizer the stats were made with.")
     if self.tokenizer_sha256 != tokenizer.sha256:
       raise ValueError(
@@ -176,12 +181,14 @@ class TokenStats:
 
 def count_examples(examples: data_lib.Examples, tokenizer: Tokenizer, *,
                    dataset_name: str = "", split: str = "",
-                   process_index: int = 0, process_count: int = 1) -> TokenStats:
+                   process_index: int = 0, process_count: int = 1,
+                   vocab_size: int | None = None) -> TokenStats:
   """Counts of exactly the tokens the loss sees: the target tokens (and EOS where the
   target was not truncated) of the encoded examples, one numpy bincount.
 
   With several processes each counts rows process_index::process_count; sum the
-  shards with sum_across_processes.
+  shards with sum_across_processes. vocab_size: the model's vocabulary (default the
+  tokenizer's; a pretrained embedding may have padding rows).
 
   Raises:
     ValueError: no examples, or a token id beyond the tokenizer's vocabulary.
@@ -192,13 +199,14 @@ def count_examples(examples: data_lib.Examples, tokenizer: Tokenizer, *,
     raise ValueError(
         f"the dataset {dataset_name or '(unnamed)'} split {split or '(unnamed)'} has no "
         "examples; cannot count token frequencies over nothing.")
+  vocab = tokenizer.vocab_size if vocab_size is None else vocab_size
   ids = seqs[positions].astype(np.int64)
-  counts = np.bincount(ids, minlength=tokenizer.vocab_size)
-  if len(counts) > tokenizer.vocab_size:
-    raise ValueError(f"the tokenizer produced id {len(counts) - 1}, beyond its "
-                     f"vocabulary of {tokenizer.vocab_size}.")
+  counts = np.bincount(ids, minlength=vocab)
+  if len(counts) > vocab:
+    raise ValueError(f"the tokenizer produced id {len(counts) - 1}, beyond the "
+                     f"vocabulary of {vocab}.")
   return TokenStats(counts=counts.astype(np.int64), num_tokens=int(counts.sum()),
-                    num_examples=len(seqs), vocab_size=tokenizer.vocab_size,
+                    num_examples=len(seqs), vocab_size=vocab,
                     tokenizer_sha256=tokenizer.sha256, dataset=dataset_name,
                     split=split, fields=("targets",))
 
@@ -238,7 +246,7 @@ def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
 def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                   dataset: str | None = None, split: str | None = None,
                   fields: Sequence[str] | None = None, log=utils.log,
-                  write: bool = True) -> TokenStats:
+                  write: bool = True, vocab_size: int | None = None) -> TokenStats:
   """Stats stored at `path`, checked against the run, or a new pass saved there.
 
   A resumed run reuses the stats stored with its checkpoints instead of recounting;
@@ -254,7 +262,7 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
   """
   if utils.path(path).exists():
     stats = TokenStats.load(path)
-    stats.check_tokenizer(tokenizer, where=f"token stats {path!r}")
+    stats.check_tokenizer(tokenizer, where=f"token stats {path!r}", vocab_size=vocab_size)
     for name, want in (("dataset", dataset), ("split", split),
                        ("fields", None if fields is None else tuple(fields))):
       if want is not None and getattr(stats, name) != want:
@@ -266,7 +274,8 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
         f"{stats.num_examples} examples)")
     return stats
   stats = count_fn()
-  stats.check_tokenizer(tokenizer, where="freshly counted token stats")
+  stats.check_tokenizer(tokenizer, where="freshly counted token stats",
+                        vocab_size=vocab_size)
   if write:
     stats.save(path)
     log(f"token stats: saved {path}")
@@ -280,19 +289,43 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
 
 
 def weight_settings(config) -> dict[str, Any]:
-  """The config values that make weights_V from the counts."""
+  """The config values that make weights_V from the counts (per loss)."""
   c = config.loss
-  return {"alpha": float(c.alpha),
-          "epsilon": None if c.epsilon is None else float(c.epsilon),
-          "frequency": str(c.frequency), "normalize": bool(c.normalize),
-          "max_weight": None if c.max_weight is None else float(c.max_weight)}
+  settings: dict[str, Any] = {"loss": str(c.name)}
+  if c.name == "pdl":
+    settings.update(alpha=float(c.alpha),
+                    epsilon=None if c.epsilon is None else float(c.epsilon),
+                    frequency=str(c.frequency), normalize=bool(c.normalize),
+                    max_weight=None if c.max_weight is None else float(c.max_weight))
+  elif c.name == "itf":
+    settings.update(itf_lambda=float(c.itf_lambda))
+  elif c.name in ("tlat_exp", "tlat_chi2"):
+    settings.update(tlat_A=None if c.tlat_A is None else float(c.tlat_A),
+                    tlat_T=float(c.tlat_T))
+  if c.name in loss_lib.WEIGHTED_LOSSES and c.name != "face":
+    settings["eos_weight"] = None if c.eos_weight is None else float(c.eos_weight)
+  return settings
 
 
-def loss_weights(config, stats: TokenStats) -> np.ndarray:
-  """float32 weights [V] of the config's loss section from the token stats."""
+def loss_weights(config, stats: TokenStats, eos_id: int) -> np.ndarray:
+  """float32 weights [V] of the config's loss from the token stats: PDL's power law,
+  ITF's and TLAT's functions of the count, all ones for the losses without static
+  weights (FACE's change every step: they are made in the train step). EOS's weight
+  is then fixed when loss.eos_weight is set (1 = an average corpus token)."""
   s = weight_settings(config)
-  return stats.weights(s["alpha"], s["epsilon"], frequency=s["frequency"],
-                       normalize=s["normalize"], max_weight=s["max_weight"])
+  name = s["loss"]
+  if name == "pdl":
+    w = stats.weights(s["alpha"], s["epsilon"], frequency=s["frequency"],
+                      normalize=s["normalize"], max_weight=s["max_weight"])
+  elif name == "itf":
+    w = baselines.itf_weights(stats.counts, s["itf_lambda"])
+  elif name in ("tlat_exp", "tlat_chi2"):
+    w = baselines.tlat_weights(stats.counts, name.split("_")[1], s["tlat_A"], s["tlat_T"])
+  else:
+    w = np.ones(stats.vocab_size, np.float32)
+  if s.get("eos_weight") is not None:
+    w = loss_lib.fix_token_weight(w, eos_id, s["eos_weight"], counts_V=stats.counts)
+  return np.asarray(w, np.float32)
 
 
 def save_weights(path: str, weights_V: np.ndarray, settings: Mapping[str, Any],
@@ -322,8 +355,8 @@ def load_weights(path: str) -> tuple[np.ndarray, dict[str, Any]]:
   return weights_V, meta
 
 
-def load_or_save_weights(path: str, config, stats: TokenStats, *, write: bool = True,
-                         check: bool = True) -> np.ndarray:
+def load_or_save_weights(path: str, config, stats: TokenStats, *, eos_id: int,
+                         write: bool = True, check: bool = True) -> np.ndarray:
   """The run's weights_V: computed from the counts by the config; saved at `path`
   when nothing is there (or when `check` is False: no checkpoint was trained with
   what is stored), otherwise checked against what is stored.
@@ -332,7 +365,7 @@ def load_or_save_weights(path: str, config, stats: TokenStats, *, write: bool = 
     ValueError: the stored weights were made by other settings or other counts, or
       differ from what these settings give (listing every difference).
   """
-  weights_V = loss_weights(config, stats)
+  weights_V = loss_weights(config, stats, eos_id)
   settings = weight_settings(config)
   if not check or not utils.path(path).exists():
     if write:
@@ -352,7 +385,7 @@ def load_or_save_weights(path: str, config, stats: TokenStats, *, write: bool = 
 
 
 def prepare_stats(config, workdir: str, tokenizer: Tokenizer,
-                  train_ex: data_lib.Examples) -> TokenStats:
+                  train_ex: data_lib.Examples, vocab_size: int | None = None) -> TokenStats:
   """Token stats of the run's train targets: counted once, stored in
   WORKDIR/checkpoints and reused by every later run or resume in the workdir."""
   import jax
@@ -362,23 +395,24 @@ def prepare_stats(config, workdir: str, tokenizer: Tokenizer,
   def count() -> TokenStats:
     local = count_examples(train_ex, tokenizer, dataset_name=name, split="train",
                            process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(), vocab_size=vocab_size)
     return sum_across_processes(local)
 
   path = str(utils.path(workdir) / "checkpoints" / STATS_FILENAME)
-  return load_or_count(path, tokenizer, count, write=jax.process_index() == 0)
+  return load_or_count(path, tokenizer, count, write=jax.process_index() == 0,
+                       vocab_size=vocab_size)
 
 
-def prepare_weights(config, workdir: str, stats: TokenStats, *, resuming: bool
-                    ) -> np.ndarray:
+def prepare_weights(config, workdir: str, stats: TokenStats, *, resuming: bool,
+                    eos_id: int) -> np.ndarray:
   """The run's loss weights from the stats, stored beside them. A resumed run checks
   them against what is stored (its checkpoints were trained with those); a fresh run
   (re)writes them."""
   import jax
 
   path = str(utils.path(workdir) / "checkpoints" / WEIGHTS_FILENAME)
-  return load_or_save_weights(path, config, stats, write=jax.process_index() == 0,
-                              check=resuming)
+  return load_or_save_weights(path, config, stats, eos_id=eos_id,
+                              write=jax.process_index() == 0, check=resuming)
 
 
 # ---------------------------------------------------------------------------
@@ -394,9 +428,9 @@ def run_pass(cfg, workdir: str, top: int = 0) -> tuple[TokenStats, str]:
   from pdl_jax import config_checks
 
   config_checks.validate_config(cfg)
-  tokenizer, train_ex = data_lib.prepare_train(cfg, workdir)
-  stats = prepare_stats(cfg, workdir, tokenizer, train_ex)
-  weights_V = prepare_weights(cfg, workdir, stats, resuming=False)
+  tokenizer, train_ex, vocab_size = data_lib.prepare_train(cfg, workdir)
+  stats = prepare_stats(cfg, workdir, tokenizer, train_ex, vocab_size)
+  weights_V = prepare_weights(cfg, workdir, stats, resuming=False, eos_id=tokenizer.eos_id)
   path = utils.path(workdir) / "checkpoints"
   report = (f"{stats.dataset} {stats.split} {list(stats.fields)}: {stats.num_examples} "
             f"examples, {stats.num_tokens} tokens, vocab {stats.vocab_size}; stats and "

@@ -115,6 +115,17 @@ class HFTokenizer:
     models trained elsewhere."""
     return self._eos
 
+  @property
+  def prompt_prefix_ids(self) -> list[int]:
+    """BOS where the model has one (Llama 3 and Gemma expect it at the start)."""
+    return [self._bos] if self._bos >= 0 else []
+
+  @property
+  def separator_ids(self) -> list[int]:
+    """A newline between prompt and target: a pretrained model's prompt format is
+    plain text, so no special token is added to its vocabulary."""
+    return self.encode_batch(["\n"])[0]
+
   def padding_ids(self, num_embeddings: int) -> tuple[int, ...]:
     """Embedding rows past the tokenizer (a model's padded vocabulary): ids no text has,
     to pass to decoding as banned ids so they are never generated."""

@@ -73,6 +73,16 @@ class SentencePieceTokenizer:
     sep = self._sp.PieceToId(SEP_PIECE)
     return self.eos_id if sep == self.unk_id else sep
 
+  @property
+  def prompt_prefix_ids(self) -> list[int]:
+    """No prefix: the own model is trained without BOS."""
+    return []
+
+  @property
+  def separator_ids(self) -> list[int]:
+    """The `<sep>` piece between prompt and target."""
+    return [self.sep_id]
+
   def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
     """Token ids of each text (no BOS/EOS added)."""
     return self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)

@@ -41,6 +41,14 @@ class Tokenizer(Protocol):
   @property
   def sep_id(self) -> int: ...
 
+  @property
+  def prompt_prefix_ids(self) -> list[int]:
+    """Ids every input starts with (a pretrained model's BOS; none for the own)."""
+
+  @property
+  def separator_ids(self) -> list[int]:
+    """Ids between prompt and target (the own `<sep>`; a pretrained model's: text)."""
+
   def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
     """Token ids of each text, no BOS/EOS added."""
 

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 from flax import struct
 
+from pdl_jax import baselines
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import chunked_loss
 from pdl_jax import config_checks
@@ -29,11 +30,12 @@ from pdl_jax import evaluate as eval_lib
 from pdl_jax import frequency
 from pdl_jax import loss as loss_lib
 from pdl_jax import metric_writer
-from pdl_jax import models
+from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
+from pdl_jax import pretrained
 from pdl_jax import utils
-from pdl_jax.models import transformer
+from pdl_jax.models import decoder
 
 
 class TrainState(struct.PyTreeNode):
@@ -45,6 +47,10 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   nonfinite_steps: jax.Array
   first_nonfinite: jax.Array
+  # FACE's running counts of the model's argmax predictions at target positions
+  # (int32 [V]; zeros and unused for the other losses): training state, so a resume
+  # continues them exactly.
+  face_counts: jax.Array
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +78,8 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
-                      first_nonfinite=jnp.full((), -1, jnp.int32))
+                      first_nonfinite=jnp.full((), -1, jnp.int32),
+                      face_counts=jnp.zeros((model.cfg.vocab_size,), jnp.int32))
 
   rng = jax.random.key(seed)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_boxed, rng))
@@ -85,27 +92,42 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
 # ---------------------------------------------------------------------------
 
 
-def compute_loss(params, batch, weights_V, *, model, loss_name: str, chunked: bool,
-                 chunk_size: int):
-  """(loss, LossAux) of a batch; `loss_name` picks CE or PDL. Training and evaluation
-  both call this."""
+def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: str,
+                 loss_params: dict[str, Any], chunked: bool, chunk_size: int, eos_id: int,
+                 eos_weight: float | None, update_face_counts: bool = True):
+  """(loss, (LossAux, face_counts_V)) of a batch with the config's loss; training and
+  evaluation both call this. FACE's weights come from its running prediction counts
+  (updated with this batch's argmax first, as its authors do, unless evaluating)."""
   labels_BxL, mask_BxL = batch["labels"], batch["loss_mask"]
   if chunked:
     hidden_BxLxD, _ = model.apply({"params": params}, batch["inputs"], return_hidden=True)
-    unembed_DxV = transformer.unembed_DxV(model, params)
+    unembed_DxV = decoder.unembed_DxV(model, params)
     d = hidden_BxLxD.shape[-1]
-    return chunked_loss.pdl_loss_from_hidden_and_aux(
+    loss, aux = chunked_loss.get_loss_from_hidden(loss_name, **loss_params)(
         hidden_BxLxD.reshape(-1, d), unembed_DxV.astype(hidden_BxLxD.dtype),
-        labels_BxL.reshape(-1), weights_V if loss_name == "pdl" else None,
-        mask_N=mask_BxL.reshape(-1), chunk_size=chunk_size)
+        labels_BxL.reshape(-1), weights_V, mask_N=mask_BxL.reshape(-1),
+        chunk_size=chunk_size)
+    return loss, (aux, face_counts_V)
   logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"])
-  return loss_lib.get_loss(loss_name)(logits_BxLxV, labels_BxL, weights_V, mask=mask_BxL)
+  if loss_name == "face":
+    if update_face_counts:
+      face_counts_V = baselines.face_count_update(face_counts_V, logits_BxLxV, labels_BxL,
+                                                  mask_BxL)
+    weights_V = baselines.face_weights(face_counts_V)
+    if eos_weight is not None:
+      weights_V = loss_lib.fix_token_weight(weights_V, eos_id, eos_weight)
+  loss, aux = loss_lib.get_loss(loss_name, **loss_params)(logits_BxLxV, labels_BxL,
+                                                          weights_V, mask=mask_BxL)
+  return loss, (aux, face_counts_V)
 
 
-def loss_fn_of(config, model):
-  """compute_loss with the config's loss settings: fn(params, batch, weights_V)."""
+def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
+  """compute_loss with the config's loss settings:
+  fn(params, batch, weights_V, face_counts_V) -> (loss, (aux, face_counts_V))."""
   return functools.partial(compute_loss, model=model, loss_name=config.loss.name,
-                           chunked=config.loss.chunked, chunk_size=config.loss.chunk_size)
+                           loss_params=config_checks.loss_params(config), chunked=config.loss.chunked,
+                           chunk_size=config.loss.chunk_size, eos_id=eos_id,
+                           eos_weight=config.loss.eos_weight, **kwargs)
 
 
 def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
@@ -115,8 +137,8 @@ def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
   A step with a non-finite loss, gradient or update is recorded in the state; with
   skip_nonfinite its update is dropped (params and optimizer state unchanged).
   """
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, weights_V)
+  (loss, (aux, face_counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, weights_V, state.face_counts)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -125,6 +147,7 @@ def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
   if skip_nonfinite:
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    face_counts = keep(face_counts, state.face_counts)
   step = state.step + 1
   nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
   first = jnp.where((state.first_nonfinite < 0) & ~finite, step, state.first_nonfinite)
@@ -137,7 +160,8 @@ def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
       "train/tokens": aux.num_tokens, "train/nonfinite_steps": nonfinite_steps,
   }
   return TrainState(step=step, params=params, opt_state=opt_state,
-                    nonfinite_steps=nonfinite_steps, first_nonfinite=first), metrics
+                    nonfinite_steps=nonfinite_steps, first_nonfinite=first,
+                    face_counts=face_counts), metrics
 
 
 # ---------------------------------------------------------------------------
@@ -158,19 +182,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   utils.log(f"workdir {workdir}; {sharding.mesh_summary(mesh)}")
 
   # --- Tokenizer, data and token stats (stored once beside the checkpoints).
-  tokenizer, train_ex = data_lib.prepare_train(config, workdir)
-  stats = frequency.prepare_stats(config, workdir, tokenizer, train_ex)
+  tokenizer, train_ex, vocab_size = data_lib.prepare_train(config, workdir)
+  stats = frequency.prepare_stats(config, workdir, tokenizer, train_ex, vocab_size)
   eval_ex = data_lib.encode_split(config, tokenizer, data_lib.load_split_texts(
       config, "validation", config.eval.num_examples))
   batches = data_lib.TrainBatches(train_ex, config.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
 
   # --- Model and sharded state.
-  model = models.make_model(config, tokenizer.vocab_size)
+  model = models.make_model(config, stats.vocab_size)
   tx = opt_lib.make_optimizer(config)
   state, state_shardings = create_state(model, tx, mesh, config.seed, config.seq_len)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  utils.log(f"model: {config.model.preset}, {num_params / 1e6:.2f} M parameters")
+  utils.log(f"model: {config.model.pretrained or config.model.preset} "
+            f"({model.cfg.model_type}), {num_params / 1e6:.2f} M parameters, vocabulary "
+            f"{model.cfg.vocab_size} (tokenizer {tokenizer.path}, {tokenizer.vocab_size})")
 
   # --- Checkpoints, in the resume order of pdl_jax/checkpoint.py.
   fingerprint = ckpt_lib.fingerprint(config, tokenizer, models.describe(model))
@@ -186,15 +212,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = state.replace(params=ckpt_lib.load_params(
         config.init_from, ckpt_lib.abstract_like(state.params, state_shardings.params)))
     utils.log(f"initialised params from {config.init_from}")
+  elif config.model.pretrained is not None:
+    state = state.replace(params=pretrained.load_params(
+        config.model.pretrained, model.cfg, state_shardings.params))
+    utils.log(f"initialised params from the pretrained {config.model.pretrained}")
   # The weights after the fingerprint: a changed config is reported as a whole first.
   weights_V = utils.replicate(mesh, frequency.prepare_weights(
-      config, workdir, stats, resuming=restored is not None))
+      config, workdir, stats, resuming=restored is not None, eos_id=tokenizer.eos_id))
   step = int(utils.to_host(state.step))
   writer = metric_writer.MetricsWriter(workdir, resumed_step=step)
   utils.sync("metrics")  # process 0 may have dropped a killed run's later records
 
   # --- Update step and evaluator.
-  loss_fn = loss_fn_of(config, model)
+  loss_fn = loss_fn_of(config, model, eos_id=tokenizer.eos_id)
   rep = sharding.replicated(mesh)
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   step_fn = jax.jit(
@@ -202,8 +232,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         skip_nonfinite=config.skip_nonfinite_steps),
       in_shardings=(state_shardings, batch_sharding, rep),
       out_shardings=(state_shardings, rep), donate_argnums=(0,))
-  evaluator = eval_lib.Evaluator(config, workdir, model, tokenizer, eval_ex, stats.counts,
-                                 weights_V, mesh, state_shardings.params, loss_fn)
+  evaluator = eval_lib.Evaluator(
+      config, workdir, model, tokenizer, eval_ex, stats.counts, weights_V, mesh,
+      state_shardings, loss_fn_of(config, model, eos_id=tokenizer.eos_id,
+                                  update_face_counts=False))
 
   def save(at: int) -> None:
     ckpt_lib.save(mngr, at, state, {"step": at, "fingerprint": fingerprint,
@@ -221,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate(at: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    result = evaluator(state.params, at)
+    result = evaluator(state, at)
     writer.write(at, result)
     utils.log(f"eval at step {at} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
         f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))

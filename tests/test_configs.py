@@ -65,6 +65,8 @@ ARG_VALUES = {
     "model": ("tiny", "tiny"), "steps": ("12", 12), "seed": ("3", 3),
     "batch_size": ("8", 8), "init_from": ("gs://bucket/pretrain", "gs://bucket/pretrain"),
     "chunked": ("true", True), "decode": ("top_p", "top_p"),
+    "pretrained": ("gs://bucket/Qwen2.5-0.5B", "gs://bucket/Qwen2.5-0.5B"),
+    "reduction": ("tokens", "tokens"), "eos_weight": ("1", 1.0),
 }
 
 
@@ -78,7 +80,7 @@ def test_every_config_argument_key_parses(key):
   for part in path:
     node = node[part]
   assert node[last] == want and type(node[last]) is type(want)
-  if key in ("epsilon", "init_from"):  # fields that default to None
+  if key in ("epsilon", "init_from", "pretrained", "reduction", "eos_weight"):  # None-able
     node = style_transfer.get_config(f"{key}=none")
     for part in path:
       node = node[part]

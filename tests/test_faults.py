@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import data as ip
-from pdl_jax import models
+from pdl_jax.models import factory as models
 from pdl_jax import train
 from pdl_jax.datasets import shakespeare_dialogue as S
 

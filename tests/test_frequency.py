@@ -202,32 +202,34 @@ class _Cfg:
   def __init__(self, **kw):
     import ml_collections
     self.loss = ml_collections.ConfigDict({
-        **dict(alpha=0.5, epsilon=None, frequency="relative", normalize=True,
-               max_weight=None), **kw})
+        **dict(name="pdl", alpha=0.5, epsilon=None, frequency="relative", normalize=True,
+               max_weight=None, eos_weight=None, itf_lambda=0.4, tlat_A=None, tlat_T=1.0),
+        **kw})
 
 
 def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
   stats = F.count_examples(examples(tokenizer, 60), tokenizer, dataset_name="toy",
                            split="train")
   path = str(tmp_path / F.WEIGHTS_FILENAME)
-  w = F.load_or_save_weights(path, _Cfg(), stats)
+  w = F.load_or_save_weights(path, _Cfg(), stats, eos_id=1)
   stored, meta = F.load_weights(path)
   # The exact float32 array the run trains with, and what made it.
   assert stored.dtype == np.float32
   np.testing.assert_array_equal(stored, w)
   np.testing.assert_array_equal(stored, L.power_law_weights(stats.counts, 0.5))
-  assert meta["settings"] == {"alpha": 0.5, "epsilon": None, "frequency": "relative",
-                              "normalize": True, "max_weight": None}
+  assert meta["settings"] == {"loss": "pdl", "alpha": 0.5, "epsilon": None,
+                              "frequency": "relative", "normalize": True, "max_weight": None,
+                              "eos_weight": None}
   assert meta["counts_sha256"] == stats.metadata()["counts_sha256"]
-  np.testing.assert_array_equal(F.load_or_save_weights(path, _Cfg(), stats), w)
+  np.testing.assert_array_equal(F.load_or_save_weights(path, _Cfg(), stats, eos_id=1), w)
   # Other settings, or other counts: refused, every difference listed.
   with pytest.raises(ValueError, match="alpha: stored 0.5, now 1.0.*max_weight: stored "
                                        "None, now 3.0"):
-    F.load_or_save_weights(path, _Cfg(alpha=1.0, max_weight=3.0), stats)
+    F.load_or_save_weights(path, _Cfg(alpha=1.0, max_weight=3.0), stats, eos_id=1)
   other = F.count_examples(examples(tokenizer, 61), tokenizer, dataset_name="toy",
                            split="train")
   with pytest.raises(ValueError, match="other token counts"):
-    F.load_or_save_weights(path, _Cfg(), other)
+    F.load_or_save_weights(path, _Cfg(), other, eos_id=1)
   # A file whose weights were altered fails its checksum.
   F.save_weights(path, w, F.weight_settings(_Cfg()), stats)
   raw = bytearray(open(path, "rb").read())
@@ -244,3 +246,25 @@ def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
   trunc.write_bytes(bytes(raw[: len(raw) // 2]))
   with pytest.raises(ValueError, match="corrupt or truncated"):
     F.load_weights(str(trunc))
+
+
+def test_weights_per_loss_and_eos_weight(tokenizer):
+  from pdl_jax import baselines
+  stats = F.count_examples(examples(tokenizer, 60), tokenizer)
+  eos = tokenizer.eos_id
+  np.testing.assert_array_equal(F.loss_weights(_Cfg(name="itf"), stats, eos),
+                                baselines.itf_weights(stats.counts, 0.4))
+  np.testing.assert_array_equal(F.loss_weights(_Cfg(name="tlat_chi2"), stats, eos),
+                                baselines.tlat_weights(stats.counts, "chi2", None, 1.0))
+  for name in ("ce", "face", "focal", "unlikelihood", "label_smoothing"):
+    np.testing.assert_array_equal(F.loss_weights(_Cfg(name=name), stats, eos),
+                                  np.ones(stats.vocab_size, np.float32))
+  assert F.weight_settings(_Cfg(name="itf")) == {"loss": "itf", "itf_lambda": 0.4,
+                                                 "eos_weight": None}
+  # EOS at the weight of an average corpus token: mean over tokens of w is 1 after
+  # normalisation, so EOS gets 1, and every other token keeps its weight.
+  w = F.loss_weights(_Cfg(eos_weight=1.0), stats, eos)
+  base = F.loss_weights(_Cfg(), stats, eos)
+  assert w[eos] == pytest.approx(1.0, rel=1e-6)
+  np.testing.assert_array_equal(np.delete(w, eos), np.delete(base, eos))
+  assert base[eos] < 0.9  # EOS is frequent: PDL down-weights it by default

@@ -288,15 +288,6 @@ def test_job_retries_are_bounded_and_other_failures_not_rerun(tmp_path):
   assert "job f failed (exit 3)" in job("status", "f").stdout
 
 
-def test_job_reruns_a_sweep_whose_point_was_preempted(tmp_path):
-  # sweep.py exits 1 (CalledProcessError) when its point exits 143: still a preemption.
-  body = FLAKY.replace("exit 143", "{ echo \"subprocess.CalledProcessError: Command '[...]' "
-                       "returned non-zero exit status 143.\" >&2; exit 1; }")
-  job("start", "s", "--", script(tmp_path, body), PREEMPT="1")
-  assert wait_state(tmp_path, "s", "finished", "failed", "gave-up") == "finished"
-  assert "exit 1 (preempted: SIGTERM); rerunning" in read(tmp_path, "s", "log")
-
-
 LONG = """
 echo "marker $MARKER"
 trap 'echo "got SIGTERM: saving"; sleep 0.5; exit 143' TERM

@@ -14,11 +14,12 @@ sys.path.insert(0, ROOT)
 from experiments import report  # noqa: E402
 
 
-def fake_run(root, name, loss, alpha, seed, nll, rouge1, num_steps=20):
+def fake_run(root, name, loss, alpha, seed, nll, rouge1, num_steps=20, eos_weight=None):
   d = root / name
   d.mkdir(parents=True)
-  (d / "config.json").write_text(json.dumps({"loss": {"name": loss, "alpha": alpha},
-                                             "seed": seed, "num_steps": num_steps}))
+  (d / "config.json").write_text(json.dumps({
+      "loss": {"name": loss, "alpha": alpha, "eos_weight": eos_weight},
+      "seed": seed, "num_steps": num_steps}))
   buckets = {f"eval/freq_bucket_{k}": (1.0 if k == 0 else 0.0) for k in range(10)}
   refs = {f"eval/ref_freq_bucket_{k}": 0.1 for k in range(10)}
   lines = [{"step": 5, "train/loss": 3.0},
@@ -69,13 +70,17 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
   todo = sweep.commands("configs/dialogue.py:smoke", str(tmp_path), "pre", ["--x=1"])
   names = [os.path.basename(w) for w, _ in todo]
   assert names == [f"{point}-seed{seed}" for seed in (0, 1)
-                   for point in ("ce", "alpha0", "alpha0.25", "alpha0.5", "alpha1")]
+                   for point in ("ce", "alpha0", "alpha0.25", "alpha0.5", "alpha1",
+                                 "alpha0.5-eos1", "itf", "face", "tlat_exp", "tlat_chi2",
+                                 "unlikelihood", "focal", "label_smoothing")]
+  assert todo[5][1][3].endswith("loss=pdl,alpha=0.5,eos_weight=1,seed=0")
+  assert todo[6][1][3].endswith("loss=itf,seed=0")
   assert todo[2][1][3] == "--config=configs/dialogue.py:smoke,init_from=pre,loss=pdl,alpha=0.25,seed=0"
   assert todo[2][1][-1] == "--x=1"
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 10, out.stderr
+  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 26, out.stderr
   # Finished = the final eval is logged; a checkpoint at num_steps alone is not enough
   # (a run killed after it, before its final eval).
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0, num_steps=20)
@@ -154,3 +159,18 @@ def test_sweep_exits_with_a_failed_points_status(tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as e:
     sweep.main()
   assert e.value.code == 143 and len(ran) == 2
+
+
+def test_report_puts_baselines_and_eos_points_in_the_same_tables(tmp_path):
+  fake_run(tmp_path, "itf-seed0", "itf", 0.5, 0, 4.5, 11.0)
+  fake_run(tmp_path, "alpha0.5-eos1-seed0", "pdl", 0.5, 0, 4.1, 12.5, eos_weight=1.0)
+  fake_run(tmp_path, "alpha0.5-seed0", "pdl", 0.5, 0, 4.2, 12.0)
+  fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
+  fake_run(tmp_path, "face-seed0", "face", 0.5, 0, 4.6, 10.5)
+  points = report.collect(str(tmp_path))
+  assert list(points) == ["ce", "alpha=0.5", "alpha=0.5,eos=1", "face", "itf"]
+  report.write_tables(points, str(tmp_path))
+  report.write_plots(points, str(tmp_path))
+  md = (tmp_path / "summary.md").read_text()
+  assert "| itf | 1 | 4.500 |" in md and "| alpha=0.5,eos=1 | 1 | 4.100 |" in md
+  assert os.path.getsize(tmp_path / "metrics_vs_alpha.png") > 1000

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs import dialogue
 from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import models
+from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
 from pdl_jax import train
@@ -275,3 +275,22 @@ def test_init_from_restores_params_only_into_the_current_shardings(reference_run
   other, other_sh = train.create_state(small, opt_lib.make_optimizer(cfg), one, 0, 16)
   with pytest.raises(ValueError, match="do not match this model"):
     ckpt.load_params(str(reference_run[0]), ckpt.abstract_like(other.params, other_sh.params))
+
+
+def test_face_counts_are_train_state_and_resume_exactly(tmp_path):
+  overrides = {"loss.name": "face", "num_steps": 4, "eval_every": 100, "checkpoint_every": 2}
+  run(tmp_path / "ref", **overrides)
+  run(tmp_path / "cut", steps_per_run=2, **overrides)
+  run(tmp_path / "cut", **overrides)
+  import orbax.checkpoint as ocp
+  states = []
+  for name in ("ref", "cut"):
+    mngr = ckpt_lib.manager(str(tmp_path / name), 5)
+    states.append(mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state)
+  counts = np.asarray(states[0]["face_counts"])
+  # 4 steps x 4 rows of argmax predictions at the target positions were counted.
+  assert counts.dtype == np.int32 and 0 < counts.sum() <= 4 * 4 * 8
+  np.testing.assert_array_equal(np.asarray(states[1]["face_counts"]), counts)
+  assert_trees_close(jax.tree.map(np.asarray, states[1]["params"]),
+                     jax.tree.map(np.asarray, states[0]["params"]), rtol=0, atol=0)

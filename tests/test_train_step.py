@@ -11,7 +11,7 @@ import pytest
 
 from configs import dialogue
 from pdl_jax import loss as loss_lib
-from pdl_jax import models
+from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import train
 

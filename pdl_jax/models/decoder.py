@@ -107,7 +107,7 @@ def from_model_config(model_cfg: Any) -> DecoderConfig:
       vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
       num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
       num_kv_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
-      mlp_dim=model_cfg.mlp_dim, max_len=model_cfg.max_len, norm="rms", norm_eps=1e-6,
+      mlp_dim=model_cfg.mlp_dim, norm="rms", norm_eps=1e-6,
       mlp="gated", activation="silu", positions="rope", rope_theta=model_cfg.rope_base,
       tied_embeddings=tied, unembed_scale=model_cfg.d_model ** -0.5 if tied else None,
       dtype=model_cfg.dtype, model_type="pdl")

@@ -1,0 +1,33 @@
+"""The config's model: a pretrained Hugging Face decoder (config.model.pretrained) or
+the project's own model from a preset, both as pdl_jax.models.decoder.Decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pdl_jax import pretrained
+from pdl_jax.models import decoder
+from pdl_jax.models import transformer
+
+
+def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig:
+  """DecoderConfig of the config: read from the pretrained directory's config.json,
+  or the own model's preset for a vocabulary of `vocab_size`."""
+  m = config.model
+  if m.pretrained is not None:
+    return pretrained.read_config(m.pretrained, dtype=m.dtype, param_dtype=m.param_dtype)
+  own = transformer.model_config(m.preset, vocab_size, dtype=m.dtype,
+                                 tied_embeddings=m.tied_embeddings)
+  return dataclasses.replace(decoder.from_model_config(own), param_dtype=m.param_dtype)
+
+
+def make_model(config, vocab_size: int | None = None) -> decoder.Decoder:
+  """The config's decoder (vocab_size: the own model's vocabulary)."""
+  return decoder.Decoder(model_config(config, vocab_size))
+
+
+def describe(model: decoder.Decoder) -> dict[str, Any]:
+  """The model's configuration as JSON-able values (for the run fingerprint)."""
+  return {k: v for k, v in dataclasses.asdict(model.cfg).items()
+          if k != "source_config_json"}

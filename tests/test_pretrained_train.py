@@ -1,0 +1,84 @@
+"""A pretrained (tiny, random, Hugging Face layout) model finetuned with PDL through
+the CLI, exported, and its export's logits compared with the trained params'; bad
+pretrained inputs are clear errors before any training."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pdl_jax import pretrained
+from pdl_jax import train
+from pdl_jax.models import decoder
+
+from test_faults import ROOT, command, data_dir, env, params_and_steps  # noqa: F401
+from test_train import tiny_config
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf", "qwen2")
+
+
+def test_finetune_export_and_reload_through_the_cli(data_dir, tmp_path):  # noqa: F811
+  work, out = tmp_path / "run", tmp_path / "export"
+  cmd = command(work, data_dir, "--config.num_steps=4", "--config.checkpoint_every=4",
+                "--config.eval_every=4", "--config.log_every=2")
+  cmd[3] = f"--config=configs/dialogue.py:smoke,pretrained={FIXTURE},alpha=0.5"
+  done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert "initialised params from the pretrained" in done.stderr
+  assert not (work / "tokenizer.model").exists()  # the model's own tokenizer, not trained
+  exp = subprocess.run([sys.executable, "-m", "pdl_jax.export", f"--workdir={work}",
+                        f"--out={out}"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+  assert exp.returncode == 0, exp.stderr[-3000:]
+  assert {"config.json", "tokenizer.json"} <= set(os.listdir(out))
+  assert json.load(open(out / "config.json"))["model_type"] == "qwen2"
+  step, trained = params_and_steps(work)
+  assert step == 4
+  original = pretrained.load_params(FIXTURE, pretrained.read_config(FIXTURE))
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(original)))
+  assert moved > 0  # four steps of PDL changed the params
+  tokens = np.random.default_rng(0).integers(0, 200, (2, 12)).astype(np.int32)
+  model = decoder.Decoder(pretrained.read_config(FIXTURE))
+  want = np.asarray(model.apply({"params": trained}, tokens)[0])
+  got = pretrained.logits(str(out), tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def mock_data():
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+def pretrained_config(model_dir):
+  c = tiny_config(**{"num_steps": 2, "eval_every": 100})
+  c.model.pretrained = str(model_dir)
+  return c
+
+
+def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match="empty' has no config.json"):
+    train.train_and_evaluate(pretrained_config(empty), str(tmp_path / "w0"))
+  moe = tmp_path / "moe"
+  shutil.copytree(FIXTURE, moe)
+  cfg = json.load(open(moe / "config.json"))
+  json.dump({**cfg, "model_type": "mixtral"}, open(moe / "config.json", "w"))
+  with pytest.raises(ValueError, match="mixtral"):
+    train.train_and_evaluate(pretrained_config(moe), str(tmp_path / "w1"))
+  small = tmp_path / "small"
+  shutil.copytree(FIXTURE, small)
+  json.dump({**cfg, "vocab_size": 50}, open(small / "config.json", "w"))
+  with pytest.raises(ValueError, match="more than the 50 embedding rows"):
+    train.train_and_evaluate(pretrained_config(small), str(tmp_path / "w2"))
+  for w in ("w0", "w1", "w2"):
+    assert not (tmp_path / w / "checkpoints").exists()  # refused before any training
