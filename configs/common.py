@@ -35,7 +35,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.frequency = "relative"  # "relative" (count / total) or "count" (raw counts).
   c.normalize = True  # Rescale weights to mean 1 over corpus tokens.
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
-  c.chunked = False  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits); ce, pdl, itf, tlat only.
+  c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked.
   c.reduction = ml_collections.FieldReference(None, field_type=str)  # Weighted losses: "weights" (sum of weights) or "tokens" (token count); None: the loss's paper.
   c.eos_weight = ml_collections.FieldReference(None, field_type=float)  # Weighted losses: EOS's weight in units of an average token; None: its frequency weight.
@@ -75,7 +75,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()  # The decoder (pdl_jax/models/).
   c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # Hugging Face model directory (local or gs://): shape, weights and tokenizer from there; None: the own model below.
   c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/transformer.py PRESETS).
-  c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+  c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # Compute dtype "float32" or "bfloat16"; None: bfloat16 on accelerators, float32 on CPU.
   c.model.param_dtype = "float32"  # Parameter dtype: "float32" or "bfloat16".
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
 

@@ -43,7 +43,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                         ("tlat_A", c.tlat_A is None or c.tlat_A >= 0, "None or >= 0")):
     if not ok:
       raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
-  loss_lib.get_loss(c.name, **loss_params(config))  # gamma, smoothing, ul_alpha ranges
+  try:  # gamma, smoothing, ul_alpha: the loss checks its own ranges
+    loss_lib.get_loss(c.name, **loss_params(config))
+  except ValueError as e:
+    raise ValueError(f"config.loss ({c.name}): {e}") from None
   if not c.alpha >= 0:
     raise ValueError(f"config.loss.alpha={c.alpha}; expected >= 0.")
   if c.epsilon is not None and not c.epsilon > 0:
@@ -60,7 +63,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.model.pretrained and config.init_from are both set; "
                      "init_from already names the run whose params start this one.")
   for key in ("dtype", "param_dtype"):
-    if config.model[key] not in ("float32", "bfloat16"):
+    if config.model[key] not in ("float32", "bfloat16") and not (
+        key == "dtype" and config.model[key] is None):
       raise ValueError(f"config.model.{key}={config.model[key]!r}; expected 'float32' or "
                        "'bfloat16'.")
   if config.model.preset not in transformer.PRESETS:

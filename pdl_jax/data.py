@@ -16,7 +16,6 @@ each process feeds its devices with its rows of the global batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable, Iterator
 
@@ -300,11 +299,12 @@ def vocab_size(config, tokenizer: Tokenizer) -> int:
 def prepare_train(config, workdir: str) -> tuple[Tokenizer, Examples, int]:
   """The run's tokenizer (trained once in the workdir, or the pretrained model's),
   its encoded train split, and the run's vocabulary size."""
-  texts = functools.lru_cache(None)(
-      lambda: load_split_texts(config, "train", config.dataset.max_train_examples))
-  tokenizer = get_tokenizer(config, workdir, texts)
+  # Every process loads the texts (and passes the dataset barrier) before process 0
+  # may train the tokenizer on them.
+  texts = load_split_texts(config, "train", config.dataset.max_train_examples)
+  tokenizer = get_tokenizer(config, workdir, lambda: texts)
   vocab = vocab_size(config, tokenizer)  # before any long work: a clear error
-  train_ex = encode_split(config, tokenizer, texts())
+  train_ex = encode_split(config, tokenizer, texts)
   utils.log(f"data: {len(train_ex)} train examples ({train_ex.dropped_empty} with empty "
             f"targets dropped, {train_ex.truncated} truncated, "
             f"{train_ex.targets_truncated} of them in the target: no EOS)")

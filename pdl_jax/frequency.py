@@ -367,17 +367,23 @@ def load_or_save_weights(path: str, config, stats: TokenStats, *, eos_id: int,
   """
   weights_V = loss_weights(config, stats, eos_id)
   settings = weight_settings(config)
-  if not check or not utils.path(path).exists():
+  if not utils.path(path).exists():
     if write:
       save_weights(path, weights_V, settings, stats)
     return weights_V
   stored_V, meta = load_weights(path)
-  diffs = [f"{k}: stored {meta['settings'].get(k)!r}, now {v!r}"
-           for k, v in settings.items() if meta["settings"].get(k) != v]
+  diffs = [f"{k}: stored {meta['settings'].get(k)!r}, now {settings.get(k)!r}"
+           for k in sorted(set(settings) | set(meta["settings"]))
+           if meta["settings"].get(k) != settings.get(k)]
   if meta.get("counts_sha256") != stats.metadata()["counts_sha256"]:
     diffs.append("counts: the stored weights were made from other token counts")
   if not diffs and not np.array_equal(stored_V, weights_V):
     diffs.append(f"values: max |stored - now| = {np.abs(stored_V - weights_V).max():.3g}")
+  if diffs and not check:  # no checkpoint was trained with them: replace them
+    if write:
+      save_weights(path, weights_V, settings, stats)
+      utils.log(f"loss weights: replaced {path} ({'; '.join(diffs)})")
+    return weights_V
   if diffs:
     raise ValueError(f"loss weights {path!r} do not match this run ({'; '.join(diffs)}); "
                      "use a new --workdir or --config.resume=False.")

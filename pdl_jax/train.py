@@ -121,11 +121,20 @@ def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: s
   return loss, (aux, face_counts_V)
 
 
+def use_chunked_loss(config, vocab_size: int) -> bool:
+  """config.loss.chunked, or for None: chunked for vocabularies of 32,000 and more
+  (pretrained models), where the [B, L, V] logits dominate memory, if the loss can."""
+  if config.loss.chunked is not None:
+    return bool(config.loss.chunked)
+  return vocab_size >= 32_000 and loss_lib.supports_chunked(config.loss.name)
+
+
 def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
   """compute_loss with the config's loss settings:
   fn(params, batch, weights_V, face_counts_V) -> (loss, (aux, face_counts_V))."""
   return functools.partial(compute_loss, model=model, loss_name=config.loss.name,
-                           loss_params=config_checks.loss_params(config), chunked=config.loss.chunked,
+                           loss_params=config_checks.loss_params(config),
+                           chunked=use_chunked_loss(config, model.cfg.vocab_size),
                            chunk_size=config.loss.chunk_size, eos_id=eos_id,
                            eos_weight=config.loss.eos_weight, **kwargs)
 

@@ -206,9 +206,8 @@ def test_bad_data_is_handled_as_documented(tmp_path):
   batch["labels"] = batch["labels"].copy()
   batch["labels"][0, -1] = tok.vocab_size + 7
   batch["labels"][1, 0] = -5
-  loss, aux = train.compute_loss(nn.meta.unbox(params), batch,
-                                 jnp.ones(tok.vocab_size), model=model, loss_name="pdl",
-                                 chunked=False, chunk_size=0)
+  loss, (aux, _) = train.loss_fn_of(tiny(), model)(
+      nn.meta.unbox(params), batch, jnp.ones(tok.vocab_size), jnp.zeros(tok.vocab_size, jnp.int32))
   assert np.isfinite(float(loss)) and np.isfinite(float(aux.nll))
 
 
@@ -216,13 +215,19 @@ def test_bad_data_is_handled_as_documented(tmp_path):
     ({"loss.alpha": -1.0}, r"config.loss.alpha=-1.0; expected >= 0"),
     ({"loss.epsilon": 0.0}, r"config.loss.epsilon=0.0; expected > 0"),
     ({"model.preset": "huge"}, r"config.model.preset='huge'; expected one of"),
-    ({"loss.name": "focal"}, r"config.loss.name='focal'"),
+    ({"loss.name": "hinge"}, r"config.loss.name='hinge'"),
+    ({"loss.name": "focal", "loss.chunked": True}, r"chunked=True with config.loss.name='focal'"),
+    ({"loss.eos_weight": 1.0, "loss.name": "ce"}, r"config.loss.eos_weight=1.0 with loss 'ce'"),
+    ({"loss.reduction": "mean"}, r"config.loss.reduction='mean'"),
+    ({"loss.name": "focal", "loss.gamma": -1.0}, r"config.loss \(focal\): gamma must be >= 0"),
+    ({"model.param_dtype": "float16"}, r"config.model.param_dtype='float16'"),
+    ({"eval.extra_decodes": ("nucleus",)}, r"'nucleus' \(eval.decode / eval.extra_decodes\)"),
     ({"dataset.name": "xsum"}, r"'xsum' is not available for task 'dialogue'"),
     ({"batch_size": 6, "mesh.data": 4, "mesh.model": 2}, r"batch_size=6 is not divisible"),
     ({"mesh.data": 16}, r"needs 16 devices; 8 are available"),
     ({"seq_len": 3}, r"config.seq_len=3; expected >= 4"),
     ({"tokenizer.path": "/nonexistent.model"}, r"/nonexistent.model' does not exist"),
-    ({"eval.decode": "sample"}, r"config.eval.decode='sample'"),
+    ({"eval.decode": "sample"}, r"decode method 'sample'"),
 ])
 def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -79,7 +79,7 @@ def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
   script.write_text(COUNTS_SCRIPT)
   port = free_port()
   procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=120)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)

@@ -148,7 +148,8 @@ def test_train_step_on_4x2_mesh_equals_single_device():
     bs = sharding.named_sharding(mesh, "batch", "length")
     rep = sharding.replicated(mesh)
     sharded_batch = {k: jax.device_put(v, bs) for k, v in batch.items()}
-    grad_fn = jax.jit(jax.grad(lambda p, b, w: loss_fn(p, b, w)[0]),
+    counts = jnp.zeros(96, jnp.int32)  # FACE's counts (unused by PDL)
+    grad_fn = jax.jit(jax.grad(lambda p, b, w: loss_fn(p, b, w, counts)[0]),
         in_shardings=(shardings.params, bs, rep), out_shardings=shardings.params)
     grads = grad_fn(state.params, sharded_batch, weights)
     step = jax.jit(lambda s, b, w: train.train_step(s, b, w, loss_fn=loss_fn, tx=tx),
@@ -290,7 +291,7 @@ def test_face_counts_are_train_state_and_resume_exactly(tmp_path):
         state=ocp.args.StandardRestore())).state)
   counts = np.asarray(states[0]["face_counts"])
   # 4 steps x 4 rows of argmax predictions at the target positions were counted.
-  assert counts.dtype == np.int32 and 0 < counts.sum() <= 4 * 4 * 8
+  assert counts.dtype == np.int32 and 0 < counts.sum() <= 4 * 4 * 9  # 8 tokens + EOS
   np.testing.assert_array_equal(np.asarray(states[1]["face_counts"]), counts)
   assert_trees_close(jax.tree.map(np.asarray, states[1]["params"]),
                      jax.tree.map(np.asarray, states[0]["params"]), rtol=0, atol=0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from pdl_jax import pretrained
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
@@ -15,11 +17,19 @@ def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig
   """DecoderConfig of the config: read from the pretrained directory's config.json,
   or the own model's preset for a vocabulary of `vocab_size`."""
   m = config.model
+  dtype = compute_dtype(config)
   if m.pretrained is not None:
-    return pretrained.read_config(m.pretrained, dtype=m.dtype, param_dtype=m.param_dtype)
-  own = transformer.model_config(m.preset, vocab_size, dtype=m.dtype,
+    return pretrained.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
+  own = transformer.model_config(m.preset, vocab_size, dtype=dtype,
                                  tied_embeddings=m.tied_embeddings)
   return dataclasses.replace(decoder.from_model_config(own), param_dtype=m.param_dtype)
+
+
+def compute_dtype(config) -> str:
+  """config.model.dtype, or for None bfloat16 on accelerators and float32 on CPU."""
+  if config.model.dtype is not None:
+    return config.model.dtype
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def make_model(config, vocab_size: int | None = None) -> decoder.Decoder:
