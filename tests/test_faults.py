@@ -235,6 +235,15 @@ def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
   assert not os.path.exists(tmp_path / "tokenizer.model")
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A 2-step run whose workdir the mismatch tests copy (one run for all of them)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(workdir))
+  return workdir
+
+
 @pytest.mark.parametrize("overrides, what", [
     ({"loss.alpha": 0.25}, "loss.alpha: stored 0.5, now 0.25"),
     ({"model.preset": "small"}, "model.d_model: stored 64, now 192"),
@@ -250,11 +259,12 @@ def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
     ({"num_steps": 4}, "num_steps: stored 2, now 4"),  # shapes the cosine schedule
     ({"dataset.max_train_examples": 30}, "max_train_examples: stored 4000, now 30"),
 ])
-def test_mismatched_workdir_is_refused(mock_data, tmp_path, overrides, what):
-  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+def test_mismatched_workdir_is_refused(mock_data, finished_run, tmp_path, overrides, what):
+  import shutil
+  shutil.copytree(finished_run, tmp_path / "w")
   kwargs = {"num_steps": 2, "eval_every": 100, **overrides}
   with pytest.raises(ValueError, match=re.escape(what) + ".*resume=False"):
-    train.train_and_evaluate(tiny(**kwargs), str(tmp_path))
+    train.train_and_evaluate(tiny(**kwargs), str(tmp_path / "w"))
 
 
 def test_changed_token_stats_are_refused_on_resume(mock_data, tmp_path):
