@@ -138,7 +138,7 @@ def jax_worker(args):
     hidden_BxCxD, labels_BxC, mask_BxC = loss_window.gather_window(
         hidden_BxLxD, labels_BxL, mask_BxL, capacity)
     logits_BxCxV = model.apply({"params": params}, hidden_BxCxD,
-                               method=decoder_lib.Decoder.unembed)
+                               method=decoder_lib.Decoder.unembed_logits)
     return loss_lib.pdl_loss(logits_BxCxV, labels_BxC, weights_V, mask=mask_BxC)
 
   def train_step(state, inputs_BxL, labels_BxL, mask_BxL):
