@@ -294,19 +294,28 @@ class Attention(nn.Module):
       kv = (k_BxSxGxK, v_BxSxGxK)
     else:
       k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
-    b, l = q_BxLxHxK.shape[:2]
-    # Query heads grouped by the KV head they share: head i uses KV head i // (H/G),
-    # the order of transformers' repeat_kv.
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
-    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK.astype(dtype),
-                                  preferred_element_type=jnp.float32)
+    b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
+    r = h // g
+    # Head-major layouts, so both attention matmuls (and their gradients) are plain
+    # batched matmuls over (B, G) with the R query heads sharing a KV head stacked
+    # with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v and the
+    # output ([B, L, H, K] each), not the [B, H, L, S] scores. Query head i uses KV
+    # head i // R, the order of transformers' repeat_kv.
+    q_BxGxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
+        b, g, r * l, k)
+    k_BxGxSxK = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+    v_BxGxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+    logits_BxGxMxS = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxSxK,
+                                preferred_element_type=jnp.float32)
     # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
-    # no [B, G, R, L, S] predicate in the forward or backward pass. score - 1e30
+    # no [B, H, L, S] predicate in the forward or backward pass. score - 1e30
     # rounds to exactly -1e30 in float32, as the `where` gave.
-    logits_BxGxRxLxS = logits_BxGxRxLxS + bias_BxLxS[:, None, None]
-    probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BxSxGxK.astype(dtype))
-    out_BxLxHxK = out_BxLxGxRxK.reshape(b, l, h, k)
+    logits_BxGxRxLxS = logits_BxGxMxS.reshape(b, g, r, l, s) + bias_BxLxS[:, None, None]
+    probs_BxGxMxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype).reshape(
+        b, g, r * l, s)
+    out_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", probs_BxGxMxS, v_BxGxSxK)
+    out_BxLxHxK = out_BxGxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
+        b, l, h, k)
     out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
                         dtype=dtype, param_dtype=pdtype, name="out")(out_BxLxHxK)
     return out_BxLxD, kv
