@@ -35,8 +35,8 @@ Runs (the `small` preset shape, then a pretrained-like one):
         --num_heads 8 --mlp_dim 1376 --vocab 32000 --batch 8 --window
 
 --baseline_root DIR adds a third worker: the jax step with the pdl_jax package of
-another source tree (e.g. a `git worktree add` of an older commit), to compare two
-versions of the decoder under the same interleaving.
+another source tree (e.g. `git archive <commit> | tar -x -C DIR`), always with logits at
+every position, to compare two versions under the same interleaving.
 """
 
 from __future__ import annotations
@@ -172,6 +172,8 @@ def torch_worker(args):
   import transformers
 
   torch.manual_seed(0)
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.mlp_dim,
       num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -240,14 +242,14 @@ def run_worker(args):
 
 
 SHAPE_FLAGS = ("vocab", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim",
-               "batch", "seq_len", "target_frac", "lr", "warmup")
+               "batch", "seq_len", "target_frac", "lr", "warmup", "torch_threads")
 
 
 def start(name: str, python: str, worker: str, args, root: str | None = None):
   cmd = [python, os.path.abspath(__file__), "--worker", worker]
   for flag in SHAPE_FLAGS:
     cmd += [f"--{flag}", str(getattr(args, flag))]
-  if args.window and worker == "jax":
+  if args.window and worker == "jax" and not root:  # the baseline is "before": no window
     cmd.append("--window")
   if root:
     cmd += ["--root", root]
@@ -284,6 +286,8 @@ def main() -> None:
   p.add_argument("--target_frac", type=float, default=0.2,
                  help="mean fraction of positions in each row's loss span")
   p.add_argument("--lr", type=float, default=1e-4)
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="torch.set_num_threads (0: torch's default, one per core)")
   p.add_argument("--window", action="store_true",
                  help="jax: logits only on the loss span (pdl_jax.loss_window)")
   p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
