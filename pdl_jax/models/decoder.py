@@ -18,6 +18,19 @@ head serves num_heads / num_kv_heads query heads. Parameter names match
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
 the own model's params run unchanged in the decoder.
 
+Speed (XLA:CPU, where the small models train): every projection and the
+unembedding is one 2-D [B*L, in] x [in, out] matmul (`Dense2D`, `unembed_logits`),
+so no weight gradient contracts a 3-D activation over (B, L), which XLA:CPU lowers
+with transposed copies of the incoming gradient; attention runs head-major
+(batched over B and the KV heads), so the [B, H, L, S] scores are never
+transposed either; RoPE cos/sin are computed once per forward and shared by the
+layers; the mask is an additive [B or 1, L, S] float32 bias made once per forward;
+the 1/sqrt(head_dim) scale rides on q (on its RoPE tables). A query row with no
+key to attend to (left padding) gets garbage output, as before, but now also
+passes gradient to its scores: a loss must mask padding positions, which it does.
+`tests/test_decoder_speed.py` checks the math against `transformer.Transformer` and
+the HLO for the transposes.
+
 Logical axis names are the project's ("vocab", "embed", "heads", "kv", "mlp") plus
 "kv_heads" for the key/value heads: under grouped-query attention there are often
 fewer KV heads (1-8) than devices on the model axis, so they cannot share the rule
