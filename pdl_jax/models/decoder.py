@@ -120,7 +120,9 @@ def from_model_config(model_cfg: Any) -> DecoderConfig:
       vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
       num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
       num_kv_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
-      mlp_dim=model_cfg.mlp_dim, max_len=getattr(model_cfg, "max_len", 2048), norm="rms", norm_eps=1e-6,
+      mlp_dim=model_cfg.mlp_dim,
+      # ModelConfig has no max_len (RoPE needs none); keep DecoderConfig's default.
+      max_len=getattr(model_cfg, "max_len", 2048), norm="rms", norm_eps=1e-6,
       mlp="gated", activation="silu", positions="rope", rope_theta=model_cfg.rope_base,
       tied_embeddings=tied, unembed_scale=model_cfg.d_model ** -0.5 if tied else None,
       dtype=model_cfg.dtype, model_type="pdl")
@@ -141,7 +143,7 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
 
 
 class Dense2D(nn.Module):
-  """x @ kernel over x's last `len(in_shape)` axes, computed as one [N, in] @ [in, out] matmul.
+  """x @ kernel over x's last `num_in` axes, computed as one [N, in] @ [in, out] matmul.
 
   Same parameters as `nn.Dense` / `nn.DenseGeneral` ("kernel" [*in, *out], "bias"
   [*out]) and the same initialisation (the initializer sees the flattened 2-D
