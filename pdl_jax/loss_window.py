@@ -13,7 +13,8 @@ at the row's first loss position:
     logits_BxCxV = model.apply(..., hidden_BxCxD, method=Decoder.unembed_logits)
     loss, aux = loss_fn(logits_BxCxV, labels_BxC, weights_V, mask=mask_BxC)
 
-or, chunked, `pdl_loss_from_hidden_and_aux(hidden_BxCxD.reshape(-1, D), ...)`.
+or, chunked, `pdl_loss_from_hidden_and_aux(hidden_BxCxD.reshape(-1, D), ...)`;
+`window_loss_and_aux` and `window_chunked_loss_and_aux` do either in one call.
 Every position the mask counts is inside the window, positions of the window the
 mask does not count keep mask 0, so loss, aux and gradients equal the full
 computation's (up to float32 summation order). The window's shape is static
@@ -27,6 +28,8 @@ calls `check_capacity(loss_mask, capacity)` once per split (host side, numpy), a
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +144,34 @@ def check_capacity(loss_mask: np.ndarray, capacity: int, *, name: str = "loss_ma
         f"{capacity} ({bad.size} of {len(span_N)} rows exceed it, longest "
         f"{int(span_N.max())}); raise the capacity (max_target_len + 1) or lower "
         "max_target_len.")
+
+
+def window_loss_and_aux(loss_fn: Callable[..., Any], logits_fn: Callable[[jax.Array], jax.Array],
+                        hidden_BxLxD: jax.Array, labels_BxL: jax.Array,
+                        weights_V: jax.Array | None, mask_BxL: jax.Array, capacity: int):
+  """`loss_fn(logits_fn(hidden), labels, weights_V, mask=mask)` with logits on the window only.
+
+  loss_fn: a `pdl_jax.loss.get_loss(name)` function; logits_fn: hidden [..., D] ->
+  float32 logits [..., V], e.g. `lambda h: model.apply(v, h, method=Decoder.unembed_logits)`.
+  Returns what loss_fn returns: (loss, LossAux), equal to the full computation's.
+  """
+  hidden_BxCxD, labels_BxC, mask_BxC = gather_window(hidden_BxLxD, labels_BxL, mask_BxL,
+                                                     capacity)
+  return loss_fn(logits_fn(hidden_BxCxD), labels_BxC, weights_V, mask=mask_BxC)
+
+
+def window_chunked_loss_and_aux(chunked_fn: Callable[..., Any], hidden_BxLxD: jax.Array,
+                                unembed_DxV: jax.Array, labels_BxL: jax.Array,
+                                weights_V: jax.Array | None, mask_BxL: jax.Array,
+                                capacity: int, **kwargs):
+  """The vocabulary-chunked loss on the window's [B * C, D] hidden states.
+
+  chunked_fn: a `pdl_jax.chunked_loss.get_loss_from_hidden(name)` function (or
+  `pdl_loss_from_hidden_and_aux`); kwargs (e.g. chunk_size) go to it. Returns
+  (loss, LossAux), equal to the full computation's.
+  """
+  hidden_BxCxD, labels_BxC, mask_BxC = gather_window(hidden_BxLxD, labels_BxL, mask_BxL,
+                                                     capacity)
+  d = hidden_BxCxD.shape[-1]
+  return chunked_fn(hidden_BxCxD.reshape(-1, d), unembed_DxV, labels_BxC.reshape(-1),
+                    weights_V, mask_N=mask_BxC.reshape(-1), **kwargs)

@@ -86,6 +86,9 @@ def test_plain_window_equals_full(mask_name, loss_name):
                                                                                 unembed)
   _assert_close((l_win, aux_win), (l_full, aux_full))
   _assert_close(g_win, g_full)
+  helper = lw.window_loss_and_aux(loss_lib.get_loss(loss_name), lambda h: h @ unembed,
+                                  hidden, labels, weights, mask, CAPACITY)
+  _assert_close(helper, (l_win, aux_win))
   if mask_name != "empty":
     assert float(l_full) > 0 and float(jnp.abs(g_full[0]).sum()) > 0
 
@@ -102,14 +105,22 @@ def test_chunked_window_equals_full(mask_name, loss_name):
     return plain(jnp.einsum("bld,dv->blv", h, w), labels, mask)
 
   def windowed(h, w):
-    h_c, y_c, m_c = lw.gather_window(h, labels, mask, CAPACITY)
-    return chunked(h_c, w, y_c, m_c)
+    return lw.window_chunked_loss_and_aux(
+        chunked_loss.get_loss_from_hidden(loss_name), h, w, labels, weights, mask,
+        CAPACITY, chunk_size=16)
+
+  def full_chunked(h, w):
+    return chunked(h, w, labels, mask)
 
   (l_full, aux_full), g_full = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, unembed)
   (l_win, aux_win), g_win = jax.value_and_grad(windowed, (0, 1), has_aux=True)(hidden,
                                                                                 unembed)
   _assert_close((l_win, aux_win), (l_full, aux_full))
   _assert_close(g_win, g_full)
+  (l_fc, aux_fc), g_fc = jax.value_and_grad(full_chunked, (0, 1), has_aux=True)(hidden,
+                                                                                 unembed)
+  _assert_close((l_win, aux_win), (l_fc, aux_fc))
+  _assert_close(g_win, g_fc)
 
 
 def test_window_holds_the_span():
