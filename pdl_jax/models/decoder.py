@@ -312,24 +312,27 @@ class Attention(nn.Module):
     b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
     r = h // g
     # Head-major layouts, so both attention matmuls (and their gradients) are plain
-    # batched matmuls over (B, G) with the R query heads sharing a KV head stacked
-    # with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v and the
-    # output ([B, L, H, K] each), not the [B, H, L, S] scores. Query head i uses KV
-    # head i // R, the order of transformers' repeat_kv.
-    q_BxGxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
-        b, g, r * l, k)
-    k_BxGxSxK = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
-    v_BxGxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
-    logits_BxGxMxS = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxSxK,
-                                preferred_element_type=jnp.float32)
+    # batched matmuls over N = B * G (one batch axis: a size-1 G axis of its own
+    # would cost layout copies), with the R query heads that share a KV head
+    # stacked with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v
+    # and the output ([B, L, H, K] each), never the [B, H, L, S] scores. Query head i
+    # uses KV head i // R, the order of transformers' repeat_kv.
+    q_NxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
+        b * g, r * l, k)
+    k_NxSxK = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
+    v_NxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
+    logits_NxMxS = jnp.einsum("nmk,nsk->nms", q_NxMxK, k_NxSxK,
+                              preferred_element_type=jnp.float32)
     # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
     # no [B, H, L, S] predicate in the forward or backward pass. score - 1e30
-    # rounds to exactly -1e30 in float32, as the `where` gave.
-    logits_BxGxRxLxS = logits_BxGxMxS.reshape(b, g, r, l, s) + bias_BxLxS[:, None, None]
-    probs_BxGxMxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype).reshape(
-        b, g, r * l, s)
-    out_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", probs_BxGxMxS, v_BxGxSxK)
-    out_BxLxHxK = out_BxGxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
+    # rounds to exactly -1e30 in float32, as the `where` gave. Row m of M is query
+    # m % L: the bias is tiled R times along M.
+    bias_Bx1xMxS = (jnp.tile(bias_BxLxS, (1, r, 1)) if r > 1 else bias_BxLxS)[:, None]
+    logits_BxGxMxS = logits_NxMxS.reshape(b, g, r * l, s) + bias_Bx1xMxS
+    probs_NxMxS = jax.nn.softmax(logits_BxGxMxS, axis=-1).astype(dtype).reshape(
+        b * g, r * l, s)
+    out_NxMxK = jnp.einsum("nms,nsk->nmk", probs_NxMxS, v_NxSxK)
+    out_BxLxHxK = out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
         b, l, h, k)
     out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
                         dtype=dtype, param_dtype=pdtype, name="out")(out_BxLxHxK)
