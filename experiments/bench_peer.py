@@ -101,6 +101,12 @@ def capacity_of(args) -> int:
 def jax_worker(args):
   """Builds the jitted step; returns step(i) -> None (blocks until done)."""
   sys.path.insert(0, args.root or ROOT)
+  if args.jax_threads == 1:
+    # XLA:CPU has no thread-count knob but this one: run every op on the caller's
+    # thread (its Eigen pool and intra-op parallelism off).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false"
+                               + " intra_op_parallelism_threads=1")
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -242,7 +248,8 @@ def run_worker(args):
 
 
 SHAPE_FLAGS = ("vocab", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim",
-               "batch", "seq_len", "target_frac", "lr", "warmup", "torch_threads")
+               "batch", "seq_len", "target_frac", "lr", "warmup", "torch_threads",
+               "jax_threads")
 
 
 def start(name: str, python: str, worker: str, args, root: str | None = None):
@@ -288,6 +295,8 @@ def main() -> None:
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--torch_threads", type=int, default=0,
                  help="torch.set_num_threads (0: torch's default, one per core)")
+  p.add_argument("--jax_threads", type=int, default=0, choices=(0, 1),
+                 help="1: single-threaded XLA:CPU (0: its default pool, one per core)")
   p.add_argument("--window", action="store_true",
                  help="jax: logits only on the loss span (pdl_jax.loss_window)")
   p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
