@@ -26,13 +26,27 @@ A torch venv for the peer (torch is several GB; it is not a project requirement)
     /path/to/hfvenv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch
     /path/to/hfvenv/bin/pip install transformers
 
-Runs (the `small` preset shape, then a pretrained-like one):
+Runs (the `small` preset shape, then a pretrained-like one; one thread each side,
+which is like for like and robust to other load on a shared machine: torch's
+default OpenMP threads degrade badly when another process holds a core):
 
     python experiments/bench_peer.py --jax_python /work/venv/bin/python \\
-        --torch_python /work/hfvenv/bin/python --window
+        --torch_python /work/hfvenv/bin/python --torch_threads 1 --jax_threads 1 --window
     python experiments/bench_peer.py --jax_python /work/venv/bin/python \\
-        --torch_python /work/hfvenv/bin/python --d_model 512 --num_layers 8 \\
-        --num_heads 8 --mlp_dim 1376 --vocab 32000 --batch 8 --window
+        --torch_python /work/hfvenv/bin/python --torch_threads 1 --jax_threads 1 \\
+        --d_model 512 --num_layers 8 --num_heads 8 --mlp_dim 1376 --vocab 32000 \\
+        --batch 8 --steps 5 --window
+
+Measured 2026-11-27 on the shared 2-core CPU (another process using about one core),
+jax 0.10.2 vs torch 2.13 / transformers 5.24, one thread each, tokens/s, medians:
+
+    shape                      jax+window  jax (before)  torch   jax/torch
+    small, V 4000, 32 x 128        3466        2324       2779     1.25
+    d512 8L, V 32000, 8 x 128       455         312        183     2.49
+    d512 8L, V 128000, 8 x 128      182          89         83     2.19
+
+(small without the window: 2843 vs torch 2807, 1.01x.) "before" is the decoder of
+commit 87890bb via --baseline_root, logits at every position.
 
 --baseline_root DIR adds a third worker: the jax step with the pdl_jax package of
 another source tree (e.g. `git archive <commit> | tar -x -C DIR`), always with logits at
