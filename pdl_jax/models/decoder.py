@@ -18,6 +18,19 @@ head serves num_heads / num_kv_heads query heads. Parameter names match
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
 the own model's params run unchanged in the decoder.
 
+Speed (XLA:CPU, where the small models train): every projection and the
+unembedding is one 2-D [B*L, in] x [in, out] matmul (`Dense2D`, `unembed_logits`),
+so no weight gradient contracts a 3-D activation over (B, L), which XLA:CPU lowers
+with transposed copies of the incoming gradient; attention runs head-major
+(batched over B and the KV heads), so the [B, H, L, S] scores are never
+transposed either; RoPE cos/sin are computed once per forward and shared by the
+layers; the mask is an additive [B or 1, L, S] float32 bias made once per forward;
+the 1/sqrt(head_dim) scale rides on q (on its RoPE tables). A query row with no
+key to attend to (left padding) gets garbage output, as before, but now also
+passes gradient to its scores: a loss must mask padding positions, which it does.
+`tests/test_decoder_speed.py` checks the math against `transformer.Transformer` and
+the HLO for the transposes.
+
 Logical axis names are the project's ("vocab", "embed", "heads", "kv", "mlp") plus
 "kv_heads" for the key/value heads: under grouped-query attention there are often
 fewer KV heads (1-8) than devices on the model axis, so they cannot share the rule
@@ -127,6 +140,48 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
   return nn.relu(x)
 
 
+class Dense2D(nn.Module):
+  """x @ kernel over x's last `num_in` axes, computed as one [N, in] @ [in, out] matmul.
+
+  Same parameters as `nn.Dense` / `nn.DenseGeneral` ("kernel" [*in, *out], "bias"
+  [*out]) and the same initialisation (the initializer sees the flattened 2-D
+  [in, out] shape, as DenseGeneral's does), so param trees and checkpoints are
+  unchanged. Why: contracting a [B, L, D] activation over (B, L) for the weight
+  gradient makes XLA:CPU copy the incoming [B, L, F] gradient into a transposed
+  layout first; with plain reshapes to [B*L, D] around the matmul, both the
+  forward and the weight-gradient dot are 2-D matmuls that take transposed
+  operands natively (one gemm, no copies).
+  """
+
+  out_shape: tuple[int, ...]
+  num_in: int  # trailing axes of x contracted with the kernel
+  kernel_axes: tuple[str | None, ...]  # logical names of the kernel's axes
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.num_in:]
+    lead = x.shape[:x.ndim - self.num_in]
+    n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
+    base_init = self.kernel_init
+
+    def flat_init(rng, shape, dtype):
+      return base_init(rng, (n_in, n_out), dtype).reshape(shape)
+
+    kernel = self.param("kernel", _init(self.kernel_axes, flat_init),
+                        in_shape + tuple(self.out_shape), self.param_dtype)
+    y_NxO = jnp.dot(x.astype(self.dtype).reshape(-1, n_in),
+                    kernel.astype(self.dtype).reshape(n_in, n_out))
+    if self.use_bias:
+      bias = self.param("bias", _init(self.kernel_axes[self.num_in:], nn.initializers.zeros),
+                        tuple(self.out_shape), self.param_dtype)
+      y_NxO = y_NxO + bias.astype(self.dtype).reshape(n_out)
+    return y_NxO.reshape(lead + tuple(self.out_shape))
+
+
 class Norm(nn.Module):
   """RMSNorm (x*w or Gemma's x*(1+w)) or LayerNorm with bias; statistics in float32."""
 
@@ -183,35 +238,50 @@ def inverse_frequencies(cfg: DecoderConfig) -> np.ndarray:
   return inv_freq
 
 
-def rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: np.ndarray
-           ) -> jax.Array:
-  """Rotate-half RoPE (first half / second half of the head), as Hugging Face Llama."""
+def rotary_tables(positions_BxL: jax.Array, inv_freq_K2: np.ndarray
+                  ) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, L, 1, K/2] (float32) of the RoPE angles; computed once per forward
+  and shared by every layer (XLA does not reliably hoist them out of the layers)."""
   angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_K2)
-  sin = jnp.sin(angle_BxLxK2)[:, :, None, :]
-  cos = jnp.cos(angle_BxLxK2)[:, :, None, :]
+  return jnp.cos(angle_BxLxK2)[:, :, None, :], jnp.sin(angle_BxLxK2)[:, :, None, :]
+
+
+def apply_rotary(x_BxLxHxK: jax.Array, cos_BxLx1xK2: jax.Array, sin_BxLx1xK2: jax.Array
+                 ) -> jax.Array:
+  """Rotate-half RoPE (first half / second half of the head), as Hugging Face Llama."""
   half = x_BxLxHxK.shape[-1] // 2
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xK2 - x2 * sin_BxLx1xK2,
+                         x2 * cos_BxLx1xK2 + x1 * sin_BxLx1xK2], axis=-1)
   return out.astype(x_BxLxHxK.dtype)
 
 
+def rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: np.ndarray
+           ) -> jax.Array:
+  """Rotate-half RoPE at integer positions (tables and rotation in one call)."""
+  return apply_rotary(x_BxLxHxK, *rotary_tables(positions_BxL, inv_freq_K2))
+
+
 class Attention(nn.Module):
-  """Causal attention with grouped KV heads, optional biases, q/k norm and KV cache."""
+  """Causal attention with grouped KV heads, optional biases, q/k norm and KV cache.
+
+  rope_tables: (cos, sin) [B, L, 1, K/2] from `rotary_tables` (None for learned
+  positions); bias_BxLxS: additive mask bias, 0 where a query may attend and -1e30
+  elsewhere (leading axis 1 when it is the same for every row).
+  """
 
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def proj(name, heads, heads_axis):
-      return nn.DenseGeneral(
-          (heads, k), dtype=dtype, param_dtype=pdtype, use_bias=cfg.qkv_bias, name=name,
-          kernel_init=_init(("embed", heads_axis, "kv")),
-          bias_init=_init((heads_axis, "kv"), nn.initializers.zeros))(x_BxLxD)
+      return Dense2D((heads, k), 1, ("embed", heads_axis, "kv"), use_bias=cfg.qkv_bias,
+                     dtype=dtype, param_dtype=pdtype, name=name)(x_BxLxD)
 
     q_BxLxHxK = proj("query", h, "heads")
     k_BxLxGxK = proj("key", g, "kv_heads")
@@ -219,10 +289,15 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_BxLxHxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="q_norm")(q_BxLxHxK)
       k_BxLxGxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="k_norm")(k_BxLxGxK)
-    if cfg.positions == "rope":
-      inv_freq = inverse_frequencies(cfg)
-      q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, inv_freq)
-      k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, inv_freq)
+    # The 1/sqrt(K) score scale is folded into q ([B, L, H, K] multiplies, or none
+    # at all with RoPE: it rides on q's cos/sin) instead of scaling [B, H, L, S].
+    scale = k ** -0.5
+    if rope_tables is not None:
+      cos_BxLx1xK2, sin_BxLx1xK2 = rope_tables
+      q_BxLxHxK = apply_rotary(q_BxLxHxK, cos_BxLx1xK2 * scale, sin_BxLx1xK2 * scale)
+      k_BxLxGxK = apply_rotary(k_BxLxGxK, cos_BxLx1xK2, sin_BxLx1xK2)
+    else:
+      q_BxLxHxK = q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype)
     if kv is not None:  # write this chunk into the cache, attend over all of it
       k_cache, v_cache = kv
       k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
@@ -232,20 +307,33 @@ class Attention(nn.Module):
       kv = (k_BxSxGxK, v_BxSxGxK)
     else:
       k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
-    b, l = q_BxLxHxK.shape[:2]
-    # Query heads grouped by the KV head they share: head i uses KV head i // (H/G),
-    # the order of transformers' repeat_kv.
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
-    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK.astype(dtype),
-                                  preferred_element_type=jnp.float32) * k ** -0.5
-    logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, -1e30)
-    probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BxSxGxK.astype(dtype))
-    out_BxLxHxK = out_BxLxGxRxK.reshape(b, l, h, k)
-    out_BxLxD = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, use_bias=cfg.out_bias,
-        kernel_init=_init(("heads", "kv", "embed")),
-        bias_init=_init(("embed",), nn.initializers.zeros), name="out")(out_BxLxHxK)
+    b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
+    r = h // g
+    # Head-major layouts, so both attention matmuls (and their gradients) are plain
+    # batched matmuls over N = B * G (one batch axis: a size-1 G axis of its own
+    # would cost layout copies), with the R query heads that share a KV head
+    # stacked with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v
+    # and the output ([B, L, H, K] each), never the [B, H, L, S] scores. Query head i
+    # uses KV head i // R, the order of transformers' repeat_kv.
+    q_NxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
+        b * g, r * l, k)
+    k_NxSxK = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
+    v_NxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
+    logits_NxMxS = jnp.einsum("nmk,nsk->nms", q_NxMxK, k_NxSxK,
+                              preferred_element_type=jnp.float32)
+    # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
+    # no [B, H, L, S] predicate in the forward or backward pass. score - 1e30
+    # rounds to exactly -1e30 in float32, as the `where` gave. Row m of M is query
+    # m % L: the bias is tiled R times along M.
+    bias_Bx1xMxS = (jnp.tile(bias_BxLxS, (1, r, 1)) if r > 1 else bias_BxLxS)[:, None]
+    logits_BxGxMxS = logits_NxMxS.reshape(b, g, r * l, s) + bias_Bx1xMxS
+    probs_NxMxS = jax.nn.softmax(logits_BxGxMxS, axis=-1).astype(dtype).reshape(
+        b * g, r * l, s)
+    out_NxMxK = jnp.einsum("nms,nsk->nmk", probs_NxMxS, v_NxSxK)
+    out_BxLxHxK = out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
+        b, l, h, k)
+    out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
+                        dtype=dtype, param_dtype=pdtype, name="out")(out_BxLxHxK)
     return out_BxLxD, kv
 
 
@@ -260,9 +348,8 @@ class MLP(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def dense(features, name, axes):
-      return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=pdtype,
-                      name=name, kernel_init=_init(axes),
-                      bias_init=_init(axes[-1:], nn.initializers.zeros))
+      return Dense2D((features,), 1, axes, use_bias=cfg.mlp_bias, dtype=dtype,
+                     param_dtype=pdtype, name=name)
 
     up_BxLxF = dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_BxLxD)
     if cfg.mlp == "gated":
@@ -279,12 +366,12 @@ class Block(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None):
     cfg = self.cfg
     pdtype = jnp.dtype(cfg.param_dtype)
     attn, kv = Attention(cfg, name="attn")(
-        Norm(cfg.norm, cfg.norm_eps, pdtype, name="attn_norm")(x_BxLxD), positions_BxL,
-        mask_BxLxS, kv, cache_index)
+        Norm(cfg.norm, cfg.norm_eps, pdtype, name="attn_norm")(x_BxLxD), rope_tables,
+        bias_BxLxS, kv, cache_index)
     x_BxLxD = x_BxLxD + attn
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(
         Norm(cfg.norm, cfg.norm_eps, pdtype, name="mlp_norm")(x_BxLxD))
@@ -328,6 +415,29 @@ class Decoder(nn.Module):
       w_DxV = w_DxV * self.cfg.unembed_scale
     return w_DxV
 
+  def unembed_logits(self, hidden_xD: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of final-norm hidden states [..., D] (any leading axes).
+
+    One [N, D] x [D, V] matmul on the flattened rows; when tied, it contracts the
+    [V, D] embedding's D axis directly (no transposed copy of the embedding, and its
+    gradient comes out as [V, D]). Use it with `return_hidden=True` to compute logits
+    only where the loss is (`pdl_jax.loss_window`).
+    """
+    cfg = self.cfg
+    lead, d = hidden_xD.shape[:-1], hidden_xD.shape[-1]
+    hidden_NxD = hidden_xD.reshape(-1, d)
+    if cfg.tied_embeddings:
+      w_VxD = self.embed.embedding
+      if cfg.unembed_scale not in (None, 1, 1.0):
+        w_VxD = w_VxD * cfg.unembed_scale
+      logits_NxV = jax.lax.dot_general(
+          hidden_NxD, w_VxD.astype(hidden_NxD.dtype), (((1,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32)
+    else:
+      logits_NxV = jnp.matmul(hidden_NxD, self.unembed.astype(hidden_NxD.dtype),
+                              preferred_element_type=jnp.float32)
+    return logits_NxV.reshape(lead + (cfg.vocab_size,))
+
   def __call__(self, tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
                cache_index=None, return_hidden=False):
     cfg = self.cfg
@@ -346,10 +456,14 @@ class Decoder(nn.Module):
     if cfg.positions == "learned" and s > cfg.max_len:
       raise ValueError(f"{cfg.model_type}: {s} positions exceed the {cfg.max_len} learned "
                        "position embeddings.")
-    causal_LxS = jnp.arange(s)[None, :] <= query_index[:, None]
-    mask_BxLxS = jnp.broadcast_to(causal_LxS, (b, l, s))
+    allowed_1xLxS = (jnp.arange(s)[None, :] <= query_index[:, None])[None]
     if key_mask_BxS is not None:
-      mask_BxLxS = mask_BxLxS & key_mask_BxS[:, None, :].astype(bool)
+      allowed_1xLxS = allowed_1xLxS & key_mask_BxS[:, None, :].astype(bool)
+    # Additive float32 bias, made once per forward (shape [1, L, S] without a key
+    # mask: broadcast in the add, never materialised per row).
+    bias_BxLxS = jnp.where(allowed_1xLxS, 0.0, -1e30).astype(jnp.float32)
+    rope_tables = (rotary_tables(positions_BxL, inverse_frequencies(cfg))
+                   if cfg.positions == "rope" else None)
     x_BxLxD = self.embed(tokens_BxL)
     if cfg.embed_scale:
       # Gemma multiplies by sqrt(d) rounded to the compute dtype (bf16: 55.5 for d=3072).
@@ -359,7 +473,7 @@ class Decoder(nn.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x_BxLxD, kv = block(x_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index)
+      x_BxLxD, kv = block(x_BxLxD, rope_tables, bias_BxLxS, kv, cache_index)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -367,9 +481,7 @@ class Decoder(nn.Module):
     new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     if return_hidden:
       return hidden_BxLxD, new_cache
-    logits_BxLxV = jnp.matmul(hidden_BxLxD, self.unembed_matrix().astype(hidden_BxLxD.dtype),
-                              preferred_element_type=jnp.float32)
-    return logits_BxLxV, new_cache
+    return self.unembed_logits(hidden_BxLxD), new_cache
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> Cache:
