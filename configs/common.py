@@ -37,6 +37,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
   c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked.
+  c.window = True  # Logits only on each row's target span (max_target_len + 1 positions): same loss, less unembedding.
   c.reduction = ml_collections.FieldReference(None, field_type=str)  # Weighted losses: "weights" (sum of weights) or "tokens" (token count); None: the loss's paper.
   c.eos_weight = ml_collections.FieldReference(None, field_type=float)  # Weighted losses: EOS's weight in units of an average token; None: its frequency weight.
   c.itf_lambda = 0.4  # ITF (Nakamura et al. 2019): w = 1 / count ** itf_lambda.

@@ -52,7 +52,7 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   every setting that changes what the run computes (not logging, evaluation or
   the chunking of the loss, which give the same math)."""
   loss = config.loss.to_dict()
-  for key in ("chunked", "chunk_size"):
+  for key in ("chunked", "chunk_size", "window"):
     loss.pop(key, None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,

@@ -29,6 +29,7 @@ from pdl_jax import data as data_lib
 from pdl_jax import evaluate as eval_lib
 from pdl_jax import frequency
 from pdl_jax import loss as loss_lib
+from pdl_jax import loss_window
 from pdl_jax import metric_writer
 from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
@@ -94,21 +95,35 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
 
 def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: str,
                  loss_params: dict[str, Any], chunked: bool, chunk_size: int, eos_id: int,
-                 eos_weight: float | None, update_face_counts: bool = True):
+                 eos_weight: float | None, capacity: int | None = None,
+                 update_face_counts: bool = True):
   """(loss, (LossAux, face_counts_V)) of a batch with the config's loss; training and
-  evaluation both call this. FACE's weights come from its running prediction counts
-  (updated with this batch's argmax first, as its authors do, unless evaluating)."""
+  evaluation both call this.
+
+  With `capacity`, logits (or the chunked loss) are computed only on a window of that
+  many positions per row, starting at the row's first loss position (the target span
+  of the prefix-LM; pdl_jax.loss_window): the same loss and gradients, without the
+  unembedding of the prompt positions. FACE's weights come from its running prediction
+  counts (updated with this batch's argmax first, as its authors do, unless evaluating).
+  """
   labels_BxL, mask_BxL = batch["labels"], batch["loss_mask"]
-  if chunked:
-    hidden_BxLxD, _ = model.apply({"params": params}, batch["inputs"], return_hidden=True)
-    unembed_DxV = decoder.unembed_DxV(model, params)
-    d = hidden_BxLxD.shape[-1]
-    loss, aux = chunked_loss.get_loss_from_hidden(loss_name, **loss_params)(
-        hidden_BxLxD.reshape(-1, d), unembed_DxV.astype(hidden_BxLxD.dtype),
-        labels_BxL.reshape(-1), weights_V, mask_N=mask_BxL.reshape(-1),
-        chunk_size=chunk_size)
-    return loss, (aux, face_counts_V)
-  logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"])
+  variables = {"params": params}
+  if chunked or capacity is not None:
+    hidden_BxLxD, _ = model.apply(variables, batch["inputs"], return_hidden=True)
+    if capacity is not None:
+      hidden_BxLxD, labels_BxL, mask_BxL = loss_window.gather_window(
+          hidden_BxLxD, labels_BxL, mask_BxL, capacity)
+    if chunked:
+      d = hidden_BxLxD.shape[-1]
+      loss, aux = chunked_loss.get_loss_from_hidden(loss_name, **loss_params)(
+          hidden_BxLxD.reshape(-1, d),
+          decoder.unembed_DxV(model, params).astype(hidden_BxLxD.dtype),
+          labels_BxL.reshape(-1), weights_V, mask_N=mask_BxL.reshape(-1),
+          chunk_size=chunk_size)
+      return loss, (aux, face_counts_V)
+    logits_BxLxV = model.apply(variables, hidden_BxLxD, method=decoder.Decoder.unembed_logits)
+  else:
+    logits_BxLxV, _ = model.apply(variables, batch["inputs"])
   if loss_name == "face":
     if update_face_counts:
       face_counts_V = baselines.face_count_update(face_counts_V, logits_BxLxV, labels_BxL,
@@ -119,6 +134,14 @@ def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: s
   loss, aux = loss_lib.get_loss(loss_name, **loss_params)(logits_BxLxV, labels_BxL,
                                                           weights_V, mask=mask_BxL)
   return loss, (aux, face_counts_V)
+
+
+def window_capacity(config) -> int | None:
+  """Positions per row the loss window keeps (None: logits at every position). A
+  target span is at most max_target_len tokens plus EOS."""
+  if not config.loss.window:
+    return None
+  return loss_window.capacity_for(config.max_target_len, config.seq_len)
 
 
 def use_chunked_loss(config, vocab_size: int) -> bool:
@@ -136,6 +159,7 @@ def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
                            loss_params=config_checks.loss_params(config),
                            chunked=use_chunked_loss(config, model.cfg.vocab_size),
                            chunk_size=config.loss.chunk_size, eos_id=eos_id,
+                           capacity=window_capacity(config),
                            eos_weight=config.loss.eos_weight, **kwargs)
 
 
@@ -195,6 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stats = frequency.prepare_stats(config, workdir, tokenizer, train_ex, vocab_size)
   eval_ex = data_lib.encode_split(config, tokenizer, data_lib.load_split_texts(
       config, "validation", config.eval.num_examples))
+  capacity = window_capacity(config)
+  if capacity is not None:  # every target span fits the loss window (clear error if not)
+    for name, ex in (("train", train_ex), ("validation", eval_ex)):
+      loss_window.check_capacity(ex.loss_positions()[:, 1:], capacity,
+                                 name=f"{name} loss mask")
   batches = data_lib.TrainBatches(train_ex, config.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
 

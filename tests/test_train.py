@@ -295,3 +295,15 @@ def test_face_counts_are_train_state_and_resume_exactly(tmp_path):
   np.testing.assert_array_equal(np.asarray(states[1]["face_counts"]), counts)
   assert_trees_close(jax.tree.map(np.asarray, states[1]["params"]),
                      jax.tree.map(np.asarray, states[0]["params"]), rtol=0, atol=0)
+
+
+def test_loss_window_training_equals_full_logits(tmp_path):
+  # Long prompts, targets cut at max_target_len: the window (9 of 24 positions) holds
+  # every loss position, and training is the same as with logits everywhere.
+  run(tmp_path / "full", **{"loss.window": False, "num_steps": 3, "eval_every": 3})
+  run(tmp_path / "win", **{"loss.window": True, "num_steps": 3, "eval_every": 3})
+  assert_trees_close(final_params(tmp_path / "win")[1], final_params(tmp_path / "full")[1],
+                     rtol=1e-5, atol=1e-6)
+  nll = [json.loads(l)["eval/nll"] for name in ("full", "win")
+         for l in open(tmp_path / name / "metrics.jsonl") if "eval/nll" in l]
+  assert nll[0] == pytest.approx(nll[1], rel=1e-5)
