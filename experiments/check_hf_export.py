@@ -29,6 +29,7 @@ def export(out: str) -> None:
   sys.path.insert(0, ROOT)
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  from pdl_jax.models import decoder as decoder_lib  # pylint: disable=import-outside-toplevel
   from pdl_jax.models import transformer as model_lib  # pylint: disable=import-outside-toplevel
   from pdl_jax import pretrained  # pylint: disable=import-outside-toplevel
   from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
@@ -41,7 +42,7 @@ def export(out: str) -> None:
     pretrained.export(params, cfg, os.path.join(out, name + "_bf16"), dtype="bfloat16")
     np.savez(os.path.join(out, name + ".npz"), **np.load(os.path.join(src, "reference.npz")))
   own_cfg = model_lib.model_config("tiny", vocab_size=96, num_layers=2)
-  own = model_lib.Transformer(own_cfg)
+  own = decoder_lib.Decoder(decoder_lib.from_model_config(own_cfg))
   tokens = np.random.default_rng(0).integers(0, 96, (2, 7)).astype(np.int32)
   params = nn.meta.unbox(own.init(jax.random.key(1), tokens)["params"])
   logits, _ = own.apply({"params": params}, tokens)

@@ -1,6 +1,6 @@
 """Frequency-aware and anti-dullness baselines PDL is compared against: pure math.
 
-Each is chosen by `config.loss.name` through `loss.get_loss`, which returns every
+Each is chosen by `config.loss.name` through `losses.get_loss`, which returns every
 loss as fn(logits, labels, weights_V, *, mask) -> (loss, LossAux).
 
 Frequency-weighted, loss = sum(mask * w[y] * nll) / denominator (the shared
@@ -360,7 +360,7 @@ _UNWEIGHTED = {"unlikelihood": (unlikelihood_loss_and_aux, "ul_alpha", 1.0),
 
 
 def get_unweighted_loss(name: str, **params) -> L.LossFn:
-  """`loss.get_loss` for unlikelihood, focal and label_smoothing (use that)."""
+  """`losses.get_loss` for unlikelihood, focal and label_smoothing (use that)."""
   if name not in _UNWEIGHTED:
     raise ValueError(f"name must be one of {tuple(_UNWEIGHTED)}; got {name!r}.")
   fn, key, default = _UNWEIGHTED[name]

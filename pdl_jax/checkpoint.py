@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -165,7 +166,8 @@ def archive_previous_run(workdir: str) -> None:
     root = utils.path(workdir)
     present = [n for n in RUN_OUTPUTS if (root / n).exists()]
     if present:
-      target = root / time.strftime("previous-%Y%m%d-%H%M%S")
+      # The second plus a short random suffix: two restarts in one second differ.
+      target = root / f"{time.strftime('previous-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
       target.mkdir(parents=True)
       for name in present:
         (root / name).rename(target / name)

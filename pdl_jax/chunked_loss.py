@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pdl_jax import loss as L
+from pdl_jax import losses
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -223,7 +224,7 @@ def pdl_loss_from_hidden(
 
 
 def get_loss_from_hidden(name: str, **params):
-  """Chunked counterpart of `loss.get_loss`, for the names in `loss.CHUNKABLE`.
+  """Chunked counterpart of `losses.get_loss`, for the names in `loss.CHUNKABLE`.
 
   Returns fn(hidden_NxD, unembed_DxV, labels_N, weights_V, *, mask_N, chunk_size)
   -> (loss, LossAux), equal to get_loss(name, **params)(hidden @ unembed, labels,
@@ -232,14 +233,14 @@ def get_loss_from_hidden(name: str, **params):
   Raises:
     ValueError: naming the loss, for a loss without a chunked path (face,
       unlikelihood, focal, label_smoothing: set loss.chunked=False), an unknown
-      name, or parameters as `loss.get_loss`.
+      name, or parameters as `losses.get_loss`.
   """
   if not L.supports_chunked(name):
     raise ValueError(
         f"loss {name!r} has no chunked path (loss.chunked=True supports only "
         f"{sorted(L.CHUNKABLE)}): its per-token loss needs more of the logits than "
         "the label's; set loss.chunked=False.")
-  L.get_loss(name, **params)  # validates the parameters
+  losses.get_loss(name, **params)  # validates the parameters
   reduction = L.resolve_reduction(name, params.get("reduction"))
   use_weights = name != "ce"
 

@@ -7,6 +7,7 @@ import ml_collections
 
 from pdl_jax import decode as decode_lib
 from pdl_jax import loss as loss_lib
+from pdl_jax import losses
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
 from pdl_jax.models import transformer
@@ -44,7 +45,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
   try:  # gamma, smoothing, ul_alpha: the loss checks its own ranges
-    loss_lib.get_loss(c.name, **loss_params(config))
+    losses.get_loss(c.name, **loss_params(config))
   except ValueError as e:
     raise ValueError(f"config.loss ({c.name}): {e}") from None
   if not c.alpha >= 0:
@@ -59,9 +60,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.pretrained={config.model.pretrained!r} has no "
                      "config.json; expected a Hugging Face model directory (config.json, "
                      "*.safetensors, tokenizer files).")
-  if config.model.pretrained is not None and config.init_from is not None:
-    raise ValueError("config.model.pretrained and config.init_from are both set; "
-                     "init_from already names the run whose params start this one.")
   for key in ("dtype", "param_dtype"):
     if config.model[key] not in ("float32", "bfloat16") and not (
         key == "dtype" and config.model[key] is None):

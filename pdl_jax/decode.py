@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdl_jax.models import decoder as decoder_lib
-from pdl_jax.models import transformer as transformer_lib
 
 METHODS = ("greedy", "beam", "top_p")
 
@@ -37,17 +36,9 @@ def _positions(mask_BxP: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
 
 
-def _init_cache(model, batch: int, length: int):
-  """The zero KV cache of the model's family (the decoder's holds the KV heads only:
-  grouped-query attention)."""
-  init = decoder_lib.init_cache if isinstance(model, decoder_lib.Decoder) else \
-      transformer_lib.init_cache
-  return init(model.cfg, batch, length)
-
-
 def _prefill(model, params, tokens_BxP, mask_BxP, total_len):
   b, p = tokens_BxP.shape
-  cache = _init_cache(model, b, total_len)
+  cache = decoder_lib.init_cache(model.cfg, b, total_len)
   key_mask_BxS = jnp.concatenate(
       [mask_BxP, jnp.ones((b, total_len - p), mask_BxP.dtype)], axis=1)
   logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, _positions(mask_BxP),

@@ -85,6 +85,9 @@ class TokenStats:
   dataset: str
   split: str
   fields: tuple[str, ...]
+  # The run settings that decide which tokens the loss sees (task, dataset, example
+  # cap, lengths): stored stats are reused only by a run with the same ones.
+  counted_with: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     counts = np.asarray(self.counts)
@@ -134,7 +137,7 @@ class TokenStats:
         "num_tokens": int(self.num_tokens), "num_examples": int(self.num_examples),
         "vocab_size": int(self.vocab_size), "tokenizer_sha256": self.tokenizer_sha256,
         "dataset": self.dataset, "split": self.split, "fields": list(self.fields),
-        "counts_sha256": _sha256(self.counts),
+        "counts_sha256": _sha256(self.counts), "counted_with": dict(self.counted_with),
     }
 
   @classmethod
@@ -153,7 +156,8 @@ class TokenStats:
                  vocab_size=int(meta["vocab_size"]),
                  tokenizer_sha256=str(meta["tokenizer_sha256"]),
                  dataset=str(meta["dataset"]), split=str(meta["split"]),
-                 fields=tuple(meta["fields"]))
+                 fields=tuple(meta["fields"]),
+                 counted_with=dict(meta.get("counted_with", {})))
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"token stats at {where} are corrupt: {e}") from e
 
@@ -246,7 +250,8 @@ def most_and_least_frequent(stats: TokenStats, tokenizer: Tokenizer, top: int,
 def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                   dataset: str | None = None, split: str | None = None,
                   fields: Sequence[str] | None = None, log=utils.log,
-                  write: bool = True, vocab_size: int | None = None) -> TokenStats:
+                  write: bool = True, vocab_size: int | None = None,
+                  counted_with: Mapping[str, Any] | None = None) -> TokenStats:
   """Stats stored at `path`, checked against the run, or a new pass saved there.
 
   A resumed run reuses the stats stored with its checkpoints instead of recounting;
@@ -256,7 +261,8 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
     path: the stats file (e.g. WORKDIR/checkpoints/token_stats.npz).
     tokenizer: the run's tokenizer (sha256 and vocab size must match).
     count_fn: () -> TokenStats, the pass to run when nothing is stored.
-    dataset, split, fields: what the run counts; checked when given.
+    dataset, split, fields, counted_with: what the run counts and the settings it
+      counts with; checked when given.
     write: save new stats (False on all but one of several processes, which all
       run count_fn since it sums across them).
   """
@@ -270,6 +276,13 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
             f"token stats {path!r} were counted over {name} "
             f"{getattr(stats, name)!r}, but this run uses {want!r}; use a new "
             "workdir or delete the stats to recount.")
+    if counted_with is not None and dict(stats.counted_with) != dict(counted_with):
+      diffs = [f"{k}: stored {stats.counted_with.get(k)!r}, now {counted_with.get(k)!r}"
+               for k in sorted(set(stats.counted_with) | set(counted_with))
+               if stats.counted_with.get(k) != counted_with.get(k)]
+      raise ValueError(
+          f"token stats {path!r} were counted for other data settings "
+          f"({'; '.join(diffs)}); use a new workdir or delete the stats to recount.")
     log(f"token stats: reusing {path} ({stats.num_tokens} tokens, "
         f"{stats.num_examples} examples)")
     return stats
@@ -397,16 +410,25 @@ def prepare_stats(config, workdir: str, tokenizer: Tokenizer,
   import jax
 
   name = str(config.dataset.name or config.task)
+  settings = count_settings(config)
 
   def count() -> TokenStats:
     local = count_examples(train_ex, tokenizer, dataset_name=name, split="train",
                            process_index=jax.process_index(),
                            process_count=jax.process_count(), vocab_size=vocab_size)
-    return sum_across_processes(local)
+    return dataclasses.replace(sum_across_processes(local), counted_with=settings)
 
   path = str(utils.path(workdir) / "checkpoints" / STATS_FILENAME)
   return load_or_count(path, tokenizer, count, write=jax.process_index() == 0,
-                       vocab_size=vocab_size)
+                       vocab_size=vocab_size, counted_with=settings)
+
+
+def count_settings(config) -> dict[str, Any]:
+  """The settings that decide which tokens the loss sees."""
+  return {"task": config.task, "dataset": config.dataset.name,
+          "max_train_examples": config.dataset.max_train_examples,
+          "seq_len": config.seq_len, "max_target_len": config.max_target_len,
+          "pretrained": config.model.pretrained}
 
 
 def prepare_weights(config, workdir: str, stats: TokenStats, *, resuming: bool,

@@ -16,7 +16,7 @@ ITF/FACE/TLAT papers do; then the scale of the weights multiplies the gradient (
 effective learning-rate factor). alpha = 0 (or weights all ones) is the masked mean
 token cross-entropy under either reduction.
 
-`get_loss(name, **params)` returns every loss of the project (CE, PDL and the
+`pdl_jax.losses.get_loss(name, **params)` returns every loss of the project (CE, PDL and the
 baselines of `pdl_jax.baselines`) as fn(logits, labels, weights_V, *, mask) ->
 (loss, LossAux), so one train step serves all.
 
@@ -537,49 +537,3 @@ def supports_chunked(name: str) -> bool:
   """
   _check_name(name)
   return name in CHUNKABLE
-
-
-def get_loss(name: str, **params) -> LossFn:
-  """Loss by config name, as fn(logits, labels, weights_V, *, mask) -> (loss, aux).
-
-  Every loss takes the same arguments, so one train step serves all; losses without
-  frequency weights (ce, unlikelihood, focal, label_smoothing) ignore `weights_V`
-  (None allowed). aux is a `LossAux` whose `nll` is always the plain token NLL.
-
-  Names and keyword params (`LOSS_PARAMS[name]`; config.loss has a field of each):
-    "ce": masked mean token cross-entropy.
-    "pdl": power-law decay loss, weights from `power_law_weights`.
-    "itf": Nakamura et al. 2019, weights from `baselines.itf_weights`.
-    "face": Jiang et al. 2019, weights from `baselines.face_weights` of the running
-      prediction counts (`baselines.face_count_update`, train state).
-    "tlat_exp", "tlat_chi2": Gu et al. 2020, weights from `baselines.tlat_weights`.
-      These five take `reduction` ("weights" | "tokens"; None = the paper's:
-      "weights" for pdl, "tokens" for the others, see DEFAULT_REDUCTION).
-    "unlikelihood": Welleck et al. 2019, token level; `ul_alpha` (default 1.0).
-    "focal": Lin et al. 2017 over the vocabulary softmax; `gamma` (default 2.0).
-    "label_smoothing": `smoothing` (default 0.1).
-
-  Raises:
-    ValueError: naming the bad value, for an unknown name, a parameter the loss
-      does not take, or a bad parameter value.
-  """
-  _check_name(name)
-  unknown = sorted(set(params) - set(LOSS_PARAMS[name]))
-  if unknown:
-    raise ValueError(f"loss {name!r} takes parameters {LOSS_PARAMS[name]}; got "
-                     f"unknown {unknown}.")
-  if name == "ce":
-    def ce(logits, labels, weights=None, *, mask=None):
-      del weights  # CE is PDL with all weights 1.
-      return cross_entropy_loss_and_aux(logits, labels, mask=mask)
-    return ce
-  if name in WEIGHTED_LOSSES:
-    reduction = resolve_reduction(name, params.get("reduction"))
-
-    def weighted(logits, labels, weights, *, mask=None):
-      return weighted_loss_and_aux(logits, labels, weights, mask=mask,
-                                   reduction=reduction)
-    return weighted
-  # Imported here: baselines builds on this module's helpers.
-  from pdl_jax import baselines
-  return baselines.get_unweighted_loss(name, **params)

@@ -151,7 +151,7 @@ def window_loss_and_aux(loss_fn: Callable[..., Any], logits_fn: Callable[[jax.Ar
                         weights_V: jax.Array | None, mask_BxL: jax.Array, capacity: int):
   """`loss_fn(logits_fn(hidden), labels, weights_V, mask=mask)` with logits on the window only.
 
-  loss_fn: a `pdl_jax.loss.get_loss(name)` function; logits_fn: hidden [..., D] ->
+  loss_fn: a `pdl_jax.losses.get_loss(name)` function; logits_fn: hidden [..., D] ->
   float32 logits [..., V], e.g. `lambda h: model.apply(v, h, method=Decoder.unembed_logits)`.
   Returns what loss_fn returns: (loss, LossAux), equal to the full computation's.
   """

@@ -30,13 +30,14 @@ from pdl_jax import evaluate as eval_lib
 from pdl_jax import frequency
 from pdl_jax import loss as loss_lib
 from pdl_jax import loss_window
+from pdl_jax import losses
 from pdl_jax import metric_writer
-from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
-from pdl_jax import sharding
 from pdl_jax import pretrained
+from pdl_jax import sharding
 from pdl_jax import utils
 from pdl_jax.models import decoder
+from pdl_jax.models import factory as models
 
 
 class TrainState(struct.PyTreeNode):
@@ -131,7 +132,7 @@ def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: s
     weights_V = baselines.face_weights(face_counts_V)
     if eos_weight is not None:
       weights_V = loss_lib.fix_token_weight(weights_V, eos_id, eos_weight)
-  loss, aux = loss_lib.get_loss(loss_name, **loss_params)(logits_BxLxV, labels_BxL,
+  loss, aux = losses.get_loss(loss_name, **loss_params)(logits_BxLxV, labels_BxL,
                                                           weights_V, mask=mask_BxL)
   return loss, (aux, face_counts_V)
 
@@ -210,8 +211,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   root = utils.path(workdir)
   if not config.resume:
     ckpt_lib.archive_previous_run(workdir)  # process 0 moves, then a barrier
-  if jax.process_index() == 0:
-    utils.atomic_write_text(root / "config.json", config.to_json_best_effort(indent=2))
   utils.log(f"workdir {workdir}; {sharding.mesh_summary(mesh)}")
 
   # --- Tokenizer, data and token stats (stored once beside the checkpoints).
@@ -243,6 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = ckpt_lib.restore_latest(
       mngr, ckpt_lib.abstract_like(state, state_shardings), fingerprint, stats_sha256,
       f"workdir {workdir}")
+  # config.json once the workdir is known to be this config's (a refused resume
+  # leaves the finished run's config.json as it was).
+  if jax.process_index() == 0:
+    utils.atomic_write_text(root / "config.json", config.to_json_best_effort(indent=2))
   if restored is not None:
     state, latest = restored
     utils.log(f"resumed from step {latest}")
@@ -316,7 +319,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                for k, v in local.items()}
       state, m = step_fn(state, batch, weights_V)
       step += 1
-      if preempted:
+      # Hosts get SIGTERM at different steps; saving is collective, so with several
+      # processes they agree at each log step whether any was told to stop.
+      stop = bool(preempted) if jax.process_count() == 1 else (
+          step % config.log_every == 0 and utils.any_process(bool(preempted)))
+      if stop:
         check_finite()
         save(step)
         mngr.wait_until_finished()

@@ -81,6 +81,14 @@ def replicate(mesh: jax.sharding.Mesh, tree):
                       tree)
 
 
+def any_process(flag: bool) -> bool:
+  """True if `flag` is true on any process (a collective: every process calls it at
+  the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(allgather_int64(np.array([int(bool(flag))])).any())
+
+
 def allgather_int64(values: np.ndarray) -> np.ndarray:
   """[P, ...] int64 values of every process, exact.
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pdl_jax import losses
 from pdl_jax import baselines as B
 from pdl_jax import chunked_loss as C
 from pdl_jax import loss as L
@@ -147,7 +148,7 @@ IDS = [f"{n}-{p}" for n, p, _ in LOSSES]
 def test_value_and_finite_difference_gradient(name, params, ref):
   logits, labels, mask, counts = random_case(sum(map(ord, name)))
   w = weights_for(name, counts)
-  fn = L.get_loss(name, **params)
+  fn = losses.get_loss(name, **params)
   f = lambda x: fn(x, jnp.asarray(labels), jnp.asarray(w), mask=jnp.asarray(mask))
   (value, aux), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logits))
   assert value.dtype == jnp.float32
@@ -171,7 +172,7 @@ def test_value_and_finite_difference_gradient(name, params, ref):
 @pytest.mark.parametrize("name", L.LOSS_NAMES)
 def test_all_masked_is_zero_with_zero_grads_and_bf16_accumulates(name):
   logits, labels, _, counts = random_case(3)
-  fn = L.get_loss(name)
+  fn = losses.get_loss(name)
   w = jnp.asarray(weights_for(name, counts))
   f = jax.value_and_grad(lambda x, m: fn(x, jnp.asarray(labels), w, mask=m)[0])
   value, grad = f(jnp.asarray(logits), jnp.zeros(labels.shape))
@@ -192,8 +193,8 @@ def test_all_masked_is_zero_with_zero_grads_and_bf16_accumulates(name):
 def test_degenerate_settings_equal_cross_entropy(name, params):
   logits, labels, mask, _ = random_case(4)
   args = (jnp.asarray(logits), jnp.asarray(labels), jnp.ones(11, jnp.float32))
-  got, _ = L.get_loss(name, **params)(*args, mask=jnp.asarray(mask))
-  want, _ = L.get_loss("ce")(*args, mask=jnp.asarray(mask))
+  got, _ = losses.get_loss(name, **params)(*args, mask=jnp.asarray(mask))
+  want, _ = losses.get_loss("ce")(*args, mask=jnp.asarray(mask))
   assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
@@ -208,7 +209,7 @@ def test_reduction_both_ways_and_scale():
   args = (jnp.asarray(logits), jnp.asarray(labels))
   m = jnp.asarray(mask)
   for reduction in L.REDUCTIONS:
-    fn = L.get_loss("itf", reduction=reduction)
+    fn = losses.get_loss("itf", reduction=reduction)
     got, aux = fn(*args, jnp.asarray(w), mask=m)
     assert float(got) == pytest.approx(np_weighted(logits, labels, w, mask, reduction),
                                        rel=1e-5)
@@ -298,7 +299,7 @@ def test_fix_token_weight_numpy_jax_and_mean_relative():
   logits, labels, mask, _ = random_case(6, vocab=4)
   labels = np.where(labels >= 0, labels % 4, labels)
   w2 = L.fix_token_weight(pw, 2, 0.0)
-  got, _ = L.get_loss("pdl")(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w2),
+  got, _ = losses.get_loss("pdl")(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w2),
                              mask=jnp.asarray(mask))
   assert float(got) == pytest.approx(np_weighted(logits, labels, w2, mask, "weights"),
                                      rel=1e-5)
@@ -329,7 +330,7 @@ def test_face_counts_and_weights_over_steps_match_simulation():
   np_counts = np.zeros(vocab, np.int64)
   np.testing.assert_array_equal(np.asarray(B.face_weights(counts)), 1.0)  # start: CE
   update = B.face_count_update
-  fn = L.get_loss("face")
+  fn = losses.get_loss("face")
   for step in range(5):
     logits, labels, mask, _ = random_case(10 + step, shape=(4, 5), vocab=vocab, scale=1.0)
     # Skew predictions towards token 2 so the weights become uneven.
@@ -380,7 +381,7 @@ def test_unlikelihood_candidates_stay_in_their_row():
   # rows would penalise p(5) in row 1 and raise its loss by a lot.
   labels = np.array([[5, 1, 2, 3], [0, 1, 2, 3]], np.int32)
   mask = np.ones((2, 4), np.float32)
-  fn = L.get_loss("unlikelihood", ul_alpha=1.0)
+  fn = losses.get_loss("unlikelihood", ul_alpha=1.0)
   both, _ = fn(jnp.asarray(logits), jnp.asarray(labels), None, mask=jnp.asarray(mask))
   row = [float(fn(jnp.asarray(logits[i:i + 1]), jnp.asarray(labels[i:i + 1]), None)[0])
          for i in range(2)]
@@ -406,7 +407,7 @@ def test_unlikelihood_candidates_are_distinct_earlier_targets():
   # counted once. The current label is never its own candidate.
   labels = np.array([[4, 2, 2, 3, 2, 1]], np.int32)
   mask = np.array([[0, 1, 1, 1, 1, 1]], np.float32)
-  got, _ = L.get_loss("unlikelihood")(jnp.asarray(logits), jnp.asarray(labels), None,
+  got, _ = losses.get_loss("unlikelihood")(jnp.asarray(logits), jnp.asarray(labels), None,
                                       mask=jnp.asarray(mask))
   p = np.exp(np_logp(logits))[0]
   nll = np_nll(logits, labels)[0]
@@ -421,14 +422,14 @@ def test_unlikelihood_candidates_are_distinct_earlier_targets():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: L.get_loss("focal", smoothing=0.1), r"'focal' takes.*\('gamma',\).*smoothing"),
-    (lambda: L.get_loss("ce", reduction="tokens"), "'ce' takes"),
-    (lambda: L.get_loss("itf", reduction="mean"), "reduction.*'mean'"),
-    (lambda: L.get_loss("focal", gamma=-1.0), "gamma.*-1.0"),
-    (lambda: L.get_loss("unlikelihood", ul_alpha=float("nan")), "ul_alpha.*nan"),
-    (lambda: L.get_loss("label_smoothing", smoothing=1.0), r"smoothing.*\[0, 1\).*1.0"),
+    (lambda: losses.get_loss("focal", smoothing=0.1), r"'focal' takes.*\('gamma',\).*smoothing"),
+    (lambda: losses.get_loss("ce", reduction="tokens"), "'ce' takes"),
+    (lambda: losses.get_loss("itf", reduction="mean"), "reduction.*'mean'"),
+    (lambda: losses.get_loss("focal", gamma=-1.0), "gamma.*-1.0"),
+    (lambda: losses.get_loss("unlikelihood", ul_alpha=float("nan")), "ul_alpha.*nan"),
+    (lambda: losses.get_loss("label_smoothing", smoothing=1.0), r"smoothing.*\[0, 1\).*1.0"),
     (lambda: L.supports_chunked("hinge"), "'hinge'"),
-    (lambda: L.get_loss("itf")(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), None),
+    (lambda: losses.get_loss("itf")(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), None),
      "weights.*got None"),
     (lambda: C.get_loss_from_hidden("focal"), "'focal' has no chunked path"),
     (lambda: C.get_loss_from_hidden("face"), "'face' has no chunked path"),
@@ -443,7 +444,7 @@ def test_every_loss_has_params_and_chunk_flag():
   assert {n for n in L.LOSS_NAMES if L.supports_chunked(n)} == {
       "ce", "pdl", "itf", "tlat_exp", "tlat_chi2"}
   for name in L.LOSS_NAMES:
-    assert callable(L.get_loss(name))
+    assert callable(losses.get_loss(name))
 
 
 @pytest.mark.parametrize("name, params", [("itf", {}), ("tlat_chi2", {"reduction": "weights"})])
@@ -458,7 +459,7 @@ def test_chunked_equals_unchunked(name, params):
   w = jnp.asarray(weights_for(name, counts))
 
   def naive(h, u):
-    return L.get_loss(name, **params)(h @ u, labels, w, mask=mask)
+    return losses.get_loss(name, **params)(h @ u, labels, w, mask=mask)
 
   def chunked(h, u):
     return C.get_loss_from_hidden(name, **params)(h, u, labels, w, mask_N=mask,

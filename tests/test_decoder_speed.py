@@ -1,6 +1,6 @@
 """Decoder speed internals: same numbers as the reference math, no big transposes in the HLO.
 
-The reference is `pdl_jax.models.transformer.Transformer` (3-D einsum projections,
+The reference is `reference_transformer.Transformer` (tests/) (3-D einsum projections,
 RoPE per layer, `where` mask, scaled scores): the own model's math, which the
 decoder runs via `from_model_config` on the same parameter tree.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from pdl_jax import loss_window
 from pdl_jax.models import decoder as decoder_lib
-from pdl_jax.models import transformer as model_lib
+import reference_transformer as model_lib
 
 # Distinct sizes, so shapes in the HLO text say which tensor they are.
 B, L, D, H, K, F, V = 3, 24, 32, 2, 16, 80, 120

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from pdl_jax import losses
 from pdl_jax import loss as L
 
 
@@ -246,7 +247,7 @@ def test_all_masked_gives_exact_zero_and_zero_grads(fn):
   logits, labels, _, counts = random_case(7, (3, 4), 9)
   mask = jnp.zeros((3, 4))
   w = jnp.asarray(L.power_law_weights(counts, 1.0))
-  loss_fn = L.get_loss(fn)
+  loss_fn = losses.get_loss(fn)
   f = lambda x: loss_fn(x, jnp.asarray(labels), w, mask=mask)[0]
   value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
   assert float(value) == 0.0
@@ -322,7 +323,7 @@ def test_bad_mask_shape_and_loss_name():
   with pytest.raises(ValueError, match=r"labels shape \(2, 4\)"):
     L.cross_entropy_loss(lg, jnp.zeros((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="'hinge'"):
-    L.get_loss("hinge")
+    losses.get_loss("hinge")
 
 
 def test_bad_input_is_caught_at_trace_time_inside_jit():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pdl_jax import losses
 from pdl_jax import chunked_loss
 from pdl_jax import loss as loss_lib
 from pdl_jax import loss_window as lw
@@ -46,7 +47,7 @@ def _inputs(seed=0):
 
 
 def _plain(name, weights):
-  fn = loss_lib.get_loss(name)
+  fn = losses.get_loss(name)
   return lambda logits, labels, mask: fn(logits, labels, weights, mask=mask)
 
 
@@ -86,7 +87,7 @@ def test_plain_window_equals_full(mask_name, loss_name):
                                                                                 unembed)
   _assert_close((l_win, aux_win), (l_full, aux_full))
   _assert_close(g_win, g_full)
-  helper = lw.window_loss_and_aux(loss_lib.get_loss(loss_name), lambda h: h @ unembed,
+  helper = lw.window_loss_and_aux(losses.get_loss(loss_name), lambda h: h @ unembed,
                                   hidden, labels, weights, mask, CAPACITY)
   _assert_close(helper, (l_win, aux_win))
   if mask_name != "empty":

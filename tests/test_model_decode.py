@@ -1,4 +1,5 @@
-"""Transformer and decoding: shapes, logical axes, cache == no cache, beam, top-p."""
+"""The own model (the decoder from a preset) and decoding: shapes, logical axes,
+cache == no cache, beam, top-p."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +8,18 @@ import pytest
 import flax.linen as nn
 
 from pdl_jax import decode as D
+from pdl_jax.models import decoder as dec
 from pdl_jax.models import transformer as M
+
+
+def own_model(cfg):
+  return dec.Decoder(dec.from_model_config(cfg))
 
 
 @pytest.fixture(scope="module")
 def tiny():
   cfg = M.model_config("tiny", vocab_size=50)
-  model = M.Transformer(cfg)
+  model = own_model(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return model, nn.meta.unbox(params), params
 
@@ -23,8 +29,10 @@ def test_every_param_has_logical_axes(tiny):
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   names = {n for x in leaves for n in x.names}
-  assert names <= {"embed", "mlp", "heads", "kv", "vocab"}
-  assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
+  # kv_heads: the key/value projections' heads (grouped-query attention).
+  assert names == {"embed", "mlp", "heads", "kv", "vocab", "kv_heads"}
+  from pdl_jax import sharding
+  assert names <= {logical for logical, _ in sharding.LOGICAL_AXIS_RULES}
 
 
 def test_causal_and_hidden(tiny):
@@ -37,13 +45,13 @@ def test_causal_and_hidden(tiny):
   np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-5)  # no peeking ahead
   assert not np.allclose(logits[:, 7:], logits2[:, 7:])
   hidden, _ = model.apply({"params": params}, tokens, return_hidden=True)
-  unembed = M.unembed_DxV(model, params)
+  unembed = dec.unembed_DxV(model, params)
   np.testing.assert_allclose(hidden @ unembed, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_untied_and_bfloat16():
   cfg = M.model_config("tiny", vocab_size=30, tied_embeddings=False, dtype="bfloat16")
-  model = M.Transformer(cfg)
+  model = own_model(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   assert params["unembed"].shape == (64, 30) and params["unembed"].dtype == jnp.float32
   logits, _ = model.apply({"params": params}, jnp.ones((2, 4), jnp.int32))

@@ -143,3 +143,36 @@ def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path,
     data.load_texts(tasks.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
   assert events[:3] == [("builder", "shakespeare_dialogue"), ("prepare",),
                         ("sync", "prepare shakespeare_dialogue")]
+
+
+def test_sigterm_on_one_process_saves_the_same_step_on_both(data_dir, tmp_path):  # noqa: F811
+  """Preemption reaches hosts at different moments: the processes agree at a log step
+  and both save it (saving is collective: one saving alone would hang the other)."""
+  import signal
+  import time
+  work = tmp_path / "w"
+  port = free_port()
+  logs = [open(tmp_path / f"log{i}", "w") for i in range(2)]
+  procs = [subprocess.Popen(
+      command(work, data_dir, "--config.num_steps=400", "--config.checkpoint_every=200",
+              "--config.log_every=5", "--config.eval_every=400", "--config.mesh.data=-1",
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}"),
+      cwd=ROOT, env=env(), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    deadline = time.time() + 240
+    while "step 10/400" not in (tmp_path / "log0").read_text():
+      assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "log0").read_text()
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+    rcs = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  out = (tmp_path / "log0").read_text()
+  assert rcs == [143, 143], out[-3000:]
+  assert "SIGTERM: saved a checkpoint at step" in out
+  step, _ = params_and_steps(work)
+  assert 10 <= step < 200 and step % 5 == 0

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from pdl_jax import decode
-from pdl_jax.models import transformer as model_lib
+import reference_transformer as model_lib
 from pdl_jax import pretrained
 from pdl_jax import sharding as sharding_lib
 from pdl_jax.hf_tokenizer import HFTokenizer

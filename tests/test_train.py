@@ -307,3 +307,35 @@ def test_loss_window_training_equals_full_logits(tmp_path):
   nll = [json.loads(l)["eval/nll"] for name in ("full", "win")
          for l in open(tmp_path / name / "metrics.jsonl") if "eval/nll" in l]
   assert nll[0] == pytest.approx(nll[1], rel=1e-5)
+
+
+def test_stored_counts_of_other_data_settings_are_refused(tmp_path):
+  from pdl_jax import frequency
+  frequency.run_pass(tiny_config(), str(tmp_path))  # counted with max_target_len 8
+  with pytest.raises(ValueError, match=r"other data settings \(max_target_len: stored 8, "
+                                       r"now 3\)"):
+    run(tmp_path, max_target_len=3)
+
+
+def test_a_refused_resume_leaves_the_runs_config_json(reference_run, tmp_path):
+  import shutil
+  shutil.copytree(reference_run[0], tmp_path / "w")
+  before = (tmp_path / "w" / "config.json").read_text()
+  with pytest.raises(ValueError, match="loss.alpha"):
+    run(tmp_path / "w", **{"loss.alpha": 0.25})
+  assert (tmp_path / "w" / "config.json").read_text() == before
+
+
+def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_backend():
+  from pdl_jax.models import factory
+  c = tiny_config()
+  assert c.loss.chunked is None and c.model.dtype is None
+  assert not train.use_chunked_loss(c, 4000) and train.use_chunked_loss(c, 32_000)
+  c.loss.name = "focal"  # needs the full logits: never chunked by default
+  assert not train.use_chunked_loss(c, 151_936)
+  c.loss.chunked = False
+  c.loss.name = "pdl"
+  assert not train.use_chunked_loss(c, 151_936)
+  assert factory.compute_dtype(c) == "float32"  # CPU here; bfloat16 on accelerators
+  c.model.dtype = "bfloat16"
+  assert factory.compute_dtype(c) == "bfloat16"

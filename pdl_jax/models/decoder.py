@@ -6,7 +6,7 @@ scale, grouped-query attention); `pdl_jax.pretrained.read_config` fills it from 
 Hugging Face config.json (llama incl. llama3 / linear RoPE scaling, mistral, qwen2,
 qwen3, gemma, gpt2), `from_model_config` from the project's own `ModelConfig`.
 
-The call interface is the one of `pdl_jax.models.transformer.Transformer`, so `pdl_jax.decode`
+The call interface is the one of `tests/reference_transformer.Transformer` (the first own model), so `pdl_jax.decode`
 drives either:
 
     __call__(tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
@@ -14,7 +14,7 @@ drives either:
 
 The KV cache ({"k", "v"}: [layers, B, S, KV, K]) holds the KV heads only; each KV
 head serves num_heads / num_kv_heads query heads. Parameter names match
-`pdl_jax.models.transformer.Transformer` (embed, block_i/attn/{query,key,value,out},
+`tests/reference_transformer.Transformer` (the first own model) (embed, block_i/attn/{query,key,value,out},
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
 the own model's params run unchanged in the decoder.
 
@@ -28,7 +28,7 @@ layers; the mask is an additive [B or 1, L, S] float32 bias made once per forwar
 the 1/sqrt(head_dim) scale rides on q (on its RoPE tables). A query row with no
 key to attend to (left padding) gets garbage output, as before, but now also
 passes gradient to its scores: a loss must mask padding positions, which it does.
-`tests/test_decoder_speed.py` checks the math against `transformer.Transformer` and
+`tests/test_decoder_speed.py` checks the math against `tests/reference_transformer.Transformer` and
 the HLO for the transposes.
 
 Logical axis names are the project's ("vocab", "embed", "heads", "kv", "mlp") plus
@@ -379,7 +379,7 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM with the call interface of `pdl_jax.models.transformer.Transformer`.
+  """Decoder-only LM with the call interface of `tests/reference_transformer.Transformer` (the first own model).
 
   key_mask_BxS marks real (non-padding) keys; attention is causal by buffer index.
   With return_hidden=True the final-norm hidden states are returned and
