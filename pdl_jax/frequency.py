@@ -282,7 +282,8 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
                if stats.counted_with.get(k) != counted_with.get(k)]
       raise ValueError(
           f"token stats {path!r} were counted for other data settings "
-          f"({'; '.join(diffs)}); use a new workdir or delete the stats to recount.")
+          f"({'; '.join(diffs)}); use a new --workdir or --config.resume=False (or "
+          "delete the stats to recount).")
     log(f"token stats: reusing {path} ({stats.num_tokens} tokens, "
         f"{stats.num_examples} examples)")
     return stats
