@@ -35,6 +35,7 @@ def tiny_config(**overrides):
   c.eval.batch_size = 4
   c.eval.max_new_tokens = 4
   c.eval.num_samples = 2
+  c.eval.extra_decodes = ()  # one decoding per eval (the reference run checks top-p)
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
@@ -71,7 +72,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def reference_run(tmp_path_factory):
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     workdir = tmp_path_factory.mktemp("ref")
-    result = run(workdir)
+    result = run(workdir, **{"eval.extra_decodes": ("top_p",)})
   return workdir, result
 
 
@@ -94,7 +95,8 @@ def test_run_writes_every_output(reference_run):
               "eval/bleu", "eval/chrf", "eval/distinct_1", "eval/distinct_2",
               "eval/unigram_entropy", "eval/mean_surprisal", "eval/rare_token_share",
               "eval/length", "eval/ref_mean_surprisal", "eval/unigram_nll",
-              "eval/freq_bucket_0", "eval/ref_freq_bucket_9"):
+              "eval/freq_bucket_0", "eval/ref_freq_bucket_9", "eval/top_p/rouge1",
+              "eval/top_p/rare_token_share", "eval/top_p/freq_bucket_0"):
     assert key in evals[0] and np.isfinite(evals[0][key]), key
   assert result["eval/nll"] == evals[0]["eval/nll"]
   assert sum(evals[0][f"eval/ref_freq_bucket_{k}"] for k in range(10)) == pytest.approx(1.0)
