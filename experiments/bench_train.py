@@ -51,10 +51,16 @@ def main() -> None:
   weights = jax.device_put(jnp.asarray(loss_lib.power_law_weights(counts, 0.5)), rep)
 
   def batch(seed):
+    # The prefix-LM's loss mask: one contiguous target span per row (target + EOS, at
+    # most max_target_len + 1 tokens), as the loss window expects.
     r = np.random.default_rng(seed)
+    span = r.integers(1, config.max_target_len + 2, b)
+    start = r.integers(1, l - span + 1)
+    pos = np.arange(l)[None, :]
+    mask = (pos >= start[:, None]) & (pos < (start + span)[:, None])
     return {"inputs": jax.device_put(r.integers(0, vocab, (b, l)).astype(np.int32), bs),
             "labels": jax.device_put(r.integers(0, vocab, (b, l)).astype(np.int32), bs),
-            "loss_mask": jax.device_put((r.random((b, l)) > 0.5).astype(np.float32), bs)}
+            "loss_mask": jax.device_put(mask.astype(np.float32), bs)}
 
   runs = {}
   for name in ("ce", "pdl"):
@@ -78,7 +84,7 @@ def main() -> None:
       runs[name][1] = state
   tps = {name: b * l / statistics.median(r[2]) for name, r in runs.items()}
   print(f"jax {jax.__version__}, {sharding.mesh_summary(mesh)}; config {args.config} "
-        f"model {config.model.preset} ({config.model.dtype}), batch {b} x {l} tokens, "
+        f"model {config.model.preset} ({models.compute_dtype(config)}), batch {b} x {l} tokens, "
         f"vocab {vocab}; median of {args.steps} interleaved steps")
   print(f"CE : {tps['ce']:10.0f} tokens/s")
   print(f"PDL: {tps['pdl']:10.0f} tokens/s")
