@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pdl_jax import sentencepiece_tokenizer as sp_tokenizer
+from pdl_jax import utils
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import Decoder, DecoderConfig
 
@@ -599,9 +600,7 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
     if is_writer and tmp.exists():
       tmp.rmtree()
     raise
-  if jax.process_count() > 1:  # no process returns before the folder exists
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(f"pdl_jax.pretrained.export {os.fspath(out_dir)}")
+  utils.sync(f"pdl_jax.pretrained.export {os.fspath(out_dir)}")  # folder exists for all
   return out_dir
 
 

@@ -30,11 +30,6 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(text))  # orbax wants absolute local paths
 
 
-def is_local(p: PathLike) -> bool:
-  """True for a path on this machine's filesystem (no URI scheme)."""
-  return "://" not in os.fspath(p)
-
-
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   """Writes data to `p` via a temporary name in the same folder and a rename."""
   target = path(p)

@@ -41,7 +41,6 @@ def memfs(tmp_path, monkeypatch):
     return real_path(p)
 
   monkeypatch.setattr(utils, "path", layer_path)
-  monkeypatch.setattr(utils, "is_local", lambda p: not os.fspath(p).startswith(SCHEME))
 
   def guard(fn):
     def wrapped(p, *args, **kwargs):
