@@ -15,7 +15,8 @@ def get_config(arg: str | None = None):
   c.seq_len = 128  # Most verses are under 60 tokens in either version.
   c.max_target_len = 60  # Whole verses but the longest.
   c.eval.max_new_tokens = 60  # Whole verses but the longest.
-  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # The style-transfer sweep.
+  c.sweep.alphas = (0.25, 0.5, 1.0)  # The style-transfer sweep (alpha 0 is CE: the `ce` point).
+  c.sweep.seeds = (0, 1)  # Two seeds for every point: the seed-to-seed spread.
   c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
   c.sweep.baselines = common.BASELINES  # The frequency-aware and anti-dullness baselines.
   return common.parse_arg(c, arg)

@@ -48,7 +48,7 @@ def test_every_config_field_has_a_comment():
 def test_sweeps_are_defined_next_to_task_configs():
   for name in ("summarization", "dialogue", "style_transfer"):
     c = importlib.import_module(f"configs.{name}").get_config()
-    assert len(c.sweep.alphas) >= 4 and 0.0 in c.sweep.alphas
+    assert len(c.sweep.alphas) >= 3 and c.sweep.include_ce and tuple(c.sweep.seeds) == (0, 1)
   assert set(common.ARG_KEYS) >= {"loss", "alpha", "dataset"}
 
 

@@ -149,7 +149,7 @@ def test_sweep_runs_sweep_py_on_the_workers():
   assert "sweep_points" not in open(os.path.join(ROOT, "launch.sh")).read()
   printed = subprocess.run([sys.executable, *argv[9:], "--print"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.splitlines()
-  assert len(printed) == 26  # (CE + 4 alphas + PDL 0.5 with EOS weight 1 + 7 baselines) x 2 seeds
+  assert len(printed) == 24  # (CE + 3 alphas + PDL 0.5 with EOS weight 1 + 7 baselines) x 2 seeds
   assert "--workdir=gs://b/sweeps/dialogue/ce-seed0" in printed[0]
   assert all(l.endswith("--config.eval.num_examples=64") for l in printed)
 
