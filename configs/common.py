@@ -52,8 +52,9 @@ def get_loss_config() -> ml_collections.ConfigDict:
 def get_mesh_config() -> ml_collections.ConfigDict:
   """Mesh sizes per axis; -1 takes the remaining devices."""
   c = ml_collections.ConfigDict()
-  c.data = -1  # Data-parallel axis: batch is split over it.
-  c.model = 1  # Model axis: vocabulary, MLP and heads are split over it.
+  c.data = -1  # Data-parallel axis: the batch is split over it; params replicated.
+  c.fsdp = 1  # FSDP axis (ZeRO-3): the batch is split over it too, and params, gradients and optimizer state are sharded over their embed axis.
+  c.model = 1  # Model (tensor-parallel) axis: vocabulary, MLP and heads are split over it.
   return c
 
 
@@ -79,6 +80,8 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # Compute dtype "float32" or "bfloat16"; None: bfloat16 on accelerators, float32 on CPU.
   c.model.param_dtype = "float32"  # Parameter dtype: "float32" or "bfloat16".
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
+  c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
+  c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
 
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
   c.max_target_len = 64  # Target tokens kept (the prompt is cut first).
@@ -93,6 +96,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.01  # AdamW decoupled weight decay.
   c.optimizer.grad_clip = 1.0  # Global-norm gradient clipping.
   c.optimizer.b2 = 0.98  # Adam second-moment decay.
+  c.optimizer.grad_accum_steps = 1  # Micro-batches per optimizer step (batch_size stays the global batch of one step): exact, the loss's numerator and denominator are summed separately.
 
   c.batch_size = 32  # Global batch (sequences); divided over the data axis.
   c.num_steps = 800  # Training steps.

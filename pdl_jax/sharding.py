@@ -37,6 +37,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", None),
     ("kv", None),
     ("length", None),
+    # The stacked layer axis of scanned layers (model.scan_layers): never sharded.
+    ("layers", None),
 )
 
 
