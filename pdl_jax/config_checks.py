@@ -75,6 +75,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.seq_len < 4:
     raise ValueError(f"config.seq_len={config.seq_len}; expected >= 4 (a prompt token, "
                      "the separator, a target token and EOS).")
+  k = config.optimizer.grad_accum_steps
+  if not (isinstance(k, int) and k >= 1 and config.batch_size % k == 0):
+    raise ValueError(f"config.optimizer.grad_accum_steps={k!r}; expected an integer >= 1 "
+                     f"that divides config.batch_size={config.batch_size} (the global batch "
+                     "of one optimizer step).")
   for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
               "max_target_len"):
     if config[key] < 1:

@@ -19,14 +19,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# The mesh axes every config names, in order: data parallelism, then tensor/model.
-MESH_AXES = ("data", "model")
+# The mesh axes every config names, in order: data parallelism, fully sharded data
+# parallelism (ZeRO-3), tensor/model parallelism.
+MESH_AXES = ("data", "fsdp", "model")
 
 # Logical array axes -> mesh axes, in Flax's order of precedence (for each logical
-# axis the first rule whose mesh axis the array does not use yet). Batch goes over
-# data; the large feature axes (vocabulary, MLP hidden, heads) over model.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
+# axis the first rule whose mesh axes the array does not use yet). The batch goes
+# over data x fsdp; the large feature axes (vocabulary, MLP hidden, heads) over
+# model; the embed axis of every weight over fsdp, so parameters, gradients and
+# optimizer state are split over fsdp (each layer's weights are all-gathered where
+# they are used). Activations [batch, length, embed] keep embed whole: batch has
+# taken fsdp first.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
     ("vocab", "model"),
     ("mlp", "model"),
     ("heads", "model"),
@@ -34,7 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     # (1-8) than the devices of the model axis, so replicated; their projections are
     # num_heads / num_kv_heads times smaller than the query's.
     ("kv_heads", None),
-    ("embed", None),
+    ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
     # The stacked layer axis of scanned layers (model.scan_layers): never sharded.
@@ -44,11 +49,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 
 def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "model") mesh with Auto axis types.
+  """A ("data", "fsdp", "model") mesh with Auto axis types.
 
   Args:
-    mesh_shape: sizes per axis, as a mapping {"data": 4, "model": 2} or a sequence
-      in MESH_AXES order. One size may be -1: it takes the remaining devices.
+    mesh_shape: sizes per axis, as a mapping {"data": 4, "model": 2} (missing axes
+      are 1) or a sequence in MESH_AXES order. One size may be -1: it takes the
+      remaining devices.
     devices: devices to use; default all of jax.devices().
 
   Raises:
@@ -108,10 +114,33 @@ def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes))
 
 
+def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """`spec` without the mesh axes that do not divide their array axis.
+
+  Such an axis is replicated instead (e.g. 3 heads on a model axis of 2, or a
+  192-wide embed axis on fsdp=128): jax refuses uneven shardings of arguments, and
+  a model that does not split evenly should still run.
+  """
+  out = []
+  for dim, entry in zip(shape, spec):  # a spec may be shorter than the shape
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    size = math.prod(mesh.shape[n] for n in names)
+    out.append(entry if size == 1 or dim % size == 0 else None)
+  return P(*out)
+
+
 def tree_shardings(mesh: Mesh, boxed_tree):
-  """Shardings of a tree of Flax-partitioned (boxed) values, e.g. an abstract state."""
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh,
-                                     LOGICAL_AXIS_RULES)
+  """Shardings of a tree of Flax-partitioned (boxed) abstract values (e.g. from
+  jax.eval_shape of an init function), by the logical axis rules; an axis the mesh
+  does not divide evenly is replicated (`divisible_spec`)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  values = nn.meta.unbox(boxed_tree)
+
+  def one(spec, value):
+    spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_AXIS_RULES) if spec else P()
+    return NamedSharding(mesh, divisible_spec(spec, value.shape, mesh))
+
+  return jax.tree.map(one, specs, values, is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -119,8 +148,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """Shards of the batch axis: data x fsdp."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def mesh_summary(mesh: Mesh) -> str:
-  """One line such as 'mesh data=4 model=2 on 8 cpu devices' for logs."""
+  """One line such as 'mesh data=4 fsdp=1 model=2 on 8 cpu devices' for logs."""
   sizes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   kinds = sorted({d.platform for d in np.asarray(mesh.devices).flat})
   return f"mesh {sizes} on {mesh.devices.size} {'/'.join(kinds)} devices"

@@ -61,15 +61,17 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-  """The config's mesh; checks the batch divides over the data axis."""
+  """The config's mesh; checks that every micro-batch divides over data x fsdp."""
   try:
     mesh = sharding.make_mesh(dict(config.mesh))
   except ValueError as e:
     raise ValueError(f"config.mesh={dict(config.mesh)}: {e}") from None
-  data = mesh.shape["data"]
-  if config.batch_size % data:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's "
-                     f"data axis ({data}).")
+  shards, k = sharding.batch_shards(mesh), config.optimizer.grad_accum_steps
+  if config.batch_size % (shards * k):
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by grad_accum_steps={k} x "
+        f"the mesh's data x fsdp axes ({mesh.shape['data']} x {mesh.shape['fsdp']}): each "
+        "micro-batch is split evenly over them.")
   return mesh
 
 
@@ -164,15 +166,71 @@ def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
                            eos_weight=config.loss.eos_weight, **kwargs)
 
 
+def accumulate_gradients(params, batch, weights_V, face_counts_V, *, loss_fn,
+                         reduction: str, steps: int):
+  """Loss, LossAux, FACE counts and gradients of the whole batch from `steps`
+  micro-batches, one at a time (a scan: one micro-batch's activations live at once).
+
+  Exact, not an average of micro-batch losses: a loss is numerator / denominator
+  (PDL: sum of weight x NLL over the sum of weights; CE: over the token count), so
+  each micro-batch contributes loss_i x den_i (its numerator) and its gradient, and
+  both are divided once by the batch's summed denominator. The denominators do not
+  depend on the parameters. Micro-batch i is rows i, i + steps, ... of the batch:
+  every device's rows feed every micro-batch, so no data moves between devices.
+  FACE's counts advance once per micro-batch (with k=1 once per batch).
+  """
+  def micro(x):
+    return x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+
+  def numerator(p, mb, face_counts):
+    loss, (aux, face_counts) = loss_fn(p, mb, weights_V, face_counts)
+    den = jax.lax.stop_gradient(loss_lib.loss_denominator(aux, reduction))
+    return loss * den, (aux, den, face_counts)
+
+  def body(carry, mb):
+    grads, num, den, tokens, nll_sum, w2_sum, face_counts = carry
+    (n, (aux, d, face_counts)), g = jax.value_and_grad(numerator, has_aux=True)(
+        params, mb, face_counts)
+    # sum of squared weights from the micro-batch's ESS: ess = (sum w)^2 / sum w^2.
+    w2 = jnp.where(aux.ess > 0, jnp.square(aux.weight_sum) / jnp.maximum(aux.ess, 1e-30),
+                   0.0)
+    grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+    carry = (grads, num + n, den + d, tokens + aux.num_tokens,
+             nll_sum + aux.nll * aux.num_tokens, w2_sum + w2, face_counts)
+    return carry, aux.weight_sum
+
+  zero = jnp.zeros((), jnp.float32)
+  # float32 sums, whatever the parameter dtype.
+  init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), zero, zero, zero, zero, zero, face_counts_V)
+  (grads, num, den, tokens, nll_sum, w2_sum, face_counts_V), weight_sums = jax.lax.scan(
+      body, init, jax.tree.map(micro, batch))
+  safe = jnp.maximum(den, 1e-30)
+  grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), grads, params)
+  weight_sum = jnp.sum(weight_sums)
+  aux = loss_lib.LossAux(
+      nll=nll_sum / jnp.maximum(tokens, 1.0), weight_sum=weight_sum, num_tokens=tokens,
+      ess=jnp.where(w2_sum > 0, jnp.square(weight_sum) / jnp.maximum(w2_sum, 1e-30), 0.0))
+  return jnp.where(den > 0, num / safe, 0.0), aux, face_counts_V, grads
+
+
 def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, grad_accum_steps: int = 1,
+               reduction: str = "weights"):
   """One optimizer step; returns the new state and scalar metrics.
 
-  A step with a non-finite loss, gradient or update is recorded in the state; with
-  skip_nonfinite its update is dropped (params and optimizer state unchanged).
+  With grad_accum_steps = k > 1 the batch is processed as k micro-batches
+  (`accumulate_gradients`: the same loss and gradients as one batch; `reduction`
+  is the loss's, from loss.resolve_reduction). A step with a non-finite loss,
+  gradient or update is recorded in the state; with skip_nonfinite its update is
+  dropped (params and optimizer state unchanged).
   """
-  (loss, (aux, face_counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, weights_V, state.face_counts)
+  if grad_accum_steps == 1:
+    (loss, (aux, face_counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, weights_V, state.face_counts)
+  else:
+    loss, aux, face_counts, grads = accumulate_gradients(
+        state.params, batch, weights_V, state.face_counts, loss_fn=loss_fn,
+        reduction=reduction, steps=grad_accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -270,7 +328,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   step_fn = jax.jit(
       functools.partial(train_step, loss_fn=loss_fn, tx=tx,
-                        skip_nonfinite=config.skip_nonfinite_steps),
+                        skip_nonfinite=config.skip_nonfinite_steps,
+                        grad_accum_steps=config.optimizer.grad_accum_steps,
+                        reduction=loss_lib.resolve_reduction(config.loss.name,
+                                                             config.loss.reduction)),
       in_shardings=(state_shardings, batch_sharding, rep),
       out_shardings=(state_shardings, rep), donate_argnums=(0,))
   evaluator = eval_lib.Evaluator(

@@ -19,14 +19,16 @@ def test_eight_forced_cpu_devices():
 def test_make_mesh_from_config_and_fill():
   cfg = common.get_mesh_config()
   mesh = sharding.make_mesh(cfg.to_dict())
-  assert dict(mesh.shape) == {"data": 8, "model": 1}
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
   mesh = sharding.make_mesh({"data": 4, "model": 2})
-  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "model": 2}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-  assert dict(sharding.make_mesh((-1, 4)).shape) == {"data": 2, "model": 4}
-  assert sharding.make_mesh((1, 1)).devices.ravel().tolist() == [jax.devices()[0]]
-  assert "data=4 model=2 on 8 cpu" in sharding.mesh_summary(
+  assert dict(sharding.make_mesh((-1, 2, 2)).shape) == {"data": 2, "fsdp": 2, "model": 2}
+  assert dict(sharding.make_mesh({"fsdp": -1}).shape) == {"data": 1, "fsdp": 8, "model": 1}
+  assert sharding.make_mesh((1, 1, 1)).devices.ravel().tolist() == [jax.devices()[0]]
+  assert "data=4 fsdp=1 model=2 on 8 cpu" in sharding.mesh_summary(
       sharding.make_mesh({"data": 4, "model": 2}))
+  assert sharding.batch_shards(sharding.make_mesh({"data": 2, "fsdp": 4})) == 8
 
 
 @pytest.mark.parametrize("shape, match", [
@@ -35,7 +37,7 @@ def test_make_mesh_from_config_and_fill():
     ({"data": -1, "model": -1}, "at most one -1"),
     ({"data": 0, "model": 1}, "must be >= 1"),
     ({"data": 8, "expert": 1}, r"\['expert'\] are unknown"),
-    ((8,), "one size per axis"),
+    ((8, 1), "one size per axis"),
 ])
 def test_make_mesh_bad_shapes(shape, match):
   with pytest.raises(ValueError, match=match):
@@ -43,7 +45,16 @@ def test_make_mesh_bad_shapes(shape, match):
 
 
 def test_logical_rules_are_flax_rules():
-  assert sharding.logical_to_spec(("batch", "length", "vocab")) == P("data", None, "model")
+  assert sharding.logical_to_spec(("batch", "length", "vocab")) == P(
+      ("data", "fsdp"), None, "model")
+  # FSDP: weights split over fsdp on their embed axis; activations keep embed whole
+  # (the batch has taken fsdp).
+  assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "model")
+  assert sharding.logical_to_spec(("vocab", "embed")) == P("model", "fsdp")
+  assert sharding.logical_to_spec(("layers", "embed", "heads", "kv")) == P(
+      None, "fsdp", "model", None)
+  assert sharding.logical_to_spec(("batch", "length", "embed")) == P(
+      ("data", "fsdp"), None, None)
   # A mesh axis once per array, taken by the earlier rule (vocab before mlp).
   assert sharding.logical_to_spec(("mlp", "vocab")) == P(None, "model")
   with pytest.raises(ValueError, match="'pixels'"):
@@ -82,9 +93,23 @@ def test_pdl_sharded_equals_single_device(dtype):
                in_shardings=(s["logits"], s["labels"], s["weights"], s["mask"]),
                out_shardings=(sharding.replicated(mesh), s["logits"]))
   value, grad = fn(*args)
-  assert grad.sharding.spec == P("data", None, "model")
+  assert grad.sharding.spec == P(("data", "fsdp"), None, "model")
   assert len(args[0].addressable_shards) == 8
   assert args[0].addressable_shards[0].data.shape == (2, 6, 48)
   np.testing.assert_allclose(float(value), float(single[0]), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad, np.float32),
                              np.asarray(single[1], np.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_axes_the_mesh_does_not_divide_are_replicated():
+  mesh = sharding.make_mesh({"fsdp": 4, "model": 2})
+  assert sharding.divisible_spec(P("fsdp", "model"), (64, 6), mesh) == P("fsdp", "model")
+  # 3 heads on model=2 and a 6-wide axis on fsdp=4: replicated, not an error.
+  assert sharding.divisible_spec(P("fsdp", "model"), (6, 3), mesh) == P(None, None)
+  assert sharding.divisible_spec(P(("data", "fsdp")), (8,), mesh) == P(("data", "fsdp"))
+  boxed = {"w": nn.Partitioned(jax.ShapeDtypeStruct((64, 3), jnp.float32),
+                               ("embed", "heads")),
+           "count": jax.ShapeDtypeStruct((5,), jnp.int32)}
+  shardings = sharding.tree_shardings(mesh, boxed)
+  assert shardings["w"].spec == P("fsdp", None)
+  assert shardings["count"].spec == P()

@@ -1,0 +1,174 @@
+"""FSDP over the 3-axis mesh, exact gradient accumulation and resharding on restore,
+on the 8 forced CPU devices of tests/conftest.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax import loss as loss_lib
+from pdl_jax import optimizer as opt_lib
+from pdl_jax import sharding
+from pdl_jax import train
+from pdl_jax.models import factory as models
+from tests.test_train import assert_trees_close, tiny_config
+
+V, B, L = 96, 32, 16
+
+
+def make_batch(seed=0, uneven=False):
+  """A batch whose rows carry target spans (the prefix-LM's shape). With uneven,
+  micro-batch 0 (rows 0, 4, 8, ...) has long spans of the heaviest tokens and the
+  others short spans of light ones: very different weight sums per micro-batch."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(0, V, (B, L)).astype(np.int32)
+  labels = rng.integers(0, V, (B, L)).astype(np.int32)
+  mask = np.zeros((B, L), np.float32)
+  for row in range(B):
+    start = int(rng.integers(1, 6))
+    length = int(rng.integers(1, L - start))
+    if uneven:
+      heavy = row % 4 == 0
+      length = L - start if heavy else 1
+      labels[row] = rng.integers(V - 8, V, L) if heavy else rng.integers(0, 8, L)
+    mask[row, start:start + length] = 1.0
+  return {"inputs": inputs, "labels": labels, "loss_mask": mask}
+
+
+WEIGHTS = jnp.asarray(np.geomspace(0.05, 20.0, V), jnp.float32)  # 400x spread
+
+
+def setup(mesh_shape, loss="pdl", **overrides):
+  cfg = tiny_config(**{"model.preset": "tiny", "loss.name": loss, "loss.alpha": 1.0,
+                       **overrides})
+  model = models.make_model(cfg, vocab_size=V)
+  tx = opt_lib.make_optimizer(cfg)
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  state, shardings = train.create_state(model, tx, mesh, seed=0, seq_len=L)
+  return cfg, model, tx, mesh, state, shardings
+
+
+def step_once(mesh_shape, batch, loss="pdl", accum=1, **overrides):
+  """One jitted train step; returns (host state, host metrics, host grads)."""
+  cfg, model, tx, mesh, state, shardings = setup(mesh_shape, loss, **overrides)
+  loss_fn = train.loss_fn_of(cfg, model)
+  reduction = loss_lib.resolve_reduction(cfg.loss.name, cfg.loss.reduction)
+  bs = sharding.named_sharding(mesh, "batch", "length")
+  rep = sharding.replicated(mesh)
+  sharded = {k: jax.device_put(v, bs) for k, v in batch.items()}
+
+  def grads_of(params, b, w):
+    if accum == 1:
+      return jax.grad(lambda p: loss_fn(p, b, w, jnp.zeros(V, jnp.int32))[0])(params)
+    return train.accumulate_gradients(params, b, w, jnp.zeros(V, jnp.int32),
+                                      loss_fn=loss_fn, reduction=reduction, steps=accum)[3]
+
+  def grads_and_step(s, b, w):  # one compilation for both
+    new_state, metrics = train.train_step(s, b, w, loss_fn=loss_fn, tx=tx,
+                                          grad_accum_steps=accum, reduction=reduction)
+    return grads_of(s.params, b, w), new_state, metrics
+
+  grads, new_state, metrics = jax.jit(
+      grads_and_step, in_shardings=(shardings, bs, rep),
+      out_shardings=(shardings.params, shardings, rep))(state, sharded, WEIGHTS)
+  return new_state, jax.tree.map(np.asarray, metrics), grads
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def test_fsdp_shards_params_and_optimizer_state_over_the_embed_axis():
+  _, _, _, mesh, state, shardings = setup((1, 4, 2))
+  emb = shardings.params["embed"]["embedding"]
+  assert emb.spec == P("model", "fsdp")  # [vocab, embed]
+  up = shardings.params["block_0"]["mlp"]["up"]["kernel"]
+  assert up.spec == P("fsdp", "model")  # [embed, mlp]
+  # Adam's moments follow their parameter.
+  mu = state.opt_state
+  leaves = [x for x in jax.tree.leaves(mu) if getattr(x, "shape", ()) == (V, 64)]
+  assert leaves and all(x.sharding.spec == P("model", "fsdp") for x in leaves)
+  assert state.params["embed"]["embedding"].addressable_shards[0].data.shape == (V // 2, 16)
+
+
+def test_fsdp4_x_model2_step_equals_single_device():
+  batch = make_batch()
+  one_state, one_metrics, one_grads = step_once((1, 1, 1), batch)
+  for mesh_shape in ((1, 4, 2), (2, 2, 2)):
+    state, metrics, grads = step_once(mesh_shape, batch)
+    assert grads["block_0"]["attn"]["query"]["kernel"].sharding.spec == P(
+        "fsdp", "model", None)
+    np.testing.assert_allclose(metrics["train/loss"], one_metrics["train/loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["train/grad_norm"], one_metrics["train/grad_norm"],
+                               rtol=1e-5)
+    assert_trees_close(host(grads), host(one_grads), rtol=1e-4, atol=1e-6)
+    assert_trees_close(host(state.params), host(one_state.params), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss, uneven", [("pdl", True), ("ce", True), ("itf", False)])
+def test_grad_accumulation_equals_one_batch(loss, uneven):
+  batch = make_batch(seed=1, uneven=uneven)
+  ref_state, ref_metrics, ref_grads = step_once((1, 1, 1), batch, loss=loss)
+  state, metrics, grads = step_once((2, 2, 2), batch, loss=loss, accum=4)
+  for key in ("train/loss", "train/nll", "train/tokens", "train/weight_ess",
+              "train/grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, err_msg=key)
+  assert_trees_close(host(grads), host(ref_grads), rtol=1e-4, atol=1e-6)
+  assert_trees_close(host(state.params), host(ref_state.params), rtol=1e-4, atol=1e-6)
+
+
+def test_averaging_micro_batch_losses_would_be_wrong():
+  """The check above can fail: the naive mean of micro-batch PDL losses differs."""
+  batch = make_batch(seed=1, uneven=True)
+  cfg, model, _, _, state, _ = setup((1, 1, 1))
+  loss_fn = train.loss_fn_of(cfg, model)
+  counts = jnp.zeros(V, jnp.int32)
+  fn = jax.jit(lambda b: loss_fn(state.params, b, WEIGHTS, counts)[0])
+  full = float(fn(batch))
+  parts = [float(fn({k: v[i::4] for k, v in batch.items()})) for i in range(4)]
+  assert abs(np.mean(parts) - full) > 0.05 * abs(full)
+
+
+def test_grad_accumulation_with_the_chunked_loss_and_window():
+  batch = make_batch(seed=2, uneven=True)
+  over = {"loss.chunked": True, "loss.chunk_size": 32}
+  _, ref_metrics, ref_grads = step_once((1, 1, 1), batch, **over)
+  _, metrics, grads = step_once((1, 8, 1), batch, accum=2, **over)
+  np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=2e-5)
+  assert_trees_close(host(grads), host(ref_grads), rtol=1e-4, atol=1e-6)
+
+
+def test_grad_accum_steps_must_divide_the_batch_over_the_mesh():
+  cfg = tiny_config(**{"optimizer.grad_accum_steps": 3})
+  from pdl_jax import config_checks
+  with pytest.raises(ValueError, match="grad_accum_steps=3; expected an integer"):
+    config_checks.validate_config(cfg)  # batch 4
+  cfg = tiny_config(**{"optimizer.grad_accum_steps": 2, "mesh.data": 1, "mesh.fsdp": 4})
+  with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by "
+                     r"grad_accum_steps=2 x the mesh's data x fsdp axes \(1 x 4\)"):
+    train.make_mesh(cfg)
+
+
+def test_checkpoint_written_on_8_devices_restores_onto_4(tmp_path):
+  _, _, _, _, state8, sh8 = setup((1, 8, 1))
+  mngr = ckpt_lib.manager(str(tmp_path), 2)
+  ckpt_lib.save(mngr, 1, state8, {"step": 1, "fingerprint": {"a": 1},
+                                  "token_stats_sha256": "x"})
+  mngr.wait_until_finished()
+  expected = host(state8)
+  _, _, _, mesh4, state4, sh4 = setup((2, 2, 1))
+  # Different values in the target, so the check sees the restore.
+  state4 = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        state4)
+  mngr = ckpt_lib.manager(str(tmp_path), 2)
+  restored, step = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract_like(state4, sh4),
+                                           {"a": 1}, "x", "test")
+  assert step == 1
+  emb = restored.params["embed"]["embedding"]
+  assert emb.sharding == sh4.params["embed"]["embedding"]
+  assert len(emb.sharding.device_set) == 4 and emb.sharding.spec == P("model", "fsdp")
+  assert emb.addressable_shards[0].data.shape == (V, 32)
+  assert_trees_close(host(restored), expected, rtol=0, atol=0)
