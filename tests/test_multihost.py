@@ -1,5 +1,6 @@
 """Two local CPU processes with jax.distributed (coordinator on 127.0.0.1, gloo):
-the frequency pass and a few train steps equal a single-process run."""
+the frequency pass and a few train steps equal a single-process run, with the
+parameters and optimizer state FSDP-sharded across both processes."""
 
 import os
 import socket
@@ -21,9 +22,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def steps_args():
+def steps_args(*mesh):
   return ["--config.num_steps=6", "--config.checkpoint_every=3", "--config.log_every=3",
-          "--config.eval_every=6", "--config.mesh.data=-1"]
+          "--config.eval_every=6", *(mesh or ["--config.mesh.data=-1"])]
 
 
 def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
@@ -36,14 +37,19 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
 
   two = tmp_path / "two"
   port = free_port()
+  # Two processes of one device each; the mesh's fsdp axis spans both (every
+  # parameter's embed axis is split between the processes), and each step is two
+  # accumulated micro-batches: still the one-process result.
+  fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=-1",
+          "--config.optimizer.grad_accum_steps=2"]
   procs = [subprocess.Popen(
-      command(two, data_dir, *steps_args(), f"--coordinator_address=127.0.0.1:{port}",
+      command(two, data_dir, *steps_args(*fsdp), f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-  assert "mesh data=2 model=1 on 2 cpu devices" in outs[0]
+  assert "mesh data=1 fsdp=2 model=1 on 2 cpu devices" in outs[0]
 
   # Counts: each process counted its half of the split; the sum equals one pass.
   a = frequency.TokenStats.load(str(one / "checkpoints"))
