@@ -115,17 +115,24 @@ def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
 
 
 def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """`spec` without the mesh axes that do not divide their array axis.
+  """`spec` without the mesh axes of size 1 and those that do not divide their
+  array axis.
 
   Such an axis is replicated instead (e.g. 3 heads on a model axis of 2, or a
   192-wide embed axis on fsdp=128): jax refuses uneven shardings of arguments, and
-  a model that does not split evenly should still run.
+  a model that does not split evenly should still run. Size-1 axes are dropped so
+  specs read as what is really split (P("model", None), not P("model", "fsdp")
+  with fsdp=1).
   """
   out = []
   for dim, entry in zip(shape, spec):  # a spec may be shorter than the shape
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    names = tuple(n for n in names if mesh.shape[n] > 1)
     size = math.prod(mesh.shape[n] for n in names)
-    out.append(entry if size == 1 or dim % size == 0 else None)
+    if not names or dim % size:
+      out.append(None)
+    else:
+      out.append(names[0] if len(names) == 1 else names)
   return P(*out)
 
 

@@ -75,19 +75,45 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return mesh
 
 
-def create_state(model, tx, mesh, seed: int, seq_len: int):
-  """State initialised directly into its shardings (shapes and logical axes from
-  jax.eval_shape of the one init function). Returns (state, state_shardings)."""
-  def init_boxed(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
+def _init_boxed(model, tx, seq_len: int, rng):
+  """The initial state with Flax-partitioned (boxed) params: the one init function."""
+  params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
+                    first_nonfinite=jnp.full((), -1, jnp.int32),
+                    face_counts=jnp.zeros((model.cfg.vocab_size,), jnp.int32))
+
+
+def abstract_state(model, tx, mesh, seq_len: int):
+  """(abstract state, its shardings) without allocating anything: shapes and logical
+  axes from jax.eval_shape of the init function, shardings from the axis rules. The
+  abstract leaves are jax.ShapeDtypeStruct with their sharding (for AOT lowering
+  and restores)."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, seq_len),
+                         jax.random.key(0))
+  shardings = sharding.tree_shardings(mesh, boxed)
+  return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
+
+
+def state_from_params(params, model, tx, shardings):
+  """A fresh train state (step 0, new optimizer state) around loaded params, built
+  in the state's shardings: with init_from / pretrained nothing is initialised and
+  thrown away, so peak memory holds one copy of the params."""
+  def build(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
                       first_nonfinite=jnp.full((), -1, jnp.int32),
                       face_counts=jnp.zeros((model.cfg.vocab_size,), jnp.int32))
+  return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings,
+                 donate_argnums=(0,))(params)
 
-  rng = jax.random.key(seed)
-  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_boxed, rng))
-  state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)(rng)
+
+def create_state(model, tx, mesh, seed: int, seq_len: int):
+  """State initialised directly into its shardings (no replicated copy on any
+  device first). Returns (state, state_shardings)."""
+  _, shardings = abstract_state(model, tx, mesh, seq_len)
+  state = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, seq_len, r)),
+                  out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
 
 
@@ -287,8 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Model and sharded state.
   model = models.make_model(config, stats.vocab_size)
   tx = opt_lib.make_optimizer(config)
-  state, state_shardings = create_state(model, tx, mesh, config.seed, config.seq_len)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  # The state is allocated once, by whichever of the four sources provides it.
+  abstract, state_shardings = abstract_state(model, tx, mesh, config.seq_len)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   utils.log(f"model: {config.model.pretrained or config.model.preset} "
             f"({model.cfg.model_type}), {num_params / 1e6:.2f} M parameters, vocabulary "
             f"{model.cfg.vocab_size} (tokenizer {tokenizer.path}, {tokenizer.vocab_size})")
@@ -297,9 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = ckpt_lib.fingerprint(config, tokenizer, models.describe(model))
   stats_sha256 = stats.metadata()["counts_sha256"]
   mngr = ckpt_lib.manager(workdir, config.keep_checkpoints)
-  restored = ckpt_lib.restore_latest(
-      mngr, ckpt_lib.abstract_like(state, state_shardings), fingerprint, stats_sha256,
-      f"workdir {workdir}")
+  restored = ckpt_lib.restore_latest(mngr, abstract, fingerprint, stats_sha256,
+                                     f"workdir {workdir}")
   # config.json once the workdir is known to be this config's (a refused resume
   # leaves the finished run's config.json as it was).
   if jax.process_index() == 0:
@@ -308,13 +334,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, latest = restored
     utils.log(f"resumed from step {latest}")
   elif config.init_from is not None:
-    state = state.replace(params=ckpt_lib.load_params(
-        config.init_from, ckpt_lib.abstract_like(state.params, state_shardings.params)))
+    state = state_from_params(ckpt_lib.load_params(config.init_from, abstract.params),
+                              model, tx, state_shardings)
     utils.log(f"initialised params from {config.init_from}")
   elif config.model.pretrained is not None:
-    state = state.replace(params=pretrained.load_params(
-        config.model.pretrained, model.cfg, state_shardings.params))
+    state = state_from_params(pretrained.load_params(
+        config.model.pretrained, model.cfg, state_shardings.params), model, tx,
+        state_shardings)
     utils.log(f"initialised params from the pretrained {config.model.pretrained}")
+  else:
+    state, _ = create_state(model, tx, mesh, config.seed, config.seq_len)
   # The weights after the fingerprint: a changed config is reported as a whole first.
   weights_V = utils.replicate(mesh, frequency.prepare_weights(
       config, workdir, stats, resuming=restored is not None, eos_id=tokenizer.eos_id))

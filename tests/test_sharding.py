@@ -106,7 +106,9 @@ def test_axes_the_mesh_does_not_divide_are_replicated():
   assert sharding.divisible_spec(P("fsdp", "model"), (64, 6), mesh) == P("fsdp", "model")
   # 3 heads on model=2 and a 6-wide axis on fsdp=4: replicated, not an error.
   assert sharding.divisible_spec(P("fsdp", "model"), (6, 3), mesh) == P(None, None)
-  assert sharding.divisible_spec(P(("data", "fsdp")), (8,), mesh) == P(("data", "fsdp"))
+  assert sharding.divisible_spec(P(("data", "fsdp")), (8,), mesh) == P("fsdp")  # data=1
+  assert sharding.divisible_spec(P(("data", "fsdp")), (8,), sharding.make_mesh(
+      {"data": 2, "fsdp": 4})) == P(("data", "fsdp"))
   boxed = {"w": nn.Partitioned(jax.ShapeDtypeStruct((64, 3), jnp.float32),
                                ("embed", "heads")),
            "count": jax.ShapeDtypeStruct((5,), jnp.int32)}

@@ -144,7 +144,7 @@ def test_train_step_on_4x2_mesh_equals_single_device():
            "loss_mask": (rng.random((8, 16)) > 0.4).astype(np.float32)}
   weights = jnp.asarray(np.linspace(0.5, 2.0, 96), jnp.float32)
   results = []
-  for shape, devices in (((1, 1), jax.devices()[:1]), ((4, 2), jax.devices())):
+  for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((4, 1, 2), jax.devices())):
     mesh = sharding.make_mesh(shape, devices=devices)
     state, shardings = train.create_state(model, tx, mesh, seed=0, seq_len=16)
     bs = sharding.named_sharding(mesh, "batch", "length")
@@ -157,7 +157,7 @@ def test_train_step_on_4x2_mesh_equals_single_device():
     step = jax.jit(lambda s, b, w: train.train_step(s, b, w, loss_fn=loss_fn, tx=tx),
                    in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep))
     state, metrics = step(state, sharded_batch, weights)
-    if shape == (4, 2):
+    if shape == (4, 1, 2):
       emb = state.params["embed"]["embedding"]
       assert emb.sharding.spec == jax.sharding.PartitionSpec("model", None)
       assert len(emb.addressable_shards) == 8

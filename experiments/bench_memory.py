@@ -1,0 +1,279 @@
+"""Benchmark: per-device memory and compile time of the real train step at real model
+shapes, compiled ahead of time on forced CPU devices (nothing is allocated).
+
+For a named shape (a built-in table of Hugging Face config values, or any
+config.json), it builds the decoder, AdamW and the train state's shardings on a
+mesh of forced CPU devices, lowers and compiles the full jitted train step
+(forward, PDL backward, AdamW update; the step `pdl_jax.train` runs) for abstract
+inputs, and prints per device, from XLA's own memory analysis of the compiled
+step: parameter + optimizer-state bytes (the shards of the state arguments), the
+ideal (whole state / devices), the state's ratio to the ideal, temporaries, total
+(arguments + outputs - donated aliases + temporaries) and the compile time.
+
+    python experiments/bench_memory.py                      # the suite below
+    python experiments/bench_memory.py --devices=64 --mesh=fsdp:64 --shape=llama-3-8b \\
+        --seq=2048 --batch=64 --remat=full --scan
+    python experiments/bench_memory.py --devices=8 --mesh=fsdp:8 \\
+        --shape=/path/to/config.json --seq=1024 --batch=8
+
+The suite (no --shape): Llama-3-8B (seq 2048, batch 64, fsdp=64, remat full, scan,
+chunked PDL, bfloat16 compute), Llama-3.2-1B (seq 2048, batch 32, fsdp=8), the
+state ratio of Qwen2.5-0.5B at fsdp=8 and fsdp=64, and the compile time of the
+Llama-3.2-1B shape at 4 and 32 layers, scanned and unrolled.
+
+Forced CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count is set from
+--devices before jax is imported. CPU compile times are this machine's; the memory
+figures are the partitioned program's buffer assignment, which on TPU/GPU differs
+in detail (fusion, layouts) but not in what is sharded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _forced_devices(argv: list[str]) -> int:
+  """--devices from argv (before argparse, since jax must not be imported yet)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return 64
+
+
+if __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" {DEVICES_FLAG}={_forced_devices(sys.argv[1:])}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs.common import load_config  # noqa: E402
+from pdl_jax import optimizer as opt_lib  # noqa: E402
+from pdl_jax import pretrained  # noqa: E402
+from pdl_jax import sharding  # noqa: E402
+from pdl_jax import train  # noqa: E402
+from pdl_jax.models import decoder  # noqa: E402
+
+GiB = 1024 ** 3
+
+# Hugging Face config.json values of the named shapes (only what the decoder reads).
+SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu"),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, hidden_act="silu",
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, hidden_act="silu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One compiled train step."""
+
+  shape: str  # a SHAPES name or a config.json path
+  mesh: dict[str, int]
+  seq: int
+  batch: int
+  scan: bool = True
+  remat: str = "full"
+  layers: int | None = None  # override the shape's depth (compile-time comparison)
+  loss: str = "pdl"
+  chunked: bool = True
+  chunk_size: int = 8192
+  dtype: str = "bfloat16"
+  grad_accum: int = 1
+
+
+def hf_config(shape: str) -> dict:
+  """The config.json values of a named shape or a config.json path."""
+  if shape in SHAPES:
+    return SHAPES[shape]
+  if shape.endswith(".json") or os.path.isdir(shape):
+    path = shape if shape.endswith(".json") else os.path.join(shape, "config.json")
+    with open(path) as f:  # a benchmark input, not a run output: no path layer needed
+      return json.load(f)
+  raise SystemExit(f"--shape={shape!r}: expected one of {sorted(SHAPES)} or a config.json "
+                   "path (or a directory holding one).")
+
+
+def model_of(case: Case) -> decoder.Decoder:
+  """The decoder of a case (the shape's config, the case's depth, scan and remat)."""
+  cfg = pretrained.config_from_hf(hf_config(case.shape), dtype=case.dtype,
+                                  param_dtype="float32")
+  cfg = dataclasses.replace(cfg, scan_layers=case.scan, remat=case.remat,
+                            num_layers=case.layers or cfg.num_layers)
+  return decoder.Decoder(cfg)
+
+
+def compile_step(case: Case):
+  """(compiled step, state shardings, abstract state, lower+compile seconds)."""
+  config = load_config("configs/dialogue.py")  # AdamW, warmup + cosine, clipping
+  model = model_of(case)
+  tx = opt_lib.make_optimizer(config)
+  devices = jax.devices()[:math.prod(case.mesh.values())]
+  mesh = sharding.make_mesh(case.mesh, devices=devices)
+  abstract, shardings = train.abstract_state(model, tx, mesh, seq_len=8)
+  batch_sharding = sharding.named_sharding(mesh, "batch", "length")
+  rep = sharding.replicated(mesh)
+  v = model.cfg.vocab_size
+  batch = {"inputs": jax.ShapeDtypeStruct((case.batch, case.seq), jnp.int32,
+                                          sharding=batch_sharding),
+           "labels": jax.ShapeDtypeStruct((case.batch, case.seq), jnp.int32,
+                                          sharding=batch_sharding),
+           "loss_mask": jax.ShapeDtypeStruct((case.batch, case.seq), jnp.float32,
+                                             sharding=batch_sharding)}
+  weights = jax.ShapeDtypeStruct((v,), jnp.float32, sharding=rep)
+  # Loss on every position (a pretraining-like worst case: no loss window).
+  loss_fn = functools.partial(train.compute_loss, model=model, loss_name=case.loss,
+                              loss_params={}, chunked=case.chunked,
+                              chunk_size=case.chunk_size, eos_id=1, eos_weight=None)
+  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
+                                   grad_accum_steps=case.grad_accum,
+                                   reduction="weights" if case.loss == "pdl" else "tokens"),
+                 in_shardings=(shardings, batch_sharding, rep),
+                 out_shardings=(shardings, rep), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(abstract, batch, weights).compile()
+  return compiled, shardings, abstract, time.perf_counter() - t0
+
+
+def state_bytes(abstract, shardings) -> tuple[int, int]:
+  """(bytes of one device's shards of the state, bytes of the whole state)."""
+  per_device = total = 0
+  for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    item = jnp.dtype(x.dtype).itemsize
+    total += math.prod(x.shape) * item
+    per_device += math.prod(s.shard_shape(x.shape)) * item
+  return per_device, total
+
+
+def measure(case: Case) -> dict:
+  """Memory and compile time of one case, per device."""
+  compiled, shardings, abstract, seconds = compile_step(case)
+  mem = compiled.memory_analysis()
+  devices = math.prod(case.mesh.values())
+  per_device, total = state_bytes(abstract, shardings)
+  args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+  return dict(case=case, params=params, devices=devices, state=per_device,
+              ideal=total / devices, ratio=per_device / (total / devices), args=args,
+              temp=temp, total=args + out - alias + temp, compile_s=seconds)
+
+
+def describe(case: Case) -> str:
+  mesh = ",".join(f"{k}:{v}" for k, v in case.mesh.items())
+  layers = f" layers={case.layers}" if case.layers else ""
+  return (f"{case.shape}{layers} mesh={mesh} seq={case.seq} batch={case.batch} "
+          f"{'scan' if case.scan else 'unrolled'} remat={case.remat} "
+          f"{'chunked ' if case.chunked else ''}{case.loss} {case.dtype}"
+          f"{f' accum={case.grad_accum}' if case.grad_accum > 1 else ''}")
+
+
+HEADER = (f"{'case':<88} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
+          f"{'temp':>7} {'total':>7} {'compile':>8}")
+
+
+def row(r: dict) -> str:
+  return (f"{describe(r['case']):<88} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
+          f"{r['ideal'] / GiB:6.2f}G {r['ratio']:6.3f} {r['temp'] / GiB:6.2f}G "
+          f"{r['total'] / GiB:6.2f}G {r['compile_s']:7.1f}s")
+
+
+def suite() -> list[tuple[str, Case, float | None]]:
+  """The issue's targets: (what, case, per-device total limit in GiB or None)."""
+  return [
+      ("8B fits a 16 GiB v5e chip", Case("llama-3-8b", {"fsdp": 64}, 2048, 64), 12.0),
+      ("1B at fsdp=8", Case("llama-3.2-1b", {"fsdp": 8}, 2048, 32), 10.0),
+      ("state ratio fsdp=8", Case("qwen2.5-0.5b", {"fsdp": 8}, 512, 8), None),
+      ("state ratio fsdp=64", Case("qwen2.5-0.5b", {"fsdp": 64}, 512, 64), None),
+  ] + [(f"compile time {n} layers {'scanned' if scan else 'unrolled'}",
+        Case("llama-3.2-1b", {"fsdp": 8}, 512, 8, scan=scan, layers=n), None)
+       for scan in (True, False) for n in (4, 32)]
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--devices", type=int, default=64, help="forced CPU devices")
+  p.add_argument("--shape", default=None,
+                 help=f"{sorted(SHAPES)} or a config.json path; none: the suite")
+  p.add_argument("--mesh", default="fsdp:-1", help="axis:size,... e.g. fsdp:8,model:2")
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--layers", default=None, help="depths to compile, e.g. 4,32")
+  p.add_argument("--scan", default="on", choices=("on", "off", "both"))
+  p.add_argument("--remat", default="full", choices=decoder.REMATS)
+  p.add_argument("--loss", default="pdl", choices=("pdl", "ce"))
+  p.add_argument("--unchunked", action="store_true", help="full [B, L, V] logits")
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--grad_accum", type=int, default=1)
+  args = p.parse_args()
+  print(f"{jax.device_count()} forced {jax.default_backend()} devices; jax {jax.__version__}",
+        flush=True)
+  if args.shape is None:
+    todo = suite()
+  else:
+    mesh = {}
+    for part in args.mesh.split(","):
+      axis, _, size = part.partition(":")
+      mesh[axis] = int(size)
+    if -1 in mesh.values():
+      rest = math.prod(v for v in mesh.values() if v != -1)
+      mesh = {k: (args.devices // rest if v == -1 else v) for k, v in mesh.items()}
+    depths = [int(x) for x in args.layers.split(",")] if args.layers else [None]
+    scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
+    todo = [("", Case(args.shape, mesh, args.seq, args.batch, scan=s, remat=args.remat,
+                      layers=n, loss=args.loss, chunked=not args.unchunked,
+                      dtype=args.dtype, grad_accum=args.grad_accum), None)
+            for s in scans for n in depths]
+  print(HEADER, flush=True)
+  results, failed = [], []
+  for what, case, limit in todo:
+    r = measure(case)
+    results.append((what, r, limit))
+    verdict = ""
+    if limit is not None:
+      ok = r["total"] <= limit * GiB
+      verdict = f"  [{what}: total <= {limit:g} GiB: {'yes' if ok else 'NO'}]"
+      failed += [] if ok else [what]
+    print(row(r) + verdict, flush=True)
+  compile_s = {(r["case"].scan, r["case"].layers): r["compile_s"] for _, r, _ in results
+               if r["case"].layers}
+  for scan in (True, False):
+    if (scan, 4) in compile_s and (scan, 32) in compile_s:
+      print(f"compile time 32 / 4 layers, {'scanned' if scan else 'unrolled'}: "
+            f"{compile_s[(scan, 32)] / compile_s[(scan, 4)]:.2f}x")
+  ratios = [r["ratio"] for _, r, _ in results]
+  print(f"state per device / ideal: max {max(ratios):.3f}")
+  if failed:
+    raise SystemExit(f"over the memory limit: {failed}")
+
+
+if __name__ == "__main__":
+  main()
