@@ -55,6 +55,13 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   loss = config.loss.to_dict()
   for key in ("chunked", "chunk_size", "window"):
     loss.pop(key, None)
+  # Rematerialisation changes what the backward pass stores, not what it computes: a
+  # run may be resumed with it switched. scan_layers changes the param tree, so it
+  # stays, but only when on: runs from before the field existed resume unscanned.
+  model_cfg = dict(model_cfg)
+  model_cfg.pop("remat", None)
+  if not model_cfg.get("scan_layers", False):
+    model_cfg.pop("scan_layers", None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
       "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],
