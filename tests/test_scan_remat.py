@@ -238,3 +238,33 @@ def test_fingerprint_keeps_scan_layers_and_leaves_out_remat():
   assert fp(scan_layers=True) != fp()
   # Unscanned runs fingerprint as before the field existed: they still resume.
   assert "scan_layers" not in fp()["model"]
+
+
+def _save_run(workdir, params):
+  mngr = ckpt_lib.manager(str(workdir))
+  ckpt_lib.save(mngr, 1, {"params": params}, {"fingerprint": {}})
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def test_init_from_a_run_of_the_other_layout_converts(tmp_path):
+  cfg = pretrained.read_config(_fixture("llama"))
+  params = jax.device_get(pretrained.load_params(_fixture("llama"), cfg))
+  stacked = dec.stack_layers(params, cfg.num_layers)
+  _save_run(tmp_path / "unrolled", params)
+  _save_run(tmp_path / "scanned", stacked)
+  mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
+  for scan, run, want in ((True, "unrolled", stacked), (False, "scanned", params)):
+    variant = dataclasses.replace(cfg, scan_layers=scan)
+    shardings = pretrained.param_shardings(variant, mesh)
+    abstract = ckpt_lib.abstract_like(nn.meta.unbox(pretrained.abstract_params(variant)),
+                                      shardings)
+    got = ckpt_lib.load_params(str(tmp_path / run), abstract)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 got, shardings)
+  # Another model besides the other layout: a clear error naming scan_layers.
+  other = dataclasses.replace(cfg, scan_layers=True, num_layers=cfg.num_layers + 1)
+  abstract = nn.meta.unbox(pretrained.abstract_params(other))
+  with pytest.raises(ValueError, match="do not match.*scan_layers=False there, True here"):
+    ckpt_lib.load_params(str(tmp_path / "unrolled"), abstract)

@@ -18,6 +18,15 @@ head serves num_heads / num_kv_heads query heads. Parameter names match
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
 the own model's params run unchanged in the decoder.
 
+Layers (DecoderConfig.scan_layers, .remat): unrolled, the blocks are block_0 ...
+block_{n-1}; scanned, one `nn.scan` runs them over params stacked on a leading
+"layers" axis under `blocks` (blocks/attn/query/kernel is [layers, D, H, K]), so the
+compiled program holds one block whatever the depth; the KV cache is scanned over its
+layer axis. `stack_layers` / `unstack_layers` convert between the layouts. remat
+wraps each block in `nn.remat` (under the scan too): "full" keeps only each block's
+input for the backward pass, "dots" its projections' outputs. Neither changes the
+math (tests/test_scan_remat.py).
+
 Speed (XLA:CPU, where the small models train): every projection and the
 unembedding is one 2-D [B*L, in] x [in, out] matmul (`Dense2D`, `unembed_logits`),
 so no weight gradient contracts a 3-D activation over (B, L), which XLA:CPU lowers
