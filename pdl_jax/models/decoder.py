@@ -580,7 +580,8 @@ def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
   (embed, final_norm, ...) are kept as they are.
 
   Leaves may be numpy arrays (stacked with numpy), jax arrays (jnp.stack: a new
-  array, in the default sharding) or jax.ShapeDtypeStruct (shape [n, ...], without
+  array in whatever sharding XLA picks; jax.device_put it into param_shardings, or
+  stack inside a jit with out_shardings) or jax.ShapeDtypeStruct (shape [n, ...], without
   a sharding: a stacked sharding needs the "layers" axis, use param_shardings).
   Unbox nn.LogicallyPartitioned params first (nn.meta.unbox).
 
