@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from pdl_jax import utils
+from pdl_jax.models import decoder as decoder_lib
 
 CHECKPOINTS = "checkpoints"
 # Everything a run writes into its workdir (what config.resume=False archives).
@@ -55,6 +56,13 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   loss = config.loss.to_dict()
   for key in ("chunked", "chunk_size", "window"):
     loss.pop(key, None)
+  # Rematerialisation changes what the backward pass stores, not what it computes: a
+  # run may be resumed with it switched. scan_layers changes the param tree, so it
+  # stays, but only when on: runs from before the field existed resume unscanned.
+  model_cfg = dict(model_cfg)
+  model_cfg.pop("remat", None)
+  if not model_cfg.get("scan_layers", False):
+    model_cfg.pop("scan_layers", None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
       "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],
@@ -127,6 +135,10 @@ def load_params(init_from: str, abstract_params, step: int | None = None):
   """Params (latest, or of `step`) of a run's workdir, restored straight into the
   shardings of `abstract_params` (ShapeDtypeStructs); its optimizer state is not read.
 
+  A run of the other layer layout (model.scan_layers on / off) is converted: its
+  params are restored in their stacked / per-layer layout and (un)stacked into this
+  run's shardings.
+
   Raises:
     ValueError: no checkpoint there, or params of another structure or shape (other
       model size or vocabulary).
@@ -147,15 +159,71 @@ def load_params(init_from: str, abstract_params, step: int | None = None):
     got = jax.tree.map(lambda x: tuple(x.shape), dict(stored["params"]))
   except (AttributeError, KeyError, TypeError):
     got = None
-  if got != want:
+  # A run of the other layer layout (model.scan_layers) is restored in its own layout
+  # and converted: stacked <-> per-layer inside one jit whose out_shardings are this
+  # run's, so no process holds more than its shards of the result.
+  target_params, convert = abstract_params, None
+  if isinstance(got, dict) and (decoder_lib.SCANNED in got) != (decoder_lib.SCANNED in want):
+    target_params, convert = _other_layout(abstract_params, stored_scanned=(
+        decoder_lib.SCANNED in got))
+    if jax.tree.map(lambda x: tuple(x.shape), target_params) != got:
+      raise ValueError(
+          f"{init_from!r}: its params do not match this model (different preset or "
+          f"vocabulary), besides being of the other layer layout (scan_layers="
+          f"{decoder_lib.SCANNED in got} there, {decoder_lib.SCANNED in want} here): "
+          f"stored {got}, this run {want}.")
+  elif got != want:
     raise ValueError(f"{init_from!r}: its params do not match this "
                      f"model (different preset or vocabulary): stored {got}, this run "
                      f"{want}.")
-  target = {"params": abstract_params}
+  target = {"params": target_params}
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True)))
-  return restored.state["params"]
+  params = restored.state["params"]
+  if convert is not None:
+    leaves = jax.tree.leaves(abstract_params)
+    shardings = (jax.tree.map(lambda x: x.sharding, abstract_params)
+                 if all(getattr(x, "sharding", None) is not None for x in leaves) else None)
+    params = jax.jit(convert, out_shardings=shardings)(params)
+  return params
+
+
+def _layer_sharding(sharding, stacked: bool):
+  """The sharding of one layer of a stacked param (stacked=False: drop the leading
+  "layers" entry) or of the stack of a per-layer one (stacked=True: a replicated
+  leading axis, as the "layers" rule has it). Non-named shardings are kept."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  spec = (None,) + spec if stacked else spec[1:]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _other_layout(abstract_params, stored_scanned: bool):
+  """(restore target in the stored layout, function converting it to this run's).
+
+  The target's ShapeDtypeStructs keep shardings derived from this run's (the
+  stacked / per-layer forms of the same partitioning).
+  """
+  if stored_scanned:  # this run is unrolled: restore stacked, then unstack
+    num_layers = sum(1 for k in abstract_params if k.startswith("block_"))
+    shapes = decoder_lib.stack_layers(abstract_params, num_layers)
+    per_layer = abstract_params["block_0"]
+    target = dict(shapes)
+    target[decoder_lib.SCANNED] = jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                          sharding=_layer_sharding(x.sharding, True)),
+        shapes[decoder_lib.SCANNED], per_layer)
+    return target, decoder_lib.unstack_layers
+  num_layers = jax.tree.leaves(abstract_params[decoder_lib.SCANNED])[0].shape[0]
+  target = decoder_lib.unstack_layers(abstract_params)
+  for i in range(num_layers):
+    target[f"block_{i}"] = jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                          sharding=_layer_sharding(x.sharding, False)),
+        target[f"block_{i}"], abstract_params[decoder_lib.SCANNED])
+  return target, lambda p: decoder_lib.stack_layers(p, num_layers)
 
 
 def archive_previous_run(workdir: str) -> None:

@@ -368,7 +368,9 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
       missing shard file at once.
   """
   model_dir = epath.Path(model_dir)
-  abstract = nn.meta.unbox(abstract_params(cfg))
+  # The table and every check speak of per-layer params (block_i): their shapes come
+  # from the unrolled layout whatever cfg.scan_layers is.
+  abstract = nn.meta.unbox(abstract_params(dataclasses.replace(cfg, scan_layers=False)))
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   flat_shardings = (None if shardings is None
                     else flax.traverse_util.flatten_dict(flax.core.unfreeze(shardings)))
@@ -411,37 +413,77 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
       if errors:
         raise ValueError(f"checkpoint {os.fspath(model_dir)!r} does not match its config "
                          f"({cfg.model_type}): " + "; ".join(errors))
-      params: dict[tuple[str, ...], jax.Array] = {}
+      # One reader per param: (shape, read(index) -> numpy block). Scanned, the
+      # params of the same path in every block are one stacked [layers, ...] array
+      # whose reader reads the layers of the index's first slice (all of them: the
+      # "layers" axis is never sharded) and stacks them. So each device's block is
+      # still read straight from the files into its sharding (no full per-layer
+      # arrays first, no jit to stack them, no second copy on the devices).
+      readers: dict[tuple[str, ...], tuple[tuple[int, ...], Callable]] = {}
       for t in table:
         src = handles[weight_map[t.name]].get_slice(stored[t.name])
-        shape = flat_abstract[t.path].shape
+        shape = tuple(flat_abstract[t.path].shape)
+        readers[t.path] = (shape, lambda idx, src=src, t=t, shape=shape: np.asarray(
+            _read(src, t, shape, idx)))
+      if cfg.scan_layers:
+        readers = _stacked_readers(readers, cfg.num_layers)
+      params: dict[tuple[str, ...], jax.Array] = {}
+      for path, (shape, read) in readers.items():
         sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
-                    if flat_shardings is None else flat_shardings[t.path])
-        params[t.path] = jax.make_array_from_callback(
-            shape, sharding,
-            lambda idx, src=src, t=t, shape=shape: np.asarray(
-                _read(src, t, shape, idx)).astype(pdtype))
-  missing = sorted(set(flat_abstract) - set(params))
+                    if flat_shardings is None else flat_shardings[path])
+        params[path] = jax.make_array_from_callback(
+            shape, sharding, lambda idx, read=read: read(idx).astype(pdtype))
+  want = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)))
+  missing = sorted(set(want) - set(params))
   if missing:  # the table covers every param; a gap is a bug here, not in the checkpoint
     raise AssertionError(f"params without a checkpoint tensor: {missing}")
   return flax.traverse_util.unflatten_dict(params)
 
 
+def _stacked_readers(readers: dict[tuple[str, ...], tuple[tuple[int, ...], Callable]],
+                     num_layers: int
+                     ) -> dict[tuple[str, ...], tuple[tuple[int, ...], Callable]]:
+  """Per-layer readers (paths block_i/...) -> readers of the scanned layout's stacked
+  params (blocks/..., shape [layers, ...]); other readers unchanged."""
+  out, per_layer = {}, {}
+  for path, reader in readers.items():
+    m = re.fullmatch(r"block_(\d+)", path[0])
+    if m is None:
+      out[path] = reader
+    else:
+      per_layer.setdefault(path[1:], {})[int(m.group(1))] = reader
+  for rest, layers in per_layer.items():
+    shape = layers[0][0]
+    reads = [layers[i][1] for i in range(num_layers)]
+
+    def read(idx, reads=reads, shape=shape):
+      layer_slice, block = (idx[0], idx[1:]) if idx else (slice(None), ())
+      block = block + (slice(None),) * (len(shape) - len(block))
+      return np.stack([reads[i](block) for i in range(*layer_slice.indices(num_layers))])
+
+    out[(decoder_lib.SCANNED,) + rest] = ((num_layers,) + shape, read)
+  return out
+
+
 def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
-         param_dtype: str = "float32", shardings: Any = None
-         ) -> tuple[Decoder, dict[str, Any]]:
-  """(Decoder module, params) of a Hugging Face checkpoint directory."""
-  cfg = read_config(model_dir, dtype=dtype, param_dtype=param_dtype)
+         param_dtype: str = "float32", shardings: Any = None, scan_layers: bool = False,
+         remat: str = "none") -> tuple[Decoder, dict[str, Any]]:
+  """(Decoder module, params) of a Hugging Face checkpoint directory; scan_layers and
+  remat as in DecoderConfig (scanned: params in the stacked layout)."""
+  cfg = dataclasses.replace(read_config(model_dir, dtype=dtype, param_dtype=param_dtype),
+                            scan_layers=scan_layers, remat=remat)
   return Decoder(cfg), load_params(model_dir, cfg, shardings)
 
 
-def logits(model_dir: str, tokens_BxL: np.ndarray) -> np.ndarray:
-  """float32 [B, L, V] logits of the checkpoint for int32 ids (no padding).
+def logits(model_dir: str, tokens_BxL: np.ndarray, *, scan_layers: bool = False
+           ) -> np.ndarray:
+  """float32 [B, L, V] logits of the checkpoint for int32 ids (no padding), computed
+  by the unrolled or (scan_layers) the scanned decoder.
 
   Computed in float32 with full-precision matmuls: the accelerators' default for
   float32 dots (TF32 on recent GPUs, bfloat16 passes on TPU) would not be a reference.
   """
-  model, params = load(model_dir)
+  model, params = load(model_dir, scan_layers=scan_layers)
   tokens = jnp.asarray(np.asarray(tokens_BxL, np.int32))
   with jax.default_matmul_precision("highest"):
     out, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
@@ -480,8 +522,38 @@ def own_model_hf_config(cfg: DecoderConfig, *,
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """Layer `index` of a stacked [layers, ...] param (scanned layout), sliced only when
+  exported: one layer's tensor at a time, never a per-layer copy of every param."""
+
+  stacked: Any
+  index: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(np.shape(self.stacked))[1:]
+
+
+def _per_layer_flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  """Flat {path: value} of params in either layout, keyed by the unrolled paths
+  (block_i/...) the tensor table uses; a scanned tree's leaves become _Layer views."""
+  if decoder_lib.SCANNED not in params:
+    return flax.traverse_util.flatten_dict(params)
+  flat = flax.traverse_util.flatten_dict(
+      {k: v for k, v in params.items() if k != decoder_lib.SCANNED})
+  for rest, stacked in flax.traverse_util.flatten_dict(params[decoder_lib.SCANNED]).items():
+    for i in range(np.shape(stacked)[0]):
+      flat[(f"block_{i}",) + rest] = _Layer(stacked, i)
+  return flat
+
+
 def _gather(x: Any) -> np.ndarray:
-  """The full value of a (possibly sharded, possibly multi-host) array on this host."""
+  """The full value of a (possibly sharded, possibly multi-host) array on this host;
+  of a _Layer, its layer (sliced on the devices first: a global jax.Array is indexed
+  by every process alike, as export's collective gathering needs)."""
+  if isinstance(x, _Layer):
+    x = x.stacked[x.index]
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     x = multihost_utils.process_allgather(x, tiled=True)
@@ -530,7 +602,7 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
       if untie_scaled else cfg
   np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
 
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(params)))
+  flat = _per_layer_flat(flax.core.unfreeze(nn.meta.unbox(params)))
   # name -> thunk producing the transformers tensor, in table order, fused c_attn once.
   tensors: dict[str, Callable[[], np.ndarray]] = {}
   for t in _tensor_table(out_cfg):

@@ -44,10 +44,11 @@ def test_all_families_have_fixtures():
   assert os.path.exists(os.path.join(_dir("mistral"), "model.safetensors.index.json"))
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_logits_match_transformers(name):
+def test_logits_match_transformers(name, scan_layers):
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
-  out = pretrained.logits(_dir(name), ref["tokens"])
+  out = pretrained.logits(_dir(name), ref["tokens"], scan_layers=scan_layers)
   assert out.dtype == np.float32 and out.shape == ref["logits"].shape
   assert _rel_err(out, ref["logits"]) <= 1e-4
 

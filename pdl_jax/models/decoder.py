@@ -18,6 +18,15 @@ head serves num_heads / num_kv_heads query heads. Parameter names match
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
 the own model's params run unchanged in the decoder.
 
+Layers (DecoderConfig.scan_layers, .remat): unrolled, the blocks are block_0 ...
+block_{n-1}; scanned, one `nn.scan` runs them over params stacked on a leading
+"layers" axis under `blocks` (blocks/attn/query/kernel is [layers, D, H, K]), so the
+compiled program holds one block whatever the depth; the KV cache is scanned over its
+layer axis. `stack_layers` / `unstack_layers` convert between the layouts. remat
+wraps each block in `nn.remat` (under the scan too): "full" keeps only each block's
+input for the backward pass, "dots" its projections' outputs. Neither changes the
+math (tests/test_scan_remat.py).
+
 Speed (XLA:CPU, where the small models train): every projection and the
 unembedding is one 2-D [B*L, in] x [in, out] matmul (`Dense2D`, `unembed_logits`),
 so no weight gradient contracts a 3-D activation over (B, L), which XLA:CPU lowers
@@ -41,7 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -49,12 +59,20 @@ import jax.numpy as jnp
 import numpy as np
 
 Cache = dict[str, jax.Array]
+# Param collection of the scanned blocks (DecoderConfig.scan_layers): every leaf has
+# a leading [num_layers] axis; unrolled, the blocks are block_0 ... block_{n-1}.
+SCANNED = "blocks"
 
 NORMS = ("rms", "rms_plus_one", "layer")
 MLPS = ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 POSITIONS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Rematerialisation of each block in the backward pass (DecoderConfig.remat): "none"
+# keeps every activation; "full" saves only each block's input (jax.checkpoint's
+# default, nothing saveable) and recomputes the block; "dots" saves the outputs of
+# the projections' matmuls and recomputes the cheap elementwise work around them.
+REMATS = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +109,19 @@ class DecoderConfig:
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"
   model_type: str = "pdl"  # Hugging Face model_type it came from; "pdl" for the own model
+  # Run the blocks as one nn.scan over params stacked on a leading "layers" axis
+  # (params["blocks"], not block_i): compile time and HLO size stay flat in depth. It
+  # changes the param tree (stack_layers / unstack_layers convert), not the math.
+  scan_layers: bool = False
+  remat: str = "none"  # REMATS: what each block saves for the backward pass (same math)
   # The config.json it was read from (export writes it back); no part of eq/hash.
   source_config_json: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
     checks = (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS),
               ("positions", POSITIONS), ("rope_type", ROPE_TYPES),
-              ("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32", "bfloat16")))
+              ("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32", "bfloat16")),
+              ("remat", REMATS))
     for name, allowed in checks:
       if getattr(self, name) not in allowed:
         raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not supported; "
@@ -378,6 +402,24 @@ class Block(nn.Module):
     return x_BxLxD, kv
 
 
+def _remat_block(cfg: DecoderConfig) -> type[nn.Module]:
+  """Block, or Block under nn.remat with cfg.remat's policy.
+
+  "dots" uses dots_with_no_batch_dims_saveable: every projection (Dense2D's 2-D
+  [B*L, in] x [in, out] matmul, no batch dimension) is saved, while the attention
+  matmuls (batched over B * KV heads) are recomputed: their [B*G, R*L, S] scores and
+  probabilities grow with L * S, the activations worth not keeping. checkpoint_dots
+  would save those too. Under nn.scan, prevent_cse=False as the Flax docs advise
+  (the scan already keeps XLA from merging the recomputation into the forward pass;
+  the extra barriers would only cost speed).
+  """
+  if cfg.remat == "none":
+    return Block
+  policy = (None if cfg.remat == "full"  # jax.checkpoint's default: nothing saveable
+            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
 class Decoder(nn.Module):
   """Decoder-only LM with the call interface of `tests/reference_transformer.Transformer` (the first own model).
 
@@ -399,7 +441,18 @@ class Decoder(nn.Module):
                                 embedding_init=_init((None, "embed"),
                                                      nn.initializers.normal(0.02)),
                                 name="pos_embed")
-    self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    block_cls = _remat_block(cfg)
+    if cfg.scan_layers:
+      # One scanned block: params stacked on a leading axis named "layers" (never
+      # sharded), the KV cache scanned over its layer axis (in/out axis 0), the RoPE
+      # tables, the mask bias and cache_index broadcast to every layer.
+      self.blocks = nn.scan(
+          block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0,
+          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name=SCANNED)
+    else:
+      self.blocks = [block_cls(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype, name="final_norm")
     if not cfg.tied_embeddings:
       self.unembed = self.param(
@@ -470,15 +523,20 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, x_BxLxD.dtype)
     if cfg.positions == "learned":
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
-    new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x_BxLxD, kv = block(x_BxLxD, rope_tables, bias_BxLxS, kv, cache_index)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+    if cfg.scan_layers:
+      kv_all = None if cache is None else (cache["k"], cache["v"])  # [layers, B, S, G, K]
+      x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index)
+      new_cache = None if cache is None else {"k": kv_all[0], "v": kv_all[1]}
+    else:
+      new_k, new_v = [], []
+      for i, block in enumerate(self.blocks):
+        kv = None if cache is None else (cache["k"][i], cache["v"][i])
+        x_BxLxD, kv = block(x_BxLxD, rope_tables, bias_BxLxS, kv, cache_index)
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     hidden_BxLxD = self.final_norm(x_BxLxD)
-    new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     if return_hidden:
       return hidden_BxLxD, new_cache
     return self.unembed_logits(hidden_BxLxD), new_cache
@@ -493,3 +551,70 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int) -> Cache:
 def unembed_DxV(model: Decoder, params) -> jax.Array:
   """The [D, V] output projection of `params` (for the chunked loss)."""
   return model.apply({"params": params}, method=Decoder.unembed_matrix)
+
+
+_BLOCK = re.compile(r"block_(\d+)$")
+
+
+def _stack_leaves(*xs):
+  if isinstance(xs[0], jax.ShapeDtypeStruct):  # abstract: the shape only, no sharding
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+  if all(isinstance(x, np.ndarray) for x in xs):
+    return np.stack(xs)
+  return jnp.stack(xs)
+
+
+def _layer_of(x, i: int):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+  return x[i]
+
+
+def _is_leaf(x) -> bool:
+  return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Per-layer params (block_0 ... block_{n-1}) -> the scanned layout: one "blocks"
+  tree whose leaves are the layers' leaves stacked on a new leading axis. Other keys
+  (embed, final_norm, ...) are kept as they are.
+
+  Leaves may be numpy arrays (stacked with numpy), jax arrays (jnp.stack: a new
+  array in whatever sharding XLA picks; jax.device_put it into param_shardings, or
+  stack inside a jit with out_shardings) or jax.ShapeDtypeStruct (shape [n, ...], without
+  a sharding: a stacked sharding needs the "layers" axis, use param_shardings).
+  Unbox nn.LogicallyPartitioned params first (nn.meta.unbox).
+
+  Raises:
+    ValueError: the block_i keys are not exactly block_0 ... block_{num_layers-1}.
+  """
+  found = sorted(int(m.group(1)) for k in params if (m := _BLOCK.match(k)))
+  if found != list(range(num_layers)) or SCANNED in params:
+    raise ValueError(f"stack_layers needs per-layer params block_0 ... "
+                     f"block_{num_layers - 1} (and no {SCANNED!r}); got keys {sorted(params)}.")
+  out = {k: v for k, v in params.items() if not _BLOCK.match(k)}
+  out[SCANNED] = jax.tree.map(_stack_leaves, *[params[f"block_{i}"] for i in range(num_layers)],
+                              is_leaf=_is_leaf)
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of stack_layers: params["blocks"] (leaves [n, ...]) -> block_0 ...
+  block_{n-1}; other keys kept. Same leaf types as stack_layers (jax arrays are
+  sliced with x[i], ShapeDtypeStructs lose their sharding).
+
+  Raises:
+    ValueError: no "blocks" key, or its leaves disagree on the number of layers.
+  """
+  if SCANNED not in params:
+    raise ValueError(f"unstack_layers needs scanned params (a {SCANNED!r} key); got keys "
+                     f"{sorted(params)}.")
+  leaves = jax.tree.leaves(params[SCANNED], is_leaf=_is_leaf)
+  counts = {x.shape[0] for x in leaves}
+  if len(counts) != 1:
+    raise ValueError(f"params[{SCANNED!r}] leaves disagree on the layer axis: {sorted(counts)}.")
+  out = {k: v for k, v in params.items() if k != SCANNED}
+  for i in range(counts.pop()):
+    out[f"block_{i}"] = jax.tree.map(lambda x, i=i: _layer_of(x, i), params[SCANNED],
+                                     is_leaf=_is_leaf)
+  return out

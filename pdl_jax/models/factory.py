@@ -18,11 +18,15 @@ def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig
   or the own model's preset for a vocabulary of `vocab_size`."""
   m = config.model
   dtype = compute_dtype(config)
+  # How the layers run (scanned, rematerialised) is the config's, for either model.
+  layers = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
   if m.pretrained is not None:
-    return pretrained.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
+    cfg = pretrained.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
+    return dataclasses.replace(cfg, **layers)
   own = transformer.model_config(m.preset, vocab_size, dtype=dtype,
                                  tied_embeddings=m.tied_embeddings)
-  return dataclasses.replace(decoder.from_model_config(own), param_dtype=m.param_dtype)
+  return dataclasses.replace(decoder.from_model_config(own), param_dtype=m.param_dtype,
+                             **layers)
 
 
 def compute_dtype(config) -> str:
@@ -38,6 +42,7 @@ def make_model(config, vocab_size: int | None = None) -> decoder.Decoder:
 
 
 def describe(model: decoder.Decoder) -> dict[str, Any]:
-  """The model's configuration as JSON-able values (for the run fingerprint)."""
+  """The model's configuration as JSON-able values (for the run fingerprint, which
+  leaves out `remat`: see pdl_jax.checkpoint.fingerprint)."""
   return {k: v for k, v in dataclasses.asdict(model.cfg).items()
           if k != "source_config_json"}
