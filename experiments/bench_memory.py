@@ -159,7 +159,8 @@ def compile_step(case: Case):
                  in_shardings=(shardings, batch_sharding, rep),
                  out_shardings=(shardings, rep), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step.lower(abstract, batch, weights).compile()
+  with jax.set_mesh(mesh):  # activation constraints resolve against it (as in training)
+    compiled = step.lower(abstract, batch, weights).compile()
   return compiled, shardings, abstract, time.perf_counter() - t0
 
 

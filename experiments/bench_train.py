@@ -6,8 +6,13 @@ token batches of the config's shape, alternating CE and PDL step by step so that
 background load hits both alike. Prints the median tokens/s of each and PDL/CE.
 
     python experiments/bench_train.py [--config configs/dialogue.py] [--steps 30]
+    python experiments/bench_train.py --scan_layers --remat none,full,dots
 
-Target: PDL / CE >= 0.97.
+With several --remat values, every (remat, loss) pair is timed in the same
+interleaved loop, and each remat's cost is printed as its tokens/s against the
+first value's.
+
+Target: PDL / CE >= 0.97 (<= 1.03 in step time), also with scan and remat on.
 """
 
 from __future__ import annotations
@@ -38,11 +43,20 @@ def main() -> None:
   p.add_argument("--arg", default=None, help="config argument, e.g. 'smoke'")
   p.add_argument("--steps", type=int, default=30, help="timed steps per loss")
   p.add_argument("--vocab_size", type=int, default=None)
+  p.add_argument("--scan_layers", action="store_true", help="model.scan_layers=True")
+  p.add_argument("--remat", default="none",
+                 help="model.remat values to compare, e.g. none,full (first: baseline)")
   args = p.parse_args()
   config = load_config(f"{args.config}:{args.arg}" if args.arg else args.config)
+  config.model.scan_layers = args.scan_layers
   vocab = args.vocab_size or config.tokenizer.vocab_size
   mesh = train.make_mesh(config)
-  model = models.make_model(config, vocab)
+  remats = args.remat.split(",")
+  models_by_remat = {}
+  for remat in remats:
+    config.model.remat = remat
+    models_by_remat[remat] = models.make_model(config, vocab)
+  model = models_by_remat[remats[0]]
   tx = opt_lib.make_optimizer(config)
   rep = sharding.replicated(mesh)
   bs = sharding.named_sharding(mesh, "batch", "length")
@@ -63,32 +77,42 @@ def main() -> None:
             "loss_mask": jax.device_put(mask.astype(np.float32), bs)}
 
   runs = {}
-  for name in ("ce", "pdl"):
-    state, shardings = train.create_state(model, tx, mesh, 0, l)
-    config.loss.name = name
-    step = jax.jit(lambda s, bt, w, fn=train.loss_fn_of(config, model): train.train_step(
-        s, bt, w, loss_fn=fn, tx=tx),
-        in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
-        donate_argnums=(0,))
-    state, m = step(state, batch(0), weights)  # compile + warm-up
-    jax.block_until_ready(m)
-    runs[name] = [step, state, []]
-  batches = [batch(i) for i in range(4)]
-  for i in range(args.steps):
+  for remat in remats:
     for name in ("ce", "pdl"):
-      step, state, times = runs[name]
-      t0 = time.perf_counter()
-      state, m = step(state, batches[i % 4], weights)
+      m_ = models_by_remat[remat]
+      state, shardings = train.create_state(m_, tx, mesh, 0, l)
+      config.loss.name = name
+      step = jax.jit(lambda s, bt, w, fn=train.loss_fn_of(config, m_): train.train_step(
+          s, bt, w, loss_fn=fn, tx=tx),
+          in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
+          donate_argnums=(0,))
+      with jax.set_mesh(mesh):
+        state, m = step(state, batch(0), weights)  # compile + warm-up
       jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-      runs[name][1] = state
-  tps = {name: b * l / statistics.median(r[2]) for name, r in runs.items()}
+      runs[remat, name] = [step, state, []]
+  batches = [batch(i) for i in range(4)]
+  with jax.set_mesh(mesh):
+    for i in range(args.steps):
+      for key in runs:
+        step, state, times = runs[key]
+        t0 = time.perf_counter()
+        state, m = step(state, batches[i % 4], weights)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+        runs[key][1] = state
+  tps = {key: b * l / statistics.median(r[2]) for key, r in runs.items()}
   print(f"jax {jax.__version__}, {sharding.mesh_summary(mesh)}; config {args.config} "
-        f"model {config.model.preset} ({models.compute_dtype(config)}), batch {b} x {l} tokens, "
-        f"vocab {vocab}; median of {args.steps} interleaved steps")
-  print(f"CE : {tps['ce']:10.0f} tokens/s")
-  print(f"PDL: {tps['pdl']:10.0f} tokens/s")
-  print(f"PDL / CE = {tps['pdl'] / tps['ce']:.3f} (target >= 0.97)")
+        f"model {config.model.preset} ({models.compute_dtype(config)}, "
+        f"scan_layers={args.scan_layers}), batch {b} x {l} tokens, vocab {vocab}; median of "
+        f"{args.steps} interleaved steps")
+  for remat in remats:
+    print(f"remat={remat}: CE {tps[remat, 'ce']:8.0f} tokens/s  PDL {tps[remat, 'pdl']:8.0f} "
+          f"tokens/s  PDL/CE step time = {tps[remat, 'ce'] / tps[remat, 'pdl']:.3f} "
+          "(target <= 1.03)")
+  for remat in remats[1:]:
+    for name in ("ce", "pdl"):
+      print(f"remat={remat} vs {remats[0]}, {name}: step time x "
+            f"{tps[remats[0], name] / tps[remat, name]:.2f}")
 
 
 if __name__ == "__main__":

@@ -314,10 +314,12 @@ def abstract_params(cfg: DecoderConfig) -> Any:
 
 def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, str | None]] | None = None) -> Any:
-  """NamedSharding tree of the decoder's params from their logical axis names."""
+  """NamedSharding tree of the decoder's params from their logical axis names (with
+  the project's rules: exactly the train state's shardings, `sharding.tree_shardings`)."""
   from pdl_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  rules = sharding_lib.LOGICAL_AXIS_RULES if rules is None else rules
   boxed = abstract_params(cfg)
+  if rules is None:
+    return sharding_lib.tree_shardings(mesh, boxed)
   specs = nn.get_partition_spec(boxed)
   return jax.tree.map(
       lambda spec: jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(

@@ -109,6 +109,18 @@ def logical_to_spec(logical_axes: Sequence[str | None],
   return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+  """An activation's sharding by the logical axis rules, under the mesh set with
+  `jax.set_mesh` (a no-op without one, e.g. in unsharded tests).
+
+  Why: with weights split over fsdp on their embed axis and activations split over
+  fsdp on their batch axis, the partitioner must choose for every matmul which of
+  the two to re-shard; unconstrained it may gather the batch (each device then
+  computes every row's attention: ~100 GiB at the 8B shape) instead of the weights.
+  """
+  return nn.with_logical_constraint(x, tuple(logical_axes), rules=LOGICAL_AXIS_RULES)
+
+
 def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
   """NamedSharding for an array with the given logical axis names on `mesh`."""
   return NamedSharding(mesh, logical_to_spec(logical_axes))

@@ -289,9 +289,17 @@ def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) one experiment in `workdir`; returns the final eval metrics."""
-  # --- Set-up: checks before any long work, config.json.
+  # --- Set-up: checks before any long work.
   config_checks.validate_config(config)
   mesh = make_mesh(config)
+  # The mesh in context: the model's activation constraints (sharding.constrain)
+  # resolve against it inside every jitted step, eval and decode.
+  with jax.set_mesh(mesh):
+    return _run(config, workdir, mesh)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
+  """train_and_evaluate's body, under its mesh."""
   root = utils.path(workdir)
   if not config.resume:
     ckpt_lib.archive_previous_run(workdir)  # process 0 moves, then a barrier

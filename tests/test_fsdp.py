@@ -71,9 +71,10 @@ def step_once(mesh_shape, batch, loss="pdl", accum=1, **overrides):
                                           grad_accum_steps=accum, reduction=reduction)
     return grads_of(s.params, b, w), new_state, metrics
 
-  grads, new_state, metrics = jax.jit(
-      grads_and_step, in_shardings=(shardings, bs, rep),
-      out_shardings=(shardings.params, shardings, rep))(state, sharded, WEIGHTS)
+  with jax.set_mesh(mesh):  # as in training: the model's activation constraints apply
+    grads, new_state, metrics = jax.jit(
+        grads_and_step, in_shardings=(shardings, bs, rep),
+        out_shardings=(shardings.params, shardings, rep))(state, sharded, WEIGHTS)
   return new_state, jax.tree.map(np.asarray, metrics), grads
 
 

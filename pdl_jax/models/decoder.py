@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdl_jax.sharding import constrain
+
 Cache = dict[str, jax.Array]
 # Param collection of the scanned blocks (DecoderConfig.scan_layers): every leaf has
 # a leading [num_layers] axis; unrolled, the blocks are block_0 ... block_{n-1}.
@@ -307,9 +309,9 @@ class Attention(nn.Module):
       return Dense2D((heads, k), 1, ("embed", heads_axis, "kv"), use_bias=cfg.qkv_bias,
                      dtype=dtype, param_dtype=pdtype, name=name)(x_BxLxD)
 
-    q_BxLxHxK = proj("query", h, "heads")
-    k_BxLxGxK = proj("key", g, "kv_heads")
-    v_BxLxGxK = proj("value", g, "kv_heads")
+    q_BxLxHxK = constrain(proj("query", h, "heads"), "batch", "length", "heads", "kv")
+    k_BxLxGxK = constrain(proj("key", g, "kv_heads"), "batch", "length", "kv_heads", "kv")
+    v_BxLxGxK = constrain(proj("value", g, "kv_heads"), "batch", "length", "kv_heads", "kv")
     if cfg.qk_norm:
       q_BxLxHxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="q_norm")(q_BxLxHxK)
       k_BxLxGxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="k_norm")(k_BxLxGxK)
@@ -381,6 +383,7 @@ class MLP(nn.Module):
       hidden_BxLxF = _activation(cfg.activation, gate_BxLxF) * up_BxLxF
     else:
       hidden_BxLxF = _activation(cfg.activation, up_BxLxF)
+    hidden_BxLxF = constrain(hidden_BxLxF, "batch", "length", "mlp")
     return dense(cfg.d_model, "down", ("mlp", "embed"))(hidden_BxLxF)
 
 
@@ -393,13 +396,16 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None):
     cfg = self.cfg
     pdtype = jnp.dtype(cfg.param_dtype)
+    # Activations stay split over the batch (data x fsdp) at every residual; the
+    # weights are what moves (pdl_jax.sharding.constrain).
+    x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
     attn, kv = Attention(cfg, name="attn")(
         Norm(cfg.norm, cfg.norm_eps, pdtype, name="attn_norm")(x_BxLxD), rope_tables,
         bias_BxLxS, kv, cache_index)
-    x_BxLxD = x_BxLxD + attn
+    x_BxLxD = constrain(x_BxLxD + attn, "batch", "length", "embed")
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(
         Norm(cfg.norm, cfg.norm_eps, pdtype, name="mlp_norm")(x_BxLxD))
-    return x_BxLxD, kv
+    return constrain(x_BxLxD, "batch", "length", "embed"), kv
 
 
 def _remat_block(cfg: DecoderConfig) -> type[nn.Module]:
@@ -523,6 +529,7 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, x_BxLxD.dtype)
     if cfg.positions == "learned":
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+    x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
     if cfg.scan_layers:
       kv_all = None if cache is None else (cache["k"], cache["v"])  # [layers, B, S, G, K]
       x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index)
@@ -536,7 +543,7 @@ class Decoder(nn.Module):
           new_k.append(kv[0])
           new_v.append(kv[1])
       new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-    hidden_BxLxD = self.final_norm(x_BxLxD)
+    hidden_BxLxD = constrain(self.final_norm(x_BxLxD), "batch", "length", "embed")
     if return_hidden:
       return hidden_BxLxD, new_cache
     return self.unembed_logits(hidden_BxLxD), new_cache
