@@ -63,13 +63,18 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   model_cfg.pop("remat", None)
   if not model_cfg.get("scan_layers", False):
     model_cfg.pop("scan_layers", None)
+  # Gradient accumulation is exact (the same loss and gradients per optimizer step):
+  # a run may resume with another split, e.g. on a smaller slice. It is also absent
+  # from the fingerprints of runs from before it existed.
+  optimizer = config.optimizer.to_dict()
+  optimizer.pop("grad_accum_steps", None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
       "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],
       "model": model_cfg, "task": config.task, "dataset": config.dataset.name,
       "max_train_examples": config.dataset.max_train_examples,
       "seq_len": config.seq_len, "max_target_len": config.max_target_len,
-      "loss": loss, "optimizer": config.optimizer.to_dict(),
+      "loss": loss, "optimizer": optimizer,
       "batch_size": config.batch_size, "num_steps": config.num_steps,
       "seed": config.seed, "skip_nonfinite_steps": config.skip_nonfinite_steps,
   }

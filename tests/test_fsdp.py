@@ -173,3 +173,18 @@ def test_checkpoint_written_on_8_devices_restores_onto_4(tmp_path):
   assert len(emb.sharding.device_set) == 4 and emb.sharding.spec == P(None, "fsdp")
   assert emb.addressable_shards[0].data.shape == (V, 32)
   assert_trees_close(host(restored), expected, rtol=0, atol=0)
+
+
+def test_runs_resume_with_another_accumulation_split():
+  """Accumulation is exact, so it is no part of the run fingerprint (a resume on a
+  smaller slice may need more micro-batches); old fingerprints lack the key."""
+  class Tok:
+    sha256, vocab_size = "t", 64
+  a = tiny_config(**{"optimizer.grad_accum_steps": 1})
+  b = tiny_config(**{"optimizer.grad_accum_steps": 4})
+  fa, fb = ckpt_lib.fingerprint(a, Tok, {}), ckpt_lib.fingerprint(b, Tok, {})
+  assert fa == fb and "grad_accum_steps" not in fa["optimizer"]
+  ckpt_lib.check_fingerprint(fa, fb, "test")
+  c = tiny_config(**{"optimizer.b2": 0.9})
+  with pytest.raises(ValueError, match="optimizer.b2"):
+    ckpt_lib.check_fingerprint(fa, ckpt_lib.fingerprint(c, Tok, {}), "test")
