@@ -167,22 +167,36 @@ def default_row_chunk_size(vocab: int, block_bytes: int = DEFAULT_ROW_BLOCK_BYTE
   return max(8, block_bytes // (4 * vocab) // 8 * 8)
 
 
+def _to_blocks(x_N: jax.Array, width: int) -> jax.Array:
+  """[N, ...] padded with zeros to Cn * K rows, as K blocks [K, Cn, ...] of strided rows.
+
+  Block k holds rows k, K + k, 2K + k, ...: the row order inside a block does not
+  matter to the loss, and strided blocks keep a batch-sharded N axis sharded within
+  every block (contiguous blocks would each live on one device, and the scan would
+  gather all rows onto every device).
+  """
+  n = x_N.shape[0]
+  num = -(-n // width)
+  x_N = jnp.pad(x_N, ((0, num * width - n),) + ((0, 0),) * (x_N.ndim - 1))
+  return jnp.swapaxes(x_N.reshape((width, num) + x_N.shape[1:]), 0, 1)
+
+
+def _from_blocks(x_KxC: jax.Array, n: int) -> jax.Array:
+  """Inverse of `_to_blocks`: [K, Cn, ...] back to the first n rows [n, ...]."""
+  x = jnp.swapaxes(x_KxC, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])[:n]
+
+
 def _row_blocks(hidden_NxD, labels_N, token_w_N, row_chunk_size):
-  """Rows padded to a multiple of Cn and split into [K, Cn, ...] blocks.
+  """hidden, labels and token weights as [K, Cn, ...] blocks (see `_to_blocks`).
 
   Padding rows are zero hidden states with label 0 and token weight 0: they add
   nothing to the loss or to d unembed, and their d hidden rows are cut off.
   """
   if row_chunk_size < 1:
     raise ValueError(f"row_chunk_size must be >= 1; got {row_chunk_size}.")
-  n, d = hidden_NxD.shape
-  width = min(row_chunk_size, n)
-  num = -(-n // width)
-  pad = num * width - n
-  hidden_KxCxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0))).reshape(num, width, d)
-  labels_KxC = jnp.pad(labels_N, (0, pad)).reshape(num, width)
-  token_w_KxC = jnp.pad(token_w_N, (0, pad)).reshape(num, width)
-  return hidden_KxCxD, labels_KxC, token_w_KxC
+  width = min(row_chunk_size, hidden_NxD.shape[0])
+  return tuple(_to_blocks(x, width) for x in (hidden_NxD, labels_N, token_w_N))
 
 
 def _block_nll(hidden_CxD, unembed_DxV, labels_C):
@@ -248,11 +262,11 @@ def _token_forward(hidden_NxD, unembed_DxV, labels_N, token_w_N, row_chunk_size,
   if with_grads:
     dunembed_DxV, (nll_KxC, dhidden_KxCxD) = jax.lax.scan(
         grad_body, jnp.zeros((d, vocab), jnp.float32), blocks)
-    dhidden_NxD = dhidden_KxCxD.reshape(-1, d)[:n]
+    dhidden_NxD = _from_blocks(dhidden_KxCxD, n)
   else:
     _, nll_KxC = jax.lax.scan(value_body, None, blocks)
     dhidden_NxD = dunembed_DxV = None
-  nll_N = nll_KxC.reshape(-1)[:n]
+  nll_N = _from_blocks(nll_KxC, n)
   return jnp.sum(token_w_N * nll_N), nll_N, dhidden_NxD, dunembed_DxV
 
 
