@@ -35,7 +35,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.frequency = "relative"  # "relative" (count / total) or "count" (raw counts).
   c.normalize = True  # Rescale weights to mean 1 over corpus tokens.
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
-  c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, vocabulary-chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
+  c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
   c.chunk_strategy = "tokens"  # When chunked: "tokens" (row chunks, 3 matmuls, as fast as the full logits) or "vocab" (vocabulary chunks, 4 matmuls, smaller temporaries).
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked with chunk_strategy "vocab".
   c.row_chunk_size = ml_collections.FieldReference(None, field_type=int)  # Token rows per chunk with chunk_strategy "tokens"; None: a ~64 MiB [rows, V] float32 block.

@@ -1,11 +1,23 @@
-"""Memory-efficient PDL from hidden states: vocabulary-chunked logits, custom VJP.
+"""Memory-efficient PDL from hidden states: chunked logits, custom VJPs.
 
 Serves every loss whose per-token loss is w[label] * nll (`loss.CHUNKABLE`: ce, pdl,
 itf, tlat_exp, tlat_chi2) through `get_loss_from_hidden(name, **params)`.
 
 `pdl_loss(hidden @ unembed, ...)` materialises [N, V] float32 logits and, in the
-backward pass, their [N, V] gradient; at V = 128k and N = 4096 that is 4 GB. Here the
-logits exist one vocabulary chunk [N, C] at a time:
+backward pass, their [N, V] gradient; at V = 128k and N = 4096 that is 4 GB. Two
+strategies avoid that:
+
+"tokens" (the default; Liger-Kernel's fused linear cross-entropy, in JAX): a scan
+over chunks of Cn rows of hidden. Every chunkable loss is sum(token_w * nll) / den
+with token_w = mask * w[label] known before any logits exist, so under
+differentiation the forward rule forms each chunk's dlogits = token_w * (softmax -
+onehot) from the full [Cn, V] logits it just computed, then d hidden for those rows
+and the chunk's share of d unembed; the backward pass only scales them by the
+incoming cotangent (1 / den). 3 matmuls, as the naive path; temporaries are a few
+[Cn, V] blocks and a float32 [D, V] d unembed. A plain call (evaluation) does the
+logits matmul only. Rows that do not fill the last chunk are padded (masked).
+
+"vocab": a scan over vocabulary chunks of C columns.
 
 - forward: a scan over chunks keeps a running (max, sum) logsumexp and picks up the
   label logit in the chunk that holds it;
@@ -13,10 +25,13 @@ logits exist one vocabulary chunk [N, C] at a time:
   hidden states and logsumexp, forms dlogits = g * (softmax - onehot) for that chunk
   only, and accumulates d hidden and the chunk's columns of d unembed.
 
-Plain autodiff through the forward scan would save every chunk's logits as
-residuals and save nothing; the custom VJP is what makes this cheap. A chunk size
-that does not divide V is handled by letting the last chunk start at V - C and
-masking the columns an earlier chunk already covered.
+That is 4 matmuls (the logits twice) but only [N, C] blocks besides d unembed, so
+the smallest temporaries. A chunk size that does not divide V is handled by letting
+the last chunk start at V - C and masking the columns an earlier chunk already
+covered.
+
+Plain autodiff through either scan would save every chunk's logits as residuals and
+save nothing; the custom VJPs are what make this cheap.
 """
 
 from __future__ import annotations
