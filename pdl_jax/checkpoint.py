@@ -54,7 +54,7 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   every setting that changes what the run computes (not logging, evaluation or
   the chunking of the loss, which give the same math)."""
   loss = config.loss.to_dict()
-  for key in ("chunked", "chunk_size", "window"):
+  for key in ("chunked", "chunk_strategy", "chunk_size", "row_chunk_size", "window"):
     loss.pop(key, None)
   # Rematerialisation changes what the backward pass stores, not what it computes: a
   # run may be resumed with it switched. scan_layers changes the param tree, so it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from pdl_jax import chunked_loss
 from pdl_jax import decode as decode_lib
 from pdl_jax import loss as loss_lib
 from pdl_jax import losses
@@ -32,6 +33,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
                      "needs the full logits; chunked losses are "
                      f"{sorted(loss_lib.CHUNKABLE)}.")
+  if c.chunk_strategy not in chunked_loss.STRATEGIES:
+    raise ValueError(f"config.loss.chunk_strategy={c.chunk_strategy!r}; expected one of "
+                     f"{chunked_loss.STRATEGIES}.")
+  if c.row_chunk_size is not None and c.row_chunk_size < 1:
+    raise ValueError(f"config.loss.row_chunk_size={c.row_chunk_size}; expected >= 1 or "
+                     "None.")
   if c.reduction is not None and c.reduction not in loss_lib.REDUCTIONS:
     raise ValueError(f"config.loss.reduction={c.reduction!r}; expected one of "
                      f"{loss_lib.REDUCTIONS} or None.")

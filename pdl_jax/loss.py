@@ -62,7 +62,7 @@ LOSS_PARAMS = {
     "label_smoothing": ("smoothing",),
 }
 
-# Losses the vocabulary-chunked path (`chunked_loss`, no [B, L, V] logits) supports:
+# Losses the chunked path (`chunked_loss`, no [B, L, V] logits) supports:
 # those whose per-token loss is w[label] * nll. FACE is excluded because its count
 # update needs the argmax of the full logits; unlikelihood, focal and label smoothing
 # need other entries of the softmax than the label's.
@@ -531,7 +531,7 @@ def resolve_reduction(name: str, reduction: str | None = None) -> str:
 
 
 def supports_chunked(name: str) -> bool:
-  """Whether loss `name` has a vocabulary-chunked path (config.loss.chunked=True).
+  """Whether loss `name` has a chunked path (config.loss.chunked=True).
 
   Raises ValueError for an unknown name.
   """

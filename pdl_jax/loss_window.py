@@ -164,7 +164,7 @@ def window_chunked_loss_and_aux(chunked_fn: Callable[..., Any], hidden_BxLxD: ja
                                 unembed_DxV: jax.Array, labels_BxL: jax.Array,
                                 weights_V: jax.Array | None, mask_BxL: jax.Array,
                                 capacity: int, **kwargs):
-  """The vocabulary-chunked loss on the window's [B * C, D] hidden states.
+  """The chunked loss on the window's [B * C, D] hidden states.
 
   chunked_fn: a `pdl_jax.chunked_loss.get_loss_from_hidden(name)` function (or
   `pdl_loss_from_hidden_and_aux`); kwargs (e.g. chunk_size) go to it. Returns

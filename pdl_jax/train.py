@@ -125,7 +125,9 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
 def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: str,
                  loss_params: dict[str, Any], chunked: bool, chunk_size: int, eos_id: int,
                  eos_weight: float | None, capacity: int | None = None,
-                 update_face_counts: bool = True):
+                 update_face_counts: bool = True,
+                 chunk_strategy: str = chunked_loss.DEFAULT_STRATEGY,
+                 row_chunk_size: int | None = None):
   """(loss, (LossAux, face_counts_V)) of a batch with the config's loss; training and
   evaluation both call this.
 
@@ -148,7 +150,7 @@ def compute_loss(params, batch, weights_V, face_counts_V, *, model, loss_name: s
           hidden_BxLxD.reshape(-1, d),
           decoder.unembed_DxV(model, params).astype(hidden_BxLxD.dtype),
           labels_BxL.reshape(-1), weights_V, mask_N=mask_BxL.reshape(-1),
-          chunk_size=chunk_size)
+          chunk_size=chunk_size, strategy=chunk_strategy, row_chunk_size=row_chunk_size)
       return loss, (aux, face_counts_V)
     logits_BxLxV = model.apply(variables, hidden_BxLxD, method=decoder.Decoder.unembed_logits)
   else:
@@ -187,7 +189,9 @@ def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
   return functools.partial(compute_loss, model=model, loss_name=config.loss.name,
                            loss_params=config_checks.loss_params(config),
                            chunked=use_chunked_loss(config, model.cfg.vocab_size),
-                           chunk_size=config.loss.chunk_size, eos_id=eos_id,
+                           chunk_size=config.loss.chunk_size,
+                           chunk_strategy=config.loss.chunk_strategy,
+                           row_chunk_size=config.loss.row_chunk_size, eos_id=eos_id,
                            capacity=window_capacity(config),
                            eos_weight=config.loss.eos_weight, **kwargs)
 

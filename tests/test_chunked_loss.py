@@ -1,13 +1,21 @@
-"""Chunked PDL from hidden states against the unchunked pdl_loss(hidden @ unembed)."""
+"""Chunked PDL from hidden states against the unchunked pdl_loss(hidden @ unembed).
+
+Both strategies: "vocab" (vocabulary chunks, chunk_size) and "tokens" (row chunks,
+row_chunk_size; gradients formed in the forward pass).
+"""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pdl_jax import chunked_loss as C
 from pdl_jax import loss as L
+from pdl_jax import losses
 from pdl_jax import sharding
+
+STRATEGIES = ("vocab", "tokens")
 
 
 def make_case(seed, n, d, v, alpha, mask_p=0.25):
@@ -27,10 +35,14 @@ def naive(hidden, unembed, labels, weights, mask):
   return L.pdl_loss(logits, labels, weights, mask=mask)
 
 
-def chunked(chunk_size):
+def chunked(chunk_size, strategy="vocab", row_chunk_size=None):
+  """The chunked PDL; chunk_size is vocabulary columns ("vocab") or, when
+  row_chunk_size is None, also the rows per chunk ("tokens")."""
+  rows = chunk_size if row_chunk_size is None else row_chunk_size
   def f(hidden, unembed, labels, weights, mask):
     return C.pdl_loss_from_hidden(hidden, unembed, labels, weights, mask_N=mask,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, strategy=strategy,
+                                  row_chunk_size=rows)
   return f
 
 
@@ -64,19 +76,20 @@ def test_aux_and_ce_match_unchunked():
   logits = hidden @ unembed
   _, want = L.pdl_loss_and_aux(logits, labels, weights, mask=mask)
   _, got = C.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, weights,
-                                          mask_N=mask, chunk_size=32)
+                                          mask_N=mask, chunk_size=32, strategy="vocab")
   for field in L.LossAux._fields:
     assert float(getattr(got, field)) == pytest.approx(float(getattr(want, field)),
                                                        rel=1e-5)
   ce, _ = C.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, None, mask_N=mask,
-                                         chunk_size=32)
+                                         chunk_size=32, strategy="vocab")
   assert float(ce) == pytest.approx(float(L.cross_entropy_loss(logits, labels, mask=mask)),
                                     rel=1e-5)
 
 
-def test_all_masked_and_invalid_labels():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_all_masked_and_invalid_labels(strategy):
   hidden, unembed, labels, weights, _ = make_case(1, 8, 4, 20, 1.0)
-  f = chunked(6)
+  f = chunked(6, strategy)  # "tokens": 8 rows in chunks of 6, the last one padded
   value, grads = value_and_grads(f, (hidden, unembed, labels, weights, jnp.zeros(8)))
   assert float(value) == 0.0
   for g in grads:
@@ -90,10 +103,12 @@ def test_all_masked_and_invalid_labels():
   assert_close(got[1][1], want[1][1], 1e-5)
 
 
-def test_bfloat16_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bfloat16_inputs_accumulate_in_float32(strategy):
   hidden, unembed, labels, weights, mask = make_case(2, 64, 32, 200, 1.0)
   hb, ub = hidden.astype(jnp.bfloat16), unembed.astype(jnp.bfloat16)
-  got, (dh, dw) = value_and_grads(chunked(48), (hb, ub, labels, weights, mask))
+  got, (dh, dw) = value_and_grads(chunked(48, strategy),
+                                  (hb, ub, labels, weights, mask))
   assert got.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
   # Reference: the same bfloat16-rounded inputs in float32.
   want, (want_dh, want_dw) = value_and_grads(
@@ -104,19 +119,26 @@ def test_bfloat16_inputs_accumulate_in_float32():
   assert_close(dw, want_dw, 1e-2, 1e-2)
 
 
-def test_sharded_hidden_over_batch_and_unembed_over_vocab():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_hidden_over_batch_and_unembed_over_vocab(strategy):
   args = make_case(3, 64, 16, 120, 1.0)
-  want, (want_dh, want_dw) = value_and_grads(chunked(40), args)
+  want, (want_dh, want_dw) = value_and_grads(naive, args)
   mesh = sharding.make_mesh({"data": 4, "model": 2})
   hs = sharding.named_sharding(mesh, "batch", "embed")
   us = sharding.named_sharding(mesh, "embed", "vocab")
   ls = sharding.named_sharding(mesh, "batch")
   rep = sharding.replicated(mesh)
-  fn = jax.jit(jax.value_and_grad(chunked(40), argnums=(0, 1)),
+  fn = jax.jit(jax.value_and_grad(chunked(40, strategy, 16), argnums=(0, 1)),
                in_shardings=(hs, us, ls, rep, ls), out_shardings=(rep, (hs, us)))
   sharded_args = [jax.device_put(a, s) for a, s in zip(args, (hs, us, ls, rep, ls))]
+  if strategy == "tokens":
+    # Each row chunk stays split over "data": no device gathers every row.
+    assert "all-gather" not in fn.lower(*sharded_args).compile().as_text()
   got, (dh, dw) = fn(*sharded_args)
-  assert dw.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  # The gradient stays vocabulary-sharded (a size-1 "fsdp" axis in the spec is the
+  # same placement as None).
+  assert dw.sharding.is_equivalent_to(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model")), 2)
   assert float(got) == pytest.approx(float(want), rel=1e-5)
   assert_close(dh, want_dh, 1e-5)
   assert_close(dw, want_dw, 1e-5)
@@ -127,12 +149,109 @@ def test_sharded_hidden_over_batch_and_unembed_over_vocab():
     (dict(labels=jnp.zeros(5, jnp.int32)), r"labels shape \(5,\)"),
     (dict(labels=jnp.zeros(4)), "integer.*float32"),
     (dict(weights=jnp.ones(11)), r"unembed's last axis \(10\).*len\(weights\) \(11\)"),
-    (dict(chunk_size=0), "chunk_size must be >= 1; got 0"),
+    (dict(chunk_size=0, strategy="vocab"), "chunk_size must be >= 1; got 0"),
+    (dict(row_chunk_size=0), "row_chunk_size must be >= 1; got 0"),
+    (dict(strategy="rows"), r"strategy must be one of \('tokens', 'vocab'\); got 'rows'"),
 ])
 def test_bad_input(kwargs, match):
   args = dict(hidden=jnp.zeros((4, 8)), unembed=jnp.zeros((8, 10)),
-              labels=jnp.zeros(4, jnp.int32), weights=jnp.ones(10), chunk_size=4)
+              labels=jnp.zeros(4, jnp.int32), weights=jnp.ones(10), chunk_size=4,
+              strategy="tokens", row_chunk_size=None)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     C.pdl_loss_from_hidden(args["hidden"], args["unembed"], args["labels"],
-                           args["weights"], chunk_size=args["chunk_size"])
+                           args["weights"], chunk_size=args["chunk_size"],
+                           strategy=args["strategy"], row_chunk_size=args["row_chunk_size"])
+
+
+# ---------------------------------------------------------------------------
+# The token-chunked strategy.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, d, v, rows, alpha", [
+    (32, 16, 100, 8, 0.0),     # rows divide N
+    (37, 16, 100, 8, 1.0),     # last chunk padded
+    (17, 8, 257, 64, 0.5),     # chunk larger than N
+    (24, 12, 300, 1, 1.0),     # one row per chunk
+    (50, 24, 64, 7, 2.0),      # odd sizes
+])
+def test_tokens_value_and_grads_match_unchunked(n, d, v, rows, alpha):
+  args = make_case(n + v, n, d, v, alpha)
+  want, (want_dh, want_dw) = value_and_grads(naive, args)
+  got, (got_dh, got_dw) = value_and_grads(chunked(1000, "tokens", rows), args)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  assert_close(got_dh, want_dh, 1e-5)
+  assert_close(got_dw, want_dw, 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(L.CHUNKABLE))
+@pytest.mark.parametrize("reduction", L.REDUCTIONS)
+def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
+  if name == "ce" and reduction == "weights":
+    pytest.skip("ce takes no reduction (its token weights are all 1)")
+  hidden, unembed, labels, weights, mask = make_case(4, 45, 12, 70, 1.0)
+  labels = labels.at[3].set(-100).at[5].set(70)  # out of range: ignored
+  params = {} if name == "ce" else {"reduction": reduction}
+  ref = losses.get_loss(name, **params)
+  fn = C.get_loss_from_hidden(name, **params)
+
+  def naive_fn(h, u):
+    logits = jnp.matmul(h, u, preferred_element_type=jnp.float32)
+    return ref(logits, labels, weights, mask=mask)
+
+  def tokens_fn(h, u):
+    return fn(h, u, labels, weights, mask_N=mask, strategy="tokens", row_chunk_size=16)
+
+  (want, want_aux), want_g = jax.jit(jax.value_and_grad(
+      naive_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  (got, got_aux), got_g = jax.jit(jax.value_and_grad(
+      tokens_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  for field in L.LossAux._fields:
+    assert float(getattr(got_aux, field)) == pytest.approx(
+        float(getattr(want_aux, field)), rel=1e-5), field
+  for g, w in zip(got_g, want_g):
+    assert_close(g, w, 1e-5)
+  # Undifferentiated (evaluation): the same value and aux.
+  plain, plain_aux = jax.jit(tokens_fn)(hidden, unembed)
+  assert float(plain) == pytest.approx(float(want), rel=1e-5)
+  assert float(plain_aux.nll) == pytest.approx(float(want_aux.nll), rel=1e-5)
+
+
+def _dot_count(jaxpr) -> int:
+  """dot_general equations in a jaxpr, inner jaxprs (scan bodies) included once."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      count += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _dot_count(sub)
+  return count
+
+
+def test_tokens_plain_call_is_one_matmul_and_grad_three():
+  """Evaluation does no gradient work; differentiation needs 3 matmuls per chunk
+  (logits, d hidden, d unembed), not the vocabulary path's 4."""
+  args = make_case(5, 40, 8, 50, 1.0)
+  f = chunked(1000, "tokens", 16)
+  assert _dot_count(jax.make_jaxpr(f)(*args).jaxpr) == 1
+  assert _dot_count(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args).jaxpr) == 3
+  assert _dot_count(jax.make_jaxpr(
+      jax.grad(chunked(16, "vocab"), argnums=(0, 1)))(*args).jaxpr) == 4
+  want = naive(*args)
+  assert float(jax.jit(f)(*args)) == pytest.approx(float(want), rel=1e-5)
+  assert float(f(*args)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_tokens_gradient_wrt_weights_matches_unchunked():
+  args = make_case(6, 30, 8, 40, 1.0)
+  want = jax.jit(jax.grad(naive, argnums=3))(*args)
+  got = jax.jit(jax.grad(chunked(1000, "tokens", 8), argnums=3))(*args)
+  assert_close(got, want, 1e-5)
+
+
+def test_default_row_chunk_size_keeps_the_block_near_64_mib():
+  assert C.default_row_chunk_size(32_000) == 520
+  assert C.default_row_chunk_size(128_000) == 128
+  assert C.default_row_chunk_size(10**9) == 8

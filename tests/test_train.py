@@ -125,10 +125,12 @@ def test_pdl_alpha_zero_equals_ce(tmp_path):
                      rtol=1e-6, atol=1e-7)
 
 
-def test_chunked_loss_training_equals_unchunked(tmp_path):
+@pytest.mark.parametrize("strategy", ["vocab", "tokens"])
+def test_chunked_loss_training_equals_unchunked(tmp_path, strategy):
   run(tmp_path / "a", **{"loss.alpha": 1.0, "num_steps": 3, "eval_every": 100})
   run(tmp_path / "b", **{"loss.alpha": 1.0, "num_steps": 3, "eval_every": 100,
-                         "loss.chunked": True, "loss.chunk_size": 24})
+                         "loss.chunked": True, "loss.chunk_strategy": strategy,
+                         "loss.chunk_size": 24, "loss.row_chunk_size": 24})
   assert_trees_close(final_params(tmp_path / "a")[1], final_params(tmp_path / "b")[1],
                      rtol=1e-4, atol=1e-5)
 
