@@ -38,7 +38,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
   c.chunk_strategy = "tokens"  # When chunked: "tokens" (row chunks, 3 matmuls, as fast as the full logits) or "vocab" (vocabulary chunks, 4 matmuls, smaller temporaries).
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked with chunk_strategy "vocab".
-  c.row_chunk_size = ml_collections.FieldReference(None, field_type=int)  # Token rows per chunk with chunk_strategy "tokens"; None: a ~64 MiB [rows, V] float32 block.
+  c.row_chunk_size = ml_collections.FieldReference(None, field_type=int)  # Token rows per chunk with chunk_strategy "tokens"; None: 512 (fewer where a [rows, V] float32 block would pass 512 MiB).
   c.window = True  # Logits only on each row's target span (max_target_len + 1 positions): same loss, less unembedding.
   c.reduction = ml_collections.FieldReference(None, field_type=str)  # Weighted losses: "weights" (sum of weights) or "tokens" (token count); None: the loss's paper.
   c.eos_weight = ml_collections.FieldReference(None, field_type=float)  # Weighted losses: EOS's weight in units of an average token; None: its frequency weight.

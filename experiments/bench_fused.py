@@ -7,7 +7,7 @@ jitted value-and-grad (wrt hidden and unembed) of:
 - naive:   pdl_loss(hidden @ unembed, labels, weights, mask)   ([N, V] logits and
            their [N, V] gradient)
 - tokens:  pdl_loss_from_hidden(..., strategy="tokens"): rows in chunks of Cn
-           (row_chunk_size; default from V, a ~64 MiB [Cn, V] float32 block), the
+           (row_chunk_size; default from V, 512 rows, fewer above V = 262144), the
            gradients formed in the forward pass, 3 matmuls. Temporaries: a few
            [Cn, V] blocks plus a float32 [D, V] d unembed (saved for the backward
            pass, and the per-chunk [D, V] product added into it).

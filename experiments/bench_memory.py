@@ -105,7 +105,8 @@ class Case:
   layers: int | None = None  # override the shape's depth (compile-time comparison)
   loss: str = "pdl"
   chunked: bool = True
-  chunk_size: int = 8192
+  chunk_size: int = 8192  # vocabulary columns per chunk ("vocab" strategy)
+  strategy: str = "vocab"  # chunked loss: "vocab" (smallest temporaries) or "tokens"
   dtype: str = "bfloat16"
   grad_accum: int = 1
 
@@ -138,6 +139,11 @@ def compile_step(case: Case):
   tx = opt_lib.make_optimizer(config)
   devices = jax.devices()[:math.prod(case.mesh.values())]
   mesh = sharding.make_mesh(case.mesh, devices=devices)
+  shards = sharding.batch_shards(mesh)
+  if case.batch % (shards * case.grad_accum):
+    raise SystemExit(f"{describe(case)}: batch {case.batch} does not split into "
+                     f"{case.grad_accum} micro-batches over {shards} data x fsdp shards "
+                     "(training refuses it too).")
   abstract, shardings = train.abstract_state(model, tx, mesh, seq_len=8)
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
@@ -152,7 +158,8 @@ def compile_step(case: Case):
   # Loss on every position (a pretraining-like worst case: no loss window).
   loss_fn = functools.partial(train.compute_loss, model=model, loss_name=case.loss,
                               loss_params={}, chunked=case.chunked,
-                              chunk_size=case.chunk_size, eos_id=1, eos_weight=None)
+                              chunk_size=case.chunk_size, chunk_strategy=case.strategy,
+                              eos_id=1, eos_weight=None)
   step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
                                    grad_accum_steps=case.grad_accum,
                                    reduction="weights" if case.loss == "pdl" else "tokens"),
@@ -193,16 +200,16 @@ def describe(case: Case) -> str:
   layers = f" layers={case.layers}" if case.layers else ""
   return (f"{case.shape}{layers} mesh={mesh} seq={case.seq} batch={case.batch} "
           f"{'scan' if case.scan else 'unrolled'} remat={case.remat} "
-          f"{'chunked ' if case.chunked else ''}{case.loss} {case.dtype}"
+          f"{f'chunked({case.strategy}) ' if case.chunked else ''}{case.loss} {case.dtype}"
           f"{f' accum={case.grad_accum}' if case.grad_accum > 1 else ''}")
 
 
-HEADER = (f"{'case':<88} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
+HEADER = (f"{'case':<100} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
           f"{'temp':>7} {'total':>7} {'compile':>8}")
 
 
 def row(r: dict) -> str:
-  return (f"{describe(r['case']):<88} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
+  return (f"{describe(r['case']):<100} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
           f"{r['ideal'] / GiB:6.2f}G {r['ratio']:6.3f} {r['temp'] / GiB:6.2f}G "
           f"{r['total'] / GiB:6.2f}G {r['compile_s']:7.1f}s")
 
@@ -214,6 +221,10 @@ def suite() -> list[tuple[str, Case, float | None]]:
       ("1B at fsdp=8", Case("llama-3.2-1b", {"fsdp": 8}, 2048, 32), 10.0),
       ("state ratio fsdp=8", Case("qwen2.5-0.5b", {"fsdp": 8}, 512, 8), None),
       ("state ratio fsdp=64", Case("qwen2.5-0.5b", {"fsdp": 64}, 512, 64), None),
+      ("8B, token-chunked loss", Case("llama-3-8b", {"fsdp": 64}, 2048, 64,
+                                      strategy="tokens"), 12.0),
+      ("8B, batch 256 as 4 micro-batches", Case("llama-3-8b", {"fsdp": 64}, 2048, 256,
+                                                grad_accum=4), 12.0),
   ] + [(f"compile time {n} layers {'scanned' if scan else 'unrolled'}",
         Case("llama-3.2-1b", {"fsdp": 8}, 512, 8, scan=scan, layers=n), None)
        for scan in (True, False) for n in (4, 32)]
@@ -232,6 +243,8 @@ def main() -> None:
   p.add_argument("--remat", default="full", choices=decoder.REMATS)
   p.add_argument("--loss", default="pdl", choices=("pdl", "ce"))
   p.add_argument("--unchunked", action="store_true", help="full [B, L, V] logits")
+  p.add_argument("--strategy", default="vocab", choices=("vocab", "tokens"),
+                 help="chunked loss strategy (pdl_jax/chunked_loss.py)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--grad_accum", type=int, default=1)
   args = p.parse_args()
@@ -251,6 +264,7 @@ def main() -> None:
     scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
     todo = [("", Case(args.shape, mesh, args.seq, args.batch, scan=s, remat=args.remat,
                       layers=n, loss=args.loss, chunked=not args.unchunked,
+                      strategy=args.strategy,
                       dtype=args.dtype, grad_accum=args.grad_accum), None)
             for s in scans for n in depths]
   print(HEADER, flush=True)

@@ -251,7 +251,9 @@ def test_tokens_gradient_wrt_weights_matches_unchunked():
   assert_close(got, want, 1e-5)
 
 
-def test_default_row_chunk_size_keeps_the_block_near_64_mib():
-  assert C.default_row_chunk_size(32_000) == 520
-  assert C.default_row_chunk_size(128_000) == 128
+def test_default_row_chunk_size_is_512_rows_with_blocks_under_512_mib():
+  assert C.default_row_chunk_size(32_000) == 512
+  assert C.default_row_chunk_size(128_000) == 512
+  assert C.default_row_chunk_size(262_144) == 512
+  assert C.default_row_chunk_size(300_000) == 440
   assert C.default_row_chunk_size(10**9) == 8
