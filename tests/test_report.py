@@ -70,17 +70,17 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
   todo = sweep.commands("configs/dialogue.py:smoke", str(tmp_path), "pre", ["--x=1"])
   names = [os.path.basename(w) for w, _ in todo]
   assert names == [f"{point}-seed{seed}" for seed in (0, 1)
-                   for point in ("ce", "alpha0", "alpha0.25", "alpha0.5", "alpha1",
+                   for point in ("ce", "alpha0.25", "alpha0.5", "alpha1",
                                  "alpha0.5-eos1", "itf", "face", "tlat_exp", "tlat_chi2",
                                  "unlikelihood", "focal", "label_smoothing")]
-  assert todo[5][1][3].endswith("loss=pdl,alpha=0.5,eos_weight=1,seed=0")
-  assert todo[6][1][3].endswith("loss=itf,seed=0")
-  assert todo[2][1][3] == "--config=configs/dialogue.py:smoke,init_from=pre,loss=pdl,alpha=0.25,seed=0"
-  assert todo[2][1][-1] == "--x=1"
+  assert todo[4][1][3].endswith("loss=pdl,alpha=0.5,eos_weight=1,seed=0")
+  assert todo[5][1][3].endswith("loss=itf,seed=0")
+  assert todo[1][1][3] == "--config=configs/dialogue.py:smoke,init_from=pre,loss=pdl,alpha=0.25,seed=0"
+  assert todo[1][1][-1] == "--x=1"
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 26, out.stderr
+  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 24, out.stderr
   # Finished = the final eval is logged; a checkpoint at num_steps alone is not enough
   # (a run killed after it, before its final eval).
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0, num_steps=20)
