@@ -36,7 +36,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.normalize = True  # Rescale weights to mean 1 over corpus tokens.
   c.max_weight = ml_collections.FieldReference(None, field_type=float)  # Clip; None = off.
   c.chunked = ml_collections.FieldReference(None, field_type=bool)  # Loss from hidden states, chunked (no [B, L, V] logits; ce, pdl, itf, tlat); None: on for vocabularies >= 32000.
-  c.chunk_strategy = "tokens"  # When chunked: "tokens" (row chunks, 3 matmuls, as fast as the full logits) or "vocab" (vocabulary chunks, 4 matmuls, smaller temporaries).
+  c.chunk_strategy = ml_collections.FieldReference(None, field_type=str)  # When chunked: "tokens" (row chunks, 3 matmuls, as fast as the full logits on one device) or "vocab" (vocabulary chunks, 4 matmuls, smaller temporaries); None: "tokens" when the batch is on one device, "vocab" when it is split (tokens would all-reduce a [D, V] sum per row chunk).
   c.chunk_size = 4096  # Vocabulary columns per chunk when chunked with chunk_strategy "vocab".
   c.row_chunk_size = ml_collections.FieldReference(None, field_type=int)  # Token rows per chunk with chunk_strategy "tokens"; None: 512 (fewer where a [rows, V] float32 block would pass 512 MiB).
   c.window = True  # Logits only on each row's target span (max_target_len + 1 positions): same loss, less unembedding.
@@ -100,7 +100,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.98  # Adam second-moment decay.
   c.optimizer.grad_accum_steps = 1  # Micro-batches per optimizer step (batch_size stays the global batch of one step): exact, the loss's numerator and denominator are summed separately.
 
-  c.batch_size = 32  # Global batch (sequences); divided over the data axis.
+  c.batch_size = 32  # Global batch (sequences) of one optimizer step; divided over the data x fsdp axes.
   c.num_steps = 800  # Training steps.
   c.log_every = 25  # Steps between train metric lines.
   c.eval_every = 400  # Steps between evaluations (and one at the end).
@@ -124,7 +124,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.steps_per_run = ml_collections.FieldReference(None, field_type=int)  # Stop (with a checkpoint) after this many steps; None: run to num_steps.
 
   c.sweep = ml_collections.ConfigDict()  # The alpha sweep of this config.
-  c.sweep.alphas = (0.0, 0.25, 0.5, 1.0)  # PDL alphas of the sweep (0 = CE).
+  c.sweep.alphas = (0.25, 0.5, 1.0)  # PDL alphas of the sweep (alpha 0 is CE: include_ce).
   c.sweep.seeds = (0,)  # Seeds per alpha.
   c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).
   c.sweep.eos_weight_alphas = ()  # PDL points with loss.eos_weight=1 at these alphas.

@@ -65,9 +65,11 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
     model_cfg.pop("scan_layers", None)
   # Gradient accumulation is exact (the same loss and gradients per optimizer step):
   # a run may resume with another split, e.g. on a smaller slice. It is also absent
-  # from the fingerprints of runs from before it existed.
+  # from the fingerprints of runs from before it existed. Not for FACE, whose
+  # prediction counts advance once per micro-batch: the split changes its weights.
   optimizer = config.optimizer.to_dict()
-  optimizer.pop("grad_accum_steps", None)
+  if config.loss.name != "face":
+    optimizer.pop("grad_accum_steps", None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
       "tokenizer_requested": [config.tokenizer.path, config.tokenizer.vocab_size],

@@ -183,10 +183,12 @@ def default_row_chunk_size(vocab: int, max_block_bytes: int = MAX_ROW_BLOCK_BYTE
 
   Why a row count rather than a block size: each block adds its [D, V] product into
   the d unembed sum (one pass over D x V per block), so the number of blocks sets
-  that cost. Measured (N=4096, D=1024, experiments/bench_fused.py): 520 rows gave
-  1.03-1.05x the naive time at V = 32000 and 1.08x at V = 128000, while 128 rows
-  gave 1.10-1.16x at V = 128000 and 2096 rows 1.11x at V = 32000 (and 0.55 of the
-  naive temporaries).
+  that cost. Measured (N=4096, D=1024, experiments/bench_fused.py): 512 rows gave
+  0.99x the naive time at V = 32000 and 1.02x at V = 128000 (520 rows: 1.03-1.05x
+  and 1.08x in noisier runs), while 128 rows gave 1.10-1.16x at V = 128000 and 2096
+  rows 1.11x at V = 32000 (and 0.55 of the naive temporaries). On a batch split over
+  several devices each block's [D, V] term is all-reduced (train.chunk_strategy
+  picks "vocab" there).
   """
   rows = min(DEFAULT_ROWS, max_block_bytes // (4 * vocab))
   return max(8, rows // 8 * 8)

@@ -11,6 +11,7 @@ from pdl_jax import loss as loss_lib
 from pdl_jax import losses
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
+from pdl_jax.models import decoder
 from pdl_jax.models import transformer
 
 
@@ -33,9 +34,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
                      "needs the full logits; chunked losses are "
                      f"{sorted(loss_lib.CHUNKABLE)}.")
-  if c.chunk_strategy not in chunked_loss.STRATEGIES:
+  if c.chunk_strategy is not None and c.chunk_strategy not in chunked_loss.STRATEGIES:
     raise ValueError(f"config.loss.chunk_strategy={c.chunk_strategy!r}; expected one of "
-                     f"{chunked_loss.STRATEGIES}.")
+                     f"{chunked_loss.STRATEGIES} or None.")
   if c.row_chunk_size is not None and c.row_chunk_size < 1:
     raise ValueError(f"config.loss.row_chunk_size={c.row_chunk_size}; expected >= 1 or "
                      "None.")
@@ -72,6 +73,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         key == "dtype" and config.model[key] is None):
       raise ValueError(f"config.model.{key}={config.model[key]!r}; expected 'float32' or "
                        "'bfloat16'.")
+  if config.model.remat not in decoder.REMATS:
+    raise ValueError(f"config.model.remat={config.model.remat!r}; expected one of "
+                     f"{decoder.REMATS}.")
   if config.model.preset not in transformer.PRESETS:
     raise ValueError(f"config.model.preset={config.model.preset!r}; expected one of "
                      f"{sorted(transformer.PRESETS)}.")

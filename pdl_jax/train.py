@@ -183,14 +183,25 @@ def use_chunked_loss(config, vocab_size: int) -> bool:
   return vocab_size >= 32_000 and loss_lib.supports_chunked(config.loss.name)
 
 
-def loss_fn_of(config, model, eos_id: int = 1, **kwargs):
-  """compute_loss with the config's loss settings:
+def chunk_strategy(config, batch_shards: int = 1) -> str:
+  """config.loss.chunk_strategy, or for None: "tokens" when the batch is on one
+  device, "vocab" when it is split over several (data x fsdp). Why: each row block of
+  the tokens strategy adds a [D, V] d unembed term summed over rows that live on
+  every device, so a split batch all-reduces the whole [D, V] once per block."""
+  if config.loss.chunk_strategy is not None:
+    return config.loss.chunk_strategy
+  return "tokens" if batch_shards == 1 else "vocab"
+
+
+def loss_fn_of(config, model, eos_id: int = 1, batch_shards: int = 1, **kwargs):
+  """compute_loss with the config's loss settings (batch_shards: how many devices the
+  batch is split over, for `chunk_strategy`):
   fn(params, batch, weights_V, face_counts_V) -> (loss, (aux, face_counts_V))."""
   return functools.partial(compute_loss, model=model, loss_name=config.loss.name,
                            loss_params=config_checks.loss_params(config),
                            chunked=use_chunked_loss(config, model.cfg.vocab_size),
                            chunk_size=config.loss.chunk_size,
-                           chunk_strategy=config.loss.chunk_strategy,
+                           chunk_strategy=chunk_strategy(config, batch_shards),
                            row_chunk_size=config.loss.row_chunk_size, eos_id=eos_id,
                            capacity=window_capacity(config),
                            eos_weight=config.loss.eos_weight, **kwargs)
@@ -296,14 +307,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Set-up: checks before any long work.
   config_checks.validate_config(config)
   mesh = make_mesh(config)
-  # The mesh in context: the model's activation constraints (sharding.constrain)
-  # resolve against it inside every jitted step, eval and decode.
-  with jax.set_mesh(mesh):
-    return _run(config, workdir, mesh)
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
-  """train_and_evaluate's body, under its mesh."""
   root = utils.path(workdir)
   if not config.resume:
     ckpt_lib.archive_previous_run(workdir)  # process 0 moves, then a barrier
@@ -364,7 +367,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, flo
   utils.sync("metrics")  # process 0 may have dropped a killed run's later records
 
   # --- Update step and evaluator.
-  loss_fn = loss_fn_of(config, model, eos_id=tokenizer.eos_id)
+  shards = sharding.batch_shards(mesh)
+  loss_fn = loss_fn_of(config, model, eos_id=tokenizer.eos_id, batch_shards=shards)
   rep = sharding.replicated(mesh)
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   step_fn = jax.jit(
@@ -378,7 +382,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, flo
   evaluator = eval_lib.Evaluator(
       config, workdir, model, tokenizer, eval_ex, stats.counts, weights_V, mesh,
       state_shardings, loss_fn_of(config, model, eos_id=tokenizer.eos_id,
-                                  update_face_counts=False))
+                                  batch_shards=shards, update_face_counts=False))
 
   def save(at: int) -> None:
     ckpt_lib.save(mngr, at, state, {"step": at, "fingerprint": fingerprint,
@@ -396,7 +400,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, flo
 
   def evaluate(at: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    result = evaluator(state, at)
+    with jax.set_mesh(mesh):  # the model's activation constraints resolve against it
+      result = evaluator(state, at)
     writer.write(at, result)
     utils.log(f"eval at step {at} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
         f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
@@ -419,7 +424,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, flo
       window_tokens += batches.real_tokens(step)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local.items()}
-      state, m = step_fn(state, batch, weights_V)
+      with jax.set_mesh(mesh):  # the model's activation constraints resolve against it
+        state, m = step_fn(state, batch, weights_V)
       step += 1
       # Hosts get SIGTERM at different steps; saving is collective, so with several
       # processes they agree at each log step whether any was told to stop.

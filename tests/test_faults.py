@@ -228,6 +228,10 @@ def test_bad_data_is_handled_as_documented(tmp_path):
     ({"seq_len": 3}, r"config.seq_len=3; expected >= 4"),
     ({"tokenizer.path": "/nonexistent.model"}, r"/nonexistent.model' does not exist"),
     ({"eval.decode": "sample"}, r"decode method 'sample'"),
+    ({"model.remat": "some"}, r"config.model.remat='some'; expected one of"),
+    ({"loss.chunk_strategy": "rows"}, r"config.loss.chunk_strategy='rows'"),
+    ({"optimizer.grad_accum_steps": 3}, r"grad_accum_steps=3; expected an integer"),
+    ({"mesh.fsdp": 8}, r"batch_size=4 is not divisible by grad_accum_steps=1 x the mesh.s data x fsdp axes \(1 x 8\)"),
 ])
 def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -26,12 +26,13 @@ def make_batch(seed=0, uneven=False):
   inputs = rng.integers(0, V, (B, L)).astype(np.int32)
   labels = rng.integers(0, V, (B, L)).astype(np.int32)
   mask = np.zeros((B, L), np.float32)
+  cap = 9  # the loss window's capacity (max_target_len 8 + EOS): spans fit it
   for row in range(B):
     start = int(rng.integers(1, 6))
-    length = int(rng.integers(1, L - start))
+    length = int(rng.integers(1, cap + 1))
     if uneven:
       heavy = row % 4 == 0
-      length = L - start if heavy else 1
+      length = cap if heavy else 1
       labels[row] = rng.integers(V - 8, V, L) if heavy else rng.integers(0, 8, L)
     mask[row, start:start + length] = 1.0
   return {"inputs": inputs, "labels": labels, "loss_mask": mask}
@@ -133,9 +134,13 @@ def test_averaging_micro_batch_losses_would_be_wrong():
   assert abs(np.mean(parts) - full) > 0.05 * abs(full)
 
 
-def test_grad_accumulation_with_the_chunked_loss_and_window():
+@pytest.mark.parametrize("strategy", ["tokens", "vocab"])
+def test_grad_accumulation_with_the_chunked_loss_and_window(strategy):
   batch = make_batch(seed=2, uneven=True)
-  over = {"loss.chunked": True, "loss.chunk_size": 32}
+  # Several row blocks (40 rows; a micro-batch has 16 x 9 window positions, padded)
+  # or vocabulary chunks (32 of 96 columns).
+  over = {"loss.chunked": True, "loss.chunk_strategy": strategy, "loss.chunk_size": 32,
+          "loss.row_chunk_size": 40}
   _, ref_metrics, ref_grads = step_once((1, 1, 1), batch, **over)
   _, metrics, grads = step_once((1, 8, 1), batch, accum=2, **over)
   np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=2e-5)
@@ -185,6 +190,21 @@ def test_runs_resume_with_another_accumulation_split():
   fa, fb = ckpt_lib.fingerprint(a, Tok, {}), ckpt_lib.fingerprint(b, Tok, {})
   assert fa == fb and "grad_accum_steps" not in fa["optimizer"]
   ckpt_lib.check_fingerprint(fa, fb, "test")
+  # FACE's counts advance per micro-batch: there the split is part of the run.
+  face = [tiny_config(**{"loss.name": "face", "optimizer.grad_accum_steps": k})
+          for k in (1, 4)]
+  with pytest.raises(ValueError, match="optimizer.grad_accum_steps"):
+    ckpt_lib.check_fingerprint(ckpt_lib.fingerprint(face[0], Tok, {}),
+                               ckpt_lib.fingerprint(face[1], Tok, {}), "test")
   c = tiny_config(**{"optimizer.b2": 0.9})
   with pytest.raises(ValueError, match="optimizer.b2"):
     ckpt_lib.check_fingerprint(fa, ckpt_lib.fingerprint(c, Tok, {}), "test")
+
+
+def test_chunk_strategy_is_vocab_when_the_batch_is_split():
+  """The tokens strategy all-reduces a [D, V] sum per row block on a split batch."""
+  c = tiny_config()
+  assert train.chunk_strategy(c, 1) == "tokens"
+  assert train.chunk_strategy(c, 8) == "vocab"
+  c.loss.chunk_strategy = "tokens"
+  assert train.chunk_strategy(c, 8) == "tokens"
