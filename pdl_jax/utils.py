@@ -16,6 +16,7 @@ import sys
 import uuid
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from etils import epath
 
@@ -63,9 +64,16 @@ def sync(name: str) -> None:
 
 
 def to_host(x) -> np.ndarray:
-  """A (replicated) array as numpy on this process, also when it spans processes."""
+  """An array as numpy on this process, also when it spans processes.
+
+  A replicated array is read from a local shard; one sharded across processes (e.g.
+  decoded tokens, batch-split by the model's activation constraints) is gathered,
+  which is a collective: then every process must call this at the same point.
+  """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 

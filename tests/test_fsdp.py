@@ -99,7 +99,8 @@ def test_fsdp_shards_params_and_optimizer_state_over_the_embed_axis():
 def test_fsdp4_x_model2_step_equals_single_device():
   batch = make_batch()
   one_state, one_metrics, one_grads = step_once((1, 1, 1), batch)
-  for mesh_shape in ((1, 4, 2), (2, 2, 2)):
+  # (data=2 x fsdp=2 x model=2 runs in the accumulation tests below.)
+  for mesh_shape in ((1, 4, 2),):
     state, metrics, grads = step_once(mesh_shape, batch)
     assert grads["block_0"]["attn"]["query"]["kernel"].sharding.spec == P(
         "fsdp", "model", None)

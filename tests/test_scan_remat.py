@@ -84,7 +84,8 @@ def test_own_model_variants_agree():
 # qwen3 (GQA, q/k norm, RoPE): every variant; gpt2 (learned positions, so no RoPE
 # tables to broadcast, biases): the scanned, rematerialised one (each variant compiles
 # a gradient: the test time is what is spared).
-@pytest.mark.parametrize("name,variants", [("qwen3", tuple(VARIANTS)),
+@pytest.mark.parametrize("name,variants", [("qwen3", ((False, "full"), (True, "none"),
+                                                     (True, "dots"))),
                                            ("gpt2", ((True, "full"),))])
 def test_pretrained_variants_agree(name, variants):
   cfg = pretrained.read_config(_fixture(name))
