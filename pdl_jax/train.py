@@ -84,7 +84,7 @@ def _init_boxed(model, tx, seq_len: int, rng):
                     face_counts=jnp.zeros((model.cfg.vocab_size,), jnp.int32))
 
 
-def abstract_state(model, tx, mesh, seq_len: int):
+def abstract_state(model, tx, mesh, seq_len: int) -> tuple[TrainState, Any]:
   """(abstract state, its shardings) without allocating anything: shapes and logical
   axes from jax.eval_shape of the init function, shardings from the axis rules. The
   abstract leaves are jax.ShapeDtypeStruct with their sharding (for AOT lowering
@@ -95,7 +95,7 @@ def abstract_state(model, tx, mesh, seq_len: int):
   return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
 
-def state_from_params(params, model, tx, shardings):
+def state_from_params(params, model, tx, shardings) -> TrainState:
   """A fresh train state (step 0, new optimizer state) around loaded params, built
   in the state's shardings: with init_from / pretrained nothing is initialised and
   thrown away, so peak memory holds one copy of the params."""
@@ -208,7 +208,8 @@ def loss_fn_of(config, model, eos_id: int = 1, batch_shards: int = 1, **kwargs):
 
 
 def accumulate_gradients(params, batch, weights_V, face_counts_V, *, loss_fn,
-                         reduction: str, steps: int):
+                         reduction: str, steps: int
+                         ) -> tuple[jax.Array, loss_lib.LossAux, jax.Array, Any]:
   """Loss, LossAux, FACE counts and gradients of the whole batch from `steps`
   micro-batches, one at a time (a scan: one micro-batch's activations live at once).
 
@@ -243,11 +244,11 @@ def accumulate_gradients(params, batch, weights_V, face_counts_V, *, loss_fn,
   zero = jnp.zeros((), jnp.float32)
   # float32 sums, whatever the parameter dtype.
   init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), zero, zero, zero, zero, zero, face_counts_V)
-  (grads, num, den, tokens, nll_sum, w2_sum, face_counts_V), weight_sums = jax.lax.scan(
+  (grads, num, den, tokens, nll_sum, w2_sum, face_counts_V), weight_sums_K = jax.lax.scan(
       body, init, jax.tree.map(micro, batch))
   safe = jnp.maximum(den, 1e-30)
   grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), grads, params)
-  weight_sum = jnp.sum(weight_sums)
+  weight_sum = jnp.sum(weight_sums_K)
   aux = loss_lib.LossAux(
       nll=nll_sum / jnp.maximum(tokens, 1.0), weight_sum=weight_sum, num_tokens=tokens,
       ess=jnp.where(w2_sum > 0, jnp.square(weight_sum) / jnp.maximum(w2_sum, 1e-30), 0.0))
