@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -111,22 +110,21 @@ class Case:
   grad_accum: int = 1
 
 
-def hf_config(shape: str) -> dict:
-  """The config.json values of a named shape or a config.json path."""
-  if shape in SHAPES:
-    return SHAPES[shape]
-  if shape.endswith(".json") or os.path.isdir(shape):
-    path = shape if shape.endswith(".json") else os.path.join(shape, "config.json")
-    with open(path) as f:  # a benchmark input, not a run output: no path layer needed
-      return json.load(f)
-  raise SystemExit(f"--shape={shape!r}: expected one of {sorted(SHAPES)} or a config.json "
-                   "path (or a directory holding one).")
-
-
 def model_of(case: Case) -> decoder.Decoder:
-  """The decoder of a case (the shape's config, the case's depth, scan and remat)."""
-  cfg = pretrained.config_from_hf(hf_config(case.shape), dtype=case.dtype,
-                                  param_dtype="float32")
+  """The decoder of a case: a named shape's config values, or a Hugging Face model
+  directory's (or config.json's) read by pretrained.read_config; then the case's
+  depth, scan and remat."""
+  if case.shape in SHAPES:
+    cfg = pretrained.config_from_hf(SHAPES[case.shape], dtype=case.dtype,
+                                    param_dtype="float32")
+  else:
+    model_dir = (os.path.dirname(case.shape) or "." if case.shape.endswith(".json")
+                 else case.shape)
+    try:
+      cfg = pretrained.read_config(model_dir, dtype=case.dtype, param_dtype="float32")
+    except FileNotFoundError as e:
+      raise SystemExit(f"--shape={case.shape!r}: expected one of {sorted(SHAPES)} or a "
+                       f"config.json path (or a directory holding one): {e}") from None
   cfg = dataclasses.replace(cfg, scan_layers=case.scan, remat=case.remat,
                             num_layers=case.layers or cfg.num_layers)
   return decoder.Decoder(cfg)

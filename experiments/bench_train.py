@@ -56,7 +56,6 @@ def main() -> None:
   for remat in remats:
     config.model.remat = remat
     models_by_remat[remat] = models.make_model(config, vocab)
-  model = models_by_remat[remats[0]]
   tx = opt_lib.make_optimizer(config)
   rep = sharding.replicated(mesh)
   bs = sharding.named_sharding(mesh, "batch", "length")

@@ -312,19 +312,11 @@ def abstract_params(cfg: DecoderConfig) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
 
 
-def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh,
-                    rules: Sequence[tuple[str, str | None]] | None = None) -> Any:
-  """NamedSharding tree of the decoder's params from their logical axis names (with
-  the project's rules: exactly the train state's shardings, `sharding.tree_shardings`)."""
+def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh) -> Any:
+  """NamedSharding tree of the decoder's params from their logical axis names: exactly
+  the train state's shardings (`sharding.tree_shardings` with the project's rules)."""
   from pdl_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  boxed = abstract_params(cfg)
-  if rules is None:
-    return sharding_lib.tree_shardings(mesh, boxed)
-  specs = nn.get_partition_spec(boxed)
-  return jax.tree.map(
-      lambda spec: jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(
-          tuple(spec), rules)),
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return sharding_lib.tree_shardings(mesh, abstract_params(cfg))
 
 
 @contextlib.contextmanager
