@@ -59,7 +59,7 @@ def final_eval(run: str) -> dict[str, float] | None:
   """The eval line at the run's num_steps, or None (unfinished, or killed between its
   last checkpoint and its final eval: a mid-run eval is never taken as final)."""
   num_steps = read_config(run).get("num_steps")
-  final = None if num_steps is None else metric_writer.final_eval(run, int(num_steps))
+  final = None if num_steps is None else metric_writer.eval_at(run, int(num_steps))
   return None if final is None else {"step": num_steps, **final}
 
 

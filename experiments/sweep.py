@@ -65,7 +65,7 @@ def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> l
 def is_finished(workdir: str, num_steps: int) -> bool:
   """True when the run's final eval (at num_steps) is in its metrics.jsonl: a run
   killed after its last checkpoint but before that eval is not finished."""
-  return metric_writer.final_eval(workdir, num_steps) is not None
+  return metric_writer.eval_at(workdir, num_steps) is not None
 
 
 def main() -> None:

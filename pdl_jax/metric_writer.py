@@ -28,11 +28,11 @@ def read_lines(workdir: str) -> list[dict]:
   return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def final_eval(workdir: str, num_steps: int) -> dict[str, float] | None:
-  """The eval/* values logged at `num_steps`, or None when no eval was written there
-  (a run killed between its last checkpoint and its final eval)."""
+def eval_at(workdir: str, step: int) -> dict[str, float] | None:
+  """The eval/* values logged at `step`, or None when no eval was written there (a run
+  killed or preempted between that step's checkpoint and its eval)."""
   for r in read_lines(workdir):
-    if r["step"] == num_steps and "eval/nll" in r:
+    if r["step"] == step and "eval/nll" in r:
       return {k: v for k, v in r.items() if k.startswith("eval/")}
   return None
 

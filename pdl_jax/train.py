@@ -414,7 +414,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if threading.current_thread() is threading.main_thread():
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
+  def is_eval_step(at: int) -> bool:
+    return at % config.eval_every == 0 or at == config.num_steps
+
   result: dict[str, float] = {}
+  # A run preempted (or killed) at an eval step after its checkpoint but before its eval
+  # gets that eval now. Every process reads the file, so all take the same branch
+  # (evaluating is collective).
+  if step > 0 and is_eval_step(step):
+    logged = metric_writer.eval_at(workdir, step)
+    result = logged if logged is not None else evaluate(step)
   window_start = run_start = time.perf_counter()
   window_tokens, start_step = 0, step
   stop_at = config.num_steps if config.steps_per_run is None else min(
@@ -432,13 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # processes they agree at each log step whether any was told to stop.
       stop = bool(preempted) if jax.process_count() == 1 else (
           step % config.log_every == 0 and utils.any_process(bool(preempted)))
-      if stop:
-        check_finite()
-        save(step)
-        mngr.wait_until_finished()
-        utils.log(f"SIGTERM: saved a checkpoint at step {step}; run the same command to "
-                  "resume")
-        raise SystemExit(128 + signal.SIGTERM)
+      # A log step's record is written before a preemption save: the resumed run starts
+      # after this step and would never write it.
       if step % config.log_every == 0 or step == config.num_steps:
         check_finite()
         m = jax.tree.map(utils.to_host, m)
@@ -450,10 +454,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         utils.log(f"step {step}/{config.num_steps}  loss {m['train/loss']:.4f}  nll "
                   f"{m['train/nll']:.4f}  ess {m['train/weight_ess']:.2f}  "
                   f"{m['train/tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min")
+      if stop:
+        check_finite()
+        save(step)
+        mngr.wait_until_finished()
+        utils.log(f"SIGTERM: saved a checkpoint at step {step}; run the same command to "
+                  "resume")
+        raise SystemExit(128 + signal.SIGTERM)
       if step % config.checkpoint_every == 0 or step in (config.num_steps, stop_at):
         check_finite()
         save(step)
-      if step % config.eval_every == 0 or step == config.num_steps:
+      if is_eval_step(step):
         result = evaluate(step)
   finally:
     mngr.wait_until_finished()
@@ -462,10 +473,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step < config.num_steps:
     utils.log(f"stopped at step {step} after config.steps_per_run={config.steps_per_run}; "
               "run the same command again to continue")
-  elif not result:
-    # Resumed at the last step. A run killed after its final checkpoint but before its
-    # final eval was written gets that eval now; one that has it returns it. Every
-    # process reads the file, so all take the same branch (evaluating is collective).
-    final = metric_writer.final_eval(workdir, step)
-    result = final if final is not None else evaluate(step)
   return result

@@ -196,6 +196,40 @@ def test_killed_before_the_final_eval_the_rerun_writes_it(reference_run, tmp_pat
   assert metric_steps(w, "eval/nll") == [6] and again["eval/nll"] == result["eval/nll"]
 
 
+def test_preempted_at_a_log_and_eval_step_keeps_its_records(tmp_path, monkeypatch):
+  """SIGTERM during step 4 (a log and an eval step): its train record is written before
+  the preemption save, and the resumed run (starting after step 4) writes its eval."""
+  import signal
+
+  from pdl_jax import data as data_lib
+  overrides = {"num_steps": 6, "log_every": 2, "eval_every": 4, "checkpoint_every": 100}
+  run(tmp_path / "ref", **overrides)
+  call = data_lib.TrainBatches.__call__
+
+  def preempting(self, step):
+    if step == 3:  # the batch of step 4 (steps count from 1 after the update)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return call(self, step)
+
+  monkeypatch.setattr(data_lib.TrainBatches, "__call__", preempting)
+  with pytest.raises(SystemExit) as stopped:
+    run(tmp_path / "w", **overrides)
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert final_params(tmp_path / "w")[0] == 4
+  monkeypatch.setattr(data_lib.TrainBatches, "__call__", call)
+  run(tmp_path / "w", **overrides)
+
+  def records(workdir):
+    lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in lines]
+
+  got, want = records(tmp_path / "w"), records(tmp_path / "ref")
+  assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in want]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose([g[k] for k in sorted(g)], [w[k] for k in sorted(w)],
+                               rtol=1e-6, err_msg=f"step {g['step']}")
+
+
 def test_killed_before_the_first_checkpoint_logs_each_step_once(reference_run, tmp_path):
   import shutil
 
