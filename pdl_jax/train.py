@@ -303,6 +303,12 @@ def train_step(state: TrainState, batch, weights_V, *, loss_fn, tx,
 # ---------------------------------------------------------------------------
 
 
+def eval_summary(result: dict[str, float]) -> str:
+  """One log line of eval scalars, named without their "eval/" prefix (an extra
+  decoding's keys keep their own: "top_p/rouge1")."""
+  return "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in result.items())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) one experiment in `workdir`; returns the final eval metrics."""
   # --- Set-up: checks before any long work.
@@ -404,8 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.set_mesh(mesh):  # the model's activation constraints resolve against it
       result = evaluator(state, at)
     writer.write(at, result)
-    utils.log(f"eval at step {at} ({time.perf_counter() - t0:.0f} s): " + "  ".join(
-        f"{k.split('/')[1]} {v:.3f}" for k, v in result.items()))
+    utils.log(f"eval at step {at} ({time.perf_counter() - t0:.0f} s): "
+              + eval_summary(result))
     return result
 
   # SIGTERM (what TPU VM preemption sends): save at the current step, then exit.

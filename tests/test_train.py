@@ -339,3 +339,8 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   assert factory.compute_dtype(c) == "float32"  # CPU here; bfloat16 on accelerators
   c.model.dtype = "bfloat16"
   assert factory.compute_dtype(c) == "bfloat16"
+
+
+def test_eval_log_line_names_extra_decodings():
+  line = train.eval_summary({"eval/nll": 4.25, "eval/top_p/rouge1": 7.0})
+  assert line == "nll 4.250  top_p/rouge1 7.000"
