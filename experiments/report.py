@@ -12,7 +12,11 @@ to --out (default ROOT):
 
 - summary.csv: one row per point: number of seeds, then mean and std (over seeds)
   of every eval metric;
-- summary.md: the same as a Markdown table of the main metrics;
+- summary.md: the main metrics as a Markdown table (greedy decoding), then the same
+  generation metrics of each sampled decoding (top-p) in a table of its own;
+  profile_tv is derived here: the total-variation distance between the generations'
+  and the references' shares of tokens per train-frequency decile (0 = the same
+  frequency profile as the references);
 - metrics_vs_alpha.png: the main metrics against alpha (mean, std as error bars;
   CE as a dashed line);
 - frequency_profile.png: share of generated tokens per train-frequency decile for
@@ -41,8 +45,23 @@ from pdl_jax.utils import atomic_write_bytes  # noqa: E402
 
 MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chrf",
                 "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
-                "eval/mean_surprisal", "eval/rare_token_share", "eval/length")
+                "eval/mean_surprisal", "eval/rare_token_share", "eval/length",
+                "eval/profile_tv")
+# The decoding methods besides greedy whose generation metrics get a table of their own
+# (evaluate.py logs them as eval/<method>/<metric>).
+SAMPLED_METHODS = ("top_p",)
 NUM_BUCKETS = 10
+
+
+def profile_tv(row: dict[str, float], prefix: str = "eval/") -> float | None:
+  """Total-variation distance between the generations' and the references' shares of
+  tokens per train-frequency decile: 0 when the frequency profile matches the
+  references', 1 when the two share no decile. None where the buckets were not logged."""
+  gen = [row.get(f"{prefix}freq_bucket_{k}") for k in range(NUM_BUCKETS)]
+  ref = [row.get(f"eval/ref_freq_bucket_{k}") for k in range(NUM_BUCKETS)]
+  if None in gen or None in ref:
+    return None
+  return 0.5 * sum(abs(g - r) for g, r in zip(gen, ref))
 
 
 def find_runs(root: str) -> list[str]:
@@ -60,7 +79,14 @@ def final_eval(run: str) -> dict[str, float] | None:
   last checkpoint and its final eval: a mid-run eval is never taken as final)."""
   num_steps = read_config(run).get("num_steps")
   final = None if num_steps is None else metric_writer.eval_at(run, int(num_steps))
-  return None if final is None else {"step": num_steps, **final}
+  if final is None:
+    return None
+  # Derived: how far each decoding's frequency profile is from the references'.
+  for prefix in ("eval/", *(f"eval/{m}/" for m in SAMPLED_METHODS)):
+    tv = profile_tv(final, prefix)
+    if tv is not None:
+      final[f"{prefix}profile_tv"] = tv
+  return {"step": num_steps, **final}
 
 
 def point_of(config: dict[str, Any]) -> tuple[str, float]:
@@ -132,20 +158,35 @@ def write_tables(points, out: str) -> None:
   # Every output goes to a temporary name and is renamed: no half-written table.
   atomic_write_bytes(utils.path(out) / "summary.csv", table.getvalue().encode())
   cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
-  lines = ["| point | seeds | " + " | ".join(c.split("/")[1] for c in cols) + " |",
-           "|---|---|" + "---|" * len(cols)]
-  for label, p in points.items():
-    cells = []
-    for c in cols:
-      m, s = mean_std(p["metrics"][c])
-      cells.append(f"{m:.3f} ± {s:.3f}" if len(p["runs"]) > 1 else f"{m:.3f}")
-    lines.append(f"| {label} | {len(p['runs'])} | " + " | ".join(cells) + " |")
+  lines = markdown_table(points, cols)
   ref = next(iter(points.values()))["metrics"]
   refs = [f"{c.split('/')[1]} {statistics.fmean(ref[c.replace('eval/', 'eval/ref_')]):.3f}"
           for c in cols if c.replace("eval/", "eval/ref_") in ref]
   if refs:
     lines += ["", "References: " + ", ".join(refs) + "."]
+  for method in SAMPLED_METHODS:
+    sampled = [f"eval/{method}/{c[len('eval/'):]}" for c in MAIN_METRICS]
+    sampled = [c for c in sampled if any(c in p["metrics"] for p in points.values())]
+    if sampled:  # the same generation metrics, of this decoding method
+      lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
   atomic_write_bytes(utils.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
+
+
+def markdown_table(points, cols: list[str]) -> list[str]:
+  """Lines of a Markdown table: a row per point, mean ± std over seeds of each column
+  (named by its last part: eval/top_p/rouge1 -> rouge1)."""
+  lines = ["| point | seeds | " + " | ".join(c.split("/")[-1] for c in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+  for label, p in points.items():
+    cells = []
+    for c in cols:
+      if c not in p["metrics"]:
+        cells.append("-")
+        continue
+      m, s = mean_std(p["metrics"][c])
+      cells.append(f"{m:.3f} ± {s:.3f}" if len(p["runs"]) > 1 else f"{m:.3f}")
+    lines.append(f"| {label} | {len(p['runs'])} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def save_png(fig, path: str) -> None:

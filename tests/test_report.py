@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +54,38 @@ def test_report_tables_and_plots(tmp_path):
   md = open(tmp_path / "summary.md").read()
   assert "| alpha=0.5 | 2 | 4.300 ± 0.141 | 13.000 ± 1.414 | 5.000 ± 0.000 |" in md
   assert "References: length 7.000." in md
+  # All generated mass in decile 0, references uniform: TV = (0.9 + 9 x 0.1) / 2.
+  assert float(half["eval/profile_tv_mean"]) == pytest.approx(0.9)
+  assert "| alpha=0.5 | 2 | 4.300 ± 0.141 | 13.000 ± 1.414 | 5.000 ± 0.000 | 0.900 ± 0.000 |" in md
+  assert "top_p" not in md  # no sampled decoding logged: no table for it
   for png in ("metrics_vs_alpha.png", "frequency_profile.png"):
     assert os.path.getsize(tmp_path / png) > 1000
   strict = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
                            str(tmp_path), "--strict"], capture_output=True, text=True, timeout=120)
   assert strict.returncode != 0 and "killed-seed0" in strict.stderr
+
+
+def test_profile_tv_and_the_sampled_table(tmp_path):
+  rng = np.random.default_rng(0)
+  gen, ref, sampled = (rng.dirichlet(np.ones(10)) for _ in range(3))
+  row = {**{f"eval/freq_bucket_{k}": gen[k] for k in range(10)},
+         **{f"eval/ref_freq_bucket_{k}": ref[k] for k in range(10)},
+         **{f"eval/top_p/freq_bucket_{k}": sampled[k] for k in range(10)}}
+  assert report.profile_tv(row) == pytest.approx(0.5 * np.abs(gen - ref).sum())
+  assert report.profile_tv(row, "eval/top_p/") == pytest.approx(0.5 * np.abs(sampled - ref).sum())
+  assert report.profile_tv({"eval/nll": 1.0}) is None
+  fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
+  metrics = tmp_path / "ce-seed0" / "metrics.jsonl"
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  lines[-1].update({"eval/top_p/rouge1": 3.5, "eval/top_p/length": 9.0,
+                    **{f"eval/top_p/freq_bucket_{k}": 0.1 for k in range(10)}})
+  metrics.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  report.write_tables(report.collect(str(tmp_path)), str(tmp_path))
+  md = (tmp_path / "summary.md").read_text()
+  greedy, _, top_p = md.partition("Decoded with top_p:")
+  assert "| ce | 1 | 4.000 | 10.000 | 5.000 | 0.900 |" in greedy
+  assert "| point | seeds | rouge1 | length | profile_tv |" in top_p
+  assert "| ce | 1 | 3.500 | 9.000 | 0.000 |" in top_p  # uniform = the references
 
 
 def test_report_refuses_an_empty_root(tmp_path):
