@@ -12,8 +12,9 @@ to --out (default ROOT):
 
 - summary.csv: one row per point: number of seeds, then mean and std (over seeds)
   of every eval metric;
-- summary.md: the main metrics as a Markdown table (greedy decoding), then the same
-  generation metrics of each sampled decoding (top-p) in a table of its own;
+- summary.md: the main metrics as a Markdown table (the main decoding, config.eval.decode:
+  greedy by default), then the same generation metrics of each extra decoding
+  (config.eval.extra_decodes, e.g. top-p) in a table of its own;
   profile_tv is derived here: the total-variation distance between the generations'
   and the references' shares of tokens per train-frequency decile (0 = the same
   frequency profile as the references);
@@ -47,19 +48,17 @@ MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chr
                 "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
                 "eval/mean_surprisal", "eval/rare_token_share", "eval/length",
                 "eval/profile_tv")
-# The decoding methods besides greedy whose generation metrics get a table of their own
-# (evaluate.py logs them as eval/<method>/<metric>).
-SAMPLED_METHODS = ("top_p",)
 NUM_BUCKETS = 10
 
 
 def profile_tv(row: dict[str, float], prefix: str = "eval/") -> float | None:
   """Total-variation distance between the generations' and the references' shares of
   tokens per train-frequency decile: 0 when the frequency profile matches the
-  references', 1 when the two share no decile. None where the buckets were not logged."""
+  references', 1 when the two share no decile. None where the buckets were not logged or
+  nothing was generated (all buckets 0)."""
   gen = [row.get(f"{prefix}freq_bucket_{k}") for k in range(NUM_BUCKETS)]
   ref = [row.get(f"eval/ref_freq_bucket_{k}") for k in range(NUM_BUCKETS)]
-  if None in gen or None in ref:
+  if None in gen or None in ref or sum(gen) == 0:  # no buckets, or no generated token
     return None
   return 0.5 * sum(abs(g - r) for g, r in zip(gen, ref))
 
@@ -74,6 +73,12 @@ def read_config(run: str) -> dict[str, Any]:
   return json.loads((utils.path(run) / "config.json").read_text())
 
 
+def extra_methods(row: dict[str, Any]) -> list[str]:
+  """The extra decodings (config.eval.extra_decodes) whose metrics a row holds: evaluate.py
+  logs them as eval/<method>/<metric>, the main decoding's as eval/<metric>."""
+  return sorted({k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2})
+
+
 def final_eval(run: str) -> dict[str, float] | None:
   """The eval line at the run's num_steps, or None (unfinished, or killed between its
   last checkpoint and its final eval: a mid-run eval is never taken as final)."""
@@ -82,7 +87,7 @@ def final_eval(run: str) -> dict[str, float] | None:
   if final is None:
     return None
   # Derived: how far each decoding's frequency profile is from the references'.
-  for prefix in ("eval/", *(f"eval/{m}/" for m in SAMPLED_METHODS)):
+  for prefix in ("eval/", *(f"eval/{m}/" for m in extra_methods(final))):
     tv = profile_tv(final, prefix)
     if tv is not None:
       final[f"{prefix}profile_tv"] = tv
@@ -164,7 +169,7 @@ def write_tables(points, out: str) -> None:
           for c in cols if c.replace("eval/", "eval/ref_") in ref]
   if refs:
     lines += ["", "References: " + ", ".join(refs) + "."]
-  for method in SAMPLED_METHODS:
+  for method in sorted({m for p in points.values() for m in extra_methods(p["metrics"])}):
     sampled = [f"eval/{method}/{c[len('eval/'):]}" for c in MAIN_METRICS]
     sampled = [c for c in sampled if any(c in p["metrics"] for p in points.values())]
     if sampled:  # the same generation metrics, of this decoding method

@@ -310,7 +310,8 @@ def eval_summary(result: dict[str, float]) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) one experiment in `workdir`; returns the final eval metrics."""
+  """Runs (or resumes) one experiment in `workdir`; returns the last eval metrics of this
+  invocation (the final eval once `num_steps` is reached, logged or run now)."""
   # --- Set-up: checks before any long work.
   config_checks.validate_config(config)
   mesh = make_mesh(config)
@@ -424,17 +425,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return at % config.eval_every == 0 or at == config.num_steps
 
   result: dict[str, float] = {}
-  # A run preempted (or killed) at an eval step after its checkpoint but before its eval
-  # gets that eval now. Every process reads the file, so all take the same branch
-  # (evaluating is collective).
-  if step > 0 and is_eval_step(step):
-    logged = metric_writer.eval_at(workdir, step)
-    result = logged if logged is not None else evaluate(step)
   window_start = run_start = time.perf_counter()
   window_tokens, start_step = 0, step
   stop_at = config.num_steps if config.steps_per_run is None else min(
       config.num_steps, step + config.steps_per_run)
   try:
+    # A run preempted (or killed) at an eval step after its checkpoint but before its
+    # eval gets that eval now. Process 0's metrics decide for all (evaluating is
+    # collective: a process reading another file must not take another branch).
+    if step > 0 and is_eval_step(step):
+      if utils.any_process(jax.process_index() == 0 and
+                           metric_writer.eval_at(workdir, step) is None):
+        result = evaluate(step)
+      else:
+        result = metric_writer.eval_at(workdir, step) or {}
+      window_start = run_start = time.perf_counter()
     while step < stop_at:
       local = batches(step)  # the data position is the step
       window_tokens += batches.real_tokens(step)

@@ -2,6 +2,7 @@
 the frequency pass and a few train steps equal a single-process run, with the
 parameters and optimizer state FSDP-sharded across both processes."""
 
+import json
 import os
 import socket
 import subprocess
@@ -182,3 +183,7 @@ def test_sigterm_on_one_process_saves_the_same_step_on_both(data_dir, tmp_path):
   assert "SIGTERM: saved a checkpoint at step" in out
   step, _ = params_and_steps(work)
   assert 10 <= step < 200 and step % 5 == 0
+  # The saved step is a log step: its train record is written before the save (the
+  # resumed run starts after it).
+  logged = [json.loads(l)["step"] for l in open(work / "metrics.jsonl") if "train/loss" in l]
+  assert logged[-1] == step, (logged, step)

@@ -74,6 +74,8 @@ def test_profile_tv_and_the_sampled_table(tmp_path):
   assert report.profile_tv(row) == pytest.approx(0.5 * np.abs(gen - ref).sum())
   assert report.profile_tv(row, "eval/top_p/") == pytest.approx(0.5 * np.abs(sampled - ref).sum())
   assert report.profile_tv({"eval/nll": 1.0}) is None
+  empty = {**row, **{f"eval/freq_bucket_{k}": 0.0 for k in range(10)}}  # nothing generated
+  assert report.profile_tv(empty) is None
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
   metrics = tmp_path / "ce-seed0" / "metrics.jsonl"
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
