@@ -434,11 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # eval gets that eval now. Process 0's metrics decide for all (evaluating is
     # collective: a process reading another file must not take another branch).
     if step > 0 and is_eval_step(step):
-      if utils.any_process(jax.process_index() == 0 and
-                           metric_writer.eval_at(workdir, step) is None):
+      logged = metric_writer.eval_at(workdir, step)
+      if utils.any_process(jax.process_index() == 0 and logged is None):
         result = evaluate(step)
       else:
-        result = metric_writer.eval_at(workdir, step) or {}
+        result = logged or {}
       window_start = run_start = time.perf_counter()
     while step < stop_at:
       local = batches(step)  # the data position is the step
