@@ -2,7 +2,7 @@
 one run after another.
 
     python experiments/sweep.py --config=configs/dialogue.py[:args] --root=workdirs/dialogue \
-        [--init_from=workdirs/pretrain] [--print]
+        [--init_from=workdirs/pretrain] [--shard=I/N] [--print]
 
 Points come from the config's own `sweep` section (alphas, seeds, include_ce); every
 point gets the same config (same steps, batch, model: the same compute) apart from
@@ -11,6 +11,11 @@ the loss, alpha and seed. Each point is `python -m pdl_jax.main` in ROOT/<point>
 metrics.jsonl) are skipped and interrupted ones resume, since running the same
 command again resumes (and writes a final eval a killed run missed). --print only prints the commands (for
 TPU VMs, `./launch.sh tpu sweep` runs them there).
+
+--shard=I/N runs only points I, I+N, I+2N, ... (0 <= I < N): N independent machines (or
+processes, each on its own cores) given the same ROOT and shards 0/N .. N-1/N run the
+whole sweep once between them, with no two running the same point (two sweeps without
+--shard on one ROOT would run the same point into the same folder at once).
 """
 
 from __future__ import annotations
@@ -62,6 +67,19 @@ def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> l
   return out
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+  """'I/N' -> (I, N); a clear error for anything that is not 0 <= I < N."""
+  index, _, count = shard.partition("/")
+  try:
+    i, n = int(index), int(count)
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ValueError(f"--shard={shard!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2 "
+                     "for two machines")
+  return i, n
+
+
 def is_finished(workdir: str, num_steps: int) -> bool:
   """True when the run's final eval (at num_steps) is in its metrics.jsonl: a run
   killed after its last checkpoint but before that eval is not finished."""
@@ -73,10 +91,16 @@ def main() -> None:
   p.add_argument("--config", required=True, help="configs/<task>.py[:args]")
   p.add_argument("--root", required=True, help="folder of the sweep's run folders")
   p.add_argument("--init_from", default=None, help="pretrained run every point starts from")
+  p.add_argument("--shard", default="0/1",
+                 help="I/N: run only points I, I+N, ... (split a sweep over N machines)")
   p.add_argument("--print", action="store_true", help="only print the commands")
   args, extra = p.parse_known_args()
+  try:
+    shard, num_shards = parse_shard(args.shard)
+  except ValueError as e:
+    p.error(str(e))  # before the config is even loaded
   num_steps = load_config(args.config).num_steps
-  todo = commands(args.config, args.root, args.init_from, extra)
+  todo = commands(args.config, args.root, args.init_from, extra)[shard::num_shards]
   if args.print:
     for _, argv in todo:
       print(shlex.join(argv))

@@ -210,6 +210,37 @@ def test_sweep_exits_with_a_failed_points_status(tmp_path, monkeypatch):
   assert e.value.code == 143 and len(ran) == 2
 
 
+def test_sweep_shards_split_the_points_between_machines(tmp_path, monkeypatch, capsys):
+  """--shard=I/N: the N shards together run every point once, none twice; a bad value is
+  refused before anything runs, naming it."""
+  from experiments import sweep
+  ran = []
+
+  class Done:
+    returncode = 0
+
+  monkeypatch.setattr(sweep.subprocess, "run", lambda argv, cwd: ran.append(argv) or Done())
+  spec = "configs/dialogue.py:smoke"
+  every = [argv for _, argv in sweep.commands(spec, str(tmp_path), None, [])]
+  shards = []
+  for i in range(3):
+    ran.clear()
+    monkeypatch.setattr(sys, "argv", ["sweep.py", f"--config={spec}", f"--root={tmp_path}",
+                                      f"--shard={i}/3"])
+    sweep.main()
+    shards.append(list(ran))
+  assert all(shards) and sorted(sum(shards, [])) == sorted(every), shards
+  assert len(every) > 3 and len({tuple(a) for s in shards for a in s}) == len(every)
+  ran.clear()
+  for bad in ("2/2", "1", "a/b", "-1/2"):
+    monkeypatch.setattr(sys, "argv", ["sweep.py", f"--config={spec}", f"--root={tmp_path}",
+                                      f"--shard={bad}"])
+    with pytest.raises(SystemExit) as e:
+      sweep.main()
+    assert e.value.code == 2 and f"--shard={bad!r}" in capsys.readouterr().err
+  assert not ran
+
+
 def test_report_puts_baselines_and_eos_points_in_the_same_tables(tmp_path):
   fake_run(tmp_path, "itf-seed0", "itf", 0.5, 0, 4.5, 11.0)
   fake_run(tmp_path, "alpha0.5-eos1-seed0", "pdl", 0.5, 0, 4.1, 12.5, eos_weight=1.0)
