@@ -13,8 +13,9 @@ command again resumes (and writes a final eval a killed run missed). --print onl
 TPU VMs, `./launch.sh tpu sweep` runs them there).
 
 --shard=I/N runs only points I, I+N, I+2N, ... (0 <= I < N): N independent machines (or
-processes, each on its own cores) given the same ROOT and shards 0/N .. N-1/N run the
-whole sweep once between them, with no two running the same point (two sweeps without
+processes, each on its own cores) given the same command and ROOT (same --config and
+code: the points must be the same list) and shards 0/N .. N-1/N run the whole sweep
+once between them, with no two running the same point (two sweeps without
 --shard on one ROOT would run the same point into the same folder at once).
 """
 
@@ -100,7 +101,12 @@ def main() -> None:
   except ValueError as e:
     p.error(str(e))  # before the config is even loaded
   num_steps = load_config(args.config).num_steps
-  todo = commands(args.config, args.root, args.init_from, extra)[shard::num_shards]
+  every = commands(args.config, args.root, args.init_from, extra)
+  todo = every[shard::num_shards]
+  if not todo:  # more shards than points: say so rather than "done"
+    print(f"--shard={args.shard}: the sweep has only {len(every)} points; nothing for "
+          "this shard", file=sys.stderr)
+    return
   if args.print:
     for _, argv in todo:
       print(shlex.join(argv))

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import subprocess
+import shlex
 import sys
 
 import numpy as np
@@ -154,9 +155,9 @@ def test_report_refuses_to_copy_runs_into_its_own_root(tmp_path):
 
 
 # The tasks whose committed results are the comparison with the baselines (every point of
-# the config's sweep, two seeds). The others still show the earlier alpha sweep (CE and
-# PDL alpha 0 / 0.25 / 0.5 / 1, one seed) until their comparison, still running (issue
-# 16), replaces it; its finished runs are in experiments/results/next/<task>.
+# the config's sweep, two seeds). Summarization still shows the earlier alpha sweep (CE
+# and PDL alpha 0 / 0.25 / 0.5 / 1, one seed) until its comparison, still running (issue
+# 16), replaces it; its finished runs are in experiments/results/next/summarization.
 COMPARED = ("dialogue", "style_transfer")
 
 
@@ -229,8 +230,17 @@ def test_sweep_shards_split_the_points_between_machines(tmp_path, monkeypatch, c
                                       f"--shard={i}/3"])
     sweep.main()
     shards.append(list(ran))
-  assert all(shards) and sorted(sum(shards, [])) == sorted(every), shards
-  assert len(every) > 3 and len({tuple(a) for s in shards for a in s}) == len(every)
+  assert len(every) > 3 and all(s == every[i::3] for i, s in enumerate(shards)), shards
+  assert sorted(sum(shards, [])) == sorted(every)  # together: every point, once
+  monkeypatch.setattr(sys, "argv", ["sweep.py", f"--config={spec}", f"--root={tmp_path}",
+                                    "--shard=1/3", "--print"])
+  capsys.readouterr()  # drop the runs' progress lines above
+  sweep.main()  # --print prints the shard's commands only
+  assert capsys.readouterr().out.splitlines() == [shlex.join(a) for a in every[1::3]]
+  monkeypatch.setattr(sys, "argv", ["sweep.py", f"--config={spec}", f"--root={tmp_path}",
+                                    f"--shard={len(every)}/{len(every) + 1}"])
+  sweep.main()  # more shards than points: this one has nothing to run, and says so
+  assert "nothing for this shard" in capsys.readouterr().err
   ran.clear()
   for bad in ("2/2", "1", "a/b", "-1/2"):
     monkeypatch.setattr(sys, "argv", ["sweep.py", f"--config={spec}", f"--root={tmp_path}",
