@@ -154,35 +154,27 @@ def test_report_refuses_to_copy_runs_into_its_own_root(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["ce-seed0"]  # Refused before writing anything.
 
 
-# The tasks whose committed results are the comparison with the baselines (every point of
-# the config's sweep, two seeds). Summarization still shows the earlier alpha sweep (CE
-# and PDL alpha 0 / 0.25 / 0.5 / 1, one seed) until its comparison, still running (issue
-# 16), replaces it; its finished runs are in experiments/results/next/summarization.
-COMPARED = ("dialogue", "style_transfer")
-
-
 @pytest.mark.parametrize("task", ["dialogue", "summarization", "style_transfer"])
 def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path):
-  """experiments/results/<task>: the runs are the expected points (for the comparison: the
-  config's sweep, two seeds each, same compute and init), the tables regenerate from the
-  committed run logs, and the README shows them verbatim."""
+  """experiments/results/<task>: the runs are the points of the config's sweep (two seeds
+  each, same compute, one pretrained init), the tables regenerate from the committed run
+  logs, and the README shows them verbatim."""
   from configs.common import load_config
   from experiments import sweep
   results = os.path.join(ROOT, "experiments", "results", task)
   runs = set(os.listdir(os.path.join(results, "runs")))
   points = report.collect(os.path.join(results, "runs"))
-  if task in COMPARED:
-    expected = {name for name, _ in sweep.points(load_config(
-        os.path.join(ROOT, "configs", f"{task}.py")))}
-    assert runs == expected, sorted(runs ^ expected)
-    assert len(points) == 12 and all(len(p["runs"]) == 2 for p in points.values()), {
-        k: len(p["runs"]) for k, p in points.items()}
-    for run in runs:  # every point at the same compute, from the same pretrained init
-      config = json.load(open(os.path.join(results, "runs", run, "config.json")))
-      assert config["num_steps"] == 300 and config["init_from"].endswith("pretrain"), run
-  else:
-    assert {"ce", "alpha=0"} <= set(points) and sum(
-        a > 0 for a in (p["alpha"] for p in points.values())) >= 3
+  expected = {name for name, _ in sweep.points(load_config(
+      os.path.join(ROOT, "configs", f"{task}.py")))}
+  assert runs == expected, sorted(runs ^ expected)
+  assert len(points) == 12 and all(len(p["runs"]) == 2 for p in points.values()), {
+      k: len(p["runs"]) for k, p in points.items()}
+  inits = set()
+  for run in runs:  # every point at the same compute, from the same pretrained init
+    config = json.load(open(os.path.join(results, "runs", run, "config.json")))
+    assert config["num_steps"] == 300 and config["init_from"].endswith("pretrain"), run
+    inits.add(config["init_from"])
+  assert len(inits) == 1, inits
   report.write_tables(points, str(tmp_path))
   for name in ("summary.csv", "summary.md"):
     assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
