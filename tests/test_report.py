@@ -3,8 +3,8 @@
 import csv
 import json
 import os
-import subprocess
 import shlex
+import subprocess
 import sys
 
 import numpy as np
