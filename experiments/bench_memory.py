@@ -55,14 +55,13 @@ if __name__ == "__main__":
                              f" {DEVICES_FLAG}={_forced_devices(sys.argv[1:])}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.common import load_config  # noqa: E402
 from pdl_jax import optimizer as opt_lib  # noqa: E402
-from pdl_jax import pretrained  # noqa: E402
+from pdl_jax.models.hf import families as hf_families  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
 from pdl_jax import train  # noqa: E402
 from pdl_jax.models import decoder  # noqa: E402
@@ -112,16 +111,16 @@ class Case:
 
 def model_of(case: Case) -> decoder.Decoder:
   """The decoder of a case: a named shape's config values, or a Hugging Face model
-  directory's (or config.json's) read by pretrained.read_config; then the case's
+  directory's (or config.json's) read by hf_families.read_config; then the case's
   depth, scan and remat."""
   if case.shape in SHAPES:
-    cfg = pretrained.config_from_hf(SHAPES[case.shape], dtype=case.dtype,
+    cfg = hf_families.config_from_hf(SHAPES[case.shape], dtype=case.dtype,
                                     param_dtype="float32")
   else:
     model_dir = (os.path.dirname(case.shape) or "." if case.shape.endswith(".json")
                  else case.shape)
     try:
-      cfg = pretrained.read_config(model_dir, dtype=case.dtype, param_dtype="float32")
+      cfg = hf_families.read_config(model_dir, dtype=case.dtype, param_dtype="float32")
     except FileNotFoundError as e:
       raise SystemExit(f"--shape={case.shape!r}: expected one of {sorted(SHAPES)} or a "
                        f"config.json path (or a directory holding one): {e}") from None

@@ -115,7 +115,6 @@ def capacity_of(args) -> int:
 
 def jax_worker(args):
   """Builds the jitted step; returns step(i) -> None (blocks until done)."""
-  sys.path.insert(0, args.root or ROOT)
   if args.jax_threads == 1:
     # XLA:CPU has no thread-count knob but this one: run every op on the caller's
     # thread (its Eigen pool and intra-op parallelism off).
@@ -275,8 +274,11 @@ def start(name: str, python: str, worker: str, args, root: str | None = None):
     cmd.append("--window")
   if root:
     cmd += ["--root", root]
+  # The pdl_jax package of `root` (the baseline checkout) first on the worker's path.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root or ROOT, os.environ.get("PYTHONPATH")) if p))
   proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                          cwd=root or ROOT)
+                          cwd=root or ROOT, env=env)
   return {"name": name, "proc": proc, "times": [], "losses": []}
 
 

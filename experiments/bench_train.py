@@ -18,12 +18,9 @@ Target: PDL / CE >= 0.97 (<= 1.03 in step time), also with scan and remat on.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

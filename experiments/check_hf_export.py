@@ -26,20 +26,22 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 
 
 def export(out: str) -> None:
-  sys.path.insert(0, ROOT)
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from pdl_jax.models import decoder as decoder_lib  # pylint: disable=import-outside-toplevel
   from pdl_jax.models import transformer as model_lib  # pylint: disable=import-outside-toplevel
-  from pdl_jax import pretrained  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from pdl_jax.models.hf import export as hf_export
+  from pdl_jax.models.hf import families as hf_families
+  from pdl_jax.models.hf import weights as hf_weights
   from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
   for name in sorted(os.listdir(FIXTURES)):
     src = os.path.join(FIXTURES, name)
-    cfg = pretrained.read_config(src)
-    params = pretrained.load_params(src, cfg)
-    pretrained.export(params, cfg, os.path.join(out, name), tokenizer_dir=src,
+    cfg = hf_families.read_config(src)
+    params = hf_weights.load_params(src, cfg)
+    hf_export.export(params, cfg, os.path.join(out, name), tokenizer_dir=src,
                       max_shard_bytes=60_000 if name == "gpt2" else 5e9)
-    pretrained.export(params, cfg, os.path.join(out, name + "_bf16"), dtype="bfloat16")
+    hf_export.export(params, cfg, os.path.join(out, name + "_bf16"), dtype="bfloat16")
     np.savez(os.path.join(out, name + ".npz"), **np.load(os.path.join(src, "reference.npz")))
   own_cfg = model_lib.model_config("tiny", vocab_size=96, num_layers=2)
   own = decoder_lib.Decoder(decoder_lib.from_model_config(own_cfg))
@@ -47,7 +49,7 @@ def export(out: str) -> None:
   params = nn.meta.unbox(own.init(jax.random.key(1), tokens)["params"])
   logits, _ = own.apply({"params": params}, tokens)
   np.savez(os.path.join(out, "own.npz"), tokens=tokens, logits=np.asarray(logits))
-  pretrained.export(params, decoder.from_model_config(own_cfg), os.path.join(out, "own"))
+  hf_export.export(params, decoder.from_model_config(own_cfg), os.path.join(out, "own"))
 
 
 def check(out: str) -> int:

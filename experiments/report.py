@@ -34,12 +34,10 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pdl_jax import metric_writer  # noqa: E402
 from pdl_jax import utils  # noqa: E402
 from pdl_jax.utils import atomic_write_bytes  # noqa: E402

@@ -28,9 +28,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs.common import load_config  # noqa: E402
-from pdl_jax import metric_writer  # noqa: E402
+from configs.common import load_config
+from pdl_jax import metric_writer
 
 
 def points(config) -> list[tuple[str, str]]:

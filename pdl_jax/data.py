@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from pdl_jax import pretrained
+from pdl_jax.models.hf import families as hf_families
 from pdl_jax import sentencepiece_tokenizer as sp_lib
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import tokenizer as tok_lib
@@ -289,7 +289,7 @@ def vocab_size(config, tokenizer: Tokenizer) -> int:
   """
   if config.model.pretrained is None:
     return tokenizer.vocab_size
-  rows = pretrained.read_config(config.model.pretrained).vocab_size
+  rows = hf_families.read_config(config.model.pretrained).vocab_size
   if tokenizer.vocab_size > rows:
     raise ValueError(f"the tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens, "
                      f"more than the {rows} embedding rows of {config.model.pretrained!r}.")

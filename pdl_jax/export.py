@@ -6,7 +6,7 @@ trained as (a pretrained model's own; the project's model as Llama).
 Writes DIR/config.json, safetensors shards of at most 5 GB (with an index when there
 are several) and the tokenizer files, into a temporary folder renamed at the end:
 never a half export. `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
-it; `pdl_jax.pretrained.logits(DIR, tokens)` gives its logits here.
+it; `pdl_jax.models.hf.weights.logits(DIR, tokens)` gives its logits here.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import ml_collections
 
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import frequency
-from pdl_jax import pretrained
 from pdl_jax import utils
 from pdl_jax.models import factory
+from pdl_jax.models.hf import export as hf_export
+from pdl_jax.models.hf import weights as hf_weights
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
@@ -41,7 +42,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
-      nn.meta.unbox(pretrained.abstract_params(cfg)))
+      nn.meta.unbox(hf_weights.abstract_params(cfg)))
   params = ckpt_lib.load_params(workdir, abstract, step=step)
   if config.model.pretrained is not None:
     tokenizer_dir = config.model.pretrained
@@ -49,7 +50,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     tokenizer_dir = str(utils.path(config.tokenizer.path).parent)
   else:
     tokenizer_dir = str(utils.path(config.init_from or workdir))
-  return pretrained.export(params, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir,
+  return hf_export.export(params, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir,
                            max_shard_bytes=max_shard_bytes)
 
 

@@ -33,7 +33,7 @@ from pdl_jax import loss_window
 from pdl_jax import losses
 from pdl_jax import metric_writer
 from pdl_jax import optimizer as opt_lib
-from pdl_jax import pretrained
+from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import sharding
 from pdl_jax import utils
 from pdl_jax.models import decoder
@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               model, tx, state_shardings)
     utils.log(f"initialised params from {config.init_from}")
   elif config.model.pretrained is not None:
-    state = state_from_params(pretrained.load_params(
+    state = state_from_params(hf_weights.load_params(
         config.model.pretrained, model.cfg, state_shardings.params), model, tx,
         state_shardings)
     utils.log(f"initialised params from the pretrained {config.model.pretrained}")

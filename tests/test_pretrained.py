@@ -20,7 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from pdl_jax import decode
 import reference_transformer as model_lib
-from pdl_jax import pretrained
+from pdl_jax.models.hf import export as hf_export
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import sharding as sharding_lib
 from pdl_jax.hf_tokenizer import HFTokenizer
 from pdl_jax.models import decoder as decoder_lib
@@ -48,7 +50,7 @@ def test_all_families_have_fixtures():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers(name, scan_layers):
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
-  out = pretrained.logits(_dir(name), ref["tokens"], scan_layers=scan_layers)
+  out = hf_weights.logits(_dir(name), ref["tokens"], scan_layers=scan_layers)
   assert out.dtype == np.float32 and out.shape == ref["logits"].shape
   assert _rel_err(out, ref["logits"]) <= 1e-4
 
@@ -61,8 +63,8 @@ def test_logits_match_transformers(name, scan_layers):
 ])
 def test_fixtures_catch_the_traps(name, change):
   """The fixtures are sensitive: each known trap, made on purpose, breaks parity."""
-  cfg = pretrained.read_config(_dir(name))
-  params = pretrained.load_params(_dir(name), cfg)
+  cfg = hf_families.read_config(_dir(name))
+  params = hf_weights.load_params(_dir(name), cfg)
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
   wrong = decoder_lib.Decoder(dataclasses.replace(cfg, **change))
   out, _ = wrong.apply({"params": params}, jnp.asarray(ref["tokens"]))
@@ -70,21 +72,21 @@ def test_fixtures_catch_the_traps(name, change):
 
 
 def test_read_config_fields():
-  llama3 = pretrained.read_config(_dir("llama3_rope"))
+  llama3 = hf_families.read_config(_dir("llama3_rope"))
   assert (llama3.rope_type, llama3.rope_theta, llama3.num_heads, llama3.num_kv_heads,
           llama3.tied_embeddings) == ("llama3", 500000.0, 4, 2, False)
-  linear = pretrained.read_config(_dir("llama_linear_rope"))  # a v4-layout config.json
+  linear = hf_families.read_config(_dir("llama_linear_rope"))  # a v4-layout config.json
   assert (linear.rope_type, linear.rope_factor, linear.tied_embeddings, linear.qkv_bias,
           linear.out_bias, linear.mlp_bias) == ("linear", 2.0, True, True, True, True)
-  gemma = pretrained.read_config(_dir("gemma"))
+  gemma = hf_families.read_config(_dir("gemma"))
   assert (gemma.activation, gemma.norm, gemma.head_dim, gemma.embed_scale) == (
       "gelu_tanh", "rms_plus_one", 16, True)
-  qwen3 = pretrained.read_config(_dir("qwen3"))
+  qwen3 = hf_families.read_config(_dir("qwen3"))
   assert qwen3.qk_norm and qwen3.head_dim == 16 and qwen3.d_model == 32
-  gpt2 = pretrained.read_config(_dir("gpt2"))
+  gpt2 = hf_families.read_config(_dir("gpt2"))
   assert (gpt2.norm, gpt2.positions, gpt2.mlp, gpt2.activation, gpt2.mlp_dim) == (
       "layer", "learned", "plain", "gelu_tanh", 128)
-  assert pretrained.read_config(_dir("qwen2"), dtype="bfloat16").dtype == "bfloat16"
+  assert hf_families.read_config(_dir("qwen2"), dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_v4_and_v5_config_layouts_agree():
@@ -95,11 +97,11 @@ def test_v4_and_v5_config_layouts_agree():
   v4["rope_theta"] = rope.pop("rope_theta")
   v4["rope_scaling"] = dict(rope, type=rope.pop("rope_type"))  # legacy key
   v4["torch_dtype"] = v4.pop("dtype")
-  assert pretrained.config_from_hf(v4) == pretrained.config_from_hf(v5)
+  assert hf_families.config_from_hf(v4) == hf_families.config_from_hf(v5)
   # Gemma: hidden_activation beside hidden_act wins.
   gemma = dict(json.load(open(os.path.join(_dir("gemma"), "config.json"))),
                hidden_activation="gelu_pytorch_tanh", hidden_act="gelu")
-  assert pretrained.config_from_hf(gemma).activation == "gelu_tanh"
+  assert hf_families.config_from_hf(gemma).activation == "gelu_tanh"
 
 
 @pytest.mark.parametrize("change,match", [
@@ -113,14 +115,14 @@ def test_unsupported_config_is_refused(change, match):
   with open(os.path.join(_dir("llama"), "config.json")) as f:
     hf = dict(json.load(f), **change)
   with pytest.raises(ValueError, match=match):
-    pretrained.config_from_hf(hf)
+    hf_families.config_from_hf(hf)
 
 
 def test_sliding_window_refused_only_when_in_use():
-  cfg = pretrained.read_config(_dir("mistral"))
+  cfg = hf_families.read_config(_dir("mistral"))
   assert cfg.sliding_window == 4096  # longer than any call here: full causal attention
-  assert pretrained.read_config(_dir("qwen2")).sliding_window is None  # use_sliding_window off
-  params = pretrained.load_params(_dir("mistral"), cfg)
+  assert hf_families.read_config(_dir("qwen2")).sliding_window is None  # use_sliding_window off
+  params = hf_weights.load_params(_dir("mistral"), cfg)
   small = decoder_lib.Decoder(dataclasses.replace(cfg, sliding_window=8))
   with pytest.raises(ValueError, match="sliding-window.*window 8.*16 positions"):
     small.apply({"params": params}, jnp.zeros((1, 16), jnp.int32))
@@ -128,8 +130,8 @@ def test_sliding_window_refused_only_when_in_use():
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])  # GQA 4/2, GQA 4/1, MHA+wpe
 def test_kv_cache_decoding_equals_full_forward(name):
-  cfg = pretrained.read_config(_dir(name))
-  model, params = decoder_lib.Decoder(cfg), pretrained.load_params(_dir(name), cfg)
+  cfg = hf_families.read_config(_dir(name))
+  model, params = decoder_lib.Decoder(cfg), hf_weights.load_params(_dir(name), cfg)
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
   prompts = [ref["tokens"][0, :5].tolist(), ref["tokens"][1, :9].tolist()]
   tokens, mask = decode.left_pad(prompts, 9, pad_id=0)
@@ -151,13 +153,13 @@ def test_kv_cache_decoding_equals_full_forward(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_then_load_is_bit_identical(name, tmp_path):
-  cfg = pretrained.read_config(_dir(name))
-  params = pretrained.load_params(_dir(name), cfg)
-  out = pretrained.export(params, cfg, tmp_path / "out", tokenizer_dir=_dir(name))
+  cfg = hf_families.read_config(_dir(name))
+  params = hf_weights.load_params(_dir(name), cfg)
+  out = hf_export.export(params, cfg, tmp_path / "out", tokenizer_dir=_dir(name))
   assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
                                      "model.safetensors", "tokenizer.json",
                                      "tokenizer_config.json"]
-  again = pretrained.load_params(out, pretrained.read_config(out))
+  again = hf_weights.load_params(out, hf_families.read_config(out))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, again)
   # Same tensor names and values as the checkpoint transformers wrote (layouts included).
@@ -178,9 +180,9 @@ def test_export_then_load_is_bit_identical(name, tmp_path):
 
 
 def test_export_shards_bfloat16_and_refuses_existing_dir(tmp_path):
-  cfg = pretrained.read_config(_dir("llama"))
-  params = pretrained.load_params(_dir("llama"), cfg)
-  out = pretrained.export(params, cfg, tmp_path / "sharded", dtype="bfloat16",
+  cfg = hf_families.read_config(_dir("llama"))
+  params = hf_weights.load_params(_dir("llama"), cfg)
+  out = hf_export.export(params, cfg, tmp_path / "sharded", dtype="bfloat16",
                           max_shard_bytes=20_000)
   files = sorted(os.listdir(out))
   shards = [f for f in files if f.startswith("model-")]
@@ -190,11 +192,11 @@ def test_export_shards_bfloat16_and_refuses_existing_dir(tmp_path):
   assert set(index["weight_map"].values()) == set(shards)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["dtype"] == "bfloat16"
-  again = pretrained.load_params(out, pretrained.read_config(out))
+  again = hf_weights.load_params(out, hf_families.read_config(out))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(
       np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), np.asarray(b)), params, again)
   with pytest.raises(FileExistsError):
-    pretrained.export(params, cfg, out)
+    hf_export.export(params, cfg, out)
   assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # nothing half-written
 
 
@@ -208,11 +210,11 @@ def test_own_model_runs_in_decoder_and_exports_as_llama(tmp_path):
   # Same param names and shapes: the own model's params run in the decoder.
   dec_logits, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, tokens)
   np.testing.assert_allclose(dec_logits, own_logits, rtol=1e-5, atol=1e-5)
-  out = pretrained.export(params, cfg, tmp_path / "own")
-  hf_cfg = pretrained.read_config(out)
+  out = hf_export.export(params, cfg, tmp_path / "own")
+  hf_cfg = hf_families.read_config(out)
   # The d**-0.5 scale of the tied unembedding is exported untied (lm_head = scaled embed).
   assert hf_cfg.model_type == "llama" and not hf_cfg.tied_embeddings
-  hf_params = pretrained.load_params(out, hf_cfg)
+  hf_params = hf_weights.load_params(out, hf_cfg)
   np.testing.assert_array_equal(
       hf_params["unembed"], np.asarray(params["embed"]["embedding"]).T * own_cfg.d_model ** -0.5)
   # Everything else is the same tensors: the Llama model computes the own model's logits
@@ -231,14 +233,14 @@ def _copy(name, tmp_path):
 
 def test_dir_without_config_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no config.json"):
-    pretrained.read_config(tmp_path)
+    hf_families.read_config(tmp_path)
 
 
 def test_missing_shard_is_named(tmp_path):
   d = _copy("mistral", tmp_path)
   os.remove(d / "model-00002-of-00004.safetensors")
   with pytest.raises(ValueError, match="shard file 'model-00002-of-00004.safetensors'") as err:
-    pretrained.load_params(d, pretrained.read_config(d))
+    hf_weights.load_params(d, hf_families.read_config(d))
   assert "missing tensor" not in str(err.value)  # its tensors are covered by the file
 
 
@@ -249,20 +251,20 @@ def test_original_gpt2_names_without_prefix_and_buffers_load(tmp_path):
              for k, v in load_file(d / "model.safetensors").items()}
   tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
   save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-  cfg = pretrained.read_config(d)
+  cfg = hf_families.read_config(d)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               pretrained.load_params(_dir("gpt2"), cfg), pretrained.load_params(d, cfg))
+               hf_weights.load_params(_dir("gpt2"), cfg), hf_weights.load_params(d, cfg))
   del tensors["h.1.mlp.c_fc.bias"]
   tensors["h.1.mlp.extra"] = np.zeros(2, np.float32)
   save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match="unexpected tensor 'h.1.mlp.extra'.*missing tensor "
                      "'transformer.h.1.mlp.c_fc.bias'"):
-    pretrained.load_params(d, cfg)
+    hf_weights.load_params(d, cfg)
 
 
 def test_bfloat16_compute_stays_close():
-  cfg = pretrained.read_config(_dir("gemma"), dtype="bfloat16")
-  params = pretrained.load_params(_dir("gemma"), cfg)
+  cfg = hf_families.read_config(_dir("gemma"), dtype="bfloat16")
+  params = hf_weights.load_params(_dir("gemma"), cfg)
   ref = np.load(os.path.join(_dir("gemma"), "reference.npz"))
   out, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, ref["tokens"])
   assert out.dtype == jnp.float32 and _rel_err(np.asarray(out), ref["logits"]) < 2e-2
@@ -270,7 +272,7 @@ def test_bfloat16_compute_stays_close():
 
 def test_every_param_has_logical_axes():
   for name in ("gpt2", "qwen3", "llama_linear_rope"):
-    boxed = pretrained.abstract_params(pretrained.read_config(_dir(name)))
+    boxed = hf_weights.abstract_params(hf_families.read_config(_dir(name)))
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     for box in leaves:  # every name has a rule
@@ -284,17 +286,17 @@ def test_every_param_has_logical_axes():
     ("conv_heads_out", (6, 2, 4), 0)])
 def test_sliced_reads_equal_slices_of_the_full_read(kind, shape, part):
   """What make_array_from_callback asks for (one device's block) is read exactly."""
-  t = pretrained._Tensor("w", ("w",), kind, part)
-  src = np.arange(np.prod(pretrained._source_shape(t, shape)), dtype=np.float32).reshape(
-      pretrained._source_shape(t, shape))
-  full = pretrained._read(src, t, shape, tuple(slice(None) for _ in shape))
+  t = hf_families.Tensor("w", ("w",), kind, part)
+  src = np.arange(np.prod(hf_families.source_shape(t, shape)), dtype=np.float32).reshape(
+      hf_families.source_shape(t, shape))
+  full = hf_weights.read_block(src, t, shape, tuple(slice(None) for _ in shape))
   assert full.shape == shape
   blocks = [tuple(slice(0, n // 2) for n in shape), tuple(slice(n // 2, n) for n in shape),
             tuple(slice(1, n) for n in shape)]
   for idx in blocks:
-    np.testing.assert_array_equal(pretrained._read(src, t, shape, idx), full[idx])
+    np.testing.assert_array_equal(hf_weights.read_block(src, t, shape, idx), full[idx])
   if kind not in ("conv_in_heads", "conv_bias_heads"):  # fused parts export together
-    np.testing.assert_array_equal(pretrained._to_hf(t, full), src)
+    np.testing.assert_array_equal(hf_export.to_hf(t, full), src)
 
 
 def test_all_checkpoint_mismatches_in_one_error(tmp_path):
@@ -305,7 +307,7 @@ def test_all_checkpoint_mismatches_in_one_error(tmp_path):
   del tensors["model.layers.1.self_attn.q_proj.bias"]
   save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError) as err:
-    pretrained.load_params(d, pretrained.read_config(d))
+    hf_weights.load_params(d, hf_families.read_config(d))
   msg = str(err.value)
   assert "'model.layers.0.self_attn.k_proj.weight'" in msg and "[3, 32]" in msg
   assert "expected [16, 32]" in msg
@@ -316,10 +318,10 @@ def test_all_checkpoint_mismatches_in_one_error(tmp_path):
 def test_sharded_load_on_4x2_mesh_equals_unsharded():
   mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
   for name in ("gpt2", "llama"):
-    cfg = pretrained.read_config(_dir(name))
-    plain = pretrained.load_params(_dir(name), cfg)
-    shardings = pretrained.param_shardings(cfg, mesh)
-    sharded = pretrained.load_params(_dir(name), cfg, shardings)
+    cfg = hf_families.read_config(_dir(name))
+    plain = hf_weights.load_params(_dir(name), cfg)
+    shardings = hf_weights.param_shardings(cfg, mesh)
+    sharded = hf_weights.load_params(_dir(name), cfg, shardings)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  plain, sharded)
     query = sharded["block_0"]["attn"]["query"]["kernel"]
@@ -344,7 +346,7 @@ def test_hf_tokenizer_round_trip_and_special_ids():
   assert tok.decode_batch(ids) == texts
   # Specials and padded embedding rows (300..319) never reach the text.
   assert tok.decode_batch([[1] + ids[0] + [2, 0, 310]]) == texts[:1]
-  assert tok.padding_ids(pretrained.read_config(_dir("llama3_rope")).vocab_size) == tuple(
+  assert tok.padding_ids(hf_families.read_config(_dir("llama3_rope")).vocab_size) == tuple(
       range(300, 320))
   assert "".join(tok.id_to_piece(ids[0])).replace("Ġ", " ") == texts[0]
   with open(os.path.join(_dir("llama3_rope"), "tokenizer.json"), "rb") as f:

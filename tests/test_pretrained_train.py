@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax import pretrained
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import train
 from pdl_jax.models import decoder
 
@@ -41,14 +42,14 @@ def test_finetune_export_and_reload_through_the_cli(data_dir, tmp_path):  # noqa
   assert json.load(open(out / "config.json"))["model_type"] == "qwen2"
   step, trained = params_and_steps(work)
   assert step == 4
-  original = pretrained.load_params(FIXTURE, pretrained.read_config(FIXTURE))
+  original = hf_weights.load_params(FIXTURE, hf_families.read_config(FIXTURE))
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(original)))
   assert moved > 0  # four steps of PDL changed the params
   tokens = np.random.default_rng(0).integers(0, 200, (2, 12)).astype(np.int32)
-  model = decoder.Decoder(pretrained.read_config(FIXTURE))
+  model = decoder.Decoder(hf_families.read_config(FIXTURE))
   want = np.asarray(model.apply({"params": trained}, tokens)[0])
-  got = pretrained.logits(str(out), tokens)
+  got = hf_weights.logits(str(out), tokens)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

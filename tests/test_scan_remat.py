@@ -22,7 +22,9 @@ from safetensors.numpy import load_file
 from configs import dialogue
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import decode
-from pdl_jax import pretrained
+from pdl_jax.models.hf import export as hf_export
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import sharding as sharding_lib
 from pdl_jax.models import decoder as dec
 from pdl_jax.models import factory
@@ -88,8 +90,8 @@ def test_own_model_variants_agree():
                                                      (True, "dots"))),
                                            ("gpt2", ((True, "full"),))])
 def test_pretrained_variants_agree(name, variants):
-  cfg = pretrained.read_config(_fixture(name))
-  params = jax.device_get(pretrained.load_params(_fixture(name), cfg))
+  cfg = hf_families.read_config(_fixture(name))
+  params = jax.device_get(hf_weights.load_params(_fixture(name), cfg))
   tokens = jnp.asarray(np.load(os.path.join(_fixture(name), "reference.npz"))["tokens"])
   _check_variants_agree(cfg, params, tokens, variants)
 
@@ -104,12 +106,12 @@ def test_scanned_params_are_stacked_with_a_layers_axis():
   leaves = jax.tree.leaves(boxed[dec.SCANNED],
                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert all(x.names[0] == "layers" for x in leaves)
-  unrolled = nn.meta.unbox(pretrained.abstract_params(_own_cfg()))
+  unrolled = nn.meta.unbox(hf_weights.abstract_params(_own_cfg()))
   want = jax.tree.map(lambda x: x.shape, dec.stack_layers(unrolled, 3))
   assert jax.tree.map(lambda x: x.shape, nn.meta.unbox(boxed)) == want
   # Every name has a rule ("layers" included): param_shardings works scanned.
   mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
-  shardings = pretrained.param_shardings(cfg, mesh)
+  shardings = hf_weights.param_shardings(cfg, mesh)
   assert shardings[dec.SCANNED]["attn"]["query"]["kernel"].spec == jax.sharding.PartitionSpec(
       None, None, "model", None)
 
@@ -144,19 +146,19 @@ def test_greedy_decoding_with_cache_scanned_equals_unrolled(remat):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "mistral"])  # GQA; fused c_attn; shards
 def test_scanned_load_and_export_equal_unrolled(name, tmp_path):
-  cfg = pretrained.read_config(_fixture(name))
+  cfg = hf_families.read_config(_fixture(name))
   scfg = dataclasses.replace(cfg, scan_layers=True)
-  params = jax.device_get(pretrained.load_params(_fixture(name), cfg))
+  params = jax.device_get(hf_weights.load_params(_fixture(name), cfg))
   mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
-  shardings = pretrained.param_shardings(scfg, mesh)
-  stacked = pretrained.load_params(_fixture(name), scfg, shardings)
+  shardings = hf_weights.param_shardings(scfg, mesh)
+  stacked = hf_weights.load_params(_fixture(name), scfg, shardings)
   jax.tree.map(np.testing.assert_array_equal, dec.stack_layers(params, cfg.num_layers),
                jax.device_get(stacked))
   query = stacked[dec.SCANNED]["attn"]["query"]["kernel"]
   assert query.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
   assert query.addressable_shards[0].data.shape[0] == cfg.num_layers  # layers never split
-  a = pretrained.export(stacked, scfg, tmp_path / "scanned")
-  b = pretrained.export(params, cfg, tmp_path / "unrolled")
+  a = hf_export.export(stacked, scfg, tmp_path / "scanned")
+  b = hf_export.export(params, cfg, tmp_path / "unrolled")
   ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
   assert sorted(ta) == sorted(tb)
   for key in tb:
@@ -166,10 +168,10 @@ def test_scanned_load_and_export_equal_unrolled(name, tmp_path):
 
 def test_scanned_load_sharded_unsharded_and_layers_not_split_equal():
   # Unsharded scanned load (default device) equals the stacked unrolled load.
-  cfg = pretrained.read_config(_fixture("gemma"))
+  cfg = hf_families.read_config(_fixture("gemma"))
   scfg = dataclasses.replace(cfg, scan_layers=True, remat="full")
-  got = pretrained.load_params(_fixture("gemma"), scfg)
-  want = dec.stack_layers(jax.device_get(pretrained.load_params(_fixture("gemma"), cfg)),
+  got = hf_weights.load_params(_fixture("gemma"), scfg)
+  want = dec.stack_layers(jax.device_get(hf_weights.load_params(_fixture("gemma"), cfg)),
                           cfg.num_layers)
   jax.tree.map(np.testing.assert_array_equal, want, jax.device_get(got))
 
@@ -249,16 +251,16 @@ def _save_run(workdir, params):
 
 
 def test_init_from_a_run_of_the_other_layout_converts(tmp_path):
-  cfg = pretrained.read_config(_fixture("llama"))
-  params = jax.device_get(pretrained.load_params(_fixture("llama"), cfg))
+  cfg = hf_families.read_config(_fixture("llama"))
+  params = jax.device_get(hf_weights.load_params(_fixture("llama"), cfg))
   stacked = dec.stack_layers(params, cfg.num_layers)
   _save_run(tmp_path / "unrolled", params)
   _save_run(tmp_path / "scanned", stacked)
   mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
   for scan, run, want in ((True, "unrolled", stacked), (False, "scanned", params)):
     variant = dataclasses.replace(cfg, scan_layers=scan)
-    shardings = pretrained.param_shardings(variant, mesh)
-    abstract = ckpt_lib.abstract_like(nn.meta.unbox(pretrained.abstract_params(variant)),
+    shardings = hf_weights.param_shardings(variant, mesh)
+    abstract = ckpt_lib.abstract_like(nn.meta.unbox(hf_weights.abstract_params(variant)),
                                       shardings)
     got = ckpt_lib.load_params(str(tmp_path / run), abstract)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
@@ -266,6 +268,6 @@ def test_init_from_a_run_of_the_other_layout_converts(tmp_path):
                  got, shardings)
   # Another model besides the other layout: a clear error naming scan_layers.
   other = dataclasses.replace(cfg, scan_layers=True, num_layers=cfg.num_layers + 1)
-  abstract = nn.meta.unbox(pretrained.abstract_params(other))
+  abstract = nn.meta.unbox(hf_weights.abstract_params(other))
   with pytest.raises(ValueError, match="do not match.*scan_layers=False there, True here"):
     ckpt_lib.load_params(str(tmp_path / "unrolled"), abstract)

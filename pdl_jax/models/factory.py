@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from pdl_jax import pretrained
+from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
 
@@ -21,7 +21,7 @@ def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig
   # How the layers run (scanned, rematerialised) is the config's, for either model.
   layers = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
   if m.pretrained is not None:
-    cfg = pretrained.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
+    cfg = hf_families.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
     return dataclasses.replace(cfg, **layers)
   own = transformer.model_config(m.preset, vocab_size, dtype=dtype,
                                  tied_embeddings=m.tied_embeddings)

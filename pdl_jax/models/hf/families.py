@@ -1,0 +1,270 @@
+"""Hugging Face model families: one table entry per model_type.
+
+Each entry says how its config.json becomes a DecoderConfig and which checkpoint
+tensors (transformers' names and layouts) feed which params. Both config.json layouts
+are read: transformers v4 (top-level `rope_theta`, `rope_scaling` with `rope_type` or
+the legacy `type`, `torch_dtype`) and v5 (`rope_parameters`, `dtype`). Adding a family
+is one `Family` entry (and its fixture in tests/fixtures/hf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from etils import epath
+
+from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.models.decoder import DecoderConfig
+
+# Activation names of transformers' ACT2FN -> the decoder's.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu"}
+
+
+# ------------------------------------------------------------------ config.json
+
+def _rope(hf: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
+  """RoPE fields from either layout: v5 rope_parameters, v4 rope_theta + rope_scaling."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  merged = {**scaling, **params}
+  theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = merged.get("rope_type", merged.get("type", "default"))
+  if merged.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"partial_rotary_factor={merged['partial_rotary_factor']} is not "
+                     "supported (RoPE over the full head_dim only).")
+  if rope_type not in decoder_lib.ROPE_TYPES:
+    raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
+                     f"{decoder_lib.ROPE_TYPES}.")
+  out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
+  if rope_type in ("linear", "llama3"):
+    out["rope_factor"] = float(merged["factor"])
+  if rope_type == "llama3":
+    out.update(rope_low_freq_factor=float(merged["low_freq_factor"]),
+               rope_high_freq_factor=float(merged["high_freq_factor"]),
+               rope_original_max_len=int(merged["original_max_position_embeddings"]))
+  del head_dim
+  return out
+
+
+def _activation(name: str | None, family: "Family") -> str:
+  name = family.activation_aliases.get(name, name)
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"{family.model_type}: activation {name!r} is not supported; "
+                     f"supported: {sorted(_ACTIVATIONS)}.")
+  return _ACTIVATIONS[name]
+
+
+def _gpt2_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any]
+                 ) -> DecoderConfig:
+  for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                  ("scale_attn_weights", True)):
+    if hf.get(key, ok) != ok:
+      raise ValueError(f"gpt2: {key}={hf[key]} is not supported (only {ok}).")
+  d, heads = int(hf["n_embd"]), int(hf["n_head"])
+  return DecoderConfig(
+      d_model=d, num_layers=int(hf["n_layer"]), num_heads=heads, num_kv_heads=heads,
+      head_dim=d // heads, mlp_dim=int(hf.get("n_inner") or 4 * d),
+      max_len=int(hf["n_positions"]), norm="layer",
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), mlp="plain",
+      activation=_activation(hf.get("activation_function", "gelu_new"), family),
+      positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, **common)
+
+
+def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any]
+                  ) -> DecoderConfig:
+  d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  head_dim = int(hf.get("head_dim") or d // heads)
+  act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+  sliding = hf.get("sliding_window")
+  if family.sliding_window_flag and not hf.get(family.sliding_window_flag, False):
+    sliding = None  # Qwen configs carry a window that is off unless use_sliding_window
+  attention_bias = bool(hf.get("attention_bias", False))
+  return DecoderConfig(
+      d_model=d, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,
+      mlp_dim=int(hf["intermediate_size"]),
+      max_len=int(hf.get("max_position_embeddings", 2048)), norm=family.norm,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="gated",
+      activation=_activation(act, family), positions="rope",
+      qkv_bias=attention_bias or family.qkv_bias, out_bias=attention_bias,
+      mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=family.qk_norm,
+      embed_scale=family.embed_scale,
+      sliding_window=None if sliding is None else int(sliding),
+      **_rope(hf, head_dim), **common)
+
+
+# ------------------------------------------------------------------ tensor table
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One checkpoint tensor -> one param, with the layout transform between them.
+
+  kind: "copy"; "T" (Linear [out, in] -> [in, out]); "in_heads" (Linear [H*K, D] ->
+  [D, H, K]); "heads_out" (Linear [D, H*K] -> [H, K, D]); "bias_heads" ([H*K] -> [H, K]);
+  GPT-2 Conv1D ([in, out] already): "conv_in_heads" (fused c_attn [D, 3*H*K], `part`
+  0/1/2 = q/k/v -> [D, H, K]), "conv_bias_heads" ([3*H*K] -> [H, K]), "conv_heads_out"
+  ([H*K, D] -> [H, K, D]).
+  """
+
+  name: str
+  path: tuple[str, ...]
+  kind: str = "copy"
+  part: int = 0
+
+
+def _gpt2_tensors(cfg: DecoderConfig, add: Callable[..., None]) -> None:
+  """GPT-2's tensors (Conv1D layouts, fused c_attn)."""
+  p = "transformer."
+  add(p + "wte.weight", "embed", "embedding")
+  add(p + "wpe.weight", "pos_embed", "embedding")
+  for i in range(cfg.num_layers):
+    b, blk = f"{p}h.{i}.", f"block_{i}"
+    for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+      add(f"{b}{hf_norm}.weight", blk, norm, "scale")
+      add(f"{b}{hf_norm}.bias", blk, norm, "bias")
+    for part, proj in enumerate(("query", "key", "value")):
+      add(f"{b}attn.c_attn.weight", blk, "attn", proj, "kernel", kind="conv_in_heads",
+          part=part)
+      add(f"{b}attn.c_attn.bias", blk, "attn", proj, "bias", kind="conv_bias_heads",
+          part=part)
+    add(f"{b}attn.c_proj.weight", blk, "attn", "out", "kernel", kind="conv_heads_out")
+    add(f"{b}attn.c_proj.bias", blk, "attn", "out", "bias")
+    add(f"{b}mlp.c_fc.weight", blk, "mlp", "up", "kernel")
+    add(f"{b}mlp.c_fc.bias", blk, "mlp", "up", "bias")
+    add(f"{b}mlp.c_proj.weight", blk, "mlp", "down", "kernel")
+    add(f"{b}mlp.c_proj.bias", blk, "mlp", "down", "bias")
+  add(p + "ln_f.weight", "final_norm", "scale")
+  add(p + "ln_f.bias", "final_norm", "bias")
+
+
+def _llama_tensors(cfg: DecoderConfig, add: Callable[..., None]) -> None:
+  """The Llama layout (Linear [out, in]) that Mistral, Qwen and Gemma share; biases
+  and q/k norms where the config has them."""
+  add("model.embed_tokens.weight", "embed", "embedding")
+  for i in range(cfg.num_layers):
+    b, blk = f"model.layers.{i}.", f"block_{i}"
+    add(f"{b}input_layernorm.weight", blk, "attn_norm", "scale")
+    add(f"{b}post_attention_layernorm.weight", blk, "mlp_norm", "scale")
+    for hf_proj, proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+      add(f"{b}self_attn.{hf_proj}.weight", blk, "attn", proj, "kernel", kind="in_heads")
+      if cfg.qkv_bias:
+        add(f"{b}self_attn.{hf_proj}.bias", blk, "attn", proj, "bias", kind="bias_heads")
+    add(f"{b}self_attn.o_proj.weight", blk, "attn", "out", "kernel", kind="heads_out")
+    if cfg.out_bias:
+      add(f"{b}self_attn.o_proj.bias", blk, "attn", "out", "bias")
+    if cfg.qk_norm:
+      add(f"{b}self_attn.q_norm.weight", blk, "attn", "q_norm", "scale")
+      add(f"{b}self_attn.k_norm.weight", blk, "attn", "k_norm", "scale")
+    for hf_proj, proj in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+      add(f"{b}mlp.{hf_proj}.weight", blk, "mlp", proj, "kernel", kind="T")
+      if cfg.mlp_bias:
+        add(f"{b}mlp.{hf_proj}.bias", blk, "mlp", proj, "bias")
+  add("model.norm.weight", "final_norm", "scale")
+
+
+def tensor_table(cfg: DecoderConfig) -> list[Tensor]:
+  """The checkpoint tensors of cfg's family, in transformers' names and layouts."""
+  out: list[Tensor] = []
+  add = lambda name, *path, kind="copy", part=0: out.append(Tensor(name, path, kind, part))
+  # The own model ("pdl") is exported in Llama's layout (export.own_model_hf_config).
+  FAMILIES["llama" if cfg.model_type == "pdl" else cfg.model_type].tensors(cfg, add)
+  if not cfg.tied_embeddings:
+    add("lm_head.weight", "unembed", kind="T")
+  return out
+
+
+def source_shape(t: Tensor, shape: Sequence[int]) -> tuple[int, ...]:
+  """The checkpoint shape that the param shape `shape` comes from."""
+  if t.kind == "T":
+    return tuple(reversed(shape))
+  if t.kind == "in_heads":
+    return (shape[1] * shape[2], shape[0])
+  if t.kind == "heads_out":
+    return (shape[2], shape[0] * shape[1])
+  if t.kind == "bias_heads":
+    return (shape[0] * shape[1],)
+  if t.kind == "conv_in_heads":
+    return (shape[0], 3 * shape[1] * shape[2])
+  if t.kind == "conv_bias_heads":
+    return (3 * shape[0] * shape[1],)
+  if t.kind == "conv_heads_out":
+    return (shape[0] * shape[1], shape[2])
+  return tuple(shape)
+
+
+# ------------------------------------------------------------------ the table
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One model_type: its config translation, tensor names and quirks."""
+
+  model_type: str
+  config: Callable[[Mapping[str, Any], "Family", dict[str, Any]], DecoderConfig]
+  tensors: Callable[[DecoderConfig, Callable[..., None]], None]
+  tied_default: bool = False  # tie_word_embeddings when config.json omits it
+  norm: str = "rms"
+  qkv_bias: bool = False  # q/k/v biases whatever attention_bias says (Qwen2)
+  qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+  embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  sliding_window_flag: str | None = None  # config key that switches sliding_window on
+  # Legacy activation names -> transformers' current ones.
+  activation_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_LLAMA = dict(config=_llama_config, tensors=_llama_tensors)
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", **_LLAMA),
+    Family("mistral", **_LLAMA),
+    Family("qwen2", **_LLAMA, qkv_bias=True, sliding_window_flag="use_sliding_window"),
+    Family("qwen3", **_LLAMA, qk_norm=True, sliding_window_flag="use_sliding_window"),
+    # Official Gemma configs say "gelu", a legacy value meaning the tanh approximation
+    # (transformers rewrites it to gelu_pytorch_tanh); its norm scales by 1 + weight.
+    Family("gemma", **_LLAMA, tied_default=True, norm="rms_plus_one", embed_scale=True,
+           activation_aliases={"gelu": "gelu_pytorch_tanh"}),
+    Family("gpt2", config=_gpt2_config, tensors=_gpt2_tensors, tied_default=True),
+)}
+
+
+def read_config(model_dir: str | os.PathLike, *, dtype: str = "float32",
+                param_dtype: str = "float32") -> DecoderConfig:
+  """DecoderConfig of the Hugging Face checkpoint in model_dir (its config.json).
+
+  Raises:
+    FileNotFoundError: model_dir has no config.json.
+    ValueError: unsupported model_type or option (names it and lists what is supported).
+  """
+  path = epath.Path(model_dir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{os.fspath(model_dir)!r} has no config.json ({os.fspath(path)}); give a Hugging "
+        "Face model directory (config.json + *.safetensors).")
+  text = path.read_text()
+  return config_from_hf(json.loads(text), dtype=dtype, param_dtype=param_dtype,
+                        source_config_json=text)
+
+
+def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
+                   param_dtype: str = "float32", source_config_json: str | None = None
+                   ) -> DecoderConfig:
+  """DecoderConfig from a parsed Hugging Face config.json (see read_config)."""
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(f"model_type {model_type!r} is not supported; supported: "
+                     f"{tuple(FAMILIES)}.")
+  for moe_key in ("num_experts", "num_local_experts", "n_routed_experts"):
+    if hf.get(moe_key):
+      raise ValueError(f"{model_type}: mixture-of-experts ({moe_key}={hf[moe_key]}) is not "
+                       "supported; dense decoders only.")
+  family = FAMILIES[model_type]
+  if source_config_json is None:
+    source_config_json = json.dumps(dict(hf))
+  common = dict(dtype=dtype, param_dtype=param_dtype, model_type=model_type,
+                source_config_json=source_config_json,
+                tied_embeddings=bool(hf.get("tie_word_embeddings", family.tied_default)),
+                vocab_size=int(hf["vocab_size"]))
+  return family.config(hf, family, common)

@@ -1,0 +1,246 @@
+"""Hugging Face checkpoints -> Decoder params, loaded into their shardings; logits.
+
+Loading builds the param tree abstractly (jax.eval_shape), then places every tensor
+into its sharding with jax.make_array_from_callback: each device's slice is read
+from the safetensors file with `get_slice`, so no process holds more of a tensor
+than its devices need (a reshape to heads reads the rows of those heads). Every
+missing / unexpected / mis-shaped tensor is collected and reported in one ValueError.
+
+Paths go through etils.epath, so a model directory may be gs://...; safetensors
+memory-maps local files only, so a non-local directory is first copied to a local
+temporary folder (reading a remote checkpoint costs one download, as with
+huggingface_hub's cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from safetensors import safe_open
+
+from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.models.decoder import Decoder, DecoderConfig
+from pdl_jax.models.hf import families
+
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def read_block(src, t: families.Tensor, shape: Sequence[int], index: tuple[slice, ...]) -> np.ndarray:
+  """The block `index` of param `t.path` (shape `shape`), read from the safetensors
+  slice `src` with only the rows/columns it needs."""
+  idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+  if t.kind == "copy":
+    return src[idx] if idx else src[:]
+  if t.kind == "T":
+    return src[idx[1], idx[0]].T
+  if t.kind in ("in_heads", "conv_in_heads"):
+    d, h, k = idx
+    width = shape[2]
+    off = t.part * shape[1] * width  # q, k, v side by side in GPT-2's fused c_attn
+    cols = slice(off + h.start * width, off + h.stop * width)
+    a = src[cols, d].T if t.kind == "in_heads" else src[d, cols]  # [d, h*K]
+    return a.reshape(a.shape[0], h.stop - h.start, width)[:, :, k]
+  if t.kind in ("heads_out", "conv_heads_out"):
+    h, k, d = idx
+    width = shape[1]
+    rows = slice(h.start * width, h.stop * width)
+    a = src[d, rows].T if t.kind == "heads_out" else src[rows, d]  # [h*K, d]
+    return a.reshape(h.stop - h.start, width, a.shape[1])[:, k, :]
+  if t.kind in ("bias_heads", "conv_bias_heads"):
+    h, k = idx
+    width = shape[1]
+    off = t.part * shape[0] * width
+    a = src[off + h.start * width:off + h.stop * width]
+    return a.reshape(h.stop - h.start, width)[:, k]
+  raise AssertionError(t.kind)
+
+
+def abstract_params(cfg: DecoderConfig) -> Any:
+  """ShapeDtypeStruct tree of the decoder's params, with nn.LogicallyPartitioned boxes."""
+  model = Decoder(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh) -> Any:
+  """NamedSharding tree of the decoder's params from their logical axis names: exactly
+  the train state's shardings (`sharding.tree_shardings` with the project's rules)."""
+  from pdl_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  return sharding_lib.tree_shardings(mesh, abstract_params(cfg))
+
+
+@contextlib.contextmanager
+def _local_dir(model_dir: epath.Path):
+  """model_dir itself if local, else a local temporary copy of its *.safetensors/index."""
+  if os.path.isdir(os.fspath(model_dir)):
+    yield model_dir
+    return
+  with tempfile.TemporaryDirectory(prefix="pdl_hf_") as tmp:
+    for f in model_dir.iterdir():
+      if f.name.endswith((".safetensors", ".json")):
+        f.copy(epath.Path(tmp) / f.name)
+    yield epath.Path(tmp)
+
+
+def _weight_files(model_dir: epath.Path) -> tuple[dict[str, str], list[str]]:
+  """{tensor name: file name} of the checkpoint, and the shard files it lacks."""
+  index = model_dir / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    missing = sorted({f for f in weight_map.values() if not (model_dir / f).exists()})
+    return weight_map, missing
+  single = model_dir / "model.safetensors"
+  if not single.exists():
+    raise FileNotFoundError(f"{os.fspath(model_dir)!r} has neither model.safetensors nor "
+                            "model.safetensors.index.json.")
+  with safe_open(os.fspath(single), framework="numpy") as f:
+    return {k: "model.safetensors" for k in f.keys()}, []
+
+
+def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any = None
+                ) -> dict[str, Any]:
+  """Params of the checkpoint in model_dir, each placed into its sharding.
+
+  Args:
+    model_dir: Hugging Face model directory (local or any epath, e.g. gs://).
+    cfg: its DecoderConfig (read_config); params are cast to cfg.param_dtype.
+    shardings: a tree of jax.sharding.Sharding like the params (e.g. param_shardings),
+      or None for the default device.
+
+  Raises:
+    ValueError: listing every missing, unexpected and mis-shaped tensor and every
+      missing shard file at once.
+  """
+  model_dir = epath.Path(model_dir)
+  # The table and every check speak of per-layer params (block_i): their shapes come
+  # from the unrolled layout whatever cfg.scan_layers is.
+  abstract = nn.meta.unbox(abstract_params(dataclasses.replace(cfg, scan_layers=False)))
+  flat_abstract = flax.traverse_util.flatten_dict(abstract)
+  flat_shardings = (None if shardings is None
+                    else flax.traverse_util.flatten_dict(flax.core.unfreeze(shardings)))
+  table = families.tensor_table(cfg)
+  pdtype = jnp.dtype(cfg.param_dtype)
+  with _local_dir(model_dir) as local:
+    weight_map, missing_files = _weight_files(local)
+    # Stored name of each canonical (transformers) name: the original GPT-2 checkpoints
+    # name their tensors without the "transformer." prefix that save_pretrained writes.
+    stored = {n: n for n in weight_map}
+    if cfg.model_type == "gpt2" and "transformer.wte.weight" not in weight_map:
+      stored = {("transformer." + n if n != "lm_head.weight" else n): n for n in weight_map}
+    weight_map = {canonical: weight_map[n] for canonical, n in stored.items()}
+    # The tensors of a missing shard are covered by the error naming the file.
+    errors = [f"shard file {f!r} named in model.safetensors.index.json does not exist"
+              for f in missing_files]
+    with contextlib.ExitStack() as stack:
+      handles = {f: stack.enter_context(safe_open(os.fspath(local / f), framework="numpy"))
+                 for f in sorted(set(weight_map.values()) - set(missing_files))}
+      wanted = {t.name for t in table}
+      unexpected = sorted(n for n in weight_map if n not in wanted and not _IGNORED.search(n)
+                          and not (cfg.tied_embeddings and n == "lm_head.weight"))
+      errors += [f"unexpected tensor {stored[n]!r} (in {weight_map[n]})" for n in unexpected]
+      checked = set()
+      for t in table:
+        if t.name in checked:  # GPT-2's fused c_attn feeds three params
+          continue
+        checked.add(t.name)
+        if t.name not in weight_map:
+          errors.append(f"missing tensor {t.name!r} (for param {'/'.join(t.path)})")
+          continue
+        if weight_map[t.name] in missing_files:
+          continue
+        src = handles[weight_map[t.name]].get_slice(stored[t.name])
+        shape = flat_abstract[t.path].shape
+        want, got = families.source_shape(t, shape), tuple(src.get_shape())
+        if want != got:
+          errors.append(f"tensor {t.name!r} (in {weight_map[t.name]}) has shape {list(got)}; "
+                        f"expected {list(want)} for param {'/'.join(t.path)}")
+      if errors:
+        raise ValueError(f"checkpoint {os.fspath(model_dir)!r} does not match its config "
+                         f"({cfg.model_type}): " + "; ".join(errors))
+      # One reader per param: (shape, read(index) -> numpy block). Scanned, the
+      # params of the same path in every block are one stacked [layers, ...] array
+      # whose reader reads the layers of the index's first slice (all of them: the
+      # "layers" axis is never sharded) and stacks them. So each device's block is
+      # still read straight from the files into its sharding (no full per-layer
+      # arrays first, no jit to stack them, no second copy on the devices).
+      readers: dict[tuple[str, ...], tuple[tuple[int, ...], Callable]] = {}
+      for t in table:
+        src = handles[weight_map[t.name]].get_slice(stored[t.name])
+        shape = tuple(flat_abstract[t.path].shape)
+        readers[t.path] = (shape, lambda idx, src=src, t=t, shape=shape: np.asarray(
+            read_block(src, t, shape, idx)))
+      if cfg.scan_layers:
+        readers = _stacked_readers(readers, cfg.num_layers)
+      params: dict[tuple[str, ...], jax.Array] = {}
+      for path, (shape, read) in readers.items():
+        sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                    if flat_shardings is None else flat_shardings[path])
+        params[path] = jax.make_array_from_callback(
+            shape, sharding, lambda idx, read=read: read(idx).astype(pdtype))
+  want = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)))
+  missing = sorted(set(want) - set(params))
+  if missing:  # the table covers every param; a gap is a bug here, not in the checkpoint
+    raise AssertionError(f"params without a checkpoint tensor: {missing}")
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def _stacked_readers(readers: dict[tuple[str, ...], tuple[tuple[int, ...], Callable]],
+                     num_layers: int
+                     ) -> dict[tuple[str, ...], tuple[tuple[int, ...], Callable]]:
+  """Per-layer readers (paths block_i/...) -> readers of the scanned layout's stacked
+  params (blocks/..., shape [layers, ...]); other readers unchanged."""
+  out, per_layer = {}, {}
+  for path, reader in readers.items():
+    m = re.fullmatch(r"block_(\d+)", path[0])
+    if m is None:
+      out[path] = reader
+    else:
+      per_layer.setdefault(path[1:], {})[int(m.group(1))] = reader
+  for rest, layers in per_layer.items():
+    shape = layers[0][0]
+    reads = [layers[i][1] for i in range(num_layers)]
+
+    def read(idx, reads=reads, shape=shape):
+      layer_slice, block = (idx[0], idx[1:]) if idx else (slice(None), ())
+      block = block + (slice(None),) * (len(shape) - len(block))
+      return np.stack([reads[i](block) for i in range(*layer_slice.indices(num_layers))])
+
+    out[(decoder_lib.SCANNED,) + rest] = ((num_layers,) + shape, read)
+  return out
+
+
+def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
+         param_dtype: str = "float32", shardings: Any = None, scan_layers: bool = False,
+         remat: str = "none") -> tuple[Decoder, dict[str, Any]]:
+  """(Decoder module, params) of a Hugging Face checkpoint directory; scan_layers and
+  remat as in DecoderConfig (scanned: params in the stacked layout)."""
+  cfg = dataclasses.replace(families.read_config(model_dir, dtype=dtype, param_dtype=param_dtype),
+                            scan_layers=scan_layers, remat=remat)
+  return Decoder(cfg), load_params(model_dir, cfg, shardings)
+
+
+def logits(model_dir: str, tokens_BxL: np.ndarray, *, scan_layers: bool = False
+           ) -> np.ndarray:
+  """float32 [B, L, V] logits of the checkpoint for int32 ids (no padding), computed
+  by the unrolled or (scan_layers) the scanned decoder.
+
+  Computed in float32 with full-precision matmuls: the accelerators' default for
+  float32 dots (TF32 on recent GPUs, bfloat16 passes on TPU) would not be a reference.
+  """
+  model, params = load(model_dir, scan_layers=scan_layers)
+  tokens = jnp.asarray(np.asarray(tokens_BxL, np.int32))
+  with jax.default_matmul_precision("highest"):
+    out, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+  return np.asarray(out, np.float32)
