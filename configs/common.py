@@ -84,6 +84,9 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
 
+  c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data.py).
+  c.data.prompt_format = ml_collections.FieldReference(None, field_type=str)  # "plain" (prompt, newline, target, EOS) or "chat" (user and assistant turns of the model's chat template; the loss on the assistant turn and its end-of-turn token); None: "chat" when the pretrained model has a chat template.
+
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
   c.max_target_len = 64  # Target tokens kept (the prompt is cut first).
 
@@ -116,6 +119,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.eval.top_p = 0.9  # Nucleus mass for decode="top_p".
   c.eval.temperature = 1.0  # Sampling temperature for decode="top_p".
   c.eval.num_samples = 32  # (input, reference, generation) triples written per eval.
+  c.eval.at_start = ml_collections.FieldReference(None, field_type=bool)  # Evaluate before the first step (logged as step 0: the base model's row); None: when finetuning a pretrained model.
 
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Workdir whose latest params start this run.
   c.skip_nonfinite_steps = False  # Skip (and count) steps with a non-finite loss or gradient instead of stopping.
@@ -129,6 +133,36 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.sweep.eos_weight_alphas = ()  # PDL points with loss.eos_weight=1 at these alphas.
   c.sweep.baselines = ()  # Baseline losses, one point each (loss names, see pdl_jax/loss.py).
   return c
+
+
+# The base model the task configs finetune by default: a real pretrained model that is
+# obtainable offline (pdl_jax/models/hf/offline.py; fetched and converted on first use).
+DEFAULT_PRETRAINED = "smollm2-135m-instruct"
+
+
+def wants_pretrained(arg: str | None) -> bool:
+  """Whether a task config's argument keeps the default pretrained base: not when it
+  picks the own model (`pretrained=none`, `model=PRESET`, `smoke`) or starts from an
+  own-model run (`init_from=` without `pretrained=`)."""
+  items = {i.strip().partition("=")[0]: i.strip().partition("=")[2]
+           for i in (arg or "").split(",") if i.strip()}
+  if "pretrained" in items:
+    return items["pretrained"].lower() != "none"
+  return not ({"smoke", "model", "init_from"} & set(items))
+
+
+def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED) -> None:
+  """Finetune the pretrained `name` instead of training the own model: its weights,
+  tokenizer and chat format, a finetuning learning rate, an evaluation of the base
+  model at step 0, and a run sized to about 15 minutes on a 2-core CPU."""
+  c.model.pretrained = name  # Weights, tokenizer and chat template from there.
+  c.optimizer.learning_rate = 2e-4  # Finetuning rate (README: a CE sweep; 3e-3 wrecks the model).
+  c.optimizer.warmup_steps = 10  # Short: the model is trained already.
+  c.batch_size = 8  # Sequences per step: 135 M params at about 300 tokens/s on 2 CPU cores.
+  c.num_steps = 150  # About 15 minutes here, two evaluations included.
+  c.log_every = 10  # Steps between train metric lines.
+  c.eval_every = 150  # Step 0 (the base model, eval.at_start) and the end.
+  c.checkpoint_every = 50  # Steps between checkpoints.
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:

@@ -30,9 +30,9 @@ import time
 
 import numpy as np  # noqa: E402
 
-from pdl_jax import loss as loss_lib  # noqa: E402
+from pdl_jax.losses import pdl as loss_lib  # noqa: E402
 from pdl_jax import tasks  # noqa: E402
-from pdl_jax import sentencepiece_tokenizer as tok_lib  # noqa: E402
+from pdl_jax.tokenizers import sentencepiece as tok_lib  # noqa: E402
 
 
 def corpus_texts(data_dir: str | None) -> list[str]:

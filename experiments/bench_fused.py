@@ -37,8 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.bench_loss import interleaved_medians  # noqa: E402
-from pdl_jax import chunked_loss as C  # noqa: E402
-from pdl_jax import loss as L  # noqa: E402
+from pdl_jax.losses import chunked as C  # noqa: E402
+from pdl_jax.losses import pdl as L  # noqa: E402
 
 try:
   import jax_cce  # noqa: E402

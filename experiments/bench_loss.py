@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from pdl_jax import loss as L  # noqa: E402
+from pdl_jax.losses import pdl as L  # noqa: E402
 
 
 def optax_ce(logits_BxLxV, labels_BxL, mask_BxL):

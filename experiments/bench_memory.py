@@ -63,8 +63,10 @@ from configs.common import load_config  # noqa: E402
 from pdl_jax import optimizer as opt_lib  # noqa: E402
 from pdl_jax.models.hf import families as hf_families  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
+from pdl_jax import state as state_lib
 from pdl_jax import train  # noqa: E402
 from pdl_jax.models import decoder  # noqa: E402
+from pdl_jax.losses import objective
 
 GiB = 1024 ** 3
 
@@ -141,7 +143,7 @@ def compile_step(case: Case):
     raise SystemExit(f"{describe(case)}: batch {case.batch} does not split into "
                      f"{case.grad_accum} micro-batches over {shards} data x fsdp shards "
                      "(training refuses it too).")
-  abstract, shardings = train.abstract_state(model, tx, mesh, seq_len=8)
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, seq_len=8)
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
   v = model.cfg.vocab_size
@@ -153,7 +155,7 @@ def compile_step(case: Case):
                                              sharding=batch_sharding)}
   weights = jax.ShapeDtypeStruct((v,), jnp.float32, sharding=rep)
   # Loss on every position (a pretraining-like worst case: no loss window).
-  loss_fn = functools.partial(train.compute_loss, model=model, loss_name=case.loss,
+  loss_fn = functools.partial(objective.compute_loss, model=model, loss_name=case.loss,
                               loss_params={}, chunked=case.chunked,
                               chunk_size=case.chunk_size, chunk_strategy=case.strategy,
                               eos_id=1, eos_weight=None)

@@ -125,7 +125,7 @@ def jax_worker(args):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from pdl_jax import loss as loss_lib
+  from pdl_jax.losses import pdl as loss_lib
   from pdl_jax.models import decoder as decoder_lib
 
   cfg = decoder_lib.DecoderConfig(
@@ -148,7 +148,7 @@ def jax_worker(args):
   window = args.window
   capacity = capacity_of(args)
   if window:
-    from pdl_jax import loss_window
+    from pdl_jax.losses import window as loss_window
 
   def loss_fn(params, inputs_BxL, labels_BxL, mask_BxL):
     if not window:

@@ -26,12 +26,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pdl_jax import loss as loss_lib  # noqa: E402
+from pdl_jax.losses import pdl as loss_lib  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
 from configs.common import load_config  # noqa: E402
 from pdl_jax.models import factory as models  # noqa: E402
 from pdl_jax import optimizer as opt_lib  # noqa: E402
+from pdl_jax import state as state_lib
 from pdl_jax import train  # noqa: E402
+from pdl_jax.losses import objective
 
 
 def main() -> None:
@@ -76,9 +78,9 @@ def main() -> None:
   for remat in remats:
     for name in ("ce", "pdl"):
       m_ = models_by_remat[remat]
-      state, shardings = train.create_state(m_, tx, mesh, 0, l)
+      state, shardings = state_lib.create_state(m_, tx, mesh, 0, l)
       config.loss.name = name
-      step = jax.jit(lambda s, bt, w, fn=train.loss_fn_of(config, m_): train.train_step(
+      step = jax.jit(lambda s, bt, w, fn=objective.loss_fn_of(config, m_): train.train_step(
           s, bt, w, loss_fn=fn, tx=tx),
           in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
           donate_argnums=(0,))

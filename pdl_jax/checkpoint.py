@@ -1,17 +1,13 @@
 """Checkpoints of a run: the orbax manager, the run fingerprint, init_from, archiving.
 
-Resume order (the one place it is written down):
-  1. WORKDIR/checkpoints has a step (and config.resume is True): its JSON meta is
-     read first and its fingerprint must equal this config's (every setting that
-     changes the math: model, tokenizer, data, loss and its weights, optimizer and
-     schedule, batch, steps, seed) and its token-stats checksum the stored stats';
-     then the whole train state is restored into the current shardings. Metrics
-     logged after that step by the killed run are dropped (metric_writer).
-  2. else config.init_from names another run's workdir: its latest params only
-     (fresh optimizer, step 0), restored straight into the current shardings.
-  3. else a fresh initialisation.
-With config.resume=False an earlier run's outputs are first moved to
-WORKDIR/previous-<time>/ (process 0, then a barrier), so step 1 finds nothing.
+The resume order (checkpoint > init_from > pretrained > fresh) is decided in one
+place, `pdl_jax.state.initial_state`. A resume reads the checkpoint's JSON meta first:
+its fingerprint must equal this config's (every setting that changes the math: model,
+tokenizer, data, loss and its weights, optimizer and schedule, batch, steps, seed) and
+its token-stats checksum the stored stats'; then the whole train state is restored
+into the current shardings. Metrics logged after that step by the killed run are
+dropped (metric_writer). With config.resume=False an earlier run's outputs are first
+moved to WORKDIR/previous-<time>/ (process 0, then a barrier), so step 1 finds nothing.
 
 Every path goes through the path layer (pdl_jax.utils), so a workdir may be gs://.
 """
@@ -27,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from pdl_jax import utils
+from pdl_jax.losses import registry
 from pdl_jax.models import decoder as decoder_lib
 
 CHECKPOINTS = "checkpoints"
@@ -65,10 +62,11 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
     model_cfg.pop("scan_layers", None)
   # Gradient accumulation is exact (the same loss and gradients per optimizer step):
   # a run may resume with another split, e.g. on a smaller slice. It is also absent
-  # from the fingerprints of runs from before it existed. Not for FACE, whose
-  # prediction counts advance once per micro-batch: the split changes its weights.
+  # from the fingerprints of runs from before it existed. Not for a stateful loss
+  # (FACE, whose prediction counts advance once per micro-batch: the split changes
+  # its weights).
   optimizer = config.optimizer.to_dict()
-  if config.loss.name != "face":
+  if not registry.spec(config.loss.name).stateful:
     optimizer.pop("grad_accum_steps", None)
   fp = {
       "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import ml_collections
 
-from pdl_jax import chunked_loss
 from pdl_jax import decode as decode_lib
-from pdl_jax import loss as loss_lib
 from pdl_jax import losses
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
+from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.losses import registry
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
+from pdl_jax.models.hf import offline
 
 
 def loss_params(config) -> dict:
   """The hyperparameters of the config's loss that loss.get_loss takes."""
-  return {k: config.loss[k] for k in loss_lib.LOSS_PARAMS[config.loss.name]}
+  return {k: config.loss[k] for k in registry.LOSS_PARAMS[config.loss.name]}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -28,12 +30,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.task != tasks_lib.PRETRAIN:
     tasks_lib.get_dataset(config.task, config.dataset.name)
   c = config.loss
-  if c.name not in loss_lib.LOSS_NAMES:
-    raise ValueError(f"config.loss.name={c.name!r}; expected one of {loss_lib.LOSS_NAMES}.")
-  if c.chunked and not loss_lib.supports_chunked(c.name):
+  if c.name not in registry.LOSS_NAMES:
+    raise ValueError(f"config.loss.name={c.name!r}; expected one of {registry.LOSS_NAMES}.")
+  if c.chunked and not registry.supports_chunked(c.name):
     raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
                      "needs the full logits; chunked losses are "
-                     f"{sorted(loss_lib.CHUNKABLE)}.")
+                     f"{sorted(registry.CHUNKABLE)}.")
   if c.chunk_strategy is not None and c.chunk_strategy not in chunked_loss.STRATEGIES:
     raise ValueError(f"config.loss.chunk_strategy={c.chunk_strategy!r}; expected one of "
                      f"{chunked_loss.STRATEGIES} or None.")
@@ -43,10 +45,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if c.reduction is not None and c.reduction not in loss_lib.REDUCTIONS:
     raise ValueError(f"config.loss.reduction={c.reduction!r}; expected one of "
                      f"{loss_lib.REDUCTIONS} or None.")
-  if c.eos_weight is not None and (c.name not in loss_lib.WEIGHTED_LOSSES
+  if c.eos_weight is not None and (c.name not in registry.WEIGHTED_LOSSES
                                    or not c.eos_weight >= 0):
     raise ValueError(f"config.loss.eos_weight={c.eos_weight} with loss {c.name!r}; expected "
-                     f"None, or a number >= 0 with a weighted loss {loss_lib.WEIGHTED_LOSSES}.")
+                     f"None, or a number >= 0 with a weighted loss {registry.WEIGHTED_LOSSES}.")
   for key, ok, want in (("itf_lambda", c.itf_lambda >= 0, ">= 0"),
                         ("tlat_T", c.tlat_T > 0, "> 0"),
                         ("tlat_A", c.tlat_A is None or c.tlat_A >= 0, "None or >= 0")):
@@ -63,11 +65,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.frequency not in loss_lib.FREQUENCY_KINDS:
     raise ValueError(f"config.loss.frequency={config.loss.frequency!r}; expected one of "
                      f"{loss_lib.FREQUENCY_KINDS}.")
-  if config.model.pretrained is not None and not (
-      utils.path(config.model.pretrained) / "config.json").exists():
-    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} has no "
-                     "config.json; expected a Hugging Face model directory (config.json, "
-                     "*.safetensors, tokenizer files).")
+  if config.model.pretrained is not None and not offline.is_offline_name(
+      config.model.pretrained):  # a named model is prepared at the start of the run
+    if not (utils.path(config.model.pretrained) / "config.json").exists():
+      raise ValueError(f"config.model.pretrained={config.model.pretrained!r} has no "
+                       "config.json; expected a Hugging Face model directory (config.json, "
+                       "*.safetensors, tokenizer files) or an offline model name of "
+                       f"{sorted(offline.OFFLINE_MODELS)}.")
+  prompt_format = config.data.prompt_format if "data" in config else None
+  if prompt_format not in ("plain", "chat", None):
+    raise ValueError(f"config.data.prompt_format={prompt_format!r}; expected 'plain', "
+                     "'chat' or None (chat when the model has a chat template).")
+  if prompt_format == "chat" and config.model.pretrained is None:
+    raise ValueError("config.data.prompt_format='chat' needs a pretrained model with a chat "
+                     "template (config.model.pretrained); the own model has none.")
   for key in ("dtype", "param_dtype"):
     if config.model[key] not in ("float32", "bfloat16") and not (
         key == "dtype" and config.model[key] is None):

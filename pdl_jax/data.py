@@ -22,14 +22,16 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from pdl_jax.models.hf import families as hf_families
-from pdl_jax import sentencepiece_tokenizer as sp_lib
 from pdl_jax import tasks as tasks_lib
-from pdl_jax import tokenizer as tok_lib
+from pdl_jax import tokenizers as tok_lib
 from pdl_jax import utils
-from pdl_jax.tokenizer import Tokenizer
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.tokenizers import Tokenizer
+from pdl_jax.tokenizers import chat
+from pdl_jax.tokenizers import sentencepiece as sp_lib
 
 TOKENIZER_FILENAME = "tokenizer.model"
+PROMPT_FORMATS = ("plain", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +255,11 @@ def load_split_texts(config, split: str, limit: int | None = None
 
 def get_tokenizer(config, workdir: str,
                   train_texts: Callable[[], tuple[list[str], list[str]]]) -> Tokenizer:
-  """A pretrained model's tokenizer, the configured one, init_from's, or one trained
-  once in the workdir."""
+  """A pretrained model's tokenizer (in the config's prompt format), the configured
+  one, init_from's, or one trained once in the workdir."""
   if config.model.pretrained is not None:
-    return tok_lib.load(config.model.pretrained)  # never retrained or resized
+    return with_prompt_format(tok_lib.load(config.model.pretrained),  # never retrained
+                              config.data.prompt_format)
   path = config.tokenizer.path
   if path is None and config.init_from is not None:
     path = str(utils.path(config.init_from) / TOKENIZER_FILENAME)
@@ -271,6 +274,26 @@ def get_tokenizer(config, workdir: str,
                          max_sentences=config.tokenizer.train_sentences)
   utils.sync("tokenizer")
   return tok_lib.load(path)
+
+
+def with_prompt_format(tokenizer: Tokenizer, prompt_format: str | None) -> Tokenizer:
+  """The tokenizer that lays out examples in `prompt_format`: "plain" (prompt,
+  newline, target, EOS), "chat" (the model's chat template: tokenizers.chat), or None
+  for "chat" when the tokenizer has a chat template and "plain" otherwise.
+
+  Raises:
+    ValueError: an unknown format, or "chat" for a tokenizer without a template.
+  """
+  if prompt_format not in PROMPT_FORMATS + (None,):
+    raise ValueError(f"config.data.prompt_format={prompt_format!r}; expected one of "
+                     f"{PROMPT_FORMATS} or None.")
+  template = getattr(tokenizer, "chat_template", None)
+  if prompt_format == "chat" and template is None:
+    raise ValueError(f"config.data.prompt_format='chat' but the tokenizer {tokenizer.path} "
+                     "has no chat template; use 'plain'.")
+  if prompt_format == "plain" or template is None:
+    return tokenizer
+  return chat.ChatTokenizer(tokenizer, template, tokenizer.special_tokens)
 
 
 def encode_split(config, tokenizer: Tokenizer, texts: tuple[list[str], list[str]]

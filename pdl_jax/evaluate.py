@@ -12,18 +12,19 @@ import numpy as np
 
 from pdl_jax import data as data_lib
 from pdl_jax import decode as decode_lib
-from pdl_jax import loss as loss_lib
 from pdl_jax import metrics as metrics_lib
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.losses import registry
 
 
-def eval_sums(params, face_counts_V, batch, weights_V, *, loss_fn, reduction: str):
+def eval_sums(params, loss_state_V, batch, weights_V, *, loss_fn, reduction: str):
   """Sums over a batch that add up across batches: target tokens, their NLL, and the
   numerator and denominator of the run's loss (loss_fn(params, batch, weights_V,
-  face_counts_V) -> (loss, (LossAux, _)), the function training uses; its
+  loss_state_V) -> (loss, (LossAux, _)), the function training uses; its
   denominator is the weight sum or the token count, by `reduction`)."""
-  loss, (aux, _) = loss_fn(params, batch, weights_V, face_counts_V)
+  loss, (aux, _) = loss_fn(params, batch, weights_V, loss_state_V)
   den = loss_lib.loss_denominator(aux, reduction)
   return {"tokens": aux.num_tokens, "nll_sum": aux.nll * aux.num_tokens,
           "loss_num": loss * den, "loss_den": den}
@@ -54,10 +55,10 @@ class Evaluator:
     self.examples, self.counts_V, self.weights_V = examples, counts_V, weights_V
     self.mesh = mesh
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    reduction = loss_lib.resolve_reduction(config.loss.name, config.loss.reduction)
+    reduction = registry.resolve_reduction(config.loss.name, config.loss.reduction)
     self.sums_fn = jax.jit(
         functools.partial(eval_sums, loss_fn=loss_fn, reduction=reduction),
-        in_shardings=(state_shardings.params, state_shardings.face_counts, rep, rep),
+        in_shardings=(state_shardings.params, state_shardings.loss_state, rep, rep),
         out_shardings=rep)
     prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
                for i in range(len(examples))]
@@ -76,7 +77,7 @@ class Evaluator:
     params = state.params
     sums = None
     for batch in data_lib.eval_batches(self.examples, c.eval.batch_size):
-      out = self.sums_fn(params, state.face_counts, utils.replicate(self.mesh, {
+      out = self.sums_fn(params, state.loss_state, utils.replicate(self.mesh, {
           k: v for k, v in batch.items() if k != "example_mask"}), self.weights_V)
       out = jax.tree.map(lambda x: utils.to_host(x).astype(np.float64), out)
       sums = out if sums is None else jax.tree.map(np.add, sums, out)

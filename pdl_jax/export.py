@@ -22,6 +22,7 @@ from pdl_jax import frequency
 from pdl_jax import utils
 from pdl_jax.models import factory
 from pdl_jax.models.hf import export as hf_export
+from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import weights as hf_weights
 
 
@@ -45,7 +46,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
       nn.meta.unbox(hf_weights.abstract_params(cfg)))
   params = ckpt_lib.load_params(workdir, abstract, step=step)
   if config.model.pretrained is not None:
-    tokenizer_dir = config.model.pretrained
+    tokenizer_dir = offline.local_dir(config.model.pretrained)
   elif config.tokenizer.path is not None:
     tokenizer_dir = str(utils.path(config.tokenizer.path).parent)
   else:

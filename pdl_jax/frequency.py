@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pdl_jax import baselines
 from pdl_jax import data as data_lib
-from pdl_jax import loss as loss_lib
 from pdl_jax import utils
-from pdl_jax.tokenizer import Tokenizer
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.losses import registry
+from pdl_jax.tokenizers import Tokenizer
 
 STATS_FILENAME = "token_stats.npz"
 WEIGHTS_FILENAME = "loss_weights.npz"
@@ -303,43 +303,15 @@ def load_or_count(path: str, tokenizer: Tokenizer, count_fn, *,
 
 
 def weight_settings(config) -> dict[str, Any]:
-  """The config values that make weights_V from the counts (per loss)."""
-  c = config.loss
-  settings: dict[str, Any] = {"loss": str(c.name)}
-  if c.name == "pdl":
-    settings.update(alpha=float(c.alpha),
-                    epsilon=None if c.epsilon is None else float(c.epsilon),
-                    frequency=str(c.frequency), normalize=bool(c.normalize),
-                    max_weight=None if c.max_weight is None else float(c.max_weight))
-  elif c.name == "itf":
-    settings.update(itf_lambda=float(c.itf_lambda))
-  elif c.name in ("tlat_exp", "tlat_chi2"):
-    settings.update(tlat_A=None if c.tlat_A is None else float(c.tlat_A),
-                    tlat_T=float(c.tlat_T))
-  if c.name in loss_lib.WEIGHTED_LOSSES and c.name != "face":
-    settings["eos_weight"] = None if c.eos_weight is None else float(c.eos_weight)
-  return settings
+  """The config values that make weights_V from the counts (per loss: its spec's
+  weight_params, registry.weight_settings)."""
+  return registry.weight_settings(config.loss)
 
 
 def loss_weights(config, stats: TokenStats, eos_id: int) -> np.ndarray:
-  """float32 weights [V] of the config's loss from the token stats: PDL's power law,
-  ITF's and TLAT's functions of the count, all ones for the losses without static
-  weights (FACE's change every step: they are made in the train step). EOS's weight
-  is then fixed when loss.eos_weight is set (1 = an average corpus token)."""
-  s = weight_settings(config)
-  name = s["loss"]
-  if name == "pdl":
-    w = stats.weights(s["alpha"], s["epsilon"], frequency=s["frequency"],
-                      normalize=s["normalize"], max_weight=s["max_weight"])
-  elif name == "itf":
-    w = baselines.itf_weights(stats.counts, s["itf_lambda"])
-  elif name in ("tlat_exp", "tlat_chi2"):
-    w = baselines.tlat_weights(stats.counts, name.split("_")[1], s["tlat_A"], s["tlat_T"])
-  else:
-    w = np.ones(stats.vocab_size, np.float32)
-  if s.get("eos_weight") is not None:
-    w = loss_lib.fix_token_weight(w, eos_id, s["eos_weight"], counts_V=stats.counts)
-  return np.asarray(w, np.float32)
+  """float32 weights [V] of the config's loss from the token stats (the loss spec's
+  function of the counts; registry.static_weights), EOS's fixed by loss.eos_weight."""
+  return registry.static_weights(weight_settings(config), stats, eos_id)
 
 
 def save_weights(path: str, weights_V: np.ndarray, settings: Mapping[str, Any],

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pdl_jax import losses
-from pdl_jax import baselines as B
-from pdl_jax import chunked_loss as C
-from pdl_jax import loss as L
+from pdl_jax.losses import baselines as B
+from pdl_jax.losses import chunked as C
+from pdl_jax.losses import pdl as L
+from pdl_jax.losses import registry
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_value_and_finite_difference_gradient(name, params, ref):
   np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-3, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", L.LOSS_NAMES)
+@pytest.mark.parametrize("name", registry.LOSS_NAMES)
 def test_all_masked_is_zero_with_zero_grads_and_bf16_accumulates(name):
   logits, labels, _, counts = random_case(3)
   fn = losses.get_loss(name)
@@ -223,9 +224,9 @@ def test_reduction_both_ways_and_scale():
         (np.where(on, mask * w[np.where(on, labels, 0)], 0) * np_nll(logits, labels)).sum(),
         rel=1e-5)
   # Paper defaults: PDL by the weights, the baselines by token count.
-  assert [L.resolve_reduction(n) for n in L.WEIGHTED_LOSSES] == [
+  assert [registry.resolve_reduction(n) for n in registry.WEIGHTED_LOSSES] == [
       "weights", "tokens", "tokens", "tokens", "tokens"]
-  assert L.resolve_reduction("focal", "weights") == "tokens"
+  assert registry.resolve_reduction("focal", "weights") == "tokens"
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_unlikelihood_candidates_are_distinct_earlier_targets():
     (lambda: losses.get_loss("focal", gamma=-1.0), "gamma.*-1.0"),
     (lambda: losses.get_loss("unlikelihood", ul_alpha=float("nan")), "ul_alpha.*nan"),
     (lambda: losses.get_loss("label_smoothing", smoothing=1.0), r"smoothing.*\[0, 1\).*1.0"),
-    (lambda: L.supports_chunked("hinge"), "'hinge'"),
+    (lambda: registry.supports_chunked("hinge"), "'hinge'"),
     (lambda: losses.get_loss("itf")(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), None),
      "weights.*got None"),
     (lambda: C.get_loss_from_hidden("focal"), "'focal' has no chunked path"),
@@ -440,10 +441,10 @@ def test_registry_bad_input(call, match):
 
 
 def test_every_loss_has_params_and_chunk_flag():
-  assert set(L.LOSS_PARAMS) == set(L.LOSS_NAMES)
-  assert {n for n in L.LOSS_NAMES if L.supports_chunked(n)} == {
+  assert set(registry.LOSS_PARAMS) == set(registry.LOSS_NAMES)
+  assert {n for n in registry.LOSS_NAMES if registry.supports_chunked(n)} == {
       "ce", "pdl", "itf", "tlat_exp", "tlat_chi2"}
-  for name in L.LOSS_NAMES:
+  for name in registry.LOSS_NAMES:
     assert callable(losses.get_loss(name))
 
 

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdl_jax import chunked_loss as C
-from pdl_jax import loss as L
 from pdl_jax import losses
 from pdl_jax import sharding
+from pdl_jax.losses import chunked as C
+from pdl_jax.losses import pdl as L
+from pdl_jax.losses import registry
 
 STRATEGIES = ("vocab", "tokens")
 
@@ -185,7 +186,7 @@ def test_tokens_value_and_grads_match_unchunked(n, d, v, rows, alpha):
   assert_close(got_dw, want_dw, 1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(L.CHUNKABLE))
+@pytest.mark.parametrize("name", sorted(registry.CHUNKABLE))
 @pytest.mark.parametrize("reduction", L.REDUCTIONS)
 def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
   if name == "ce" and reduction == "weights":

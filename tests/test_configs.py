@@ -97,3 +97,23 @@ def test_config_argument_values_of_the_wrong_type_name_the_item():
 
 def test_every_arg_key_has_a_test_value():
   assert set(ARG_VALUES) == set(common.ARG_KEYS)
+
+
+@pytest.mark.parametrize("name", ("summarization", "dialogue", "style_transfer"))
+def test_task_configs_finetune_the_real_model_by_default(name):
+  from pdl_jax import train
+  module = importlib.import_module(f"configs.{name}")
+  c = module.get_config()
+  assert c.model.pretrained == common.DEFAULT_PRETRAINED == "smollm2-135m-instruct"
+  assert c.optimizer.learning_rate < 1e-3 and train.eval_at_start(c)
+  assert c.data.prompt_format is None  # chat, since the model has a template
+  own = common.get_base_config(name)
+  for arg in ("pretrained=none", "smoke", "init_from=workdirs/pretrain", "model=base"):
+    o = module.get_config(arg)
+    assert o.model.pretrained is None, arg
+    assert o.optimizer.learning_rate == own.optimizer.learning_rate and not \
+        train.eval_at_start(o), arg
+  assert module.get_config("pretrained=none").seq_len == 128
+  both = module.get_config("init_from=workdirs/ft,pretrained=smollm2-135m-instruct")
+  assert both.model.pretrained == "smollm2-135m-instruct" and both.init_from == "workdirs/ft"
+  assert importlib.import_module("configs.pretrain").get_config().model.pretrained is None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pdl_jax import data as ip
-from pdl_jax import sentencepiece_tokenizer as T
+from pdl_jax.tokenizers import sentencepiece as T
 
 from test_frequency import make_texts
 

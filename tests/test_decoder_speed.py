@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdl_jax import loss_window
+from pdl_jax.losses import window as loss_window
 from pdl_jax.models import decoder as decoder_lib
 import reference_transformer as model_lib
 

@@ -21,9 +21,10 @@ import tensorflow_datasets as tfds
 
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import data as ip
-from pdl_jax.models import factory as models
 from pdl_jax import train
 from pdl_jax.datasets import shakespeare_dialogue as S
+from pdl_jax.losses import objective
+from pdl_jax.models import factory as models
 
 from test_frequency import make_texts
 
@@ -190,7 +191,7 @@ def test_unknown_config_key_is_refused_by_the_cli(tmp_path):
 
 
 def test_bad_data_is_handled_as_documented(tmp_path):
-  from pdl_jax import sentencepiece_tokenizer as T
+  from pdl_jax.tokenizers import sentencepiece as T
   tok = T.train(make_texts(800, 0), str(tmp_path / "t.model"), 80)
   # Characters the tokenizer cannot encode map to unk; empty targets are dropped
   # and counted; over-long inputs are truncated.
@@ -206,7 +207,7 @@ def test_bad_data_is_handled_as_documented(tmp_path):
   batch["labels"] = batch["labels"].copy()
   batch["labels"][0, -1] = tok.vocab_size + 7
   batch["labels"][1, 0] = -5
-  loss, (aux, _) = train.loss_fn_of(tiny(), model)(
+  loss, (aux, _) = objective.loss_fn_of(tiny(), model)(
       nn.meta.unbox(params), batch, jnp.ones(tok.vocab_size), jnp.zeros(tok.vocab_size, jnp.int32))
   assert np.isfinite(float(loss)) and np.isfinite(float(aux.nll))
 

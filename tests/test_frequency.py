@@ -9,8 +9,8 @@ import pytest
 
 from pdl_jax import data as D
 from pdl_jax import frequency as F
-from pdl_jax import loss as L
-from pdl_jax import sentencepiece_tokenizer as T
+from pdl_jax.tokenizers import sentencepiece as T
+from pdl_jax.losses import pdl as L
 
 WORDS = ("the a of and to in is was he for it with as his on be at by i this had not "
          "are but from or have an they which one you were her all she there would "
@@ -249,7 +249,7 @@ def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
 
 
 def test_weights_per_loss_and_eos_weight(tokenizer):
-  from pdl_jax import baselines
+  from pdl_jax.losses import baselines
   stats = F.count_examples(examples(tokenizer, 60), tokenizer)
   eos = tokenizer.eos_id
   np.testing.assert_array_equal(F.loss_weights(_Cfg(name="itf"), stats, eos),

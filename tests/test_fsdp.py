@@ -8,10 +8,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import loss as loss_lib
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
+from pdl_jax import state as state_lib
 from pdl_jax import train
+from pdl_jax.losses import objective
+from pdl_jax.losses import registry
 from pdl_jax.models import factory as models
 from tests.test_train import assert_trees_close, tiny_config
 
@@ -48,15 +50,15 @@ def setup(mesh_shape, loss="pdl", **overrides):
   tx = opt_lib.make_optimizer(cfg)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  state, shardings = train.create_state(model, tx, mesh, seed=0, seq_len=L)
+  state, shardings = state_lib.create_state(model, tx, mesh, seed=0, seq_len=L)
   return cfg, model, tx, mesh, state, shardings
 
 
 def step_once(mesh_shape, batch, loss="pdl", accum=1, **overrides):
   """One jitted train step; returns (host state, host metrics, host grads)."""
   cfg, model, tx, mesh, state, shardings = setup(mesh_shape, loss, **overrides)
-  loss_fn = train.loss_fn_of(cfg, model)
-  reduction = loss_lib.resolve_reduction(cfg.loss.name, cfg.loss.reduction)
+  loss_fn = objective.loss_fn_of(cfg, model)
+  reduction = registry.resolve_reduction(cfg.loss.name, cfg.loss.reduction)
   bs = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
   sharded = {k: jax.device_put(v, bs) for k, v in batch.items()}
@@ -127,7 +129,7 @@ def test_averaging_micro_batch_losses_would_be_wrong():
   """The check above can fail: the naive mean of micro-batch PDL losses differs."""
   batch = make_batch(seed=1, uneven=True)
   cfg, model, _, _, state, _ = setup((1, 1, 1))
-  loss_fn = train.loss_fn_of(cfg, model)
+  loss_fn = objective.loss_fn_of(cfg, model)
   counts = jnp.zeros(V, jnp.int32)
   fn = jax.jit(lambda b: loss_fn(state.params, b, WEIGHTS, counts)[0])
   full = float(fn(batch))
@@ -205,7 +207,7 @@ def test_runs_resume_with_another_accumulation_split():
 def test_chunk_strategy_is_vocab_when_the_batch_is_split():
   """The tokens strategy all-reduces a [D, V] sum per row block on a split batch."""
   c = tiny_config()
-  assert train.chunk_strategy(c, 1) == "tokens"
-  assert train.chunk_strategy(c, 8) == "vocab"
+  assert objective.chunk_strategy(c, 1) == "tokens"
+  assert objective.chunk_strategy(c, 8) == "vocab"
   c.loss.chunk_strategy = "tokens"
-  assert train.chunk_strategy(c, 8) == "tokens"
+  assert objective.chunk_strategy(c, 8) == "tokens"

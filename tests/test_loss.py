@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from pdl_jax import losses
-from pdl_jax import loss as L
+from pdl_jax.losses import pdl as L
 
 
 # ---------------------------------------------------------------------------

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from pdl_jax import losses
-from pdl_jax import chunked_loss
-from pdl_jax import loss as loss_lib
-from pdl_jax import loss_window as lw
+from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import window as lw
 
 B, L, D, V = 12, 24, 8, 37
 CAPACITY = 10

@@ -13,7 +13,9 @@ import pytest
 from configs import dialogue
 from pdl_jax import frequency
 from pdl_jax import optimizer as opt_lib
+from pdl_jax import state as state_lib
 from pdl_jax import train
+from pdl_jax.losses import objective
 from pdl_jax.models import factory as models
 
 VOCAB, B, L = 64, 4, 16
@@ -55,10 +57,10 @@ def _setup(name: str, **loss):
 def _value(name: str, **loss):
   c, model, batch, weights = _setup(name, **loss)
   tx = opt_lib.make_optimizer(c)
-  state, _ = train.create_state(model, tx, train.make_mesh(c), 0, L)
-  fn = train.loss_fn_of(c, model)
+  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, L)
+  fn = objective.loss_fn_of(c, model)
   (value, (aux, face)), grads = jax.value_and_grad(fn, has_aux=True)(
-      state.params, batch, weights, state.face_counts)
+      state.params, batch, weights, state.loss_state)
   return float(value), float(optax.tree.norm(grads)), int(face.sum()), float(aux.nll)
 
 
@@ -81,8 +83,8 @@ def test_three_chunked_pdl_steps_match_the_pinned_numbers():
   c, model, batch, weights = _setup("pdl", chunked=True, chunk_size=16, window=True)
   c.max_target_len = L - 2
   tx = opt_lib.make_optimizer(c)
-  state, _ = train.create_state(model, tx, train.make_mesh(c), 0, L)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=train.loss_fn_of(c, model),
+  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, L)
+  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
                                    tx=tx))
   seen = []
   for _ in range(3):

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: parity with PyTorch transformers (committed golden logits),
 KV-cache decoding, export round trip, sharded loading, errors, and the HF tokenizer.
 
-The fixtures under tests/fixtures/hf were made by experiments/make_hf_fixtures.py
+The fixtures under tests/fixtures/hf were made by tools/make_hf_fixtures.py
 (torch + transformers in a side venv); these tests need neither.
 """
 
@@ -20,12 +20,12 @@ from safetensors.numpy import load_file, save_file
 
 from pdl_jax import decode
 import reference_transformer as model_lib
+from pdl_jax import sharding as sharding_lib
+from pdl_jax.tokenizers.hf import HFTokenizer
+from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.hf import export as hf_export
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
-from pdl_jax import sharding as sharding_lib
-from pdl_jax.hf_tokenizer import HFTokenizer
-from pdl_jax.models import decoder as decoder_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = sorted(os.listdir(FIXTURES))
@@ -218,7 +218,7 @@ def test_own_model_runs_in_decoder_and_exports_as_llama(tmp_path):
   np.testing.assert_array_equal(
       hf_params["unembed"], np.asarray(params["embed"]["embedding"]).T * own_cfg.d_model ** -0.5)
   # Everything else is the same tensors: the Llama model computes the own model's logits
-  # (through transformers too: experiments/check_hf_export.py, 2.9e-7).
+  # (through transformers too: tools/check_hf_export.py, 2.9e-7).
   jax.tree.map(np.testing.assert_array_equal, {**params, "unembed": hf_params["unembed"]},
                hf_params)
   assert dataclasses.replace(hf_cfg, tied_embeddings=True, unembed_scale=cfg.unembed_scale,

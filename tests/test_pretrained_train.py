@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax.models.hf import families as hf_families
-from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import train
 from pdl_jax.models import decoder
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
 
 from test_faults import ROOT, command, data_dir, env, params_and_steps  # noqa: F401
 from test_train import tiny_config
@@ -34,6 +34,11 @@ def test_finetune_export_and_reload_through_the_cli(data_dir, tmp_path):  # noqa
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   assert "initialised params from the pretrained" in done.stderr
   assert not (work / "tokenizer.model").exists()  # the model's own tokenizer, not trained
+  # A pretrained model is evaluated before the first step: the base model's row.
+  records = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  evals = [r["step"] for r in records if "eval/nll" in r]
+  assert evals == [0, 4], evals
+  assert "eval at step 0" in done.stderr
   exp = subprocess.run([sys.executable, "-m", "pdl_jax.export", f"--workdir={work}",
                         f"--out={out}"], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=300)

@@ -22,13 +22,13 @@ from safetensors.numpy import load_file
 from configs import dialogue
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import decode
-from pdl_jax.models.hf import export as hf_export
-from pdl_jax.models.hf import families as hf_families
-from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax import sharding as sharding_lib
 from pdl_jax.models import decoder as dec
 from pdl_jax.models import factory
 from pdl_jax.models import transformer as M
+from pdl_jax.models.hf import export as hf_export
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 VARIANTS = [(scan, remat) for scan in (False, True) for remat in dec.REMATS]

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from pdl_jax import loss as L
 from pdl_jax import sharding
+from pdl_jax.losses import pdl as L
 
 
 def test_eight_forced_cpu_devices():

@@ -12,10 +12,12 @@ import tensorflow_datasets as tfds
 
 from configs import dialogue
 from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
+from pdl_jax import state as state_lib
 from pdl_jax import train
+from pdl_jax.losses import objective
+from pdl_jax.models import factory as models
 
 import pdl_jax.datasets  # noqa: F401
 
@@ -263,7 +265,7 @@ def test_init_from_restores_params_only_into_the_current_shardings(reference_run
   cfg = tiny_config()
   model = models.make_model(cfg, vocab_size=final_params(reference_run[0])[1]["embed"][
       "embedding"].shape[0])
-  state, shardings = train.create_state(model, opt_lib.make_optimizer(cfg), mesh, 0, 16)
+  state, shardings = state_lib.create_state(model, opt_lib.make_optimizer(cfg), mesh, 0, 16)
   params = ckpt.load_params(str(reference_run[0]),
                             ckpt.abstract_like(state.params, shardings.params))
   emb = params["embed"]["embedding"]
@@ -273,7 +275,7 @@ def test_init_from_restores_params_only_into_the_current_shardings(reference_run
                      rtol=0, atol=0)
   small = models.make_model(tiny_config(**{"model.preset": "small"}), vocab_size=emb.shape[0])
   one = sharding.make_mesh({"data": 1, "model": 1})  # 3 heads do not split over 2
-  other, other_sh = train.create_state(small, opt_lib.make_optimizer(cfg), one, 0, 16)
+  other, other_sh = state_lib.create_state(small, opt_lib.make_optimizer(cfg), one, 0, 16)
   with pytest.raises(ValueError, match="do not match this model"):
     ckpt.load_params(str(reference_run[0]), ckpt.abstract_like(other.params, other_sh.params))
 
@@ -289,10 +291,10 @@ def test_face_counts_are_train_state_and_resume_exactly(tmp_path):
     mngr = ckpt_lib.manager(str(tmp_path / name), 5)
     states.append(mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore())).state)
-  counts = np.asarray(states[0]["face_counts"])
+  counts = np.asarray(states[0]["loss_state"])
   # 4 steps x 4 rows of argmax predictions at the target positions were counted.
   assert counts.dtype == np.int32 and 0 < counts.sum() <= 4 * 4 * 9  # 8 tokens + EOS
-  np.testing.assert_array_equal(np.asarray(states[1]["face_counts"]), counts)
+  np.testing.assert_array_equal(np.asarray(states[1]["loss_state"]), counts)
   assert_trees_close(jax.tree.map(np.asarray, states[1]["params"]),
                      jax.tree.map(np.asarray, states[0]["params"]), rtol=0, atol=0)
 
@@ -330,12 +332,12 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   from pdl_jax.models import factory
   c = tiny_config()
   assert c.loss.chunked is None and c.model.dtype is None
-  assert not train.use_chunked_loss(c, 4000) and train.use_chunked_loss(c, 32_000)
+  assert not objective.use_chunked_loss(c, 4000) and objective.use_chunked_loss(c, 32_000)
   c.loss.name = "focal"  # needs the full logits: never chunked by default
-  assert not train.use_chunked_loss(c, 151_936)
+  assert not objective.use_chunked_loss(c, 151_936)
   c.loss.chunked = False
   c.loss.name = "pdl"
-  assert not train.use_chunked_loss(c, 151_936)
+  assert not objective.use_chunked_loss(c, 151_936)
   assert factory.compute_dtype(c) == "float32"  # CPU here; bfloat16 on accelerators
   c.model.dtype = "bfloat16"
   assert factory.compute_dtype(c) == "bfloat16"

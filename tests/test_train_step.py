@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from configs import dialogue
-from pdl_jax import loss as loss_lib
-from pdl_jax.models import factory as models
 from pdl_jax import optimizer as opt_lib
+from pdl_jax import state as state_lib
 from pdl_jax import train
+from pdl_jax.losses import objective
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.models import factory as models
 
 
 def test_three_pdl_steps_match_the_pinned_numbers():
@@ -24,13 +26,13 @@ def test_three_pdl_steps_match_the_pinned_numbers():
   vocab = 64
   model = models.make_model(c, vocab)
   tx = opt_lib.make_optimizer(c)
-  state, _ = train.create_state(model, tx, train.make_mesh(c), 0, 16)
+  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, 16)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, vocab, (4, 16)).astype(np.int32),
            "labels": rng.integers(0, vocab, (4, 16)).astype(np.int32),
            "loss_mask": (rng.random((4, 16)) > 0.3).astype(np.float32)}
   weights = loss_lib.power_law_weights(rng.integers(0, 50, vocab).astype(np.int64), 0.5)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=train.loss_fn_of(c, model),
+  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
                                    tx=tx))
   seen = []
   for _ in range(3):
@@ -56,14 +58,14 @@ def test_a_skipped_step_keeps_the_logged_learning_rate_the_one_used():
   vocab = 32
   model = models.make_model(c, vocab)
   tx = opt_lib.make_optimizer(c)
-  state, _ = train.create_state(model, tx, train.make_mesh(c), 0, 8)
+  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, 8)
   rng = np.random.default_rng(1)
   batch = {"inputs": rng.integers(0, vocab, (2, 8)).astype(np.int32),
            "labels": rng.integers(0, vocab, (2, 8)).astype(np.int32),
            "loss_mask": np.ones((2, 8), np.float32)}
   good = np.ones(vocab, np.float32)
   bad = np.full(vocab, np.nan, np.float32)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=train.loss_fn_of(c, model),
+  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
                                    tx=tx, skip_nonfinite=True))
   rates = []
   for w in (good, good, bad, bad, good):

@@ -8,9 +8,9 @@ from typing import Any
 
 import jax
 
-from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
+from pdl_jax.models.hf import families as hf_families
 
 
 def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig:

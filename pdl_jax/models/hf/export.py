@@ -26,7 +26,9 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
-from pdl_jax import sentencepiece_tokenizer as sp_tokenizer
+from pdl_jax.tokenizers import chat
+from pdl_jax.tokenizers import hf as hf_tokenizer
+from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
 from pdl_jax import utils
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import DecoderConfig
@@ -35,6 +37,39 @@ from pdl_jax.models.hf import families
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json")
+
+
+def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, out: epath.Path) -> None:
+  """Copies the tokenizer files of tokenizer_dir into out, completed with what
+  transformers needs of a chat model: the chat template both as chat_template.jinja
+  (transformers v5) and as tokenizer_config.json's "chat_template" (v4 and other
+  readers), and generation_config.json's eos_token_id listing every id that ends a
+  generation (the tokenizer's EOS ids and the chat template's end-of-turn token)."""
+  src = epath.Path(tokenizer_dir)
+  for name in TOKENIZER_FILES:
+    if (src / name).exists():
+      (src / name).copy(out / name)
+  if not (src / "tokenizer.json").exists():
+    return  # the own model's SentencePiece files: no chat template, one EOS
+  tok = hf_tokenizer.HFTokenizer.load(src)
+  eos_ids = list(tok.eos_ids)
+  if tok.chat_template is not None:
+    (out / "chat_template.jinja").write_text(tok.chat_template)
+    tok_config = (json.loads((out / "tokenizer_config.json").read_text())
+                  if (out / "tokenizer_config.json").exists() else {})
+    tok_config["chat_template"] = tok.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2,
+                                                          ensure_ascii=False) + "\n")
+    try:
+      end = chat.ChatTokenizer(tok, tok.chat_template, tok.special_tokens).end_id
+      eos_ids += [end] if end not in eos_ids else []
+    except ValueError:
+      pass  # a template the chat format cannot split: nothing more to stop on
+  if eos_ids:
+    gen = (json.loads((out / "generation_config.json").read_text())
+           if (out / "generation_config.json").exists() else {})
+    gen["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def to_hf(t: families.Tensor, value: np.ndarray) -> np.ndarray:
@@ -58,7 +93,7 @@ def own_model_hf_config(cfg: DecoderConfig, *,
                         pad_token_id: int | None = sp_tokenizer.PAD_ID) -> dict[str, Any]:
   """Llama config.json for a DecoderConfig in the own model's math (model_type "pdl").
 
-  The special ids default to the project's SentencePiece ids (pdl_jax.tokenizer:
+  The special ids default to the project's SentencePiece ids (pdl_jax.tokenizers:
   pad 0, eos 1, bos 2).
 
   The own model ties its unembedding scaled by d_model**-0.5. That scale cannot be
@@ -223,10 +258,7 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
       (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
       if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-          src = epath.Path(tokenizer_dir) / name
-          if src.exists():
-            src.copy(tmp / name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
       tmp.rename(out_dir)
   except BaseException:
     if is_writer and tmp.exists():

@@ -18,6 +18,7 @@ from etils import epath
 
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import DecoderConfig
+from pdl_jax.models.hf import offline
 
 # Activation names of transformers' ACT2FN -> the decoder's.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
@@ -232,12 +233,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 
 def read_config(model_dir: str | os.PathLike, *, dtype: str = "float32",
                 param_dtype: str = "float32") -> DecoderConfig:
-  """DecoderConfig of the Hugging Face checkpoint in model_dir (its config.json).
+  """DecoderConfig of the Hugging Face checkpoint in model_dir (its config.json; a
+  named offline model, e.g. "smollm2-135m-instruct", is its cached folder).
 
   Raises:
     FileNotFoundError: model_dir has no config.json.
     ValueError: unsupported model_type or option (names it and lists what is supported).
   """
+  model_dir = offline.local_dir(os.fspath(model_dir))
   path = epath.Path(model_dir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(

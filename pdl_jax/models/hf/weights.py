@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -33,6 +33,7 @@ from safetensors import safe_open
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import Decoder, DecoderConfig
 from pdl_jax.models.hf import families
+from pdl_jax.models.hf import offline
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
@@ -114,7 +115,8 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
   """Params of the checkpoint in model_dir, each placed into its sharding.
 
   Args:
-    model_dir: Hugging Face model directory (local or any epath, e.g. gs://).
+    model_dir: Hugging Face model directory (local or any epath, e.g. gs://), or the
+      name of an offline model (models.hf.offline).
     cfg: its DecoderConfig (read_config); params are cast to cfg.param_dtype.
     shardings: a tree of jax.sharding.Sharding like the params (e.g. param_shardings),
       or None for the default device.
@@ -123,7 +125,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
     ValueError: listing every missing, unexpected and mis-shaped tensor and every
       missing shard file at once.
   """
-  model_dir = epath.Path(model_dir)
+  model_dir = epath.Path(offline.local_dir(os.fspath(model_dir)))
   # The table and every check speak of per-layer params (block_i): their shapes come
   # from the unrolled layout whatever cfg.scan_layers is.
   abstract = nn.meta.unbox(abstract_params(dataclasses.replace(cfg, scan_layers=False)))

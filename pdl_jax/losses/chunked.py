@@ -1,6 +1,6 @@
 """Memory-efficient PDL from hidden states: chunked logits, custom VJPs.
 
-Serves every loss whose per-token loss is w[label] * nll (`loss.CHUNKABLE`: ce, pdl,
+Serves every loss whose per-token loss is w[label] * nll (`registry.CHUNKABLE`: ce, pdl,
 itf, tlat_exp, tlat_chi2) through `get_loss_from_hidden(name, **params)`.
 
 `pdl_loss(hidden @ unembed, ...)` materialises [N, V] float32 logits and, in the
@@ -41,8 +41,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pdl_jax import loss as L
-from pdl_jax import losses
+from pdl_jax.losses import pdl as L
+from pdl_jax.losses import registry
 
 DEFAULT_CHUNK_SIZE = 4096
 # "tokens": rows of hidden in chunks, 3 matmuls; "vocab": vocabulary columns in
@@ -429,7 +429,7 @@ def pdl_loss_from_hidden(
 
 
 def get_loss_from_hidden(name: str, **params):
-  """Chunked counterpart of `losses.get_loss`, for the names in `loss.CHUNKABLE`.
+  """Chunked counterpart of `losses.get_loss`, for the names in `registry.CHUNKABLE`.
 
   Returns fn(hidden_NxD, unembed_DxV, labels_N, weights_V, *, mask_N, chunk_size,
   strategy, row_chunk_size) -> (loss, LossAux), equal to get_loss(name, **params)(
@@ -441,13 +441,13 @@ def get_loss_from_hidden(name: str, **params):
       unlikelihood, focal, label_smoothing: set loss.chunked=False), an unknown
       name, or parameters as `losses.get_loss`.
   """
-  if not L.supports_chunked(name):
+  if not registry.supports_chunked(name):
     raise ValueError(
         f"loss {name!r} has no chunked path (loss.chunked=True supports only "
-        f"{sorted(L.CHUNKABLE)}): its per-token loss needs more of the logits than "
+        f"{sorted(registry.CHUNKABLE)}): its per-token loss needs more of the logits than "
         "the label's; set loss.chunked=False.")
-  losses.get_loss(name, **params)  # validates the parameters
-  reduction = L.resolve_reduction(name, params.get("reduction"))
+  registry.get_loss(name, **params)  # validates the parameters
+  reduction = registry.resolve_reduction(name, params.get("reduction"))
   use_weights = name != "ce"
 
   def fn(hidden_NxD, unembed_DxV, labels_N, weights_V=None, *, mask_N=None,

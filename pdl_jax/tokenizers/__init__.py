@@ -1,9 +1,9 @@
 """The tokenizer interface every part of a run uses (data, frequency pass, decoding,
 metrics), and `load`, which picks the implementation from the file.
 
-Implementations: SentencePiece (`.model`, pdl_jax.sentencepiece_tokenizer), the one
+Implementations: SentencePiece (`.model`, pdl_jax.tokenizers.sentencepiece), the one
 the project trains for its own model; Hugging Face `tokenizers` (`tokenizer.json`,
-pdl_jax.hf_tokenizer), the one of a pretrained model directory.
+pdl_jax.tokenizers.hf), the one of a pretrained model directory.
 """
 
 from __future__ import annotations
@@ -61,18 +61,21 @@ class Tokenizer(Protocol):
 
 def load(path: str) -> Tokenizer:
   """The tokenizer stored at `path`: a SentencePiece `.model`, a Hugging Face
-  `tokenizer.json`, or a model directory holding a tokenizer.json.
+  `tokenizer.json`, a model directory holding a tokenizer.json, or the name of an
+  offline model (models.hf.offline).
 
   Raises:
     ValueError: a file of a kind no implementation reads.
     FileNotFoundError: nothing at `path`.
   """
-  from pdl_jax import hf_tokenizer, sentencepiece_tokenizer, utils
+  from pdl_jax import utils
+  from pdl_jax.models.hf import offline
+  from pdl_jax.tokenizers import hf, sentencepiece
 
-  text = str(path)
+  text = offline.local_dir(str(path))
   if text.endswith(".model"):
-    return sentencepiece_tokenizer.SentencePieceTokenizer.load(text)
+    return sentencepiece.SentencePieceTokenizer.load(text)
   if text.endswith(".json") or (utils.path(text) / "tokenizer.json").exists():
-    return hf_tokenizer.HFTokenizer.load(text)
+    return hf.HFTokenizer.load(text)
   raise ValueError(f"tokenizer {text!r}: expected a SentencePiece .model file, a "
                    "tokenizer.json, or a model directory with a tokenizer.json.")

@@ -10,7 +10,7 @@ torch and transformers are not project dependencies; make a side venv:
 
     python3 -m venv /work/hfvenv
     /work/hfvenv/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy
-    /work/hfvenv/bin/python experiments/make_hf_fixtures.py   # from the repo root
+    /work/hfvenv/bin/python tools/make_hf_fixtures.py   # from the repo root
 
 Made with torch 2.13.0+cpu, transformers 5.24.0 (each folder's versions.json records
 the versions actually used). Output: tests/fixtures/hf/<name>/ with config.json,

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer (pdl_jax.tokenizer's interface): load a .model, or train
+"""SentencePiece tokenizer (pdl_jax.tokenizers' interface): load a .model, or train
 one offline, with a content hash.
 
 The hash (sha256 of the serialized model proto) identifies the tokenizer in token

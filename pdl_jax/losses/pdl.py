@@ -1,4 +1,4 @@
-"""Power-Law Decay Loss (PDL), cross-entropy and the loss registry: pure math, no I/O.
+"""Power-Law Decay Loss (PDL) and cross-entropy: pure math, no I/O.
 
 PDL multiplies each target token's negative log-likelihood by a per-vocabulary weight
 
@@ -16,8 +16,8 @@ ITF/FACE/TLAT papers do; then the scale of the weights multiplies the gradient (
 effective learning-rate factor). alpha = 0 (or weights all ones) is the masked mean
 token cross-entropy under either reduction.
 
-`pdl_jax.losses.get_loss(name, **params)` returns every loss of the project (CE, PDL and the
-baselines of `pdl_jax.baselines`) as fn(logits, labels, weights_V, *, mask) ->
+`pdl_jax.losses.get_loss(name, **params)` (the registry, losses/registry.py) returns
+every loss of the project (CE, PDL and the baselines of `losses/baselines.py`) as fn(logits, labels, weights_V, *, mask) ->
 (loss, LossAux), so one train step serves all.
 
 Everything here is a pure function of arrays. Weight builders (`power_law_weights`,
@@ -43,30 +43,6 @@ FREQUENCY_KINDS = ("relative", "count")
 # How a weighted loss is normalised: by the sum of mask * w[label] ("weights", PDL's
 # choice) or by the number of target tokens ("tokens", as in ITF, FACE and TLAT).
 REDUCTIONS = ("weights", "tokens")
-
-# Every loss `get_loss` knows. The weighted ones multiply the token NLL by a
-# per-vocabulary weight w[label] (static from counts, or FACE's from running counts).
-LOSS_NAMES = ("ce", "pdl", "itf", "face", "tlat_exp", "tlat_chi2", "unlikelihood",
-              "focal", "label_smoothing")
-WEIGHTED_LOSSES = ("pdl", "itf", "face", "tlat_exp", "tlat_chi2")
-
-# Reduction used when `reduction=None`: each paper's own.
-DEFAULT_REDUCTION = {"pdl": "weights", "itf": "tokens", "face": "tokens",
-                     "tlat_exp": "tokens", "tlat_chi2": "tokens"}
-
-# Keyword parameters each loss's factory takes (config.loss has a field of each name).
-LOSS_PARAMS = {
-    "ce": (), "pdl": ("reduction",), "itf": ("reduction",), "face": ("reduction",),
-    "tlat_exp": ("reduction",), "tlat_chi2": ("reduction",),
-    "unlikelihood": ("ul_alpha",), "focal": ("gamma",),
-    "label_smoothing": ("smoothing",),
-}
-
-# Losses the chunked path (`chunked_loss`, no [B, L, V] logits) supports:
-# those whose per-token loss is w[label] * nll. FACE is excluded because its count
-# update needs the argmax of the full logits; unlikelihood, focal and label smoothing
-# need other entries of the softmax than the label's.
-CHUNKABLE = frozenset({"ce", "pdl", "itf", "tlat_exp", "tlat_chi2"})
 
 # Above this ratio between the weight of a never-seen token and that of a token seen
 # once, a single rare label can dominate a batch (see `effective_sample_size`).
@@ -509,31 +485,3 @@ def cross_entropy_loss(
 
 
 LossFn = Callable[..., tuple[jax.Array, LossAux]]
-
-
-def _check_name(name: str) -> None:
-  if name not in LOSS_NAMES:
-    raise ValueError(f"loss name must be one of {LOSS_NAMES}; got {name!r}.")
-
-
-def resolve_reduction(name: str, reduction: str | None = None) -> str:
-  """The reduction loss `name` uses: `reduction`, or the paper's when None.
-
-  Losses without frequency weights (ce, unlikelihood, focal, label_smoothing) have
-  all token weights 1, where both reductions are the same; they report "tokens".
-  """
-  _check_name(name)
-  if reduction is not None:
-    check_reduction(reduction)
-  if name not in WEIGHTED_LOSSES:
-    return "tokens"
-  return DEFAULT_REDUCTION[name] if reduction is None else reduction
-
-
-def supports_chunked(name: str) -> bool:
-  """Whether loss `name` has a chunked path (config.loss.chunked=True).
-
-  Raises ValueError for an unknown name.
-  """
-  _check_name(name)
-  return name in CHUNKABLE

@@ -1,5 +1,5 @@
 """Hugging Face `tokenizers` tokenizer (tokenizer.json) behind the interface of
-`pdl_jax.tokenizer.Tokenizer`, for pretrained checkpoints.
+`pdl_jax.tokenizers.Tokenizer`, for pretrained checkpoints.
 
 Special ids come from the model directory: tokenizer_config.json (token strings or
 AddedToken dicts), then generation_config.json, then config.json; the first source
@@ -29,6 +29,19 @@ def _token_content(token: Any) -> str | None:
   return token if isinstance(token, str) else None
 
 
+def read_chat_template(folder: epath.Path, tokenizer_config: dict[str, Any]) -> str | None:
+  """The model's chat template: chat_template.jinja (as transformers v5 saves it), else
+  tokenizer_config.json's "chat_template" (a string, or a list of named templates of
+  which "default" is the chat one); None when the model has none."""
+  if (folder / "chat_template.jinja").exists():
+    return (folder / "chat_template.jinja").read_text()
+  template = tokenizer_config.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  return template if isinstance(template, str) and template else None
+
+
 def _ids(value: Any) -> list[int]:
   if value is None:
     return []
@@ -41,10 +54,12 @@ class HFTokenizer:
   """A tokenizer.json with batch encode/decode, special ids and a content hash."""
 
   def __init__(self, tokenizer_json: bytes, path: str = "<memory>",
-               special_sources: Sequence[dict[str, Any]] = ()):
+               special_sources: Sequence[dict[str, Any]] = (),
+               chat_template: str | None = None):
     """Wraps tokenizer.json bytes; `special_sources` are the parsed
     tokenizer_config.json, generation_config.json and config.json (in that order of
-    precedence); use `load` for a directory."""
+    precedence); `chat_template` the model's jinja chat template, if any; use
+    `load` for a directory."""
     self.path = path
     try:
       self._tok = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
@@ -71,6 +86,28 @@ class HFTokenizer:
     # Ids never shown in decoded text: the library's special tokens and ours.
     self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
     self._special |= {i for i in (self._bos, self._pad, *self.eos_ids) if i >= 0}
+    # Text is encoded with special-token strings split as text ("<|im_end|>" written in
+    # a target is not the EOS); the chat template's own markup with them parsed.
+    self._markup = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    self._tok.encode_special_tokens = True
+    config = special_sources[0] if special_sources else {}
+    # The special token strings a chat template refers to (bos_token, eos_token, ...).
+    self.special_tokens = {f"{kind}_token": _token_content(config.get(f"{kind}_token"))
+                           for kind in ("bos", "eos", "unk", "pad")}
+    self.chat_template = chat_template
+    self._prefix = self._added_prefix(config.get("add_bos_token"))
+
+  def _added_prefix(self, add_bos_token: Any) -> list[int]:
+    """The ids the tokenizer itself puts before a text: BOS when tokenizer_config's
+    add_bos_token says so, else what tokenizer.json's post-processor adds (Llama 3:
+    <|begin_of_text|>; Qwen, GPT-2, SmolLM: nothing). A named bos_token alone is
+    not a BOS the model was trained with."""
+    if isinstance(add_bos_token, bool):
+      return [self._bos] if add_bos_token and self._bos >= 0 else []
+    plain = self._markup.encode("a", add_special_tokens=False).ids
+    full = self._markup.encode("a", add_special_tokens=True).ids
+    start = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+    return full[:start]
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -83,9 +120,10 @@ class HFTokenizer:
           "directory with a tokenizer.json (or the file itself).")
     sources = []
     for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
-      if (folder / name).exists():
-        sources.append(json.loads((folder / name).read_text()))
-    return cls(file.read_bytes(), os.fspath(file), sources)
+      sources.append(json.loads((folder / name).read_text())
+                     if (folder / name).exists() else {})
+    return cls(file.read_bytes(), os.fspath(file), sources,
+               read_chat_template(folder, sources[0]))
 
   @property
   def vocab_size(self) -> int:
@@ -117,8 +155,9 @@ class HFTokenizer:
 
   @property
   def prompt_prefix_ids(self) -> list[int]:
-    """BOS where the model has one (Llama 3 and Gemma expect it at the start)."""
-    return [self._bos] if self._bos >= 0 else []
+    """What the tokenizer adds before a text (its BOS where it adds one: Llama 3 and
+    Gemma expect it at the start; SmolLM2 and Qwen add none)."""
+    return list(self._prefix)
 
   @property
   def separator_ids(self) -> list[int]:
@@ -139,6 +178,11 @@ class HFTokenizer:
     """
     del num_threads
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_markup(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of template text, its special-token strings as those tokens (no
+    BOS/EOS added): for chat markup, never for data."""
+    return [e.ids for e in self._markup.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
     """Text of each id sequence; special ids and ids past the tokenizer (padded

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pdl_jax import loss as L
+from pdl_jax.losses import pdl as L
 
 TLAT_KINDS = ("exp", "chi2")
 
@@ -354,26 +354,21 @@ def label_smoothing_loss_and_aux(
                                token_loss=jnp.where(mask > 0, token_loss, 0.0))
 
 
-_UNWEIGHTED = {"unlikelihood": (unlikelihood_loss_and_aux, "ul_alpha", 1.0),
-               "focal": (focal_loss_and_aux, "gamma", 2.0),
-               "label_smoothing": (label_smoothing_loss_and_aux, "smoothing", 0.1)}
+def unweighted(fn, key: str, default: float):
+  """Factory of a loss without frequency weights: make(**{key: value}) -> fn(logits,
+  labels, weights_V=None, *, mask) -> (loss, LossAux), `value` checked at once (a clear
+  error at config time, not at the first step's trace); None means `default`."""
+  def make(**params) -> L.LossFn:
+    value = params.get(key)
+    value = default if value is None else float(value)
+    if key == "smoothing":
+      if not (math.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"smoothing must be in [0, 1); got {value}.")
+    else:
+      _check_nonneg(key, value)
 
-
-def get_unweighted_loss(name: str, **params) -> L.LossFn:
-  """`losses.get_loss` for unlikelihood, focal and label_smoothing (use that)."""
-  if name not in _UNWEIGHTED:
-    raise ValueError(f"name must be one of {tuple(_UNWEIGHTED)}; got {name!r}.")
-  fn, key, default = _UNWEIGHTED[name]
-  value = params.get(key)
-  value = default if value is None else float(value)
-  # Validate now (a clear error at config time, not at the first step's trace).
-  if key == "smoothing":
-    if not (math.isfinite(value) and 0 <= value < 1):
-      raise ValueError(f"smoothing must be in [0, 1); got {value}.")
-  else:
-    _check_nonneg(key, value)
-
-  def loss_fn(logits, labels, weights=None, *, mask=None):
-    del weights  # No frequency weights.
-    return fn(logits, labels, mask=mask, **{key: value})
-  return loss_fn
+    def loss_fn(logits, labels, weights=None, *, mask=None):
+      del weights  # No frequency weights.
+      return fn(logits, labels, mask=mask, **{key: value})
+    return loss_fn
+  return make

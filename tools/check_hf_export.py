@@ -3,9 +3,9 @@
 Two steps, two venvs (torch is not a project dependency; see make_hf_fixtures.py):
 
     # 1. export every fixture (float32, bfloat16, one sharded) and the own model
-    python experiments/check_hf_export.py export /tmp/hf_export
+    python tools/check_hf_export.py export /tmp/hf_export
     # 2. load each with transformers.AutoModelForCausalLM and compare the logits
-    /work/hfvenv/bin/python experiments/check_hf_export.py check /tmp/hf_export
+    /work/hfvenv/bin/python tools/check_hf_export.py check /tmp/hf_export
 
 Step 2 prints the max relative error per export and exits non-zero when a float32
 export is off by more than 1e-5 or a bfloat16 one by more than 5e-2 (rounding the

