@@ -41,16 +41,29 @@ def _prefill(model, params, tokens_BxP, mask_BxP, total_len):
   cache = decoder_lib.init_cache(model.cfg, b, total_len)
   key_mask_BxS = jnp.concatenate(
       [mask_BxP, jnp.ones((b, total_len - p), mask_BxP.dtype)], axis=1)
-  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, _positions(mask_BxP),
-                                    key_mask_BxS, cache, 0)
+  hidden_BxPxD, cache = model.apply({"params": params}, tokens_BxP, _positions(mask_BxP),
+                                    key_mask_BxS, cache, 0, return_hidden=True)
+  # Only the last position is unembedded: the [B, P, V] float32 logits of the whole
+  # prompt (3 GB at batch 64, prompt 256, V 49152) are never made.
+  logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1],
+                           method=decoder_lib.Decoder.unembed_logits)
   next_pos_B = jnp.sum(mask_BxP, axis=1)
-  return logits_BxPxV[:, -1], cache, key_mask_BxS, next_pos_B
+  return logits_BxV, cache, key_mask_BxS, next_pos_B
 
 
 def _step(model, params, token_B, pos_B, key_mask_BxS, cache, index):
   logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], pos_B[:, None],
                                     key_mask_BxS, cache, index)
   return logits_Bx1xV[:, 0], cache
+
+
+def _eos_ids(eos_id: int | tuple[int, ...]) -> tuple[int, ...]:
+  """Every id that ends a generation (Llama 3 instruct has three, Qwen2.5 two)."""
+  return tuple(eos_id) if isinstance(eos_id, (tuple, list)) else (eos_id,)
+
+
+def _is_eos(token: jax.Array, eos_id: int | tuple[int, ...]) -> jax.Array:
+  return jnp.isin(token, jnp.asarray(_eos_ids(eos_id), jnp.int32))
 
 
 def _ban(logits_BxV: jax.Array, banned: tuple[int, ...]) -> jax.Array:
@@ -74,7 +87,7 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "method",
                                              "eos_id", "pad_id", "banned_ids"))
 def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
-             method: str = "greedy", eos_id: int = 1, pad_id: int = 0,
+             method: str = "greedy", eos_id: int | tuple[int, ...] = 1, pad_id: int = 0,
              top_p: float = 0.9, temperature: float = 1.0,
              banned_ids: tuple[int, ...] = ()) -> jax.Array:
   """Greedy or top-p continuations [B, max_new_tokens] of left-padded prompts."""
@@ -95,7 +108,7 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
   def body(carry, t):
     logits_BxV, cache, done_B = carry
     token_B = jnp.where(done_B, pad_id, choose(logits_BxV, t))
-    done_B = done_B | (token_B == eos_id)
+    done_B = done_B | _is_eos(token_B, eos_id)
     logits_BxV, cache = _step(model, params, token_B, pos_B + t, key_mask, cache, p + t)
     return (logits_BxV, cache, done_B), token_B
 
@@ -107,8 +120,9 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "beam_size",
                                              "eos_id", "pad_id", "banned_ids"))
 def beam_search(model, params, tokens_BxP, mask_BxP, *, max_new_tokens: int,
-                beam_size: int = 4, eos_id: int = 1, pad_id: int = 0,
-                length_penalty: float = 0.6, banned_ids: tuple[int, ...] = ()) -> jax.Array:
+                beam_size: int = 4, eos_id: int | tuple[int, ...] = 1,
+                pad_id: int = 0, length_penalty: float = 0.6,
+                banned_ids: tuple[int, ...] = ()) -> jax.Array:
   """Best beam [B, max_new_tokens] by log-prob / length ** length_penalty."""
   b, p = tokens_BxP.shape
   w = beam_size
@@ -140,7 +154,7 @@ def beam_search(model, params, tokens_BxP, mask_BxP, *, max_new_tokens: int,
     seqs_BxWxT = seqs_BxWxT.at[:, :, t].set(token_BxW)
     was_done = gather(done_BxW)
     lengths_BxW = gather(lengths_BxW) + (~was_done).astype(jnp.int32)
-    done_BxW = was_done | (token_BxW == eos_id)
+    done_BxW = was_done | _is_eos(token_BxW, eos_id)
     flat = (jnp.arange(b)[:, None] * w + beam_BxW).reshape(-1)
     cache = jax.tree.map(lambda c: c[:, flat], cache)
     logits, cache = _step(model, params, token_BxW.reshape(-1), pos + t, key_mask, cache,
@@ -168,17 +182,19 @@ def generate_without_cache(model, params, tokens_BxP, mask_BxP, *, max_new_token
     logits = np.asarray(apply(params, tokens, positions, mask))
     nxt = np.where(done, pad_id, logits[:, -1].argmax(-1)).astype(np.int32)
     out[:, t] = nxt
-    done |= nxt == eos_id
+    done |= np.isin(nxt, _eos_ids(eos_id))
     tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
     mask = np.concatenate([mask, np.ones((b, 1), mask.dtype)], axis=1)
   return out
 
 
 def decode(model, params, tokens_BxP, mask_BxP, rng, *, method: str, max_new_tokens: int,
-           eos_id: int, pad_id: int, beam_size: int = 4, top_p: float = 0.9,
-           temperature: float = 1.0, banned_ids: tuple[int, ...] = ()) -> jax.Array:
+           eos_id: int | tuple[int, ...], pad_id: int, beam_size: int = 4,
+           top_p: float = 0.9, temperature: float = 1.0,
+           banned_ids: tuple[int, ...] = ()) -> jax.Array:
   """Dispatch by method name ("greedy", "beam", "top_p").
 
+  eos_id: the id, or a tuple of ids, that end a generation (any of them).
   banned_ids: ids never generated (the caller passes pad, bos and the separator).
   """
   if method not in METHODS:
@@ -192,11 +208,14 @@ def decode(model, params, tokens_BxP, mask_BxP, rng, *, method: str, max_new_tok
                   temperature=temperature, banned_ids=banned_ids)
 
 
-def strip_after_eos(tokens: np.ndarray, eos_id: int, pad_id: int) -> list[list[int]]:
-  """Token lists cut at the first EOS, padding removed."""
+def strip_after_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...], pad_id: int
+                    ) -> list[list[int]]:
+  """Token lists cut at the first EOS (any of several ids), padding removed."""
+  eos = set(_eos_ids(eos_id))
   out = []
   for row in np.asarray(tokens).tolist():
-    if eos_id in row:
-      row = row[:row.index(eos_id)]
+    cut = next((i for i, t in enumerate(row) if t in eos), None)
+    if cut is not None:
+      row = row[:cut]
     out.append([t for t in row if t != pad_id])
   return out

@@ -69,8 +69,11 @@ class Evaluator:
     # Control ids, and a pretrained embedding's rows past its tokenizer: never
     # generated (no text has them).
     padding_rows = range(tokenizer.vocab_size, model.cfg.vocab_size)
+    # Every id that ends a generation (the EOS first): decoding stops on any of them.
+    self.eos_ids = (tokenizer.eos_id,) + tuple(
+        i for i in getattr(tokenizer, "eos_ids", ()) if i != tokenizer.eos_id)
     self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
-                                tokenizer.unk_id, *padding_rows} - {tokenizer.eos_id, -1}))
+                                tokenizer.unk_id, *padding_rows} - {*self.eos_ids, -1}))
 
   def __call__(self, state, step: int) -> dict[str, float]:
     c = self.config
@@ -113,10 +116,10 @@ class Evaluator:
       out = decode_lib.decode(self.model, params, tokens, mask,
                               jax.random.fold_in(rng, start), method=method,
                               max_new_tokens=c.eval.max_new_tokens,
-                              eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                              eos_id=self.eos_ids, pad_id=self.tok.pad_id,
                               beam_size=c.eval.beam_size, top_p=c.eval.top_p,
                               temperature=c.eval.temperature, banned_ids=self.banned)
-      hyp_ids.extend(decode_lib.strip_after_eos(utils.to_host(out), self.tok.eos_id,
+      hyp_ids.extend(decode_lib.strip_after_eos(utils.to_host(out), self.eos_ids,
                                                 self.tok.pad_id)[:len(chunk)])
     return self.tok.decode_batch(hyp_ids), hyp_ids
 

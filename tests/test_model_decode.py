@@ -135,3 +135,35 @@ def test_banned_ids_are_never_generated(tiny):
     out = np.asarray(D.decode(*args, method=method, max_new_tokens=6, eos_id=-1, pad_id=0,
                               banned_ids=banned))
     assert not set(out.ravel().tolist()) & set(banned)
+
+
+def test_every_eos_id_ends_a_generation(tiny):
+  """Llama 3 instruct stops on three ids, Qwen2.5 on two: any of them ends a row, in
+  every method, and is cut from the hypothesis."""
+  model, params, _ = tiny
+  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  args = (model, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0))
+  # Sampling (a fixed key: the same draw at each step) gives varied tokens to pick two
+  # EOS ids from: a token new in row 0 at step i and another new in row 1 at step j,
+  # neither made by the other row before its own stop.
+  free = np.asarray(D.decode(*args, method="top_p", max_new_tokens=8, eos_id=-1, pad_id=0,
+                             top_p=1.0))
+  def firsts(row):
+    return [(i, int(t)) for i, t in enumerate(row) if i and t not in row[:i]]
+  (i, a), (j, b) = next((x, y) for x in firsts(free[0]) for y in firsts(free[1])
+                        if x[1] != y[1] and y[1] not in free[0, :x[0] + 1]
+                        and x[1] not in free[1, :y[0] + 1])
+  out = np.asarray(D.decode(*args, method="top_p", max_new_tokens=8, eos_id=(a, b),
+                            pad_id=0, top_p=1.0))
+  np.testing.assert_array_equal(out[0, :i + 1], free[0, :i + 1])
+  np.testing.assert_array_equal(out[1, :j + 1], free[1, :j + 1])
+  assert (out[0, i + 1:] == 0).all() and (out[1, j + 1:] == 0).all()  # then padding
+  assert D.strip_after_eos(out, (a, b), 0) == [free[0, :i].tolist(), free[1, :j].tolist()]
+  for method in ("greedy", "beam"):
+    out = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=(a, b),
+                              pad_id=0))
+    for row in out.tolist():  # after the first EOS id, only padding
+      cut = next((i for i, t in enumerate(row) if t in (a, b)), None)
+      if cut is not None:
+        assert all(t == 0 for t in row[cut + 1:]), row
+  assert D.strip_after_eos(np.array([[5, 9, 6, 1]]), (1, 9), 0) == [[5]]

@@ -33,6 +33,10 @@ class Tokenizer(Protocol):
   def eos_id(self) -> int: ...
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends a generation (eos_id among them; Llama 3 instruct has three)."""
+
+  @property
   def bos_id(self) -> int: ...
 
   @property

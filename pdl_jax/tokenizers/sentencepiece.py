@@ -60,6 +60,11 @@ class SentencePieceTokenizer:
     return self._sp.eos_id()
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends a generation: the one EOS."""
+    return (self.eos_id,)
+
+  @property
   def bos_id(self) -> int:
     return self._sp.bos_id()
 
