@@ -8,12 +8,14 @@ import ml_collections
 from pdl_jax import decode as decode_lib
 from pdl_jax import losses
 from pdl_jax import tasks as tasks_lib
+from pdl_jax import user_data
 from pdl_jax import utils
 from pdl_jax.losses import chunked as chunked_loss
 from pdl_jax.losses import pdl as loss_lib
 from pdl_jax.losses import registry
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
+from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import offline
 
 
@@ -29,6 +31,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task={config.task!r}; expected one of {allowed_tasks}.")
   if config.task != tasks_lib.PRETRAIN:
     tasks_lib.get_dataset(config.task, config.dataset.name)
+  check_files_dataset(config)
   c = config.loss
   if c.name not in registry.LOSS_NAMES:
     raise ValueError(f"config.loss.name={c.name!r}; expected one of {registry.LOSS_NAMES}.")
@@ -72,6 +75,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        "config.json; expected a Hugging Face model directory (config.json, "
                        "*.safetensors, tokenizer files) or an offline model name of "
                        f"{sorted(offline.OFFLINE_MODELS)}.")
+    try:  # an unsupported family or option: now, not after the dataset build
+      hf_families.read_config(config.model.pretrained)
+    except ValueError as e:
+      raise ValueError(f"config.model.pretrained={config.model.pretrained!r}: {e}") from None
   prompt_format = config.data.prompt_format if "data" in config else None
   if prompt_format not in ("plain", "chat", None):
     raise ValueError(f"config.data.prompt_format={prompt_format!r}; expected 'plain', "
@@ -113,3 +120,49 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       utils.path(config.init_from) / "checkpoints").is_dir():
     raise ValueError(f"config.init_from={config.init_from!r} has no checkpoints/ folder; "
                      "expected the workdir of a finished run.")
+
+
+# The dataset fields only the user's own files read (dataset.name "files").
+_FILES_KEYS = ("train", "validation", "format", "context_field", "messages_field")
+
+
+def check_files_dataset(config: ml_collections.ConfigDict) -> None:
+  """The dataset fields of the user's own files (dataset.name "files"): their values,
+  and that the files exist and have a known format (nothing is read yet: a bad
+  record is reported when the split is read, still before training).
+
+  Raises:
+    ValueError: a bad key, naming it, its value and what is allowed; files fields set
+      without dataset.name "files"; no file for a path or glob (user_data.DataFileError).
+  """
+  d = config.dataset
+  if d.name != tasks_lib.FILES:
+    for key in _FILES_KEYS:
+      if d.get(key) is not None:
+        raise ValueError(f"config.dataset.{key}={d[key]!r} is only read with "
+                         f"config.dataset.name='files' (now {d.name!r}); set "
+                         "config.dataset.name='files' (or the config argument dataset=files).")
+    return
+  if config.task == tasks_lib.PRETRAIN:
+    raise ValueError("config.dataset.name='files' with config.task='pretrain'; the user's files "
+                     "are finetuning tasks (summarization, dialogue, style_transfer).")
+  if not d.get("train"):
+    raise ValueError("config.dataset.name='files' needs config.dataset.train: a file or glob "
+                     "(local or gs://), e.g. examples/support_summaries.jsonl.")
+  if d.format not in user_data.FORMATS + (None,):
+    raise ValueError(f"config.dataset.format={d.format!r}; expected one of "
+                     f"{user_data.FORMATS} or None (from each file's suffix).")
+  for key in ("prompt_field", "target_field", "context_field", "messages_field"):
+    if d[key] is not None and not (isinstance(d[key], str) and d[key]):
+      raise ValueError(f"config.dataset.{key}={d[key]!r}; expected a field name.")
+  if d.messages_field is not None and d.context_field is not None:
+    raise ValueError(f"config.dataset.context_field={d.context_field!r} with messages_field="
+                     f"{d.messages_field!r}; a chat record's messages are its context: set "
+                     "one of them.")
+  if d.validation is None and not 0 < d.validation_fraction < 1:
+    raise ValueError(f"config.dataset.validation_fraction={d.validation_fraction}; expected "
+                     "a fraction in (0, 1) of train to hold out (or config.dataset.validation).")
+  for key in ("train", "validation"):
+    if d[key] is not None:
+      for p in user_data.resolve(d[key], f"dataset.{key}"):
+        user_data.file_format(p, d.format)

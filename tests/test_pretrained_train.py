@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from pdl_jax import config_checks
 from pdl_jax import train
 from pdl_jax.models import decoder
 from pdl_jax.models.hf import families as hf_families
@@ -81,6 +82,9 @@ def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
   json.dump({**cfg, "model_type": "mixtral"}, open(moe / "config.json", "w"))
   with pytest.raises(ValueError, match="mixtral"):
     train.train_and_evaluate(pretrained_config(moe), str(tmp_path / "w1"))
+  # Found by the config check, before any dataset is built or tokenizer loaded.
+  with pytest.raises(ValueError, match=r"config.model.pretrained=.*moe.*'mixtral' is not"):
+    config_checks.validate_config(pretrained_config(moe))
   small = tmp_path / "small"
   shutil.copytree(FIXTURE, small)
   json.dump({**cfg, "vocab_size": 50}, open(small / "config.json", "w"))
