@@ -69,6 +69,15 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
+  # Your own data: dataset.name = "files" (pdl_jax/user_data.py; README "Your own data").
+  c.dataset.train = ml_collections.FieldReference(None, field_type=str)  # Training file or glob of shards (local or gs://), e.g. "data/train-*.jsonl"; dataset.name="files" only.
+  c.dataset.validation = ml_collections.FieldReference(None, field_type=str)  # Validation file or glob; None: validation_fraction of train held out.
+  c.dataset.validation_fraction = 0.05  # Share of train records held out (fixed seed) when there is no validation file.
+  c.dataset.format = ml_collections.FieldReference(None, field_type=str)  # "jsonl", "csv" or "tsv"; None: from each file's suffix (.jsonl/.ndjson, .csv, .tsv).
+  c.dataset.prompt_field = "prompt"  # Field (JSON key or CSV column) of the prompt text.
+  c.dataset.target_field = "target"  # Field of the target text (the loss is on it).
+  c.dataset.context_field = ml_collections.FieldReference(None, field_type=str)  # Optional field: a list of earlier turns, joined with the prompt by newlines (as the dialogue task).
+  c.dataset.messages_field = ml_collections.FieldReference(None, field_type=str)  # Instead of prompt/target: a chat record's list of {role, content}; the last assistant message is the target, the messages before it the prompt.
 
   c.tokenizer = ml_collections.ConfigDict()  # Own model's SentencePiece (a pretrained model brings its own).
   c.tokenizer.path = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/tokenizer.model (from init_from's run if set).
@@ -79,7 +88,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # Hugging Face model directory (local or gs://): shape, weights and tokenizer from there; None: the own model below.
   c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/transformer.py PRESETS).
   c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # Compute dtype "float32" or "bfloat16"; None: bfloat16 on accelerators, float32 on CPU.
-  c.model.param_dtype = "float32"  # Parameter dtype: "float32" or "bfloat16".
+  c.model.param_dtype = "float32"  # Parameter dtype: float32 (master weights; "bfloat16" is refused for training: AdamW's small updates would be lost).
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
   c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).

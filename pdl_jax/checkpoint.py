@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from pdl_jax import tasks as tasks_lib
+from pdl_jax import user_data
 from pdl_jax import utils
 from pdl_jax.losses import registry
 from pdl_jax.models import decoder as decoder_lib
@@ -49,7 +51,8 @@ def abstract_like(tree, shardings):
 def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   """What a workdir's checkpoints must agree with to be resumed by this config:
   every setting that changes what the run computes (not logging, evaluation or
-  the chunking of the loss, which give the same math)."""
+  the chunking of the loss, which give the same math); with the user's own files
+  (dataset.name "files"), the training files' content checksum."""
   loss = config.loss.to_dict()
   for key in ("chunked", "chunk_strategy", "chunk_size", "row_chunk_size", "window"):
     loss.pop(key, None)
@@ -78,6 +81,11 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
       "batch_size": config.batch_size, "num_steps": config.num_steps,
       "seed": config.seed, "skip_nonfinite_steps": config.skip_nonfinite_steps,
   }
+  # The user's own files: their content (a changed training file refuses a resume,
+  # reported as "dataset_files_sha256: stored ..., now ...") and the fields read from
+  # them. Only for them, so every other run's fingerprint is as before.
+  if config.dataset.name == tasks_lib.FILES:
+    fp.update(user_data.fingerprint(config.dataset))
   return json.loads(json.dumps(fp))  # as the meta stores it (tuples become lists)
 
 

