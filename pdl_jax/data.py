@@ -174,7 +174,15 @@ class TrainBatches:
     return int((self.examples.lengths[self.global_indices(step)] - 1).sum())
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch at `step`."""
     return make_batch(self.examples, self.indices(step))
+
+  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The whole global batch at `step` (every process can build it: each holds the
+    whole split). Placing it with jax.make_array_from_callback gives every device its
+    rows of the batch sharding, whatever the mesh: a batch shard replicated on devices
+    of several processes (the model axis spanning hosts) gets the same rows on each."""
+    return make_batch(self.examples, self.global_indices(step))
 
 
 def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

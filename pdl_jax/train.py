@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from pdl_jax import checkpoint as ckpt_lib
@@ -159,6 +160,17 @@ def train_step(state: state_lib.TrainState, batch, weights_V, *, loss_fn, tx,
 # ---------------------------------------------------------------------------
 
 
+def place_batch(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Sharding
+                ) -> dict[str, jax.Array]:
+  """The global batch as arrays in `batch_sharding`, each device given its rows by
+  index. Not make_array_from_process_local_data of per-process rows: where a batch
+  shard is replicated on devices of several processes (the model axis spans hosts, or
+  data x fsdp is smaller than the process count) those processes' rows would differ
+  and the replicas would train on different data, without an error."""
+  return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
 def eval_at_start(config) -> bool:
   """config.eval.at_start, or for None: whether the run finetunes a pretrained model
   (its step-0 eval is the base model's row of every table)."""
@@ -240,8 +252,7 @@ class _Loop:
       meter = _Meter(step, config.num_steps)
       while step < stop_at:
         meter.tokens += self.batches.real_tokens(step)
-        batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                 for k, v in self.batches(step).items()}  # the data position is the step
+        batch = place_batch(self.batches.global_batch(step), self.batch_sharding)
         with jax.set_mesh(self.mesh):  # activation constraints resolve against it
           self.state, m = self.step_fn(self.state, batch, self.weights_V)
         step += 1

@@ -64,6 +64,37 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_batch_replicated_across_processes_gets_the_same_rows(data_dir, tmp_path):  # noqa: F811
+  """mesh data=1 x model=4 over 2 processes of 2 devices: the batch is replicated on
+  devices of both processes. Each device must get the global batch's rows (placed by
+  index), not its process's half: then two processes train as one does."""
+  model4 = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.model=4"]
+  one = tmp_path / "one"
+  e = env()
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  done = subprocess.run(command(one, data_dir, *steps_args(*model4)), cwd=ROOT, env=e,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  two, port = tmp_path / "two", free_port()
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  procs = [subprocess.Popen(
+      command(two, data_dir, *steps_args(*model4), f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2", f"--process_id={i}"),
+      cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+  assert "mesh data=1 fsdp=1 model=4 on 4 cpu devices" in outs[0]
+  (s1, p1), (s2, p2) = params_and_steps(one), params_and_steps(two)
+  assert s1 == s2 == 6
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  losses = [[json.loads(line).get("train/loss") for line in open(w / "metrics.jsonl")]
+            for w in (one, two)]
+  np.testing.assert_allclose(np.array(losses[1], float), np.array(losses[0], float),
+                             rtol=1e-5)
+
+
 COUNTS_SCRIPT = """
 import sys
 import jax

@@ -206,19 +206,19 @@ def test_preempted_at_a_log_and_eval_step_keeps_its_records(tmp_path, monkeypatc
   from pdl_jax import data as data_lib
   overrides = {"num_steps": 6, "log_every": 2, "eval_every": 4, "checkpoint_every": 100}
   run(tmp_path / "ref", **overrides)
-  call = data_lib.TrainBatches.__call__
+  call = data_lib.TrainBatches.global_batch
 
   def preempting(self, step):
     if step == 3:  # the batch of step 4 (steps count from 1 after the update)
       os.kill(os.getpid(), signal.SIGTERM)
     return call(self, step)
 
-  monkeypatch.setattr(data_lib.TrainBatches, "__call__", preempting)
+  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", preempting)
   with pytest.raises(SystemExit) as stopped:
     run(tmp_path / "w", **overrides)
   assert stopped.value.code == 128 + signal.SIGTERM
   assert final_params(tmp_path / "w")[0] == 4
-  monkeypatch.setattr(data_lib.TrainBatches, "__call__", call)
+  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", call)
   run(tmp_path / "w", **overrides)
 
   def records(workdir):
