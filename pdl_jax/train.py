@@ -319,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     utils.log(f"pretrained: {config.model.pretrained} in "
               f"{offline.local_dir(config.model.pretrained)}")
   mesh = make_mesh(config)
+  utils.check_shared_dir(workdir)  # several processes: one workdir, or a hang later
   if not config.resume:
     ckpt_lib.archive_previous_run(workdir)  # process 0 moves, then a barrier
   utils.log(f"workdir {workdir}; {sharding.mesh_summary(mesh)}")

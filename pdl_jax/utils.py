@@ -108,3 +108,33 @@ def allgather_int64(values: np.ndarray) -> np.ndarray:
   gathered = np.asarray(multihost_utils.process_allgather(halves))
   gathered = np.ascontiguousarray(gathered.astype(np.int32))
   return gathered.view(np.int64).reshape((jax.process_count(),) + values.shape)
+
+
+def check_shared_dir(folder: str, what: str = "workdir") -> None:
+  """With several processes: that every process sees the same `folder` (one shared
+  storage, e.g. gs://). Process 0 writes a marker with a random name; a process that
+  does not see it has a host-local folder, where branches on what a process finds
+  there (a checkpoint, the token stats) would split the processes before a
+  collective and hang the run. A collective: every process calls it at start.
+
+  Raises:
+    ValueError: some process does not see process 0's marker (names the folder).
+  """
+  if jax.process_count() == 1:
+    return
+  token = allgather_int64(np.array([uuid.uuid4().int % (1 << 62)]))[0, 0]
+  marker = path(folder) / f".shared-check-{int(token):x}"
+  if jax.process_index() == 0:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+  sync(f"shared-check write {what}")  # the same name on every process
+  seen = marker.exists()
+  missing = allgather_int64(np.array([0 if seen else 1]))[:, 0]
+  sync(f"shared-check read {what}")
+  if jax.process_index() == 0:
+    marker.unlink(missing_ok=True)
+  if missing.any():
+    raise ValueError(
+        f"{what} {folder!r} is not shared by all {jax.process_count()} processes: "
+        f"processes {np.flatnonzero(missing).tolist()} do not see a file process 0 wrote "
+        "there. Use storage every host sees (gs://BUCKET/..., or a shared filesystem).")

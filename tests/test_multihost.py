@@ -140,6 +140,25 @@ def test_several_processes_need_an_explicit_workdir(tmp_path):
   assert not os.listdir(tmp_path)  # no per-host default folder
 
 
+def test_a_workdir_not_every_process_sees_is_refused_at_start(tmp_path):
+  """Host-local workdirs (each process its own folder): refused before any work, on
+  every process, instead of a hang at the first collective after a branch on what a
+  process finds there (e.g. token stats present on one host only on resume)."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "pdl_jax.main", "--config=configs/dialogue.py:smoke",
+       f"--workdir={tmp_path / f'host{i}'}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert all(p.returncode != 0 for p in procs), outs
+  assert all("is not shared by all 2 processes: processes [1] do not see" in o
+             for o in outs), [o[-1500:] for o in outs]
+  assert sorted(os.listdir(tmp_path / "host0")) == []  # the marker is gone, nothing else
+  assert not (tmp_path / "host1").exists() or not os.listdir(tmp_path / "host1")
+
+
 def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path, monkeypatch):
   """Process 1 of 2 neither moves the earlier run nor builds the dataset; it waits at
   the barrier that follows process 0's work (the barrier is recorded here)."""
