@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pdl_jax import data as data_lib
+from pdl_jax import tasks as tasks_lib
+from pdl_jax import user_data
 from pdl_jax import utils
 from pdl_jax.losses import pdl as loss_lib
 from pdl_jax.losses import registry
@@ -397,11 +399,16 @@ def prepare_stats(config, workdir: str, tokenizer: Tokenizer,
 
 
 def count_settings(config) -> dict[str, Any]:
-  """The settings that decide which tokens the loss sees."""
-  return {"task": config.task, "dataset": config.dataset.name,
-          "max_train_examples": config.dataset.max_train_examples,
-          "seq_len": config.seq_len, "max_target_len": config.max_target_len,
-          "pretrained": config.model.pretrained}
+  """The settings that decide which tokens the loss sees; with the user's own files
+  (dataset.name "files"), their content and fields too, so stats counted from an
+  earlier version of a file are refused."""
+  settings = {"task": config.task, "dataset": config.dataset.name,
+              "max_train_examples": config.dataset.max_train_examples,
+              "seq_len": config.seq_len, "max_target_len": config.max_target_len,
+              "pretrained": config.model.pretrained}
+  if config.dataset.name == tasks_lib.FILES:
+    settings.update(user_data.fingerprint(config.dataset))
+  return settings
 
 
 def prepare_weights(config, workdir: str, stats: TokenStats, *, resuming: bool,
