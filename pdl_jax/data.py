@@ -270,8 +270,14 @@ def get_tokenizer(config, workdir: str,
   """A pretrained model's tokenizer (in the config's prompt format), the configured
   one, init_from's, or one trained once in the workdir."""
   if config.model.pretrained is not None:
-    return with_prompt_format(tok_lib.load(config.model.pretrained),  # never retrained
-                              config.data.prompt_format)
+    tokenizer = tok_lib.load(config.model.pretrained)  # never retrained or resized
+    if tokenizer.eos_id < 0:  # -1 would index the embedding's last row
+      raise ValueError(
+          f"the tokenizer {tokenizer.path} of {config.model.pretrained!r} has no EOS token "
+          "(no eos_token in tokenizer_config.json, no eos_token_id in "
+          "generation_config.json or config.json): targets could not end and generation "
+          "could not stop; add one to tokenizer_config.json.")
+    return with_prompt_format(tokenizer, config.data.prompt_format)
   path = config.tokenizer.path
   if path is None and config.init_from is not None:
     path = str(utils.path(config.init_from) / TOKENIZER_FILENAME)

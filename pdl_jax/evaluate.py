@@ -30,12 +30,14 @@ def eval_sums(params, loss_state_V, batch, weights_V, *, loss_fn, reduction: str
           "loss_num": loss * den, "loss_den": den}
 
 
-def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray) -> float:
+def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray,
+                num_tokens: int | None = None) -> float:
   """NLL (nats/token) of the examples' loss tokens under the add-one smoothed train
-  unigram distribution: the bar a model must clear to have learned more than
-  frequencies."""
+  unigram distribution over the tokenizer's `num_tokens` ids: the bar a model must
+  clear to have learned more than frequencies."""
   ids = examples.seqs[examples.loss_positions()]
-  return float(-metrics_lib.add_one_log_probs(counts_V)[ids].mean()) if ids.size else 0.0
+  log_probs = metrics_lib.add_one_log_probs(counts_V, num_tokens)
+  return float(-log_probs[ids].mean()) if ids.size else 0.0
 
 
 class Evaluator:
@@ -65,7 +67,7 @@ class Evaluator:
     self.prompt_len = max(len(p) for p in prompts)
     self.prompts = prompts
     self.ref_ids = tokenizer.encode_batch(examples.targets)
-    self.unigram_nll = unigram_nll(examples, counts_V)
+    self.unigram_nll = unigram_nll(examples, counts_V, tokenizer.vocab_size)
     # Control ids, and a pretrained embedding's rows past its tokenizer: never
     # generated (no text has them).
     padding_rows = range(tokenizer.vocab_size, model.cfg.vocab_size)

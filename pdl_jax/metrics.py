@@ -76,11 +76,18 @@ def frequent_head(counts_V: np.ndarray, mass: float = 0.5) -> np.ndarray:
   return (mass_before(counts_V) < mass) & (counts_V > 0)
 
 
-def add_one_log_probs(counts_V: np.ndarray) -> np.ndarray:
+def add_one_log_probs(counts_V: np.ndarray, num_tokens: int | None = None) -> np.ndarray:
   """Natural log of the add-one smoothed relative frequency of each id: the train
-  unigram model (its NLL is the bar a model must clear) and surprisal."""
+  unigram model (its NLL is the bar a model must clear) and surprisal.
+
+  The smoothing is over the tokenizer's `num_tokens` ids (default: all of counts_V),
+  not over a pretrained embedding's padding rows, which no text has: so
+  eval/unigram_nll means the same for every model. Padding rows get -inf."""
   counts = counts_V.astype(np.float64)
-  return np.log((counts + 1.0) / (counts.sum() + len(counts)))
+  n = len(counts) if num_tokens is None else min(int(num_tokens), len(counts))
+  out = np.full(len(counts), -np.inf)
+  out[:n] = np.log((counts[:n] + 1.0) / (counts[:n].sum() + n))
+  return out
 
 
 def surprisal_bits(counts_V: np.ndarray) -> np.ndarray:

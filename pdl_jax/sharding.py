@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pdl_jax import utils
+
 # The mesh axes every config names, in order: data parallelism, fully sharded data
 # parallelism (ZeRO-3), tensor/model parallelism.
 MESH_AXES = ("data", "fsdp", "model")
@@ -126,6 +128,9 @@ def named_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes))
 
 
+_REPLICATED_LOGGED: set[str] = set()
+
+
 def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   """`spec` without the mesh axes of size 1 and those that do not divide their
   array axis.
@@ -141,6 +146,13 @@ def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     names = tuple(n for n in names if mesh.shape[n] > 1)
     size = math.prod(mesh.shape[n] for n in names)
+    if names and dim % size:
+      # Said once per case: a replicated axis costs memory and compute on every device.
+      message = (f"sharding: an axis of size {dim} does not divide over mesh axes "
+                 f"{names} (size {size}): replicated on them instead")
+      if message not in _REPLICATED_LOGGED:
+        _REPLICATED_LOGGED.add(message)
+        utils.log(message)
     if not names or dim % size:
       out.append(None)
     else:

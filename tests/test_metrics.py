@@ -64,3 +64,17 @@ def test_most_frequent_token_is_in_decile_zero_even_above_a_tenth_of_the_mass():
   np.testing.assert_allclose(M.frequency_buckets([[0]], counts), [1.0] + [0.0] * 9)
   hist = M.frequency_buckets([[1], [2], [3], [4]], counts)
   assert hist[6] == hist[8] == 0.25 and hist[9] == 0.5  # mass before: 0.6, 0.8, 0.9; unseen
+
+
+def test_unigram_smoothing_is_over_the_tokenizers_ids_only():
+  """A pretrained embedding's padding rows (Qwen2: 151,936 rows, 151,665 tokens) are no
+  tokens: add-one smoothing over them would lower every token's probability and make
+  eval/unigram_nll depend on the padding."""
+  from pdl_jax import metrics
+  counts = np.array([3, 1, 0, 0, 0], np.int64)  # ids 3, 4: padding rows
+  got = metrics.add_one_log_probs(counts, num_tokens=3)
+  np.testing.assert_allclose(got[:3], np.log(np.array([4, 2, 1]) / 7.0))
+  assert np.isneginf(got[3:]).all()
+  np.testing.assert_allclose(metrics.add_one_log_probs(counts[:3]), got[:3])  # no padding
+  np.testing.assert_allclose(metrics.add_one_log_probs(counts),
+                             np.log(np.array([4, 2, 1, 1, 1]) / 9.0))  # default: all rows

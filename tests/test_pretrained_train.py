@@ -90,5 +90,14 @@ def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
   json.dump({**cfg, "vocab_size": 50}, open(small / "config.json", "w"))
   with pytest.raises(ValueError, match="more than the 50 embedding rows"):
     train.train_and_evaluate(pretrained_config(small), str(tmp_path / "w2"))
-  for w in ("w0", "w1", "w2"):
+  no_eos = tmp_path / "no_eos"  # no EOS anywhere: eos would be -1, the last row
+  shutil.copytree(FIXTURE, no_eos)
+  for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+    d = json.load(open(no_eos / name))
+    d.pop("eos_token", None)
+    d.pop("eos_token_id", None)
+    json.dump(d, open(no_eos / name, "w"))
+  with pytest.raises(ValueError, match="no_eos.* has no EOS token"):
+    train.train_and_evaluate(pretrained_config(no_eos), str(tmp_path / "w3"))
+  for w in ("w0", "w1", "w2", "w3"):
     assert not (tmp_path / w / "checkpoints").exists()  # refused before any training

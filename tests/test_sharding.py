@@ -101,11 +101,19 @@ def test_pdl_sharded_equals_single_device(dtype):
                              np.asarray(single[1], np.float32), rtol=1e-5, atol=1e-7)
 
 
-def test_axes_the_mesh_does_not_divide_are_replicated():
+def test_axes_the_mesh_does_not_divide_are_replicated(capsys):
+  sharding._REPLICATED_LOGGED.clear()  # said once per process: earlier tests may have
   mesh = sharding.make_mesh({"fsdp": 4, "model": 2})
   assert sharding.divisible_spec(P("fsdp", "model"), (64, 6), mesh) == P("fsdp", "model")
-  # 3 heads on model=2 and a 6-wide axis on fsdp=4: replicated, not an error.
+  assert "replicated" not in capsys.readouterr().err
+  # 3 heads on model=2 and a 6-wide axis on fsdp=4: replicated, not an error, and said
+  # (once per case: e.g. 14 heads on model=4 would cost every device all heads).
   assert sharding.divisible_spec(P("fsdp", "model"), (6, 3), mesh) == P(None, None)
+  sharding.divisible_spec(P("fsdp", "model"), (6, 3), mesh)
+  err = capsys.readouterr().err
+  assert err.count("an axis of size 3 does not divide over mesh axes ('model',) (size 2): "
+                   "replicated") == 1
+  assert err.count("an axis of size 6 does not divide over mesh axes ('fsdp',)") == 1
   assert sharding.divisible_spec(P(("data", "fsdp")), (8,), mesh) == P("fsdp")  # data=1
   assert sharding.divisible_spec(P(("data", "fsdp")), (8,), sharding.make_mesh(
       {"data": 2, "fsdp": 4})) == P(("data", "fsdp"))
