@@ -53,9 +53,15 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   every setting that changes what the run computes (not logging, evaluation or
   the chunking of the loss, which give the same math); with the user's own files
   (dataset.name "files"), the training files' content checksum."""
-  loss = config.loss.to_dict()
-  for key in ("chunked", "chunk_strategy", "chunk_size", "row_chunk_size", "window"):
-    loss.pop(key, None)
+  # The loss: its name and the hyperparameters of that loss (its LossSpec's params and
+  # weight params; reduction and EOS weight for a weighted loss), not the other losses'
+  # fields, which do not change what it computes (a CE run resumes whatever loss.alpha
+  # says). Chunking and the window give the same math: left out too.
+  spec = registry.spec(config.loss.name)
+  keys = {"name", *spec.params, *spec.weight_params}
+  if spec.weighted:
+    keys |= {"reduction", "eos_weight"}
+  loss = {k: v for k, v in config.loss.to_dict().items() if k in keys}
   # Rematerialisation changes what the backward pass stores, not what it computes: a
   # run may be resumed with it switched. scan_layers changes the param tree, so it
   # stays, but only when on: runs from before the field existed resume unscanned.

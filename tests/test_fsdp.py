@@ -204,6 +204,28 @@ def test_runs_resume_with_another_accumulation_split():
     ckpt_lib.check_fingerprint(fa, ckpt_lib.fingerprint(c, Tok, {}), "test")
 
 
+def test_fingerprint_holds_only_the_runs_own_loss_hyperparameters():
+  """A CE run resumes whatever loss.alpha or loss.gamma say (they are other losses');
+  a PDL run refuses another alpha, a focal run another gamma."""
+  class Tok:
+    sha256, vocab_size = "t", 64
+  def fp(**kw):
+    return ckpt_lib.fingerprint(tiny_config(**kw), Tok, {})
+  ce = fp(**{"loss.name": "ce"})
+  assert ce["loss"] == {"name": "ce"}
+  ckpt_lib.check_fingerprint(ce, fp(**{"loss.name": "ce", "loss.alpha": 0.25,
+                                       "loss.gamma": 5.0}), "test")
+  with pytest.raises(ValueError, match=r"loss.alpha: stored 0.5, now 0.25"):
+    ckpt_lib.check_fingerprint(fp(**{"loss.name": "pdl"}),
+                               fp(**{"loss.name": "pdl", "loss.alpha": 0.25}), "test")
+  focal = fp(**{"loss.name": "focal"})
+  ckpt_lib.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.alpha": 0.1}), "t")
+  with pytest.raises(ValueError, match=r"loss.gamma: stored 2.0, now 3.0"):
+    ckpt_lib.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.gamma": 3.0}), "t")
+  with pytest.raises(ValueError, match=r"loss.name: stored 'ce', now 'pdl'"):
+    ckpt_lib.check_fingerprint(ce, fp(**{"loss.name": "pdl"}), "test")
+
+
 def test_chunk_strategy_is_vocab_when_the_batch_is_split():
   """The tokens strategy all-reduces a [D, V] sum per row block on a split batch."""
   c = tiny_config()
