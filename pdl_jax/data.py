@@ -89,22 +89,28 @@ def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer
   dropped = len(targets) - len(keep)
   prompts = [prompts[i] for i in keep]
   targets = [targets[i] for i in keep]
-  p_ids = tokenizer.encode_batch(prompts)
-  t_ids = tokenizer.encode_batch(targets)
+  prefix, sep, eos = (list(tokenizer.prompt_prefix_ids), list(tokenizer.separator_ids),
+                      tokenizer.eos_id)
+  if hasattr(tokenizer, "encode_parts"):
+    # A text separator (a pretrained model's newline): the parts as the joined text
+    # `prompt \n target` is tokenized (Metaspace tokenizers prefix a text encoded
+    # alone with '▁': the model would see " \n The" for "\nThe").
+    p_ids, sep_ids, t_ids = tokenizer.encode_parts(prompts, targets)
+  else:
+    p_ids, t_ids = tokenizer.encode_batch(prompts), tokenizer.encode_batch(targets)
+    sep_ids = [sep] * len(prompts)
   total = seq_len + 1
   seqs = np.full((len(keep), total), tokenizer.pad_id, np.int32)
   target_start = np.zeros(len(keep), np.int32)
   lengths = np.zeros(len(keep), np.int32)
   truncated = targets_truncated = 0
-  prefix, sep, eos = (list(tokenizer.prompt_prefix_ids), list(tokenizer.separator_ids),
-                      tokenizer.eos_id)
-  fixed = len(prefix) + len(sep)
-  if total - fixed < 3:
+  if total - len(prefix) - len(sep) < 3:
     raise ValueError(f"seq_len={seq_len} leaves no room next to the tokenizer's prefix "
                      f"{prefix} and separator {sep}.")
-  # A prompt token, the prefix, the separator and EOS always fit.
-  room_for_target = min(max_target_len, total - fixed - 2)
-  for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+  for i, (p, sep, t) in enumerate(zip(p_ids, sep_ids, t_ids)):
+    fixed = len(prefix) + len(sep)
+    # A prompt token, the prefix, the separator and EOS always fit.
+    room_for_target = max(1, min(max_target_len, total - fixed - 2))
     # Target first (it is what is learned), then as much prompt as fits.
     cut_t = t[:room_for_target] if len(t) > room_for_target else t + [eos]
     room = total - fixed - len(cut_t)

@@ -167,3 +167,44 @@ def test_export_keeps_the_chat_template_and_every_eos(tmp_path):
   orig = data_lib.with_prompt_format(HFTokenizer.load(src), None)
   assert (back.prompt_prefix_ids, back.separator_ids, back.eos_id) == (
       orig.prompt_prefix_ids, orig.separator_ids, orig.eos_id)
+
+
+def _metaspace_folder(tmp_path, newline_merges: bool):
+  """A Metaspace BPE tokenizer (the Llama 2 / Mistral kind: every text encoded alone
+  starts with '▁'), trained here on a few texts, in a model folder."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+  tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+  texts = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea."]
+  if newline_merges:
+    texts = [t + "\nThe end." for t in texts]
+  tok.train_from_iterator(texts * 20, trainers.BpeTrainer(
+      vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n"]))
+  folder = tmp_path / ("meta_merge" if newline_merges else "meta")
+  folder.mkdir()
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+  return folder
+
+
+@pytest.mark.parametrize("newline_merges", [False, True])
+def test_plain_layout_equals_the_joined_text_for_metaspace_tokenizers(tmp_path,
+                                                                      newline_merges):
+  tok = HFTokenizer.load(_metaspace_folder(tmp_path, newline_merges))
+  raw = tokenizers.Tokenizer.from_file(str(tmp_path / ("meta_merge" if newline_merges
+                                                       else "meta") / "tokenizer.json"))
+  prompts, targets = ["the lazy fox", "she sells"], ["The quick dog", "sea shells"]
+  ex = data_lib.encode_examples(prompts, targets, tok, seq_len=40, max_target_len=16)
+  for i, (p, t) in enumerate(zip(prompts, targets)):
+    joined = raw.encode(p + "\n" + t, add_special_tokens=False).ids
+    n = int(ex.lengths[i])
+    assert ex.seqs[i, :n].tolist() == joined + [tok.eos_id]  # the text the model sees
+    # Encoded alone, the separator and the target would each start with '▁'.
+    alone = tok.encode_batch([p])[0] + tok.separator_ids + tok.encode_batch([t])[0]
+    assert alone != joined
+    # The loss covers the target's tokens (a token merging the newline into the
+    # target's first word included) and EOS.
+    loss_text = tok.decode_batch([ex.seqs[i][ex.loss_positions()[i]].tolist()])[0]
+    assert loss_text.strip() == t

@@ -29,6 +29,11 @@ def _token_content(token: Any) -> str | None:
   return token if isinstance(token, str) else None
 
 
+# Between prompt and target in the plain format: a pretrained model's prompt format is
+# text, so no new token is added to its vocabulary.
+_SEPARATOR = "\n"
+
+
 def read_chat_template(folder: epath.Path, tokenizer_config: dict[str, Any]) -> str | None:
   """The model's chat template: chat_template.jinja (as transformers v5 saves it), else
   tokenizer_config.json's "chat_template" (a string, or a list of named templates of
@@ -163,7 +168,7 @@ class HFTokenizer:
   def separator_ids(self) -> list[int]:
     """A newline between prompt and target: a pretrained model's prompt format is
     plain text, so no special token is added to its vocabulary."""
-    return self.encode_batch(["\n"])[0]
+    return self.encode_batch([_SEPARATOR])[0]
 
   def padding_ids(self, num_embeddings: int) -> tuple[int, ...]:
     """Embedding rows past the tokenizer (a model's padded vocabulary): ids no text has,
@@ -178,6 +183,29 @@ class HFTokenizer:
     """
     del num_threads
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_parts(self, prompts: Sequence[str], targets: Sequence[str]
+                   ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt ids, separator ids, target ids) of each example, as the joined text
+    `prompt + "\n" + target` is tokenized: one encode and its character offsets (a
+    token belongs to the part its text ends in). Encoding the parts alone differs
+    for Metaspace tokenizers (Llama 2, Mistral: each text alone starts with '▁', so
+    "\n" alone is ['▁', '\n'] and "The" alone '▁The', where the joined text has
+    '\n', 'The') and where a BPE merge crosses a boundary."""
+    texts = [p + _SEPARATOR + t for p, t in zip(prompts, targets)]
+    p_ids, sep_ids, t_ids = [], [], []
+    for p, enc in zip(prompts, self._tok.encode_batch(texts, add_special_tokens=False)):
+      parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+      sep_end = len(p) + len(_SEPARATOR)
+      for token, (_, end) in zip(enc.ids, enc.offsets):
+        # A token belongs to the part its text ends in: one that merges the newline
+        # with the target's first letters ('\nThe') is the target's, so the loss
+        # covers them (and no token is ever split).
+        parts[0 if end <= len(p) else 1 if end <= sep_end else 2].append(token)
+      p_ids.append(parts[0])
+      sep_ids.append(parts[1])
+      t_ids.append(parts[2])
+    return p_ids, sep_ids, t_ids
 
   def encode_markup(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of template text, its special-token strings as those tokens (no
