@@ -148,7 +148,7 @@ def test_kv_cache_decoding_equals_full_forward(name):
   logits, _ = jax.jit(model.apply)({"params": params}, full_tokens, positions, full_mask)
   np.testing.assert_array_equal(np.asarray(logits)[:, 8:8 + new].argmax(-1), cached)
   assert decoder_lib.init_cache(cfg, 2, 15)["k"].shape == (
-      cfg.num_layers, 2, 15, cfg.num_kv_heads, cfg.head_dim)  # KV heads only
+      cfg.num_layers, 2, cfg.num_kv_heads, 15, cfg.head_dim)  # KV heads only
 
 
 @pytest.mark.parametrize("name", FAMILIES)

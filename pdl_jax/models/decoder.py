@@ -12,7 +12,7 @@ drives either:
     __call__(tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
              cache_index=None, return_hidden=False) -> (logits_BxLxV | hidden_BxLxD, cache)
 
-The KV cache ({"k", "v"}: [layers, B, S, KV, K]) holds the KV heads only; each KV
+The KV cache ({"k", "v"}: [layers, B, KV, S, K], head-major) holds the KV heads only; each KV
 head serves num_heads / num_kv_heads query heads. Parameter names match
 `tests/reference_transformer.Transformer` (the first own model) (embed, block_i/attn/{query,key,value,out},
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
@@ -324,16 +324,19 @@ class Attention(nn.Module):
       k_BxLxGxK = apply_rotary(k_BxLxGxK, cos_BxLx1xK2, sin_BxLx1xK2)
     else:
       q_BxLxHxK = q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype)
+    # Keys and values head-major ([B, G, S, K]): the cache is stored so, and the
+    # attention reads it as [B * G, S, K] without a copy of the whole cache per token.
+    k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3), v_BxLxGxK.transpose(0, 2, 1, 3)
     if kv is not None:  # write this chunk into the cache, attend over all of it
       k_cache, v_cache = kv
-      k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, k_BxLxGxK.astype(k_cache.dtype), cache_index, axis=1)
-      v_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, v_BxLxGxK.astype(v_cache.dtype), cache_index, axis=1)
-      kv = (k_BxSxGxK, v_BxSxGxK)
+      k_BxGxSxK = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, k_BxGxLxK.astype(k_cache.dtype), cache_index, axis=2)
+      v_BxGxSxK = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, v_BxGxLxK.astype(v_cache.dtype), cache_index, axis=2)
+      kv = (k_BxGxSxK, v_BxGxSxK)
     else:
-      k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
-    b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
+      k_BxGxSxK, v_BxGxSxK = k_BxGxLxK, v_BxGxLxK
+    b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxGxSxK.shape[2]
     r = h // g
     # Head-major layouts, so both attention matmuls (and their gradients) are plain
     # batched matmuls over N = B * G (one batch axis: a size-1 G axis of its own
@@ -343,8 +346,8 @@ class Attention(nn.Module):
     # uses KV head i // R, the order of transformers' repeat_kv.
     q_NxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
         b * g, r * l, k)
-    k_NxSxK = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
-    v_NxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3).reshape(b * g, s, k)
+    k_NxSxK = k_BxGxSxK.astype(dtype).reshape(b * g, s, k)
+    v_NxSxK = v_BxGxSxK.astype(dtype).reshape(b * g, s, k)
     logits_NxMxS = jnp.einsum("nmk,nsk->nms", q_NxMxK, k_NxSxK,
                               preferred_element_type=jnp.float32)
     # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
@@ -506,7 +509,7 @@ class Decoder(nn.Module):
     if cache is None:
       s, query_index = l, jnp.arange(l)
     else:
-      s, query_index = cache["k"].shape[2], cache_index + jnp.arange(l)
+      s, query_index = cache["k"].shape[3], cache_index + jnp.arange(l)
     if cfg.sliding_window is not None and s > cfg.sliding_window:
       raise ValueError(
           f"{cfg.model_type}: sliding-window attention (window {cfg.sliding_window}) is not "
@@ -531,7 +534,7 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
     x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
     if cfg.scan_layers:
-      kv_all = None if cache is None else (cache["k"], cache["v"])  # [layers, B, S, G, K]
+      kv_all = None if cache is None else (cache["k"], cache["v"])  # [layers, B, G, S, K]
       x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index)
       new_cache = None if cache is None else {"k": kv_all[0], "v": kv_all[1]}
     else:
@@ -550,8 +553,9 @@ class Decoder(nn.Module):
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> Cache:
-  """Zero KV cache [layers, B, S, KV, K]: the KV heads only."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  """Zero KV cache [layers, B, KV, S, K]: the KV heads only, head-major (the layout
+  the attention reads without a copy)."""
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
   return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
 
 
