@@ -314,10 +314,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) one experiment in `workdir`; returns the last eval metrics of this
   invocation (the final eval once `num_steps` is reached, logged or run now)."""
   # --- Set-up: checks before any long work; a named base model fetched and converted.
-  config_checks.validate_config(config)
+  # Each agreed between processes: one that fails (a file only some hosts see) stops
+  # them all, rather than leaving the others at the next collective.
+  utils.together(config_checks.validate_config, config)
   if config.model.pretrained is not None:
-    utils.log(f"pretrained: {config.model.pretrained} in "
-              f"{offline.local_dir(config.model.pretrained)}")
+    model_dir = utils.together(offline.local_dir, config.model.pretrained)  # collective
+    utils.log(f"pretrained: {config.model.pretrained} in {model_dir}")
   mesh = make_mesh(config)
   utils.check_shared_dir(workdir)  # several processes: one workdir, or a hang later
   if not config.resume:

@@ -110,6 +110,26 @@ def allgather_int64(values: np.ndarray) -> np.ndarray:
   return gathered.view(np.int64).reshape((jax.process_count(),) + values.shape)
 
 
+def together(fn, *args, **kwargs):
+  """fn(*args, **kwargs), with its failure agreed between processes: if it raises on
+  any process, it raises on every one (its own error, or one naming the process that
+  failed), instead of leaving the others waiting at the next collective. A
+  collective: every process calls it at the same point."""
+  error = None
+  try:
+    result = fn(*args, **kwargs)
+  except Exception as e:  # noqa: BLE001  re-raised below, on every process
+    error = e
+  if jax.process_count() > 1:
+    failed = allgather_int64(np.array([int(error is not None)]))[:, 0]
+    if failed.any() and error is None:
+      raise RuntimeError(f"processes {np.flatnonzero(failed).tolist()} failed at "
+                         f"{getattr(fn, '__name__', fn)}; see their logs.")
+  if error is not None:
+    raise error
+  return result
+
+
 def check_shared_dir(folder: str, what: str = "workdir") -> None:
   """With several processes: that every process sees the same `folder` (one shared
   storage, e.g. gs://). Process 0 writes a marker with a random name; a process that
@@ -124,10 +144,11 @@ def check_shared_dir(folder: str, what: str = "workdir") -> None:
     return
   token = allgather_int64(np.array([uuid.uuid4().int % (1 << 62)]))[0, 0]
   marker = path(folder) / f".shared-check-{int(token):x}"
-  if jax.process_index() == 0:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("")
-  sync(f"shared-check write {what}")  # the same name on every process
+  def write():
+    if jax.process_index() == 0:
+      marker.parent.mkdir(parents=True, exist_ok=True)
+      marker.write_text("")
+  together(write)  # a write that fails (permissions) stops every process
   seen = marker.exists()
   missing = allgather_int64(np.array([0 if seen else 1]))[:, 0]
   sync(f"shared-check read {what}")

