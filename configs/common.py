@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-# The losses PDL is compared with in the task sweeps (pdl_jax/baselines.py).
+# The losses PDL is compared with in the task sweeps (pdl_jax/losses/baselines.py).
 BASELINES = ("itf", "face", "tlat_exp", "tlat_chi2", "unlikelihood", "focal",
              "label_smoothing")
 
@@ -140,7 +140,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.sweep.seeds = (0,)  # Seeds per alpha.
   c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).
   c.sweep.eos_weight_alphas = ()  # PDL points with loss.eos_weight=1 at these alphas.
-  c.sweep.baselines = ()  # Baseline losses, one point each (loss names, see pdl_jax/loss.py).
+  c.sweep.baselines = ()  # Baseline losses, one point each (loss names, see pdl_jax/losses/registry.py).
   return c
 
 

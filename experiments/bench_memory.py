@@ -243,7 +243,7 @@ def main() -> None:
   p.add_argument("--loss", default="pdl", choices=("pdl", "ce"))
   p.add_argument("--unchunked", action="store_true", help="full [B, L, V] logits")
   p.add_argument("--strategy", default="vocab", choices=("vocab", "tokens"),
-                 help="chunked loss strategy (pdl_jax/chunked_loss.py)")
+                 help="chunked loss strategy (pdl_jax/losses/chunked.py)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--grad_accum", type=int, default=1)
   args = p.parse_args()

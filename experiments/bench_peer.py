@@ -6,9 +6,9 @@ ignore_index -100, gather the per-vocabulary weights at the labels, and
 sum(w * ce * mask) / sum(w * mask); AdamW and gradient-norm clipping at 1.0.
 The jax side is `pdl_jax.models.decoder.Decoder` of the same shape (RMSNorm,
 SwiGLU, RoPE, tied embeddings, no unembedding scale: the Hugging Face convention,
-not the own model's d_model**-0.5), `pdl_jax.loss.pdl_loss`, optax AdamW after
+not the own model's d_model**-0.5), `pdl_jax.losses.pdl.pdl_loss`, optax AdamW after
 clip_by_global_norm(1.0), jitted with donated state. With --window the jax loss
-takes the hidden states of the target span only (`pdl_jax.loss_window`) before the
+takes the hidden states of the target span only (`pdl_jax.losses.window`) before the
 unembedding; the peer always computes logits at every position, as the authors'
 trainer does.
 
@@ -315,7 +315,7 @@ def main() -> None:
   p.add_argument("--jax_threads", type=int, default=0, choices=(0, 1),
                  help="1: single-threaded XLA:CPU (0: its default pool, one per core)")
   p.add_argument("--window", action="store_true",
-                 help="jax: logits only on the loss span (pdl_jax.loss_window)")
+                 help="jax: logits only on the loss span (pdl_jax.losses.window)")
   p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
   p.add_argument("--root", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -52,6 +52,17 @@ def points(config) -> list[tuple[str, str]]:
   return out
 
 
+def point_num_steps(point_spec: str, extra: list[str]) -> int:
+  """num_steps of one point: its own config (the base model, and so the defaults,
+  depend on its arguments: init_from= picks the own model) or a --config.num_steps
+  flag among the extra ones."""
+  steps = load_config(point_spec).num_steps
+  for flag in extra:
+    if flag.startswith("--config.num_steps="):
+      steps = int(flag.partition("=")[2])
+  return steps
+
+
 def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> list[tuple[str, list[str]]]:
   """[(workdir, argv)] of every point."""
   config = load_config(spec)
@@ -99,7 +110,6 @@ def main() -> None:
     shard, num_shards = parse_shard(args.shard)
   except ValueError as e:
     p.error(str(e))  # before the config is even loaded
-  num_steps = load_config(args.config).num_steps
   every = commands(args.config, args.root, args.init_from, extra)
   todo = every[shard::num_shards]
   if not todo:  # more shards than points: say so rather than "done"
@@ -111,7 +121,8 @@ def main() -> None:
       print(shlex.join(argv))
     return
   for i, (workdir, argv) in enumerate(todo):
-    if is_finished(workdir, num_steps):
+    point_spec = next(a for a in argv if a.startswith("--config="))[len("--config="):]
+    if is_finished(workdir, point_num_steps(point_spec, extra)):
       print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
       continue
     print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)

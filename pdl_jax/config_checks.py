@@ -20,7 +20,7 @@ from pdl_jax.models.hf import offline
 
 
 def loss_params(config) -> dict:
-  """The hyperparameters of the config's loss that loss.get_loss takes."""
+  """The hyperparameters of the config's loss that losses.get_loss takes."""
   return {k: config.loss[k] for k in registry.LOSS_PARAMS[config.loss.name]}
 
 

@@ -10,7 +10,8 @@ end there, and an EOS would teach the model to stop early. The offline corpora f
 in memory, so each process loads and tokenizes a split once (batched) into numpy
 arrays, and a batch is a pure function of (seed, step): the data position is the
 step, so a resumed run sees exactly the batches an uninterrupted one would, and
-each process feeds its devices with its rows of the global batch.
+every process can build the whole global batch (train.place_batch gives each device
+its rows by index).
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ class TrainBatches:
   an epoch, last partial batch of an epoch dropped.
 
   The permutation is over the whole split and a global batch of `batch_size`
-  rows is drawn per step; process i of n returns rows [i * b / n, (i + 1) * b / n)
-  of it, so n processes together train on exactly the batches one process would.
+  rows is drawn per step (`global_batch`, what training places on the devices);
+  `indices` / calling it give process i of n its rows [i * b / n, (i + 1) * b / n),
+  so n processes' shares together are exactly the batch one process would see.
   """
 
   def __init__(self, examples: Examples, batch_size: int, seed: int,

@@ -66,14 +66,18 @@ class Evaluator:
                for i in range(len(examples))]
     self.prompt_len = max(len(p) for p in prompts)
     self.prompts = prompts
-    self.ref_ids = tokenizer.encode_batch(examples.targets)
+    # The references' ids as training lays them out (a plain-format HF tokenizer
+    # encodes them after the prompt and separator, not alone: Metaspace's '▁').
+    self.ref_ids = (tokenizer.encode_parts(examples.prompts, examples.targets)[2]
+                    if hasattr(tokenizer, "encode_parts")
+                    else tokenizer.encode_batch(examples.targets))
     self.unigram_nll = unigram_nll(examples, counts_V, tokenizer.vocab_size)
     # Control ids, and a pretrained embedding's rows past its tokenizer: never
     # generated (no text has them).
     padding_rows = range(tokenizer.vocab_size, model.cfg.vocab_size)
     # Every id that ends a generation (the EOS first): decoding stops on any of them.
     self.eos_ids = (tokenizer.eos_id,) + tuple(
-        i for i in getattr(tokenizer, "eos_ids", ()) if i != tokenizer.eos_id)
+        i for i in tokenizer.eos_ids if i != tokenizer.eos_id)
     self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
                                 tokenizer.unk_id, *padding_rows} - {*self.eos_ids, -1}))
 

@@ -1,4 +1,4 @@
-"""pdl_jax.loss against an independent float64 numpy reference."""
+"""pdl_jax.losses.pdl against an independent float64 numpy reference."""
 
 import warnings
 

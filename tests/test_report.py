@@ -255,3 +255,13 @@ def test_report_puts_baselines_and_eos_points_in_the_same_tables(tmp_path):
   md = (tmp_path / "summary.md").read_text()
   assert "| itf | 1 | 4.500 |" in md and "| alpha=0.5,eos=1 | 1 | 4.100 |" in md
   assert os.path.getsize(tmp_path / "metrics_vs_alpha.png") > 1000
+
+
+def test_a_points_steps_come_from_its_own_config():
+  """With --init_from every point trains the own model (800 steps), not the default
+  pretrained finetune (150): a finished point is recognised by its own num_steps."""
+  from experiments import sweep
+  assert sweep.point_num_steps("configs/dialogue.py:loss=ce,seed=0", []) == 150
+  assert sweep.point_num_steps("configs/dialogue.py:init_from=w/pre,loss=ce,seed=0", []) == 800
+  assert sweep.point_num_steps("configs/dialogue.py:steps=300,init_from=w/p", []) == 300
+  assert sweep.point_num_steps("configs/dialogue.py:loss=ce", ["--config.num_steps=7"]) == 7

@@ -448,7 +448,7 @@ def get_loss_from_hidden(name: str, **params):
         "the label's; set loss.chunked=False.")
   registry.get_loss(name, **params)  # validates the parameters
   reduction = registry.resolve_reduction(name, params.get("reduction"))
-  use_weights = name != "ce"
+  use_weights = registry.spec(name).weighted  # CE's token weights are all 1
 
   def fn(hidden_NxD, unembed_DxV, labels_N, weights_V=None, *, mask_N=None,
          chunk_size=DEFAULT_CHUNK_SIZE, strategy=DEFAULT_STRATEGY, row_chunk_size=None):

@@ -31,7 +31,7 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
 
   With `capacity`, logits (or the chunked loss) are computed only on a window of that
   many positions per row, starting at the row's first loss position (the target span
-  of the prefix-LM; pdl_jax.loss_window): the same loss and gradients, without the
+  of the prefix-LM; pdl_jax.losses.window): the same loss and gradients, without the
   unembedding of the prompt positions. FACE's weights come from its running prediction
   counts (updated with this batch's argmax first, as its authors do, unless evaluating).
   """

@@ -7,8 +7,8 @@ config.loss fields it takes, its default reduction, how its per-vocabulary weigh
 come from the token counts (stored beside the checkpoints) or from state carried in
 the train state (FACE's running prediction counts), and whether the chunked path
 (no [B, L, V] logits) serves it. frequency.py, checkpoint.py, the objective and
-config_checks.py read the spec, never a loss name: adding a loss is one spec here
-plus its function in pdl.py or baselines.py.
+config_checks.py read the spec: adding a loss is one spec here plus its function in
+pdl.py or baselines.py (and a config.loss field for each new hyperparameter).
 """
 
 from __future__ import annotations

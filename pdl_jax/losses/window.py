@@ -166,7 +166,7 @@ def window_chunked_loss_and_aux(chunked_fn: Callable[..., Any], hidden_BxLxD: ja
                                 capacity: int, **kwargs):
   """The chunked loss on the window's [B * C, D] hidden states.
 
-  chunked_fn: a `pdl_jax.chunked_loss.get_loss_from_hidden(name)` function (or
+  chunked_fn: a `pdl_jax.losses.chunked.get_loss_from_hidden(name)` function (or
   `pdl_loss_from_hidden_and_aux`); kwargs (e.g. chunk_size) go to it. Returns
   (loss, LossAux), equal to the full computation's.
   """

@@ -2,7 +2,7 @@
 
 `DecoderConfig` describes the architecture with a few switches (norm kind, MLP kind,
 activation, positions, biases, q/k norm, embedding scale, tied unembedding and its
-scale, grouped-query attention); `pdl_jax.pretrained.read_config` fills it from a
+scale, grouped-query attention); `pdl_jax.models.hf.families.read_config` fills it from a
 Hugging Face config.json (llama incl. llama3 / linear RoPE scaling, mistral, qwen2,
 qwen3, gemma, gpt2), `from_model_config` from the project's own `ModelConfig`.
 
@@ -483,7 +483,7 @@ class Decoder(nn.Module):
     One [N, D] x [D, V] matmul on the flattened rows; when tied, it contracts the
     [V, D] embedding's D axis directly (no transposed copy of the embedding, and its
     gradient comes out as [V, D]). Use it with `return_hidden=True` to compute logits
-    only where the loss is (`pdl_jax.loss_window`).
+    only where the loss is (`pdl_jax.losses.window`).
     """
     cfg = self.cfg
     lead, d = hidden_xD.shape[:-1], hidden_xD.shape[-1]
