@@ -106,7 +106,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_fingerprint(stored: dict, current: dict, where: str) -> None:
-  """Raises ValueError listing every setting that differs (as dotted keys)."""
+  """Raises ValueError listing every setting that differs (as dotted keys).
+
+  A fingerprint stored before it held only the run's own loss hyperparameters has
+  the whole loss section: of the same loss, only the keys the current one has are
+  compared (a run written then resumes as before)."""
+  if (isinstance(stored.get("loss"), dict) and isinstance(current.get("loss"), dict)
+      and stored["loss"].get("name") == current["loss"].get("name")):
+    stored = {**stored, "loss": {k: v for k, v in stored["loss"].items()
+                                 if k in current["loss"]}}
   stored, current = _flatten(stored), _flatten(current)
   missing = object()
   keys = sorted(set(stored) | set(current))

@@ -224,6 +224,13 @@ def test_fingerprint_holds_only_the_runs_own_loss_hyperparameters():
     ckpt_lib.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.gamma": 3.0}), "t")
   with pytest.raises(ValueError, match=r"loss.name: stored 'ce', now 'pdl'"):
     ckpt_lib.check_fingerprint(ce, fp(**{"loss.name": "pdl"}), "test")
+  # A fingerprint stored before (the whole loss section) still resumes, and still
+  # refuses a change of the run's own loss hyperparameters.
+  old = dict(fp(**{"loss.name": "pdl"}), loss={"name": "pdl", "alpha": 0.5, "gamma": 2.0,
+                                               "itf_lambda": 0.4, **fp()["loss"]})
+  ckpt_lib.check_fingerprint(old, fp(**{"loss.name": "pdl"}), "test")
+  with pytest.raises(ValueError, match=r"loss.alpha: stored 0.5, now 0.25"):
+    ckpt_lib.check_fingerprint(old, fp(**{"loss.name": "pdl", "loss.alpha": 0.25}), "t")
 
 
 def test_chunk_strategy_is_vocab_when_the_batch_is_split():
