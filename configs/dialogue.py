@@ -25,5 +25,5 @@ def get_config(arg: str | None = None):
     # truncates 4.9% of the train targets. The prompt keeps its last ~100 tokens.
     c.seq_len = 256  # 30 of them are the chat template's (system prompt, turn markers).
     c.max_target_len = 128  # Replies up to 128 tokens (+ end of turn).
-    c.eval.max_new_tokens = 64  # Generations longer than that are cut for the metrics.
+    c.eval.max_new_tokens = 48  # Generations longer than that are cut for the metrics.
   return common.parse_arg(c, arg)
