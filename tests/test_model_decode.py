@@ -160,10 +160,15 @@ def test_every_eos_id_ends_a_generation(tiny):
   assert (out[0, i + 1:] == 0).all() and (out[1, j + 1:] == 0).all()  # then padding
   assert D.strip_after_eos(out, (a, b), 0) == [free[0, :i].tolist(), free[1, :j].tolist()]
   for method in ("greedy", "beam"):
-    out = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=(a, b),
+    # Two ids each method's own free run makes (row 0 by step 2, row 1 by step 3).
+    own = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=-1, pad_id=0))
+    x, y = int(own[0, 2]), int(own[1, 3])
+    out = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=(x, y),
                               pad_id=0))
-    for row in out.tolist():  # after the first EOS id, only padding
-      cut = next((i for i, t in enumerate(row) if t in (a, b)), None)
-      if cut is not None:
-        assert all(t == 0 for t in row[cut + 1:]), row
+    for r, row in enumerate(out.tolist()):
+      cut = next((i for i, t in enumerate(row) if t in (x, y)), None)
+      if method == "greedy":  # stops on either id, with the same tokens up to there
+        assert cut is not None and row[:cut + 1] == own[r, :cut + 1].tolist(), row
+      if cut is not None:  # (beam may prefer a beam that never stops)
+        assert all(t == 0 for t in row[cut + 1:]), (method, row)  # then only padding
   assert D.strip_after_eos(np.array([[5, 9, 6, 1]]), (1, 9), 0) == [[5]]

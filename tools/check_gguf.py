@@ -269,10 +269,7 @@ def _id_diff(name: str, texts, mine, want, piece, n_tokens: int, no_digits=None
 def compare(gguf_file: str, ref_file: str) -> int:
   import time  # pylint: disable=import-outside-toplevel
   import tokenizers  # pylint: disable=import-outside-toplevel
-  try:  # pylint: disable=import-outside-toplevel
-    from pdl_jax.tokenizers import hf as hf_tokenizer
-  except ImportError:  # before the tokenizers' move into pdl_jax.tokenizers
-    from pdl_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  from pdl_jax.tokenizers import hf as hf_tokenizer  # pylint: disable=import-outside-toplevel
   from pdl_jax.models.hf import families  # pylint: disable=import-outside-toplevel
   from pdl_jax.models.hf import gguf as gguf_lib  # pylint: disable=import-outside-toplevel
   from pdl_jax.models.hf import weights  # pylint: disable=import-outside-toplevel

@@ -34,7 +34,6 @@ def export(out: str) -> None:
   from pdl_jax.models.hf import export as hf_export
   from pdl_jax.models.hf import families as hf_families
   from pdl_jax.models.hf import weights as hf_weights
-  from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
   for name in sorted(os.listdir(FIXTURES)):
     src = os.path.join(FIXTURES, name)
     cfg = hf_families.read_config(src)
@@ -49,7 +48,7 @@ def export(out: str) -> None:
   params = nn.meta.unbox(own.init(jax.random.key(1), tokens)["params"])
   logits, _ = own.apply({"params": params}, tokens)
   np.savez(os.path.join(out, "own.npz"), tokens=tokens, logits=np.asarray(logits))
-  hf_export.export(params, decoder.from_model_config(own_cfg), os.path.join(out, "own"))
+  hf_export.export(params, decoder_lib.from_model_config(own_cfg), os.path.join(out, "own"))
 
 
 def check(out: str) -> int:
