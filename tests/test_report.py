@@ -259,9 +259,14 @@ def test_report_puts_baselines_and_eos_points_in_the_same_tables(tmp_path):
 
 def test_a_points_steps_come_from_its_own_config():
   """With --init_from every point trains the own model (800 steps), not the default
-  pretrained finetune (150): a finished point is recognised by its own num_steps."""
+  pretrained finetune (60): a finished point is recognised by its own num_steps."""
+  from configs import common
   from experiments import sweep
-  assert sweep.point_num_steps("configs/dialogue.py:loss=ce,seed=0", []) == 150
+  pretrained = common.get_base_config("dialogue")
+  common.use_pretrained(pretrained)
+  assert pretrained.num_steps != 800
+  assert sweep.point_num_steps("configs/dialogue.py:loss=ce,seed=0", []) == \
+      pretrained.num_steps
   assert sweep.point_num_steps("configs/dialogue.py:init_from=w/pre,loss=ce,seed=0", []) == 800
   assert sweep.point_num_steps("configs/dialogue.py:steps=300,init_from=w/p", []) == 300
   assert sweep.point_num_steps("configs/dialogue.py:loss=ce", ["--config.num_steps=7"]) == 7
