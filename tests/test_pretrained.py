@@ -355,3 +355,31 @@ def test_hf_tokenizer_round_trip_and_special_ids():
   assert gpt2.pad_id == gpt2.eos_id == 2  # no pad token: pad falls back to eos
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
     HFTokenizer.load(FIXTURES)
+
+
+def test_remote_model_folder_is_copied_once_per_host_and_only_its_weights(tmp_path):
+  """A gs:// model folder is cached locally: config.json and the files the index
+  names (not an unrelated consolidated.safetensors), copied again only when a
+  source file's size or mtime changes; the copy loads as the source does."""
+  src = tmp_path / "src"
+  shutil.copytree(os.path.join(FIXTURES, "mistral"), src)
+  (src / "consolidated.safetensors").write_bytes(b"unrelated" * 1000)
+  cache = str(tmp_path / "cache")
+  folder = hf_weights.cached_copy(str(src), cache)
+  index = json.load(open(src / "model.safetensors.index.json"))
+  want = {"config.json", "model.safetensors.index.json", *index["weight_map"].values()}
+  assert set(os.listdir(folder)) == want | {"manifest.json"}
+  mtimes = {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in want}
+  assert hf_weights.cached_copy(str(src), cache) == folder  # reused, nothing rewritten
+  assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in want} == mtimes
+  shard = sorted(set(index["weight_map"].values()))[0]
+  data = (src / shard).read_bytes()
+  (src / shard).write_bytes(data + b" ")  # another size: copied again
+  hf_weights.cached_copy(str(src), cache)
+  assert open(os.path.join(folder, shard), "rb").read() == data + b" "
+  (src / shard).write_bytes(data)
+  hf_weights.cached_copy(str(src), cache)
+  cfg = hf_families.read_config(folder)
+  np.testing.assert_array_equal(
+      jax.tree.leaves(hf_weights.load_params(folder, cfg))[0],
+      jax.tree.leaves(hf_weights.load_params(str(src), cfg))[0])

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Sequence
 
 import flax
@@ -30,6 +29,7 @@ import numpy as np
 from etils import epath
 from safetensors import safe_open
 
+from pdl_jax import utils
 from pdl_jax.models import decoder as decoder_lib
 from pdl_jax.models.decoder import Decoder, DecoderConfig
 from pdl_jax.models.hf import families
@@ -84,15 +84,54 @@ def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh) -> Any:
 
 @contextlib.contextmanager
 def _local_dir(model_dir: epath.Path):
-  """model_dir itself if local, else a local temporary copy of its *.safetensors/index."""
+  """model_dir itself if local, else its local cached copy (`cached_copy`)."""
   if os.path.isdir(os.fspath(model_dir)):
     yield model_dir
     return
-  with tempfile.TemporaryDirectory(prefix="pdl_hf_") as tmp:
-    for f in model_dir.iterdir():
-      if f.name.endswith((".safetensors", ".json")):
-        f.copy(epath.Path(tmp) / f.name)
-    yield epath.Path(tmp)
+  yield epath.Path(cached_copy(model_dir))
+
+
+def _weight_file_names(model_dir: epath.Path) -> list[str]:
+  """The files a checkpoint's weights are read from: model.safetensors, or the
+  index and the shards it names (not an unrelated consolidated.safetensors)."""
+  index = model_dir / "model.safetensors.index.json"
+  if index.exists():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors.index.json", *shards]
+  return ["model.safetensors"]
+
+
+def cached_copy(model_dir: str | os.PathLike, cache_dir: str | None = None) -> str:
+  """A local copy of a remote (e.g. gs://) model folder's weights, made once per host
+  and reused by later runs and sweep points: under CACHE/remote/<hash of the path>/
+  (CACHE: offline.cache_dir()), config.json and the weight files only, each copied
+  (in parallel, to a temporary name, then renamed) when it is absent or its size or
+  modification time differs from the source's. safetensors reads local files."""
+  import concurrent.futures  # only remote folders need it
+  import hashlib
+
+  src = epath.Path(model_dir)
+  root = epath.Path(cache_dir or offline.cache_dir()) / "remote" / hashlib.sha256(
+      os.fspath(src).encode()).hexdigest()[:16]
+  root.mkdir(parents=True, exist_ok=True)
+  manifest_path = root / "manifest.json"
+  manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+  names = [n for n in ["config.json", *_weight_file_names(src)] if (src / n).exists()]
+
+  def fetch(name: str) -> tuple[str, list[int]]:
+    stat = (src / name).stat()
+    key = [int(stat.length), int(stat.mtime)]
+    if manifest.get(name) == key and (root / name).exists():
+      return name, key  # unchanged since the last copy
+    tmp = root / f".{name}.{os.getpid()}.tmp"
+    (src / name).copy(tmp, overwrite=True)
+    tmp.replace(root / name)  # atomic; another process's copy of the same file is equal
+    return name, key
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+    manifest.update(dict(pool.map(fetch, names)))
+  utils.atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+  return os.fspath(root)
 
 
 def _weight_files(model_dir: epath.Path) -> tuple[dict[str, str], list[str]]:
