@@ -105,16 +105,25 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
     return _top_p_sample(jax.random.fold_in(rng, t), logits_BxV, top_p,
                          temperature).astype(jnp.int32)
 
-  def body(carry, t):
-    logits_BxV, cache, done_B = carry
+  # A while loop, not a scan over max_new_tokens: it ends when every row is done
+  # (short synopses end long before the limit); what the rows would emit after that
+  # is padding, which the output already holds.
+  def running(carry):
+    t, _, _, done_B, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    t, logits_BxV, cache, done_B, tokens_BxT = carry
     token_B = jnp.where(done_B, pad_id, choose(logits_BxV, t))
     done_B = done_B | _is_eos(token_B, eos_id)
+    tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, token_B[:, None], t,
+                                                     axis=1)
     logits_BxV, cache = _step(model, params, token_B, pos_B + t, key_mask, cache, p + t)
-    return (logits_BxV, cache, done_B), token_B
+    return t + 1, logits_BxV, cache, done_B, tokens_BxT
 
-  _, tokens_TxB = jax.lax.scan(body, (logits_BxV, cache, jnp.zeros(b, bool)),
-                               jnp.arange(max_new_tokens))
-  return tokens_TxB.T
+  init = (jnp.zeros((), jnp.int32), logits_BxV, cache, jnp.zeros(b, bool),
+          jnp.full((b, max_new_tokens), pad_id, jnp.int32))
+  return jax.lax.while_loop(running, body, init)[4]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "beam_size",
