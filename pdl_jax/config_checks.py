@@ -11,17 +11,13 @@ from pdl_jax import tasks as tasks_lib
 from pdl_jax import user_data
 from pdl_jax import utils
 from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import objective
 from pdl_jax.losses import pdl as loss_lib
 from pdl_jax.losses import registry
 from pdl_jax.models import decoder
 from pdl_jax.models import transformer
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import offline
-
-
-def loss_params(config) -> dict:
-  """The hyperparameters of the config's loss that losses.get_loss takes."""
-  return {k: config.loss[k] for k in registry.LOSS_PARAMS[config.loss.name]}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -58,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
   try:  # gamma, smoothing, ul_alpha: the loss checks its own ranges
-    losses.get_loss(c.name, **loss_params(config))
+    losses.get_loss(c.name, **objective.loss_params(config))
   except ValueError as e:
     raise ValueError(f"config.loss ({c.name}): {e}") from None
   if not c.alpha >= 0:
