@@ -179,3 +179,27 @@ def test_sharded_gradients_equal_unsharded():
   g_single = grad(params, tokens)
   for a, b in zip(jax.tree.leaves(g_sharded), jax.tree.leaves(g_single)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoding_updates_the_kv_cache_in_place(scan):
+  """The compiled decoding loop never copies a layer's KV cache: each token's keys
+  and values are written into the loop-carried buffers in place (before: the cache
+  was restacked every token, and XLA:CPU duplicated each update into the attention's
+  reshape, each duplicate starting from a copy of the cache). Scanned params decode
+  through the unrolled layout."""
+  from pdl_jax import decode
+  cfg = decoder_lib.DecoderConfig(vocab_size=V, d_model=D, num_layers=3, num_heads=4,
+                                  num_kv_heads=2, head_dim=K, mlp_dim=F, scan_layers=scan)
+  model = decoder_lib.Decoder(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  prompt, new = 11, 13
+  tokens = jnp.ones((B, prompt), jnp.int32)
+  hlo = decode.generate.lower(model, params, tokens, jnp.ones_like(tokens), jax.random.key(0),
+                              max_new_tokens=new, eos_id=-1, pad_id=0).compile().as_text()
+  cache_shape = f"f32[{B},2,{prompt + new},{K}]"  # one layer's keys or values
+  assert f"{cache_shape}" in hlo and " while(" in hlo
+  copies = [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line]
+  assert not copies, copies[:3]
+  # Nor is it restacked: no array of every layer's cache exists.
+  assert f"f32[3,{B},2,{prompt + new},{K}]" not in hlo

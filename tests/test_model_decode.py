@@ -121,6 +121,58 @@ def test_top_p_sampling_is_seeded_and_respects_tiny_p(tiny):
     D.decode(*args, jax.random.key(0), method="sample", max_new_tokens=2, eos_id=1, pad_id=0)
 
 
+def _sorted_nucleus(logits_BxV, top_p):
+  """The previous sampler's nucleus, by a full sort (numpy, float64): a boolean
+  [B, V] mask of the smallest set whose mass reaches top_p."""
+  x = np.asarray(logits_BxV, np.float64)
+  order = np.argsort(-x, axis=-1, kind="stable")
+  srt = np.take_along_axis(x, order, -1)
+  probs = np.exp(srt - srt.max(-1, keepdims=True))
+  cum = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+  cutoff = np.take_along_axis(srt, (cum < top_p).sum(-1, keepdims=True), -1)
+  return x >= cutoff
+
+
+def _previous_top_p_sample(rng, logits_BxV, top_p):
+  """Today's sampler before the change (full sort, categorical over V): the reference."""
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+  cutoff_B = jnp.take_along_axis(sorted_BxV, jnp.sum(cum_BxV < top_p, -1)[:, None], -1)
+  return jax.random.categorical(rng, jnp.where(logits_BxV >= cutoff_B, logits_BxV, -jnp.inf))
+
+
+def test_nucleus_cutoff_equals_a_full_sort():
+  r = np.random.default_rng(0)
+  # Flat rows (nucleus of hundreds of tokens), peaked ones (a handful), one-hot, ties.
+  logits = np.concatenate([r.normal(0, 1, (4, 3000)), r.normal(0, 8, (4, 3000))]).astype(
+      np.float32)
+  logits[0, :] = 0.0  # all tied: every token kept
+  logits[5, 7] = 100.0  # the argmax alone holds the mass
+  for p in (0.05, 0.5, 0.9, 0.99):
+    cutoff = np.asarray(jax.jit(D.nucleus_cutoff)(jnp.asarray(logits), p))
+    np.testing.assert_array_equal(logits >= cutoff, _sorted_nucleus(logits, p), err_msg=str(p))
+
+
+@pytest.mark.parametrize("scale", [6.0, 0.3])  # peaked: top-k candidates; flat: bisection
+def test_top_p_samples_follow_the_nucleus_distribution(scale):
+  v, n, p = 100, 40000, 0.9
+  logits_1xV = jnp.asarray(np.random.default_rng(1).normal(0, scale, (1, v)), jnp.float32)
+  keep = _sorted_nucleus(logits_1xV, p)[0]
+  probs = np.exp(np.asarray(logits_1xV[0], np.float64))
+  exact = np.where(keep, probs, 0.0) / probs[keep].sum()
+  keys = jax.random.split(jax.random.key(3), n)
+  new = jax.jit(jax.vmap(lambda k: D._top_p_sample(k, logits_1xV, p, 1.0)[0]))(keys)
+  old = jax.jit(jax.vmap(lambda k: _previous_top_p_sample(k, logits_1xV, p)[0]))(keys)
+  # Which path ran: the candidates hold the nucleus only when it is small.
+  assert (keep.sum() <= D.TOP_P_CANDIDATES) == (scale > 1)
+  hist_new = np.bincount(np.asarray(new), minlength=v) / n
+  hist_old = np.bincount(np.asarray(old), minlength=v) / n
+  assert not hist_new[~keep].any()  # nothing outside the nucleus
+  # 40000 draws: a frequency's standard error is at most 0.0025.
+  assert np.abs(hist_new - exact).max() < 0.012
+  assert np.abs(hist_new - hist_old).max() < 0.015
+
+
 def test_strip_after_eos():
   assert D.strip_after_eos(np.array([[5, 6, 1, 0, 0], [7, 0, 0, 0, 0]]), 1, 0) == [[5, 6], [7]]
 

@@ -147,8 +147,10 @@ def test_kv_cache_decoding_equals_full_forward(name):
   positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
   logits, _ = jax.jit(model.apply)({"params": params}, full_tokens, positions, full_mask)
   np.testing.assert_array_equal(np.asarray(logits)[:, 8:8 + new].argmax(-1), cached)
-  assert decoder_lib.init_cache(cfg, 2, 15)["k"].shape == (
-      cfg.num_layers, 2, cfg.num_kv_heads, 15, cfg.head_dim)  # KV heads only
+  cache = decoder_lib.init_cache(cfg, 2, 15)  # one buffer per layer, KV heads only
+  assert [k.shape for k in cache["k"]] == [(2, cfg.num_kv_heads, 15, cfg.head_dim)] * cfg.num_layers
+  scanned = decoder_lib.init_cache(dataclasses.replace(cfg, scan_layers=True), 2, 15)
+  assert scanned["k"].shape == (cfg.num_layers, 2, cfg.num_kv_heads, 15, cfg.head_dim)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

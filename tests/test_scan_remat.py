@@ -138,8 +138,11 @@ def test_greedy_decoding_with_cache_scanned_equals_unrolled(remat):
     variant = dataclasses.replace(cfg, scan_layers=scan)
     p = dec.stack_layers(params, cfg.num_layers) if scan else params
     _, cache = dec.Decoder(variant).apply({"params": p}, jnp.asarray(prompts),
-                                          cache=dec.init_cache(cfg, 2, 9), cache_index=0)
-    caches.append(cache)
+                                          cache=dec.init_cache(variant, 2, 9), cache_index=0)
+    # Unrolled: one buffer per layer; scanned: one stacked buffer.
+    assert isinstance(cache["k"], tuple) != scan
+    caches.append(jax.tree.map(jnp.stack, cache, is_leaf=lambda x: isinstance(x, tuple))
+                  if not scan else cache)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                caches[1], caches[0])
 

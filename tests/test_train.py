@@ -346,3 +346,29 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
 def test_eval_log_line_names_extra_decodings():
   line = train.eval_summary({"eval/nll": 4.25, "eval/top_p/rouge1": 7.0})
   assert line == "nll 4.250  top_p/rouge1 7.000"
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained):
+  """Evals at steps 0, 2, 4 and 6 with greedy and top-p: each decoder is traced once
+  (compile-once: the params keep their sharding across evals; a retrace would cost
+  10-20 s per eval on a real model)."""
+  from pdl_jax import decode as decode_lib
+  traced = []
+  prefill = decode_lib._prefill
+
+  def counting_prefill(model, params, tokens_BxP, *args):
+    traced.append(tokens_BxP.shape)
+    return prefill(model, params, tokens_BxP, *args)
+
+  monkeypatch.setattr(decode_lib, "_prefill", counting_prefill)
+  decode_lib.generate.clear_cache()  # earlier tests' traces of the same shapes
+  overrides = {"eval.at_start": True, "eval.extra_decodes": ("top_p",)}
+  if pretrained:  # step 0 evaluates the loaded params, later evals the trained ones
+    overrides["model.pretrained"] = os.path.join(os.path.dirname(__file__), "fixtures", "hf",
+                                                 "llama")
+  run(tmp_path, eval_every=2, **overrides)
+  evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")
+           if "eval/top_p/rouge1" in line]
+  assert len(evals) == 4
+  assert len(traced) == 2, traced  # greedy and top-p, once each

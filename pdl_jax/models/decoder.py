@@ -12,7 +12,8 @@ drives either:
     __call__(tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
              cache_index=None, return_hidden=False) -> (logits_BxLxV | hidden_BxLxD, cache)
 
-The KV cache ({"k", "v"}: [layers, B, KV, S, K], head-major) holds the KV heads only; each KV
+The KV cache (`init_cache`: {"k", "v"}, [layers, B, KV, S, K] scanned, a tuple of one
+[B, KV, S, K] buffer per layer unrolled; head-major) holds the KV heads only; each KV
 head serves num_heads / num_kv_heads query heads. Parameter names match
 `tests/reference_transformer.Transformer` (the first own model) (embed, block_i/attn/{query,key,value,out},
 block_i/{attn_norm,mlp_norm}, block_i/mlp/{gate,up,down}, final_norm, unembed), so
@@ -60,7 +61,7 @@ import numpy as np
 
 from pdl_jax.sharding import constrain
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]  # {"k", "v"}: stacked arrays or per-layer tuples (init_cache)
 # Param collection of the scanned blocks (DecoderConfig.scan_layers): every leaf has
 # a leading [num_layers] axis; unrolled, the blocks are block_0 ... block_{n-1}.
 SCANNED = "blocks"
@@ -344,21 +345,31 @@ class Attention(nn.Module):
     # stacked with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v
     # and the output ([B, L, H, K] each), never the [B, H, L, S] scores. Query head i
     # uses KV head i // R, the order of transformers' repeat_kv.
-    q_NxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
-        b * g, r * l, k)
-    k_NxSxK = k_BxGxSxK.astype(dtype).reshape(b * g, s, k)
-    v_NxSxK = v_BxGxSxK.astype(dtype).reshape(b * g, s, k)
-    logits_NxMxS = jnp.einsum("nmk,nsk->nms", q_NxMxK, k_NxSxK,
-                              preferred_element_type=jnp.float32)
+    q_BxGxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
+        b, g, r * l, k)
+    # With a cache, the matmuls read the updated [B, G, S, K] buffers as they are
+    # (batch axes B and G): reshaping them to [B * G, S, K] makes XLA:CPU duplicate
+    # each cache update into the reshape's fusion, every duplicate starting from a
+    # copy of the whole cache (tests/test_decoder_speed.py, in place).
+    if kv is not None:
+      attend = lambda spec, x, y, **kw: jnp.einsum(spec.replace("n", "bg"), x, y, **kw)
+      k_xSxK, v_xSxK = k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype)
+      q_xMxK = q_BxGxMxK
+    else:
+      attend = jnp.einsum
+      k_xSxK = k_BxGxSxK.astype(dtype).reshape(b * g, s, k)
+      v_xSxK = v_BxGxSxK.astype(dtype).reshape(b * g, s, k)
+      q_xMxK = q_BxGxMxK.reshape(b * g, r * l, k)
+    logits_xMxS = attend("nmk,nsk->nms", q_xMxK, k_xSxK, preferred_element_type=jnp.float32)
     # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
     # no [B, H, L, S] predicate in the forward or backward pass. score - 1e30
     # rounds to exactly -1e30 in float32, as the `where` gave. Row m of M is query
     # m % L: the bias is tiled R times along M.
     bias_Bx1xMxS = (jnp.tile(bias_BxLxS, (1, r, 1)) if r > 1 else bias_BxLxS)[:, None]
-    logits_BxGxMxS = logits_NxMxS.reshape(b, g, r * l, s) + bias_Bx1xMxS
-    probs_NxMxS = jax.nn.softmax(logits_BxGxMxS, axis=-1).astype(dtype).reshape(
-        b * g, r * l, s)
-    out_NxMxK = jnp.einsum("nms,nsk->nmk", probs_NxMxS, v_NxSxK)
+    logits_BxGxMxS = logits_xMxS.reshape(b, g, r * l, s) + bias_Bx1xMxS
+    probs_xMxS = jax.nn.softmax(logits_BxGxMxS, axis=-1).astype(dtype).reshape(
+        logits_xMxS.shape)
+    out_NxMxK = attend("nms,nsk->nmk", probs_xMxS, v_xSxK).reshape(b * g, r * l, k)
     out_BxLxHxK = out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
         b, l, h, k)
     out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
@@ -509,7 +520,7 @@ class Decoder(nn.Module):
     if cache is None:
       s, query_index = l, jnp.arange(l)
     else:
-      s, query_index = cache["k"].shape[3], cache_index + jnp.arange(l)
+      s, query_index = cache_length(cache), cache_index + jnp.arange(l)
     if cfg.sliding_window is not None and s > cfg.sliding_window:
       raise ValueError(
           f"{cfg.model_type}: sliding-window attention (window {cfg.sliding_window}) is not "
@@ -545,7 +556,14 @@ class Decoder(nn.Module):
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
-      new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+      new_cache = None
+      if cache is not None and isinstance(cache["k"], (tuple, list)):
+        # One buffer per layer (init_cache's unrolled layout): each layer's
+        # dynamic_update_slice writes its new keys in place (in a decoding loop's
+        # carry) and nothing else is copied.
+        new_cache = {"k": tuple(new_k), "v": tuple(new_v)}
+      elif cache is not None:  # a stacked cache: restacked (a copy of all of it)
+        new_cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     hidden_BxLxD = constrain(self.final_norm(x_BxLxD), "batch", "length", "embed")
     if return_hidden:
       return hidden_BxLxD, new_cache
@@ -553,10 +571,22 @@ class Decoder(nn.Module):
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> Cache:
-  """Zero KV cache [layers, B, KV, S, K]: the KV heads only, head-major (the layout
-  the attention reads without a copy)."""
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-  return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+  """Zero KV cache of the KV heads only, head-major (the layout the attention reads
+  without a copy): scanned, {"k", "v"} [layers, B, KV, S, K] (the scan's per-layer
+  input); unrolled, {"k", "v"} tuples of one [B, KV, S, K] buffer per layer, so a
+  decoding step updates each in place instead of restacking the whole cache."""
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+          for name in ("k", "v")}
+
+
+def cache_length(cache: Cache) -> int:
+  """S, the positions a cache of either layout holds."""
+  return cache["k"][0].shape[-2]  # layer 0's buffer, or the stack's first layer
 
 
 def unembed_DxV(model: Decoder, params) -> jax.Array:
