@@ -94,6 +94,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
 
   c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data.py).
+  c.data.packing = False  # Pack several training examples per row (first fit; attention within each, positions restart): less padding, same per-example loss. Evaluation never packs.
   c.data.prompt_format = ml_collections.FieldReference(None, field_type=str)  # "plain" (prompt, newline, target, EOS) or "chat" (user and assistant turns of the model's chat template; the loss on the assistant turn and its end-of-turn token); None: "chat" when the pretrained model has a chat template.
 
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.

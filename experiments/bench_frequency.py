@@ -1,19 +1,25 @@
 """Benchmark: the frequency pass against the authors' approach and the tokenizer bound.
 
-On the real text of the three offline corpora (inputs and targets of their train
-splits; at least 20 MB), in one process and with one SentencePiece model:
+On the real text of the three offline corpora (prompts and targets of their train
+splits; at least 20 MB), in one process, with one tokenizer (a SentencePiece model
+trained here, or with --pretrained a named model's tokenizer in its chat format,
+what the default experiments use):
 
-  (A) the authors' reference approach: encode one example at a time,
+  (A) the authors' reference approach: encode one target at a time,
       collections.Counter.update, then a Python loop over the vocabulary to fill
       the weight table;
-  (B) what a run does: the input pipeline's batched encoding (on all cores), then
-      the counting of frequency.count_examples (one np.bincount over the ids) and
-      power_law_weights;
-  (C) batched tokenization alone (Tokenizer.encode_batch over the same texts and
-      batch size, on all cores with SentencePiece's own threads, nothing else):
-      the bound for (B).
+  (B) what a run does: `pdl_jax.data.encode_examples` (batched encoding of the
+      prompts and targets, then the prefix-LM layout of every example) and
+      `pdl_jax.frequency.count_examples` (one np.bincount over the loss tokens),
+      then power_law_weights;
+  (C) tokenizing the prompts and targets alone, with the same calls (and threads)
+      as encode_examples, nothing else: the bound for (B).
+
+Sequences are long enough (--seq_len) that no target is cut, so (A) and (B) count
+the same tokens (each target and its EOS) and must give the same weights.
 
     python experiments/bench_frequency.py [--data_dir DIR] [--vocab_size 8000]
+    python experiments/bench_frequency.py --pretrained smollm2-135m-instruct
 
 Prints tokens/s of each and the ratios B/C (target >= 0.85) and B/A (target >= 2).
 """
@@ -30,32 +36,35 @@ import time
 
 import numpy as np  # noqa: E402
 
-from pdl_jax.losses import pdl as loss_lib  # noqa: E402
-from pdl_jax import tasks  # noqa: E402
-from pdl_jax.tokenizers import sentencepiece as tok_lib  # noqa: E402
+from pdl_jax import data
+from pdl_jax import frequency
+from pdl_jax import tasks
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.tokenizers import sentencepiece as sp_lib
 
 
-def corpus_texts(data_dir: str | None) -> list[str]:
-  """Inputs and targets of the train splits of the three offline corpora."""
+def corpus_texts(data_dir: str | None) -> tuple[list[str], list[str]]:
+  """(prompts, targets) of the train splits of the three offline corpora."""
   import tensorflow_datasets as tfds
 
   import pdl_jax.datasets  # noqa: F401
 
-  texts = []
+  prompts, targets = [], []
   for task in sorted(tasks.DEFAULT_DATASET):
     spec = tasks.get_dataset(task)
     ds = tfds.load(spec.tfds_name, split="train", data_dir=data_dir)
     for ex in tfds.as_numpy(ds):
-      texts.append(ex[spec.inputs_key].decode())
-      texts.append(ex[spec.targets_key].decode())
-  return texts
+      prompts.append(ex[spec.inputs_key].decode())
+      targets.append(ex[spec.targets_key].decode())
+  return prompts, targets
 
 
-def reference_pass(tokenizer: tok_lib.SentencePieceTokenizer, texts: list[str], alpha: float) -> np.ndarray:
+def reference_pass(tokenizer, targets: list[str], alpha: float) -> np.ndarray:
   """(A) As the authors' code: per-example encode, Counter, loop over the vocab."""
   counter = collections.Counter()
-  for text in texts:
-    counter.update(tokenizer.encode_batch([text])[0])
+  for text in targets:
+    if text.strip():
+      counter.update(tokenizer.encode_batch([text])[0] + [tokenizer.eos_id])
   total = sum(counter.values())
   weights = np.zeros(tokenizer.vocab_size, np.float32)
   for token_id in range(tokenizer.vocab_size):
@@ -63,68 +72,80 @@ def reference_pass(tokenizer: tok_lib.SentencePieceTokenizer, texts: list[str], 
   return weights
 
 
-def project_pass(tokenizer, texts: list[str], batch_size: int, alpha: float):
-  """(B) Batched encoding as the input pipeline does, one np.bincount over the ids as
-  count_examples does, then power_law_weights. Returns (counts, weights)."""
-  threads = os.cpu_count() or 1
-  ids = []
-  for i in range(0, len(texts), batch_size):
-    ids.extend(tokenizer.encode_batch(texts[i:i + batch_size], num_threads=threads))
-  flat = np.fromiter((t for seq in ids for t in seq), np.int64)
-  counts = np.bincount(flat, minlength=tokenizer.vocab_size).astype(np.int64)
-  return counts, loss_lib.power_law_weights(counts, alpha, normalize=False)
+def project_pass(tokenizer, prompts: list[str], targets: list[str], seq_len: int,
+                 alpha: float):
+  """(B) The run's pass: encode_examples, count_examples, power_law_weights.
+  Returns (counts, weights, examples)."""
+  examples = data.encode_examples(prompts, targets, tokenizer, seq_len=seq_len,
+                                  max_target_len=seq_len)
+  counts = frequency.count_examples(examples, tokenizer).counts
+  return counts, loss_lib.power_law_weights(counts, alpha, normalize=False), examples
 
 
-def tokenize_only(tokenizer, texts: list[str], batch_size: int) -> int:
-  """(C) Batched encoding alone, on all cores (SentencePiece's own threads);
-  returns the number of tokens."""
-  n = 0
+def tokenize_only(tokenizer, prompts: list[str], targets: list[str]) -> int:
+  """(C) The encode calls of encode_examples alone; returns the number of tokens."""
+  if hasattr(tokenizer, "encode_parts"):
+    return sum(sum(map(len, part)) for part in tokenizer.encode_parts(prompts, targets))
   threads = os.cpu_count() or 1
-  for i in range(0, len(texts), batch_size):
-    n += sum(map(len, tokenizer.encode_batch(texts[i:i + batch_size], num_threads=threads)))
-  return n
+  return (sum(map(len, tokenizer.encode_batch(prompts, num_threads=threads)))
+          + sum(map(len, tokenizer.encode_batch(targets, num_threads=threads))))
+
+
+def make_tokenizer(args, prompts, targets, tmp: str):
+  if args.pretrained:
+    from pdl_jax import tokenizers as tok_lib
+    from pdl_jax.models.hf import offline
+    return data.with_prompt_format(tok_lib.load(offline.local_dir(args.pretrained)), "chat")
+  texts = [t for pair in zip(prompts, targets) for t in pair]
+  return sp_lib.train(texts[::4], os.path.join(tmp, "bench.model"), args.vocab_size,
+                      max_sentences=200_000)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data_dir", default=None, help="TFDS data dir of the built corpora")
-  p.add_argument("--vocab_size", type=int, default=8000)
-  p.add_argument("--batch_size", type=int, default=1024)
+  p.add_argument("--pretrained", default=None,
+                 help="a named model or HF folder: its tokenizer, chat format")
+  p.add_argument("--vocab_size", type=int, default=8000, help="of the SentencePiece model")
+  p.add_argument("--seq_len", type=int, default=4096, help="long enough to cut nothing")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--alpha", type=float, default=1.0)
   args = p.parse_args()
 
-  texts = corpus_texts(args.data_dir)
-  mb = sum(len(t.encode()) for t in texts) / 2**20
+  prompts, targets = corpus_texts(args.data_dir)
+  mb = sum(len(t.encode()) for t in prompts + targets) / 2**20
   if mb < 20:
     raise SystemExit(f"corpus is {mb:.1f} MiB; the benchmark needs at least 20 MiB.")
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = tok_lib.train(texts[::4], os.path.join(tmp, "bench.model"),
-                              args.vocab_size, max_sentences=200_000)
-  print(f"{len(texts)} texts, {mb:.1f} MiB of real text; SentencePiece unigram "
-        f"{tokenizer.vocab_size} pieces; {os.cpu_count()} cpus; median of "
-        f"{args.repeats} interleaved runs")
+    tokenizer = make_tokenizer(args, prompts, targets, tmp)
+  print(f"{len(prompts)} examples, {mb:.1f} MiB of real text; tokenizer "
+        f"{type(tokenizer).__name__} ({tokenizer.vocab_size} tokens); {os.cpu_count()} "
+        f"cpus; median of {args.repeats} interleaved runs")
 
   times = {"A": [], "B": [], "C": []}
   tokens = {}
   for _ in range(args.repeats):
     t0 = time.perf_counter()
-    w_a = reference_pass(tokenizer, texts, args.alpha)
+    w_a = reference_pass(tokenizer, targets, args.alpha)
     times["A"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    counts, w_b = project_pass(tokenizer, texts, args.batch_size, args.alpha)
+    counts, w_b, examples = project_pass(tokenizer, prompts, targets, args.seq_len,
+                                         args.alpha)
     times["B"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    tokens["C"] = tokenize_only(tokenizer, texts, args.batch_size)
+    tokens["C"] = tokenize_only(tokenizer, prompts, targets)
     times["C"].append(time.perf_counter() - t0)
-  tokens["A"] = tokens["B"] = int(counts.sum())
+  if examples.truncated:
+    raise SystemExit(f"{examples.truncated} examples were cut at --seq_len "
+                     f"{args.seq_len}; raise it so (A) and (B) count the same tokens.")
   # Same counts, same (unnormalised) weights: the fast pass computes the same thing.
-  np.testing.assert_allclose(w_a, w_b, rtol=1e-5)
-  assert tokens["C"] == tokens["B"]
+  np.testing.assert_allclose(w_a, w_b[:tokenizer.vocab_size], rtol=1e-5)
+  # Every token (A) counts and (B) lays out: per second of each pass.
+  tokens["A"] = tokens["B"] = tokens["C"]
   rate = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
-  names = {"A": "authors' approach (per-example encode, Counter, vocab loop)",
-           "B": "this project's pass (batched encode, bincount, weights)",
-           "C": "batched tokenization alone (bound)"}
+  names = {"A": "authors' approach (per-target encode, Counter, vocab loop)",
+           "B": "this project's pass (encode_examples, bincount, weights)",
+           "C": "tokenizing prompts and targets alone (bound)"}
   for k in "ABC":
     print(f"({k}) {names[k]:<62} {statistics.median(times[k]):7.2f} s  "
           f"{rate[k] / 1e6:6.2f} M tokens/s")

@@ -1,12 +1,20 @@
 """Benchmark: tokens/s of the jitted train step with CE and with PDL, same process.
 
 Builds the model, optimizer and sharded state of a config (default
-configs/dialogue.py, its `small` model) and times the compiled train step on random
+configs/dialogue.py: the pretrained default base; `--arg smoke` for the own model) and times the compiled train step on random
 token batches of the config's shape, alternating CE and PDL step by step so that
 background load hits both alike. Prints the median tokens/s of each and PDL/CE.
 
     python experiments/bench_train.py [--config configs/dialogue.py] [--steps 30]
     python experiments/bench_train.py --scan_layers --remat none,full,dots
+    python experiments/bench_train.py --pretrained=smollm2-135m-instruct \
+        --batch_size=8 --seq_len=128 --steps 10
+
+It also prints the achieved FLOP/s of each: the matmul FLOPs of a step (forward and
+backward: 6 x the tokens x the projections' and unembedding's weights, the
+unembedding only on the positions the loss window keeps, plus the attention's
+12 x layers x L x heads x head_dim per token) over its median time, against a
+2048 x 2048 float32 GEMM timed in the same process (interleaved with the steps).
 
 With several --remat values, every (remat, loss) pair is timed in the same
 interleaved loop, and each remat's cost is printed as its tokens/s against the
@@ -36,6 +44,23 @@ from pdl_jax import train  # noqa: E402
 from pdl_jax.losses import objective
 
 
+def train_flops(cfg, batch: int, seq_len: int, window: int | None) -> float:
+  """Matmul FLOPs of one train step (forward + backward = 3 x forward) of the decoder:
+  projections on every position, the unembedding on the loss window's positions
+  (every position without one), attention scores and values over the full L x L
+  (causal halves are still computed). Rematerialisation's recomputation is not
+  counted: the figure is useful work."""
+  d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  mlp = (3 if cfg.mlp == "gated" else 2) * d * f
+  per_layer = d * (h * k) * 2 + d * (g * k) * 2 + mlp  # q, out, k, v, MLP
+  tokens = batch * seq_len
+  unembed_tokens = batch * (window or seq_len)
+  forward = (2 * tokens * per_layer * cfg.num_layers
+             + 2 * unembed_tokens * d * cfg.vocab_size
+             + 2 * 2 * batch * seq_len * seq_len * h * k * cfg.num_layers)
+  return 3.0 * forward
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/dialogue.py")
@@ -45,10 +70,26 @@ def main() -> None:
   p.add_argument("--scan_layers", action="store_true", help="model.scan_layers=True")
   p.add_argument("--remat", default="none",
                  help="model.remat values to compare, e.g. none,full (first: baseline)")
+  p.add_argument("--pretrained", default=None,
+                 help="a named model or HF folder (default: the config's model)")
+  p.add_argument("--batch_size", type=int, default=None, help="default: the config's")
+  p.add_argument("--seq_len", type=int, default=None, help="default: the config's")
   args = p.parse_args()
-  config = load_config(f"{args.config}:{args.arg}" if args.arg else args.config)
+  arg = ",".join(a for a in (args.arg, args.pretrained and f"pretrained={args.pretrained}")
+                 if a)
+  config = load_config(f"{args.config}:{arg}" if arg else args.config)
+  if args.batch_size:
+    config.batch_size = args.batch_size
+  if args.seq_len:
+    config.seq_len = args.seq_len
+    config.max_target_len = min(config.max_target_len, args.seq_len // 2)
   config.model.scan_layers = args.scan_layers
-  vocab = args.vocab_size or config.tokenizer.vocab_size
+  if config.model.pretrained is not None:  # a name: fetched and converted once
+    from pdl_jax.models.hf import offline
+    config.model.pretrained = offline.local_dir(config.model.pretrained)
+    vocab = models.model_config(config).vocab_size
+  else:
+    vocab = args.vocab_size or config.tokenizer.vocab_size
   mesh = train.make_mesh(config)
   remats = args.remat.split(",")
   models_by_remat = {}
@@ -89,8 +130,15 @@ def main() -> None:
       jax.block_until_ready(m)
       runs[remat, name] = [step, state, []]
   batches = [batch(i) for i in range(4)]
+  a_NxN = jnp.ones((2048, 2048), jnp.float32)
+  gemm = jax.jit(lambda a: a @ a)
+  gemm(a_NxN).block_until_ready()
+  gemm_times = []
   with jax.set_mesh(mesh):
     for i in range(args.steps):
+      t0 = time.perf_counter()
+      gemm(a_NxN).block_until_ready()
+      gemm_times.append(time.perf_counter() - t0)
       for key in runs:
         step, state, times = runs[key]
         t0 = time.perf_counter()
@@ -107,6 +155,15 @@ def main() -> None:
     print(f"remat={remat}: CE {tps[remat, 'ce']:8.0f} tokens/s  PDL {tps[remat, 'pdl']:8.0f} "
           f"tokens/s  PDL/CE step time = {tps[remat, 'ce'] / tps[remat, 'pdl']:.3f} "
           "(target <= 1.03)")
+  gemm_flops = 2 * 2048 ** 3 / statistics.median(gemm_times)
+  step_flops = train_flops(models_by_remat[remats[0]].cfg, b, l,
+                           objective.window_capacity(config))
+  for remat in remats:
+    for name in ("ce", "pdl"):
+      achieved = step_flops * tps[remat, name] / (b * l)
+      print(f"remat={remat} {name}: {achieved / 1e9:6.1f} GFLOP/s achieved "
+            f"({step_flops / 1e9:.1f} GFLOP a step) = {achieved / gemm_flops:.0%} of the "
+            f"2048^2 GEMM's {gemm_flops / 1e9:.1f} GFLOP/s in this process")
   for remat in remats[1:]:
     for name in ("ce", "pdl"):
       print(f"remat={remat} vs {remats[0]}, {name}: step time x "

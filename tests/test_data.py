@@ -69,3 +69,40 @@ def test_eval_batches_pad_with_masked_rows(tok):
   assert len(batches) == 2
   assert batches[1]["example_mask"].tolist() == [1, 0, 0, 0]
   assert batches[1]["loss_mask"][1:].sum() == 0
+
+
+def _layout_by_loop(p_ids, sep_ids, t_ids, prefix, eos, pad, total, max_target_len):
+  """The per-example layout loop encode_examples ran before it was vectorised."""
+  seqs = np.full((len(p_ids), total), pad, np.int32)
+  starts, lengths, truncated, targets_truncated = [], [], 0, 0
+  for i, (p, sep, t) in enumerate(zip(p_ids, sep_ids, t_ids)):
+    fixed = len(prefix) + len(sep)
+    room_for_target = max(1, min(max_target_len, total - fixed - 2))
+    cut_t = t[:room_for_target] if len(t) > room_for_target else t + [eos]
+    room = total - fixed - len(cut_t)
+    cut_p = p[-room:] if len(p) > room else p
+    target_cut = len(t) > room_for_target
+    targets_truncated += int(target_cut)
+    truncated += int(len(cut_p) < len(p) or target_cut)
+    seq = prefix + cut_p + sep + cut_t
+    seqs[i, :len(seq)] = seq
+    starts.append(len(prefix) + len(cut_p) + len(sep))
+    lengths.append(len(seq))
+  return seqs, np.array(starts), np.array(lengths), truncated, targets_truncated
+
+
+@pytest.mark.parametrize("prefix", [[], [7, 8, 9]])
+def test_vectorised_layout_equals_the_per_example_loop(prefix):
+  r = np.random.default_rng(0)
+  n = 300
+  ids = lambda lo, hi: [r.integers(10, 99, r.integers(lo, hi)).tolist() for _ in range(n)]
+  p_ids, t_ids = ids(0, 40), ids(1, 30)  # short and long prompts and targets
+  sep_ids = [[3] if i % 3 else [3, 4] for i in range(n)]  # encode_parts: per example
+  for total, max_target_len in ((33, 12), (17, 40), (64, 8)):
+    got = ip._layout(p_ids, sep_ids, t_ids, prefix=prefix, eos=2, pad=0, total=total,
+                     max_target_len=max_target_len)
+    want = _layout_by_loop(p_ids, sep_ids, t_ids, prefix, 2, 0, total, max_target_len)
+    np.testing.assert_array_equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:]):
+      np.testing.assert_array_equal(a, b)
+    assert 0 < got[3] < n and 0 < got[4] <= got[3]  # both kinds of cut happen

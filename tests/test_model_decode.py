@@ -224,3 +224,11 @@ def test_every_eos_id_ends_a_generation(tiny):
       if cut is not None:  # (beam may prefer a beam that never stops)
         assert all(t == 0 for t in row[cut + 1:]), (method, row)  # then only padding
   assert D.strip_after_eos(np.array([[5, 9, 6, 1]]), (1, 9), 0) == [[5]]
+
+
+def test_first_argmax_equals_argmax_with_ties_and_inf():
+  r = np.random.default_rng(0)
+  x = np.round(r.normal(0, 1, (50, 40)), 1).astype(np.float32)  # many ties
+  x[3] = -np.inf
+  x[4, [2, 9]] = np.inf
+  np.testing.assert_array_equal(np.asarray(D.first_argmax(jnp.asarray(x))), x.argmax(-1))

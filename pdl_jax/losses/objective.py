@@ -37,11 +37,15 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
   """
   labels_BxL, mask_BxL = batch["labels"], batch["loss_mask"]
   variables = {"params": params}
+  # Packed rows (config.data.packing) carry segment ids and per-segment positions.
+  packed = "segment_ids" in batch
+  inputs = dict(positions_BxL=batch.get("positions"), segment_ids_BxL=batch.get("segment_ids"))
   if chunked or capacity is not None:
-    hidden_BxLxD, _ = model.apply(variables, batch["inputs"], return_hidden=True)
+    hidden_BxLxD, _ = model.apply(variables, batch["inputs"], return_hidden=True, **inputs)
     if capacity is not None:
-      hidden_BxLxD, labels_BxL, mask_BxL = window.gather_window(
-          hidden_BxLxD, labels_BxL, mask_BxL, capacity)
+      gather = window.gather_loss_positions if packed else window.gather_window
+      hidden_BxLxD, labels_BxL, mask_BxL = gather(hidden_BxLxD, labels_BxL, mask_BxL,
+                                                  capacity)
     if chunked:
       d = hidden_BxLxD.shape[-1]
       loss, aux = chunked_lib.get_loss_from_hidden(loss_name, **loss_params)(
@@ -52,7 +56,7 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
       return loss, (aux, loss_state_V)
     logits_BxLxV = model.apply(variables, hidden_BxLxD, method=decoder.Decoder.unembed_logits)
   else:
-    logits_BxLxV, _ = model.apply(variables, batch["inputs"])
+    logits_BxLxV, _ = model.apply(variables, batch["inputs"], **inputs)
   spec = registry.spec(loss_name)
   if spec.stateful:  # weights from the state carried in the train state (FACE's counts)
     update, weights_of = spec.state_weights
@@ -71,6 +75,8 @@ def window_capacity(config) -> int | None:
   target span is at most max_target_len tokens plus EOS."""
   if not config.loss.window:
     return None
+  if config.data.get("packing"):  # several target spans per row
+    return window.packed_capacity(config.max_target_len, config.seq_len)
   return window.capacity_for(config.max_target_len, config.seq_len)
 
 

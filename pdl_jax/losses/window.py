@@ -50,6 +50,30 @@ def capacity_for(max_target_len: int, seq_len: int, multiple: int = 1) -> int:
   return min(seq_len, -(-(max_target_len + 1) // multiple) * multiple)
 
 
+def packed_capacity(max_target_len: int, seq_len: int) -> int:
+  """Window of packed rows (pdl_jax.data.pack_examples), which hold several target
+  spans: two examples' longest targets with EOS, rounded up to 8, at most seq_len.
+  The packer keeps every row's loss tokens within it."""
+  return min(seq_len, -(-2 * (max_target_len + 1) // 8) * 8)
+
+
+def gather_loss_positions(hidden_BxLxD: jax.Array, labels_BxL: jax.Array,
+                          mask_BxL: jax.Array, capacity: int
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """gather_window for packed rows, whose loss positions form several spans: the
+  first `capacity` positions with mask > 0 of each row, in order (then positions
+  the mask gives 0), gathered (their gradient scatters back). Exact when no row has
+  more than `capacity` loss positions, which the packer guarantees."""
+  _check_shapes(hidden_BxLxD, labels_BxL, mask_BxL, capacity)
+  if capacity >= hidden_BxLxD.shape[1]:
+    return hidden_BxLxD, labels_BxL, mask_BxL
+  # A stable sort of "not a loss position" puts the loss positions first, in order.
+  idx_BxC = jnp.argsort(mask_BxL <= 0, axis=1, stable=True)[:, :capacity]
+  take = lambda x: jnp.take_along_axis(x, idx_BxC.reshape(idx_BxC.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  return take(hidden_BxLxD), take(labels_BxL), take(mask_BxL)
+
+
 def window_start(mask_BxL: jax.Array) -> jax.Array:
   """Int32 [B]: each row's first position with mask > 0 (0 for a row without any)."""
   return jnp.argmax(mask_BxL > 0, axis=1).astype(jnp.int32)

@@ -444,6 +444,7 @@ class Decoder(nn.Module):
   """Decoder-only LM with the call interface of `tests/reference_transformer.Transformer` (the first own model).
 
   key_mask_BxS marks real (non-padding) keys; attention is causal by buffer index.
+  segment_ids_BxL (packed rows, no cache): attention stays within equal ids.
   With return_hidden=True the final-norm hidden states are returned and
   `unembed_matrix()` gives the [D, V] output projection (for the chunked loss).
   """
@@ -512,9 +513,11 @@ class Decoder(nn.Module):
     return logits_NxV.reshape(lead + (cfg.vocab_size,))
 
   def __call__(self, tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
-               cache_index=None, return_hidden=False):
+               cache_index=None, return_hidden=False, segment_ids_BxL=None):
     cfg = self.cfg
     b, l = tokens_BxL.shape
+    if segment_ids_BxL is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) are for training without a KV cache.")
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     if cache is None:
@@ -532,6 +535,12 @@ class Decoder(nn.Module):
     allowed_1xLxS = (jnp.arange(s)[None, :] <= query_index[:, None])[None]
     if key_mask_BxS is not None:
       allowed_1xLxS = allowed_1xLxS & key_mask_BxS[:, None, :].astype(bool)
+    if segment_ids_BxL is not None:
+      # Packed rows (pdl_jax.data.pack_examples): a token attends within its own
+      # segment only; with positions restarting per segment, each example sees what
+      # it would alone in a row.
+      allowed_1xLxS = allowed_1xLxS & (segment_ids_BxL[:, :, None]
+                                       == segment_ids_BxL[:, None, :])
     # Additive float32 bias, made once per forward (shape [1, L, S] without a key
     # mask: broadcast in the add, never materialised per row).
     bias_BxLxS = jnp.where(allowed_1xLxS, 0.0, -1e30).astype(jnp.float32)
