@@ -16,11 +16,13 @@ its rows by index).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import os
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -80,30 +82,22 @@ class Examples:
     return (pos >= self.target_start[:, None]) & (pos < self.lengths[:, None])
 
 
-def _flat(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """(all ids concatenated, int64 [N] lengths) of a list of id lists."""
-  lengths = np.fromiter(map(len, seqs), np.int64, count=len(seqs))
-  ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(lengths.sum()))
-  return ids, lengths
-
-
-def _scatter(seqs_NxT: np.ndarray, ids: np.ndarray, lengths_N: np.ndarray,
-             first_N: np.ndarray, count_N: np.ndarray, column_N: np.ndarray) -> None:
-  """Writes tokens first..first+count-1 of each example's ids (flat, with lengths)
-  to its row of seqs_NxT from column `column` on: one fancy-indexed assignment for
-  every example at once."""
-  row = np.repeat(np.arange(len(lengths_N)), lengths_N)
-  k = np.arange(len(ids)) - np.repeat(np.cumsum(lengths_N) - lengths_N, lengths_N)
-  k = k - np.repeat(first_N, lengths_N)  # index among the kept tokens
-  keep = (k >= 0) & (k < np.repeat(count_N, lengths_N))
-  seqs_NxT[row[keep], (np.repeat(column_N, lengths_N) + k)[keep]] = ids[keep]
+def _lengths(seqs: Sequence[Sequence[int]]) -> np.ndarray:
+  return np.fromiter(map(len, seqs), np.int64, count=len(seqs))
 
 
 def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, total: int,
             max_target_len: int):
   """The example layout of encode_examples, vectorised over examples (numpy): a
-  per-example Python loop cost more than the tokenizer on the frequency pass."""
-  (p_flat, lp), (s_flat, ls), (t_flat, lt) = _flat(p_ids), _flat(sep_ids), _flat(t_ids)
+  per-example Python loop cost more than the tokenizer on the frequency pass.
+
+  Rows are filled in row-major order, so the kept tokens of all examples, one stream
+  (each example's prompt end, separator and target start, concatenated by C-level
+  iteration into one np.fromiter), go into the row positions between the prefix and
+  each row's end with one boolean-mask assignment; EOS and the prefix are written
+  after. Only kept tokens are ever copied (long prompts keep their end).
+  """
+  lp, ls, lt = _lengths(p_ids), _lengths(sep_ids), _lengths(t_ids)
   n = len(lp)
   fixed = len(prefix) + ls
   # A prompt token, the prefix, the separator and EOS always fit.
@@ -114,20 +108,26 @@ def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, tot
   kept_t = np.where(target_cut, room_for_target, lt)
   room = total - fixed - kept_t - (~target_cut)
   kept_p = np.minimum(lp, room)
+  prompts = list(p_ids)  # the prompt's end where it does not fit
+  cut_p = np.flatnonzero(kept_p < lp)
+  for i, k in zip(cut_p.tolist(), kept_p[cut_p].tolist()):
+    prompts[i] = prompts[i][len(prompts[i]) - k:]
+  targets = list(t_ids)  # the target's start where it does not fit
+  for i in np.flatnonzero(target_cut).tolist():
+    targets[i] = targets[i][:int(kept_t[i])]
+  ends = len(prefix) + kept_p + ls + kept_t  # each row's last token + 1, before EOS
+  stream = np.fromiter(
+      itertools.chain.from_iterable(itertools.chain.from_iterable(
+          zip(prompts, sep_ids, targets))), np.int32, count=int((ends - len(prefix)).sum()))
   seqs = np.full((n, total), pad, np.int32)
+  cols = np.arange(total, dtype=np.int32)[None, :]
+  seqs[(cols >= len(prefix)) & (cols < ends[:, None])] = stream
   seqs[:, :len(prefix)] = np.asarray(prefix, np.int32)
-  p_col = np.full(n, len(prefix))
-  _scatter(seqs, p_flat, lp, lp - kept_p, kept_p, p_col)  # the prompt's end
-  s_col = p_col + kept_p
-  _scatter(seqs, s_flat, ls, np.zeros(n, np.int64), ls, s_col)
-  t_col = s_col + ls
-  _scatter(seqs, t_flat, lt, np.zeros(n, np.int64), kept_t, t_col)  # the target's start
-  ends = t_col + kept_t
   seqs[np.flatnonzero(~target_cut), ends[~target_cut]] = eos
   lengths = ends + (~target_cut)
   truncated = int(np.sum((kept_p < lp) | target_cut))
-  return (seqs, t_col.astype(np.int32), lengths.astype(np.int32), truncated,
-          int(target_cut.sum()))
+  return (seqs, (len(prefix) + kept_p + ls).astype(np.int32), lengths.astype(np.int32),
+          truncated, int(target_cut.sum()))
 
 
 def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer, *,
@@ -147,6 +147,27 @@ def encode_examples(prompts: list[str], targets: list[str], tokenizer: Tokenizer
                      f"target token and EOS; got {seq_len}.")
   if max_target_len < 1:
     raise ValueError(f"max_target_len must be >= 1; got {max_target_len}.")
+  with without_gc():
+    return _encode_examples(prompts, targets, tokenizer, seq_len=seq_len,
+                            max_target_len=max_target_len)
+
+
+@contextlib.contextmanager
+def without_gc() -> Iterator[None]:
+  """Python's cyclic garbage collector paused. Why: a split's token ids are millions
+  of small lists (no cycles among them) and the collector, triggered by their
+  allocation, traverses every one still alive again and again: half the frequency
+  pass's time on the real corpora (experiments/bench_frequency.py)."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
+def _encode_examples(prompts, targets, tokenizer, *, seq_len, max_target_len) -> Examples:
   keep = [i for i, t in enumerate(targets) if t.strip()]
   dropped = len(targets) - len(keep)
   prompts = [prompts[i] for i in keep]
