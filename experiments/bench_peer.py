@@ -26,7 +26,8 @@ A torch venv for the peer (torch is several GB; it is not a project requirement)
     /path/to/hfvenv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch
     /path/to/hfvenv/bin/pip install transformers
 
-Runs (the `small` preset shape, then a pretrained-like one; one thread each side,
+Runs (the `small` preset shape, then a pretrained-like one, then SmolLM2-135M's
+shape with --pretrained=smollm2-135m-instruct; one thread each side,
 which is like for like and robust to other load on a shared machine: torch's
 default OpenMP threads degrade badly when another process holds a core):
 
@@ -130,7 +131,7 @@ def jax_worker(args):
 
   cfg = decoder_lib.DecoderConfig(
       vocab_size=args.vocab, d_model=args.d_model, num_layers=args.num_layers,
-      num_heads=args.num_heads, num_kv_heads=args.num_heads, head_dim=args.head_dim,
+      num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
       mlp_dim=args.mlp_dim, max_len=max(2048, args.seq_len), norm="rms", norm_eps=1e-6,
       tied_embeddings=True, unembed_scale=None)
   model = decoder_lib.Decoder(cfg)
@@ -197,7 +198,7 @@ def torch_worker(args):
   config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.mlp_dim,
       num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-      num_key_value_heads=args.num_heads, head_dim=args.head_dim,
+      num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
       max_position_embeddings=max(2048, args.seq_len), rms_norm_eps=1e-6,
       tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
   model = transformers.LlamaForCausalLM(config)
@@ -261,7 +262,8 @@ def run_worker(args):
 # ---------------------------------------------------------------------------
 
 
-SHAPE_FLAGS = ("vocab", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim",
+SHAPE_FLAGS = ("vocab", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "mlp_dim",
                "batch", "seq_len", "target_frac", "lr", "warmup", "torch_threads",
                "jax_threads")
 
@@ -303,7 +305,10 @@ def main() -> None:
   p.add_argument("--d_model", type=int, default=192)
   p.add_argument("--num_layers", type=int, default=3)
   p.add_argument("--num_heads", type=int, default=3)
+  p.add_argument("--num_kv_heads", type=int, default=None, help="default: --num_heads")
   p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--pretrained", default=None,
+                 help="a named model or HF folder: its shape replaces the shape flags")
   p.add_argument("--mlp_dim", type=int, default=512)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq_len", type=int, default=128)
@@ -319,9 +324,21 @@ def main() -> None:
   p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
   p.add_argument("--root", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.num_kv_heads is None:
+    args.num_kv_heads = args.num_heads
   if args.worker:
     run_worker(args)
     return
+  if args.pretrained:  # the real model's shape (random weights: timing only)
+    from pdl_jax.models.hf import families
+    from pdl_jax.models.hf import offline
+    cfg = families.read_config(offline.local_dir(args.pretrained))
+    if not (cfg.tied_embeddings and cfg.norm == "rms" and cfg.mlp == "gated"):
+      raise SystemExit(f"--pretrained={args.pretrained}: the peer is a tied Llama; "
+                       f"{cfg.model_type} is not that shape.")
+    args.vocab, args.d_model, args.num_layers = cfg.vocab_size, cfg.d_model, cfg.num_layers
+    args.num_heads, args.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+    args.head_dim, args.mlp_dim = cfg.head_dim, cfg.mlp_dim
 
   workers = [start("jax", args.jax_python, "jax", args)]
   if args.baseline_root:
@@ -349,7 +366,8 @@ def main() -> None:
       w["proc"].wait(timeout=60)
 
   tokens = args.batch * args.seq_len
-  print(f"shape: d_model {args.d_model}, {args.num_layers} layers, {args.num_heads} heads x "
+  print(f"shape{f' of {args.pretrained}' if args.pretrained else ''}: d_model {args.d_model}, "
+        f"{args.num_layers} layers, {args.num_heads} heads ({args.num_kv_heads} KV) x "
         f"{args.head_dim}, mlp {args.mlp_dim}, vocab {args.vocab}, tied; batch {args.batch} x "
         f"{args.seq_len} = {tokens} tokens, loss span ~{args.target_frac:.0%} of positions; "
         f"median of {args.steps} interleaved steps after {args.warmup} warm-up")

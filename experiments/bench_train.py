@@ -148,7 +148,8 @@ def main() -> None:
         runs[key][1] = state
   tps = {key: b * l / statistics.median(r[2]) for key, r in runs.items()}
   print(f"jax {jax.__version__}, {sharding.mesh_summary(mesh)}; config {args.config} "
-        f"model {config.model.preset} ({models.compute_dtype(config)}, "
+        f"model {args.pretrained or config.model.pretrained or config.model.preset} "
+        f"({models.compute_dtype(config)}, "
         f"scan_layers={args.scan_layers}), batch {b} x {l} tokens, vocab {vocab}; median of "
         f"{args.steps} interleaved steps")
   for remat in remats:
