@@ -25,4 +25,6 @@ def get_config(arg: str | None = None):
     c.seq_len = 192  # 30 of them are the chat template's; ~130 are left for the description.
     c.max_target_len = 32  # Synopses up to 32 tokens (+ end of turn).
     c.eval.max_new_tokens = 32  # Synopses are short.
+    c.sweep.alphas = (0.25, 0.5, 1.0)  # The full set on the real model: alpha 1 too,
+    c.sweep.baselines = common.BASELINES  # and FACE, TLAT-chi2, unlikelihood, focal.
   return common.parse_arg(c, arg)

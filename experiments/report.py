@@ -22,9 +22,18 @@ to --out (default ROOT):
   CE as a dashed line);
 - frequency_profile.png: share of generated tokens per train-frequency decile for
   each point and for the references;
-- with --copy_runs, OUT/runs/<run>/: each run's config.json, metrics.jsonl and last
-  samples file, so the committed tables can be traced to (and regenerated from,
+- with --copy_runs, OUT/runs/<run>/: each run's config.json, provenance.json,
+  metrics.jsonl, last samples file and every generation of its base and final evals,
+  so the committed tables can be traced to (and regenerated from,
   `report.py OUT/runs --out OUT`) the runs' own logs without their checkpoints.
+
+When the CE runs evaluated at step 0 (eval.at_start: on when finetuning a pretrained
+model) the tables start with a `base (step 0)` row: the model before finetuning. When
+the runs kept every generation of their final eval (samples/final_<method>.jsonl,
+pretrained runs do), summary.md ends with, per decoding, each point's difference
+from CE on per-example ROUGE-L, chrF, rare-token share and length: the mean over the
+evaluation examples with both seeds pooled, and a 95% paired bootstrap interval
+(the same examples resampled for both sides), next to the seed spread of the tables.
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ import statistics
 import sys
 from typing import Any
 
+import numpy as np
+
 from pdl_jax import metric_writer  # noqa: E402
+from pdl_jax import metrics as metrics_lib
 from pdl_jax import utils  # noqa: E402
 from pdl_jax.utils import atomic_write_bytes  # noqa: E402
 
@@ -47,6 +59,9 @@ MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chr
                 "eval/mean_surprisal", "eval/rare_token_share", "eval/length",
                 "eval/profile_tv")
 NUM_BUCKETS = 10
+BASE = "base (step 0)"  # the pretrained model before finetuning: the CE runs' step-0 eval
+# Per-example metrics with paired bootstrap intervals against CE (from the samples).
+INTERVAL_METRICS = ("rougeL", "chrf", "rare_token_share", "length")
 
 
 def profile_tv(row: dict[str, float], prefix: str = "eval/") -> float | None:
@@ -77,19 +92,24 @@ def extra_methods(row: dict[str, Any]) -> list[str]:
   return sorted({k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2})
 
 
+def eval_row(run: str, step: int) -> dict[str, float] | None:
+  """The run's eval line at `step` with the derived profile_tv of each decoding (how
+  far its frequency profile is from the references'), or None."""
+  row = metric_writer.eval_at(run, step)
+  if row is None:
+    return None
+  for prefix in ("eval/", *(f"eval/{m}/" for m in extra_methods(row))):
+    tv = profile_tv(row, prefix)
+    if tv is not None:
+      row[f"{prefix}profile_tv"] = tv
+  return {"step": step, **row}
+
+
 def final_eval(run: str) -> dict[str, float] | None:
   """The eval line at the run's num_steps, or None (unfinished, or killed between its
   last checkpoint and its final eval: a mid-run eval is never taken as final)."""
   num_steps = read_config(run).get("num_steps")
-  final = None if num_steps is None else metric_writer.eval_at(run, int(num_steps))
-  if final is None:
-    return None
-  # Derived: how far each decoding's frequency profile is from the references'.
-  for prefix in ("eval/", *(f"eval/{m}/" for m in extra_methods(final))):
-    tv = profile_tv(final, prefix)
-    if tv is not None:
-      final[f"{prefix}profile_tv"] = tv
-  return {"step": num_steps, **final}
+  return None if num_steps is None else eval_row(run, int(num_steps))
 
 
 def point_of(config: dict[str, Any]) -> tuple[str, float]:
@@ -105,7 +125,10 @@ def point_of(config: dict[str, Any]) -> tuple[str, float]:
 
 
 def _order(label: str, alpha: float) -> tuple:
-  """CE, then PDL by alpha, then PDL with a fixed EOS weight, then the baselines."""
+  """The base model, CE, then PDL by alpha, then PDL with a fixed EOS weight, then the
+  baselines."""
+  if label == BASE:
+    return (-1, 0.0, "")
   if label == "ce":
     return (0, 0.0, "")
   if not math.isnan(alpha):
@@ -131,6 +154,17 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
     for name, value in row.items():
       if name.startswith("eval/"):
         p["metrics"].setdefault(name, []).append(float(value))
+  # The base model's row: the step-0 evals (eval.at_start, on when finetuning a
+  # pretrained model) of the CE runs, which every point starts from.
+  base = [(run, eval_row(run, 0)) for run in points.get("ce", {}).get("runs", [])]
+  base = [(run, row) for run, row in base if row is not None]
+  if base:
+    p = points.setdefault(BASE, {"alpha": math.nan, "runs": [], "metrics": {}, "step": 0})
+    for run, row in base:
+      p["runs"].append(run)
+      for name, value in row.items():
+        if name.startswith("eval/"):
+          p["metrics"].setdefault(name, []).append(float(value))
   if unfinished:
     message = (f"{len(unfinished)} runs have no eval at their num_steps (unfinished, or "
                f"killed before the final eval; rerun them to finish): {unfinished}")
@@ -141,6 +175,107 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
     raise SystemExit(f"no finished runs (config.json + metrics.jsonl with an eval at "
                      f"num_steps) under {root}")
   return dict(sorted(points.items(), key=lambda kv: _order(kv[0], kv[1]["alpha"])))
+
+
+def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
+                     den_b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+  """(a - b, lower, upper): the difference of two statistics sum(num) / sum(den) over
+  the same N examples (a mean when den is 1 per example, a pooled share otherwise)
+  and its percentile bootstrap interval: N examples drawn with replacement, the same
+  draw for a and b (paired), `resamples` times."""
+  n = len(num_a)
+  if not n or not (len(den_a) == len(num_b) == len(den_b) == n):
+    raise ValueError(f"paired_bootstrap needs N > 0 examples on both sides; got "
+                     f"{len(num_a)}, {len(den_a)}, {len(num_b)}, {len(den_b)}.")
+  idx_RxN = np.random.default_rng(seed).integers(0, n, (resamples, n))
+  ratio = lambda num, den, i: num[i].sum(-1) / np.maximum(den[i].sum(-1), 1e-12)
+  diffs_R = ratio(num_a, den_a, idx_RxN) - ratio(num_b, den_b, idx_RxN)
+  full = np.arange(n)
+  lo, hi = np.percentile(diffs_R, [50 * (1 - level), 50 * (1 + level)])
+  return float(ratio(num_a, den_a, full) - ratio(num_b, den_b, full)), float(lo), float(hi)
+
+
+def sample_name(label: str, method: str) -> str:
+  """evaluate.py's file of every generation: the base model's at step 0, else the final."""
+  return f"samples/{'base' if label == BASE else 'final'}_{method}.jsonl"
+
+
+def example_stats(run: str, label: str, method: str
+                  ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
+  """(the evaluation prompts, {metric: (numerator [N], denominator [N])}) of one run's
+  generations, or None without the file. Mean metrics have denominator 1; the
+  rare-token share is pooled over tokens, as eval/rare_token_share."""
+  path = utils.path(run) / sample_name(label, method)
+  if not path.exists():
+    return None
+  lines = sorted((json.loads(line) for line in path.read_text().splitlines() if line),
+                 key=lambda line: line["index"])
+  per = metrics_lib.per_example([l["generation"] for l in lines],
+                                [l["reference"] for l in lines])
+  ones = np.ones(len(lines))
+  stats = {k: (v, ones) for k, v in per.items()}
+  stats["rare_token_share"] = (np.array([l["rare_tokens"] for l in lines], np.float64),
+                               np.array([len(l["generation_ids"]) for l in lines], np.float64))
+  return [l["input"] for l in lines], stats
+
+
+def pooled_stats(point: dict[str, Any], label: str, method: str):
+  """Per-example numerators and denominators summed over the point's seeds (the
+  examples are the same prompts in every run), or None where a run lacks samples."""
+  out, inputs = None, None
+  for run in point["runs"]:
+    got = example_stats(run, label, method)
+    if got is None:
+      return None
+    if inputs is not None and got[0] != inputs:
+      raise SystemExit(f"{run} evaluated other prompts than the point's first run: the "
+                       "paired intervals need the same evaluation examples.")
+    inputs, stats = got
+    out = stats if out is None else {k: (out[k][0] + v[0], out[k][1] + v[1])
+                                     for k, v in stats.items()}
+  return inputs, out
+
+
+def intervals(points) -> dict[str, list[tuple[str, dict[str, tuple[float, float, float]]]]]:
+  """{method: [(point, {metric: (difference from CE, 95% lower, upper)})]} for every
+  decoding whose samples the CE runs kept (samples/final_<method>.jsonl)."""
+  if "ce" not in points:
+    return {}
+  methods = sorted(n.name[len("final_"):-len(".jsonl")] for n in
+                   (utils.path(points["ce"]["runs"][0]) / "samples").glob("final_*.jsonl"))
+  out = {}
+  for method in methods:
+    ce = pooled_stats(points["ce"], "ce", method)
+    if ce is None:
+      continue
+    rows = []
+    for label, p in points.items():
+      got = None if label == "ce" else pooled_stats(p, label, method)
+      if got is None:
+        continue
+      if got[0] != ce[0]:
+        raise SystemExit(f"point {label} evaluated other prompts than CE.")
+      rows.append((label, {m: paired_bootstrap(*got[1][m], *ce[1][m])
+                           for m in INTERVAL_METRICS}))
+    out[method] = rows
+  return out
+
+
+def interval_lines(table) -> list[str]:
+  """Markdown: one table per decoding, each cell `difference [lower, upper]`."""
+  lines = []
+  for method, rows in table.items():
+    lines += ["", f"Difference from CE per example, {method} (mean over the evaluation "
+              "examples, seeds pooled; 95% paired bootstrap interval, 2000 resamples; "
+              "chrF: mean sentence chrF; rare_token_share pooled over tokens):", "",
+              "| point | " + " | ".join(INTERVAL_METRICS) + " |",
+              "|---|" + "---|" * len(INTERVAL_METRICS)]
+    for label, cells in rows:
+      lines.append(f"| {label} | " + " | ".join(
+          f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+          (cells[m] for m in INTERVAL_METRICS)) + " |")
+  return lines
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -172,6 +307,7 @@ def write_tables(points, out: str) -> None:
     sampled = [c for c in sampled if any(c in p["metrics"] for p in points.values())]
     if sampled:  # the same generation metrics, of this decoding method
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
+  lines += interval_lines(intervals(points))
   atomic_write_bytes(utils.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -259,7 +395,9 @@ def check_copy_target(root: str, out: str) -> None:
 def copy_runs(points, root: str, out: str) -> list[str]:
   """Copies config.json, metrics.jsonl and the last samples file of every run; returns the folders."""
   copied = []
-  for p in points.values():
+  for label, p in points.items():
+    if label == BASE:  # the CE runs' own step-0 evals: copied with them
+      continue
     for run in p["runs"]:
       src = utils.path(run)
       dest = utils.path(out) / "runs" / src.relative_to(utils.path(root))
@@ -268,7 +406,12 @@ def copy_runs(points, root: str, out: str) -> list[str]:
       last: dict[str, str] = {}
       for name in sorted(p.name for p in (src / "samples").glob("*step_*.jsonl")):
         last[name.split("step_")[0]] = name
-      files = ["config.json", "metrics.jsonl"] + [f"samples/{n}" for n in last.values()]
+      # Every generation of the base and final evals (the paired intervals' input),
+      # and what the run came from.
+      every = sorted(f"samples/{n.name}" for pattern in ("final_*.jsonl", "base_*.jsonl")
+                     for n in (src / "samples").glob(pattern))
+      files = (["config.json", "metrics.jsonl"] + [f"samples/{n}" for n in last.values()]
+               + every + [n for n in ("provenance.json",) if (src / n).exists()])
       for name in files:
         atomic_write_bytes(dest / name, (src / name).read_bytes())
       copied.append(str(dest))

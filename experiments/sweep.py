@@ -73,8 +73,13 @@ def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> l
   out = []
   for name, items in points(config):
     workdir = f"{root.rstrip('/')}/{name}"  # local or gs://
+    # The base model's eval at step 0 is the same for every point: only the CE points
+    # run it (report.py's base row); the others start training at once.
+    base_eval = ["--config.eval.at_start=False"] if (
+        config.model.pretrained is not None and config.eval.get("at_start") is None
+        and not name.startswith("ce-")) else []
     out.append((workdir, [sys.executable, "-m", "pdl_jax.main", f"--config={path}:{base}{items}",
-                          f"--workdir={workdir}", *extra]))
+                          f"--workdir={workdir}", *base_eval, *extra]))
   return out
 
 

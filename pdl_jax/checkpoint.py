@@ -30,7 +30,7 @@ from pdl_jax.models import decoder as decoder_lib
 
 CHECKPOINTS = "checkpoints"
 # Everything a run writes into its workdir (what config.resume=False archives).
-RUN_OUTPUTS = ("config.json", CHECKPOINTS, "metrics.jsonl", "tokenizer.model", "samples",
+RUN_OUTPUTS = ("config.json", "provenance.json", CHECKPOINTS, "metrics.jsonl", "tokenizer.model", "samples",
                "tensorboard")
 
 
@@ -92,6 +92,9 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   # them. Only for them, so every other run's fingerprint is as before.
   if config.dataset.name == tasks_lib.FILES:
     fp.update(user_data.fingerprint(config.dataset))
+  # Packing changes every batch (only when on: other runs' fingerprints are as before).
+  if config.data.get("packing"):
+    fp["packing"] = True
   return json.loads(json.dumps(fp))  # as the meta stores it (tuples become lists)
 
 

@@ -108,6 +108,8 @@ class Evaluator:
       result.update({f"{scope}{k}": float(v) for k, v in gen.items()
                      if i == 0 or not k.startswith("ref_")})  # references: once
       self._write_samples(step, hyps, "" if i == 0 else f"{method}_")
+      if step in (0, c.num_steps):
+        self._write_all(step, method, hyps, hyp_ids)
     return result
 
   def _generate(self, params, method: str) -> tuple[list[str], list[list[int]]]:
@@ -128,6 +130,27 @@ class Evaluator:
       hyp_ids.extend(decode_lib.strip_after_eos(utils.to_host(out), self.eos_ids,
                                                 self.tok.pad_id)[:len(chunk)])
     return self.tok.decode_batch(hyp_ids), hyp_ids
+
+  def _write_all(self, step: int, method: str, hyps: list[str],
+                 hyp_ids: list[list[int]]) -> None:
+    """Every generation of the base model's eval (step 0: samples/base_<method>.jsonl)
+    and of the final one (samples/final_<method>.jsonl), one line per evaluation
+    prompt in order, so anyone can re-score them (experiments/report.py computes
+    per-example metrics and paired bootstrap intervals from them). Each line holds the
+    texts, the generation's token ids and how many of them are rare (outside the
+    frequent head that holds half the train token mass: what eval/rare_token_share
+    counts)."""
+    if jax.process_index() != 0:
+      return
+    frequent_V = metrics_lib.frequent_head(self.counts_V)
+    rare = lambda ids: int(sum(not frequent_V[i] for i in ids if 0 <= i < len(frequent_V)))
+    lines = [json.dumps({"index": k, "input": p, "reference": r, "generation": h,
+                         "generation_ids": ids, "rare_tokens": rare(ids)})
+             for k, (p, r, h, ids) in enumerate(zip(self.examples.prompts,
+                                                    self.examples.targets, hyps, hyp_ids))]
+    name = "base" if step == 0 else "final"
+    utils.atomic_write_text(utils.path(self.workdir) / "samples" / f"{name}_{method}.jsonl",
+                            "\n".join(lines) + "\n")
 
   def _write_samples(self, step: int, hyps: list[str], prefix: str = "") -> None:
     if jax.process_index() != 0:

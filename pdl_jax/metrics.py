@@ -40,6 +40,25 @@ def overlap_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float
   return out
 
 
+def per_example(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, np.ndarray]:
+  """Per-example metrics float64 [N] (for paired bootstrap intervals): ROUGE-L F1 x 100
+  (its mean is eval/rougeL), sentence chrF (the mean of sentence scores, not corpus
+  chrF: corpus chrF pools n-gram counts and has no per-example form) and length in
+  words (its mean is eval/length)."""
+  from rouge_score import rouge_scorer
+  import sacrebleu
+
+  if len(hyps) != len(refs):
+    raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references.")
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  return {
+      "rougeL": np.array([100.0 * scorer.score(r, h)["rougeL"].fmeasure
+                          for h, r in zip(hyps, refs)]),
+      "chrf": np.array([sacrebleu.sentence_chrf(h, [r]).score for h, r in zip(hyps, refs)]),
+      "length": np.array([float(len(_words(h))) for h in hyps]),
+  }
+
+
 def _words(text: str) -> list[str]:
   return text.lower().split()
 

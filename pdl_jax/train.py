@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ from pdl_jax.losses import registry
 from pdl_jax.losses import window as loss_window
 from pdl_jax.models import factory as models
 from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import weights as hf_weights
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +171,19 @@ def place_batch(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Shard
   and the replicas would train on different data, without an error."""
   return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
           for k, v in batch.items()}
+
+
+def provenance(config, fingerprint: dict) -> dict:
+  """What a run's results came from, beyond its config (WORKDIR/provenance.json,
+  rewritten by each invocation): the code version, and for a pretrained base its
+  name and the checksum of its weight files (the same base for every point of a
+  comparison)."""
+  out = {"code_version": utils.code_version(), "model": fingerprint["model"]}
+  if config.model.pretrained is not None:
+    out["base"] = config.model.pretrained
+    out["base_weights_sha256"] = hf_weights.weights_sha256(
+        offline.local_dir(config.model.pretrained))
+  return out
 
 
 def eval_at_start(config) -> bool:
@@ -361,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     utils.atomic_write_text(utils.path(workdir) / "config.json",
                             config.to_json_best_effort(indent=2))
+    utils.atomic_write_text(utils.path(workdir) / "provenance.json", json.dumps(
+        provenance(config, fingerprint), indent=2))
   # The weights after the fingerprint: a changed config is reported as a whole first.
   weights_V = utils.replicate(mesh, frequency.prepare_weights(
       config, workdir, stats, resuming=resumed, eos_id=tokenizer.eos_id))

@@ -159,3 +159,19 @@ def check_shared_dir(folder: str, what: str = "workdir") -> None:
         f"{what} {folder!r} is not shared by all {jax.process_count()} processes: "
         f"processes {np.flatnonzero(missing).tolist()} do not see a file process 0 wrote "
         "there. Use storage every host sees (gs://BUCKET/..., or a shared filesystem).")
+
+
+def code_version() -> str:
+  """The git commit of the pdl_jax source that runs ("<sha>-dirty" with uncommitted
+  changes to tracked files), or "unknown" outside a git checkout: so a run's results
+  can be traced to the code that made them."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True, timeout=30).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return sha + ("-dirty" if dirty.strip() else "")

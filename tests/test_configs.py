@@ -48,8 +48,17 @@ def test_every_config_field_has_a_comment():
 
 def test_sweeps_are_defined_next_to_task_configs():
   for name in ("summarization", "dialogue", "style_transfer"):
-    c = importlib.import_module(f"configs.{name}").get_config()
-    assert len(c.sweep.alphas) >= 3 and c.sweep.include_ce and tuple(c.sweep.seeds) == (0, 1)
+    own = importlib.import_module(f"configs.{name}").get_config("pretrained=none")
+    assert len(own.sweep.alphas) >= 3 and own.sweep.include_ce and tuple(own.sweep.seeds) == (0, 1)
+    assert len(own.sweep.baselines) == len(common.BASELINES)
+    # The real model's comparison: summarization the full set, the others a core set.
+    real = importlib.import_module(f"configs.{name}").get_config()
+    assert real.sweep.include_ce and tuple(real.sweep.seeds) == (0, 1)
+    assert tuple(real.sweep.eos_weight_alphas) == (0.5,)
+    full = name == "summarization"
+    assert tuple(real.sweep.alphas) == ((0.25, 0.5, 1.0) if full else (0.25, 0.5))
+    assert set(real.sweep.baselines) == (set(common.BASELINES) if full else
+                                         {"itf", "tlat_exp", "label_smoothing"})
   assert set(common.ARG_KEYS) >= {"loss", "alpha", "dataset"}
 
 

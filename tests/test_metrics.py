@@ -78,3 +78,15 @@ def test_unigram_smoothing_is_over_the_tokenizers_ids_only():
   np.testing.assert_allclose(metrics.add_one_log_probs(counts[:3]), got[:3])  # no padding
   np.testing.assert_allclose(metrics.add_one_log_probs(counts),
                              np.log(np.array([4, 2, 1, 1, 1]) / 9.0))  # default: all rows
+
+
+def test_per_example_means_are_the_logged_metrics():
+  from pdl_jax import metrics as metrics_lib
+  import sacrebleu
+  hyps = ["the cat sat", "a dog", "", "birds sing at dawn today"]
+  refs = ["the cat sat on the mat", "a dog ran", "nothing here", "birds sing at dawn"]
+  per = metrics_lib.per_example(hyps, refs)
+  overall = metrics_lib.overlap_metrics(hyps, refs)
+  assert per["rougeL"].mean() == pytest.approx(overall["rougeL"])
+  assert per["length"].tolist() == [3.0, 2.0, 0.0, 5.0]
+  assert per["chrf"][3] == pytest.approx(sacrebleu.sentence_chrf(hyps[3], [refs[3]]).score)

@@ -110,7 +110,13 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 24, out.stderr
+  # The real-model comparison: CE, PDL 0.25 and 0.5, PDL 0.5 with EOS weight 1, ITF,
+  # TLAT-exp and label smoothing, two seeds; only the CE points evaluate the base model
+  # at step 0.
+  lines = out.stdout.strip().splitlines()
+  assert out.returncode == 0 and len(lines) == 14, out.stderr
+  assert [("at_start=False" in l, "loss=ce," in l) for l in lines].count((False, True)) == 2
+  assert all(("at_start=False" in l) != ("loss=ce," in l) for l in lines)
   # Finished = the final eval is logged; a checkpoint at num_steps alone is not enough
   # (a run killed after it, before its final eval).
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0, num_steps=20)
@@ -163,8 +169,10 @@ def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path
   results = os.path.join(ROOT, "experiments", "results", task)
   runs = set(os.listdir(os.path.join(results, "runs")))
   points = report.collect(os.path.join(results, "runs"))
+  # The comparison on the own 2.1 M model pretrained here (the task configs' own-model
+  # sweep: `pretrained=none`).
   expected = {name for name, _ in sweep.points(load_config(
-      os.path.join(ROOT, "configs", f"{task}.py")))}
+      os.path.join(ROOT, "configs", f"{task}.py") + ":pretrained=none"))}
   assert runs == expected, sorted(runs ^ expected)
   assert len(points) == 12 and all(len(p["runs"]) == 2 for p in points.values()), {
       k: len(p["runs"]) for k, p in points.items()}
@@ -270,3 +278,71 @@ def test_a_points_steps_come_from_its_own_config():
   assert sweep.point_num_steps("configs/dialogue.py:init_from=w/pre,loss=ce,seed=0", []) == 800
   assert sweep.point_num_steps("configs/dialogue.py:steps=300,init_from=w/p", []) == 300
   assert sweep.point_num_steps("configs/dialogue.py:loss=ce", ["--config.num_steps=7"]) == 7
+
+
+def test_paired_bootstrap_against_a_loop_and_its_coverage():
+  r = np.random.default_rng(0)
+  a, b = r.normal(1.0, 1.0, 60), r.normal(0.0, 1.0, 60)
+  ones = np.ones(60)
+  d, lo, hi = report.paired_bootstrap(a, ones, b, ones, resamples=500, seed=3)
+  # The same resamples by a plain loop (numpy's generator, same seed and draw shape).
+  idx = np.random.default_rng(3).integers(0, 60, (500, 60))
+  diffs = [a[i].mean() - b[i].mean() for i in idx]
+  assert d == pytest.approx(a.mean() - b.mean())
+  assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+  # A pooled share: sum(num) / sum(den), not a mean of per-example ratios.
+  num, den = np.array([1.0, 0.0, 3.0]), np.array([2.0, 1.0, 3.0])
+  d, _, _ = report.paired_bootstrap(num, den, np.zeros(3), np.ones(3), resamples=10)
+  assert d == pytest.approx(4.0 / 6.0)
+  # Coverage: intervals of 200 independent paired samples with true difference 0.5
+  # hold it about 95% of the time.
+  hits = 0
+  for s in range(200):
+    x = r.normal(0.0, 1.0, 40)
+    y = x - 0.5 + r.normal(0.0, 0.5, 40)  # paired: shared per-example variation
+    _, lo, hi = report.paired_bootstrap(x, np.ones(40), y, np.ones(40), resamples=400, seed=s)
+    hits += lo <= 0.5 <= hi
+  assert 0.88 <= hits / 200 <= 0.99
+
+
+def _samples(run_dir, name, gens, refs, rare):
+  (run_dir / "samples").mkdir(exist_ok=True)
+  lines = [{"index": i, "input": f"p{i}", "reference": r, "generation": g,
+            "generation_ids": list(range(len(g.split()))), "rare_tokens": k}
+           for i, (g, r, k) in enumerate(zip(gens, refs, rare))]
+  (run_dir / "samples" / name).write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+
+
+def test_base_row_and_paired_intervals_from_the_samples(tmp_path):
+  refs = ["the cat sat on the mat", "a dog ran far away", "birds sing at dawn"] * 4
+  for seed in (0, 1):
+    fake_run(tmp_path, f"ce-seed{seed}", "ce", 0.5, seed, 4.0, 10.0)
+    fake_run(tmp_path, f"a0.5-seed{seed}", "pdl", 0.5, seed, 4.2, 12.0)
+    for name in (f"ce-seed{seed}", f"a0.5-seed{seed}"):  # a step-0 eval in every run
+      lines = open(tmp_path / name / "metrics.jsonl").read()
+      (tmp_path / name / "metrics.jsonl").write_text(
+          json.dumps({"step": 0, "eval/nll": 6.0, "eval/rouge1": 1.0}) + "\n" + lines)
+    ce_gens = ["the cat"] * 12  # short, little overlap
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl", ce_gens, refs, [0] * 12)
+    _samples(tmp_path / f"ce-seed{seed}", "base_greedy.jsonl", ["no"] * 12, refs, [1] * 12)
+    _samples(tmp_path / f"a0.5-seed{seed}", "final_greedy.jsonl", refs, refs, [1] * 12)
+  points = report.collect(str(tmp_path))
+  assert list(points) == [report.BASE, "ce", "alpha=0.5"]
+  assert points[report.BASE]["metrics"]["eval/nll"] == [6.0, 6.0]  # the CE runs' step 0
+  table = report.intervals(points)
+  rows = dict(table["greedy"])
+  assert list(rows) == [report.BASE, "alpha=0.5"]
+  # PDL's generations equal the references: ROUGE-L 100 against CE's; the same
+  # generations in every example, so the interval is a point.
+  from pdl_jax import metrics as metrics_lib
+  ce_rouge = metrics_lib.per_example(ce_gens, refs)["rougeL"].mean()
+  d, lo, hi = rows["alpha=0.5"]["rougeL"]
+  assert d == pytest.approx(100.0 - ce_rouge) and lo < d < hi or lo == d == hi
+  # Rare share: PDL 1 rare token per generation over its length, CE none.
+  lengths = np.array([len(r.split()) for r in refs], float)
+  assert rows["alpha=0.5"]["rare_token_share"][0] == pytest.approx(12 / lengths.sum())
+  assert rows["alpha=0.5"]["length"][0] == pytest.approx(lengths.mean() - 2.0)
+  report.write_tables(points, str(tmp_path))
+  md = open(tmp_path / "summary.md").read()
+  assert "| base (step 0) | 2 |" in md and "Difference from CE per example, greedy" in md
+  assert f"| alpha=0.5 | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md

@@ -105,6 +105,21 @@ def test_run_writes_every_output(reference_run):
   assert os.listdir(workdir / "tensorboard")
   samples = [json.loads(l) for l in open(workdir / "samples" / "step_0000006.jsonl")]
   assert len(samples) == 2 and set(samples[0]) == {"input", "reference", "generation"}
+  # The final eval keeps every generation of every decoding, with ids and rare counts.
+  from pdl_jax import metrics as metrics_lib
+  counts = np.load(workdir / "checkpoints" / "token_stats.npz")["counts"]
+  frequent = metrics_lib.frequent_head(counts)
+  for method, prefix in (("greedy", "eval/"), ("top_p", "eval/top_p/")):
+    lines = [json.loads(l) for l in open(workdir / "samples" / f"final_{method}.jsonl")]
+    # Every evaluation prompt, in order (tfds' mock data gives the whole split).
+    assert [l["index"] for l in lines] == list(range(len(lines))) and len(lines) >= 4
+    assert all(l["rare_tokens"] == sum(not frequent[i] for i in l["generation_ids"])
+               for l in lines)
+    ids = [i for l in lines for i in l["generation_ids"]]
+    if ids:  # the pooled share of the lines is the logged metric
+      assert sum(l["rare_tokens"] for l in lines) / len(ids) == pytest.approx(
+          evals[0][f"{prefix}rare_token_share"])
+  assert not os.path.exists(workdir / "samples" / "base_greedy.jsonl")  # no step-0 eval
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(reference_run, tmp_path):

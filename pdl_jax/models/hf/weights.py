@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -101,6 +102,19 @@ def _weight_file_names(model_dir: epath.Path) -> list[str]:
   return ["model.safetensors"]
 
 
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+  """sha256 over a checkpoint's weight files (names and contents, in order): which
+  base a run finetuned, checked equal across the points of a comparison."""
+  root = epath.Path(model_dir)
+  digest = hashlib.sha256()
+  for name in _weight_file_names(root):
+    digest.update(name.encode() + b"\0")
+    with (root / name).open("rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        digest.update(block)
+  return digest.hexdigest()
+
+
 def cached_copy(model_dir: str | os.PathLike, cache_dir: str | None = None) -> str:
   """A local copy of a remote (e.g. gs://) model folder's weights, made once per host
   and reused by later runs and sweep points: under CACHE/remote/<hash of the path>/
@@ -108,7 +122,6 @@ def cached_copy(model_dir: str | os.PathLike, cache_dir: str | None = None) -> s
   (in parallel, to a temporary name, then renamed) when it is absent or its size or
   modification time differs from the source's. safetensors reads local files."""
   import concurrent.futures  # only remote folders need it
-  import hashlib
 
   src = epath.Path(model_dir)
   root = epath.Path(cache_dir or offline.cache_dir()) / "remote" / hashlib.sha256(

@@ -1,0 +1,98 @@
+"""Benchmark: packing (config.data.packing) per task: padding share and useful tokens/s.
+
+For each task's default config (the pretrained base, its tokenizer in the chat
+format, its seq_len and batch), encodes the train split, packs it
+(`pdl_jax.data.pack_examples`) and prints the share of padding positions before and
+after and the examples per row. Then times the real train step (the config's loss,
+model and optimizer) on unpacked and on packed batches of the same shape, interleaved
+step by step, and prints the useful (non-padding) tokens/s of each and their ratio:
+what packing buys per second of training.
+
+    python experiments/bench_packing.py [--tasks summarization,dialogue,style_transfer]
+        [--steps 4] [--examples 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs.common import load_config
+from pdl_jax import data as data_lib
+from pdl_jax import optimizer as opt_lib
+from pdl_jax import sharding
+from pdl_jax import state as state_lib
+from pdl_jax import train
+from pdl_jax.losses import objective
+from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.losses import window
+from pdl_jax.models import factory as models
+from pdl_jax.models.hf import offline
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tasks", default="summarization,dialogue,style_transfer")
+  p.add_argument("--steps", type=int, default=4, help="timed steps per layout")
+  p.add_argument("--examples", type=int, default=20000, help="train examples encoded")
+  args = p.parse_args()
+  rows = []
+  for task in args.tasks.split(","):
+    config = load_config(f"configs/{task}.py")
+    config.model.pretrained = offline.local_dir(config.model.pretrained)
+    texts = data_lib.load_split_texts(config, "train", args.examples)
+    tokenizer = data_lib.get_tokenizer(config, "/tmp", lambda: texts)
+    examples = data_lib.encode_split(config, tokenizer, texts)
+    packed = data_lib.pack_examples(examples, pad_id=tokenizer.pad_id, loss_capacity=(
+        window.packed_capacity(config.max_target_len, config.seq_len)))
+    mesh = train.make_mesh(config)
+    model = models.make_model(config)
+    tx = opt_lib.make_optimizer(config)
+    rep = sharding.replicated(mesh)
+    bs = sharding.named_sharding(mesh, "batch", "length")
+    counts = np.bincount(examples.seqs[examples.loss_positions()],
+                         minlength=model.cfg.vocab_size)
+    weights = jax.device_put(loss_lib.power_law_weights(counts, config.loss.alpha), rep)
+    config.data.packing = True  # the packed window (the unpacked rows fit it too)
+    loss_fn = objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)
+    times = {"unpacked": [], "packed": []}
+    useful = {}
+    with jax.set_mesh(mesh):
+      state, shardings = state_lib.create_state(model, tx, mesh, 0, config.seq_len)
+      step = jax.jit(lambda s, b: train.train_step(s, b, weights, loss_fn=loss_fn, tx=tx),
+                     in_shardings=(shardings, bs), out_shardings=(shardings, rep),
+                     donate_argnums=(0,))
+      batches = {}
+      for name, ex in (("unpacked", examples), ("packed", packed)):
+        idx = np.arange(config.batch_size)
+        batches[name] = jax.device_put(data_lib.make_batch(ex, idx), bs)
+        useful[name] = int((ex.lengths[idx] - 1).sum())
+        state, m = step(state, batches[name])  # compile + warm-up
+        jax.block_until_ready(m)
+      for _ in range(args.steps):
+        for name in times:
+          t0 = time.perf_counter()
+          state, m = step(state, batches[name])
+          jax.block_until_ready(m)
+          times[name].append(time.perf_counter() - t0)
+    tps = {k: useful[k] / statistics.median(v) for k, v in times.items()}
+    rows.append((task, config.seq_len, data_lib.padding_share(examples),
+                 data_lib.padding_share(packed), len(examples) / len(packed),
+                 tps["unpacked"], tps["packed"]))
+    print(f"{task}: {len(examples)} examples -> {len(packed)} rows", flush=True)
+  print(f"jax {jax.__version__}; default configs (pretrained base, chat format), first "
+        f"{args.examples} train examples; median of {args.steps} interleaved steps")
+  print("| task | seq_len | padding unpacked | padding packed | examples a row | "
+        "useful tokens/s unpacked | packed | speed-up |")
+  print("|---|---|---|---|---|---|---|---|")
+  for task, l, pad_u, pad_p, per_row, tu, tp in rows:
+    print(f"| {task} | {l} | {pad_u:.0%} | {pad_p:.0%} | {per_row:.2f} | {tu:.0f} | "
+          f"{tp:.0f} | {tp / tu:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
