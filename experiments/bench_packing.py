@@ -4,9 +4,10 @@ For each task's default config (the pretrained base, its tokenizer in the chat
 format, its seq_len and batch), encodes the train split, packs it
 (`pdl_jax.data.pack_examples`) and prints the share of padding positions before and
 after and the examples per row. Then times the real train step (the config's loss,
-model and optimizer) on unpacked and on packed batches of the same shape, interleaved
-step by step, and prints the useful (non-padding) tokens/s of each and their ratio:
-what packing buys per second of training.
+model and optimizer; each layout with its own loss window) on random unpacked and
+packed batches of the same shape, interleaved step by step, and prints the useful
+(non-padding) tokens/s of each: rows a second x the split's mean real tokens a row.
+Their ratio is what packing buys per second of training.
 
     python experiments/bench_packing.py [--tasks summarization,dialogue,style_transfer]
         [--steps 4] [--examples 20000]
@@ -57,28 +58,34 @@ def main() -> None:
     counts = np.bincount(examples.seqs[examples.loss_positions()],
                          minlength=model.cfg.vocab_size)
     weights = jax.device_put(loss_lib.power_law_weights(counts, config.loss.alpha), rep)
-    config.data.packing = True  # the packed window (the unpacked rows fit it too)
-    loss_fn = objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)
+    # Each layout with its own loss window (unpacked: one target span a row).
+    loss_fns = {"unpacked": objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)}
+    config.data.packing = True
+    loss_fns["packed"] = objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)
     times = {"unpacked": [], "packed": []}
-    useful = {}
+    # Useful tokens a row: the split's mean (the first rows of a first-fit packing are
+    # its fullest), so tokens/s = rows a second x the split's mean real tokens a row.
+    useful = {"unpacked": (1 - data_lib.padding_share(examples)) * (config.seq_len + 1),
+              "packed": (1 - data_lib.padding_share(packed)) * (config.seq_len + 1)}
+    r = np.random.default_rng(0)
     with jax.set_mesh(mesh):
       state, shardings = state_lib.create_state(model, tx, mesh, 0, config.seq_len)
-      step = jax.jit(lambda s, b: train.train_step(s, b, weights, loss_fn=loss_fn, tx=tx),
-                     in_shardings=(shardings, bs), out_shardings=(shardings, rep),
-                     donate_argnums=(0,))
-      batches = {}
+      steps, batches = {}, {}
       for name, ex in (("unpacked", examples), ("packed", packed)):
-        idx = np.arange(config.batch_size)
-        batches[name] = jax.device_put(data_lib.make_batch(ex, idx), bs)
-        useful[name] = int((ex.lengths[idx] - 1).sum())
-        state, m = step(state, batches[name])  # compile + warm-up
+        steps[name] = jax.jit(
+            lambda s, b, fn=loss_fns[name]: train.train_step(s, b, weights, loss_fn=fn, tx=tx),
+            in_shardings=(shardings, bs), out_shardings=(shardings, rep), donate_argnums=(0,))
+        batches[name] = [jax.device_put(data_lib.make_batch(
+            ex, r.choice(len(ex), config.batch_size, replace=False)), bs) for _ in range(4)]
+        state, m = steps[name](state, batches[name][0])  # compile + warm-up
         jax.block_until_ready(m)
-      for _ in range(args.steps):
+      for i in range(args.steps):
         for name in times:
           t0 = time.perf_counter()
-          state, m = step(state, batches[name])
+          state, m = steps[name](state, batches[name][i % 4])
           jax.block_until_ready(m)
           times[name].append(time.perf_counter() - t0)
+    useful = {k: v * config.batch_size for k, v in useful.items()}
     tps = {k: useful[k] / statistics.median(v) for k, v in times.items()}
     rows.append((task, config.seq_len, data_lib.padding_share(examples),
                  data_lib.padding_share(packed), len(examples) / len(packed),

@@ -136,6 +136,25 @@ def _order(label: str, alpha: float) -> tuple:
   return (2 if label.startswith("alpha=") else 3, 0.0, label)
 
 
+def check_provenance(runs: list[str], strict: bool = False) -> None:
+  """Warns (strict: fails) when the runs' provenance.json disagree on the code version
+  or the base model's weights: a comparison's points must share both."""
+  seen: dict[str, dict[str, list[str]]] = {"code_version": {}, "base_weights_sha256": {}}
+  for run in runs:
+    path = utils.path(run) / "provenance.json"
+    if path.exists():
+      prov = json.loads(path.read_text())
+      for key in seen:
+        seen[key].setdefault(str(prov.get(key)), []).append(run)
+  for key, values in seen.items():
+    if len(values) > 1:
+      message = f"the runs differ in {key}: " + "; ".join(
+          f"{v}: {len(r)} runs (e.g. {r[0]})" for v, r in values.items())
+      if strict:
+        raise SystemExit(message)
+      print(f"warning: {message}", file=sys.stderr)
+
+
 def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
   """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}.
 
@@ -154,6 +173,7 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
     for name, value in row.items():
       if name.startswith("eval/"):
         p["metrics"].setdefault(name, []).append(float(value))
+  check_provenance([run for p in points.values() for run in p["runs"]], strict)
   # The base model's row: the step-0 evals (eval.at_start, on when finetuning a
   # pretrained model) of the CE runs, which every point starts from.
   base = [(run, eval_row(run, 0)) for run in points.get("ce", {}).get("runs", [])]
@@ -253,6 +273,9 @@ def intervals(points) -> dict[str, list[tuple[str, dict[str, tuple[float, float,
     for label, p in points.items():
       got = None if label == "ce" else pooled_stats(p, label, method)
       if got is None:
+        if label != "ce":
+          print(f"warning: point {label} has no {sample_name(label, method)} in every run "
+                "(runs from before every generation was kept): no interval", file=sys.stderr)
         continue
       if got[0] != ce[0]:
         raise SystemExit(f"point {label} evaluated other prompts than CE.")
@@ -267,7 +290,8 @@ def interval_lines(table) -> list[str]:
   lines = []
   for method, rows in table.items():
     lines += ["", f"Difference from CE per example, {method} (mean over the evaluation "
-              "examples, seeds pooled; 95% paired bootstrap interval, 2000 resamples; "
+              "examples, seeds pooled; 95% paired bootstrap interval over the examples, "
+              "2000 resamples, so it covers which prompts were drawn, not which seeds; "
               "chrF: mean sentence chrF; rare_token_share pooled over tokens):", "",
               "| point | " + " | ".join(INTERVAL_METRICS) + " |",
               "|---|" + "---|" * len(INTERVAL_METRICS)]

@@ -35,6 +35,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
                      "needs the full logits; chunked losses are "
                      f"{sorted(registry.CHUNKABLE)}.")
+  if config.data.get("packing") and c.name == "unlikelihood":
+    # Its negative candidates are the row's earlier targets: in a packed row they would
+    # include other examples' tokens (a different loss, not the same per example).
+    raise ValueError("config.data.packing=True with config.loss.name='unlikelihood': its "
+                     "negative candidates are the row's earlier target tokens, which packing "
+                     "would mix across examples; set data.packing=False for it.")
   if c.chunk_strategy is not None and c.chunk_strategy not in chunked_loss.STRATEGIES:
     raise ValueError(f"config.loss.chunk_strategy={c.chunk_strategy!r}; expected one of "
                      f"{chunked_loss.STRATEGIES} or None.")

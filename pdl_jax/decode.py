@@ -48,7 +48,10 @@ def decoding_model(model, params):
   scanned layout pays off in the backward pass's compile time, not here. Why cast:
   with bfloat16 compute and float32 params, every projection would otherwise cast
   its float32 kernel at every token; the projections cast to the compute dtype
-  anyway, so the values are the same. Norm scales and biases (1-D) stay as they are.
+  anyway, so the values are the same. Norm scales and biases (1-D) stay as they are,
+  and so does a tied embedding with an unembedding scale. The cost: during a decode
+  the params exist twice on the device (cast, or unstacked from the scanned layout),
+  and a scanned model compiles an unrolled decoder.
   """
   cfg = model.cfg
   if cfg.scan_layers:
@@ -56,9 +59,13 @@ def decoding_model(model, params):
     params = decoder_lib.unstack_layers(params)
   dtype = jnp.dtype(cfg.dtype)
   if dtype != jnp.dtype(cfg.param_dtype):
-    params = jax.tree.map(
-        lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-        else x, params)
+    cast = lambda x: (x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+                      else x)
+    # A tied embedding with an unembedding scale (the own model) is scaled before its
+    # cast to the compute dtype (bf16(w * s)); cast first, it would round twice.
+    keep = cfg.tied_embeddings and cfg.unembed_scale not in (None, 1, 1.0)
+    params = {k: (v if keep and k == "embed" else jax.tree.map(cast, v))
+              for k, v in params.items()}
   return model, params
 
 
@@ -95,7 +102,8 @@ def _is_eos(token: jax.Array, eos_id: int | tuple[int, ...]) -> jax.Array:
 def first_argmax(logits_BxV: jax.Array) -> jax.Array:
   """jnp.argmax over the last axis (the first index of the maximum), int32, as a max
   then a min over indices: two plain reductions, 3x faster on XLA:CPU than argmax's
-  variadic (value, index) reduction (2 vs 7 ms at batch 64, V 49152, every token)."""
+  variadic (value, index) reduction (2 vs 7 ms at batch 64, V 49152, every token).
+  Equal to argmax for rows without NaN (a NaN row gives the last index)."""
   v = logits_BxV.shape[-1]
   max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
   idx_B = jnp.min(jnp.where(logits_BxV == max_Bx1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
@@ -120,7 +128,9 @@ def _bisect_cutoff(logits_BxV, probs_BxV, top_p):
   (or has no logit between it and the cutoff): the kept set is exact."""
   mass = lambda c_B1: jnp.sum(jnp.where(logits_BxV >= c_B1, probs_BxV, 0.0), axis=-1,
                               keepdims=True)
-  lo_B1 = jnp.min(logits_BxV, axis=-1, keepdims=True)  # mass 1 >= top_p
+  # The smallest logit with any mass (banned ids are -inf: a -inf bound would make
+  # every midpoint NaN and keep the whole vocabulary). Mass 1 >= top_p from there.
+  lo_B1 = jnp.min(jnp.where(probs_BxV > 0, logits_BxV, jnp.inf), axis=-1, keepdims=True)
   hi_B1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
   top_B1 = mass(hi_B1) >= top_p  # the argmax alone holds top_p: the cutoff is the max
 
@@ -180,11 +190,12 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
   top_probs_BxN, top_ids_BxN = jax.lax.top_k(probs_BxV, n)  # descending
   cum_BxN = jnp.cumsum(top_probs_BxN, axis=-1)
   cut_B = jnp.sum(cum_BxN < top_p, axis=-1)  # index of the last token kept
-  found = jnp.all(cut_B < n)
+  cutoff_B1 = jnp.take_along_axis(top_probs_BxN, jnp.minimum(cut_B, n - 1)[:, None], axis=-1)
+  # The candidates hold the nucleus, and no token outside them ties with the cutoff
+  # (the last candidate is below it), in every row.
+  found = jnp.all((cut_B < n) & (top_probs_BxN[:, -1] < cutoff_B1[:, 0]))
 
   def from_candidates(_):
-    cutoff_B1 = jnp.take_along_axis(top_probs_BxN, jnp.minimum(cut_B, n - 1)[:, None],
-                                    axis=-1)
     kept_BxN = jnp.where(top_probs_BxN >= cutoff_B1, top_probs_BxN, 0.0)
     pick_B = _sample_from(rng, kept_BxN)
     return jnp.take_along_axis(top_ids_BxN, pick_B[:, None], axis=-1)[:, 0]

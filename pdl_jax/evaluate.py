@@ -145,7 +145,8 @@ class Evaluator:
     frequent_V = metrics_lib.frequent_head(self.counts_V)
     rare = lambda ids: int(sum(not frequent_V[i] for i in ids if 0 <= i < len(frequent_V)))
     lines = [json.dumps({"index": k, "input": p, "reference": r, "generation": h,
-                         "generation_ids": ids, "rare_tokens": rare(ids)})
+                         "generation_ids": [i for i in ids if 0 <= i < len(frequent_V)],
+                         "rare_tokens": rare(ids)})
              for k, (p, r, h, ids) in enumerate(zip(self.examples.prompts,
                                                     self.examples.targets, hyps, hyp_ids))]
     name = "base" if step == 0 else "final"

@@ -181,8 +181,10 @@ def provenance(config, fingerprint: dict) -> dict:
   out = {"code_version": utils.code_version(), "model": fingerprint["model"]}
   if config.model.pretrained is not None:
     out["base"] = config.model.pretrained
-    out["base_weights_sha256"] = hf_weights.weights_sha256(
-        offline.local_dir(config.model.pretrained))
+    model_dir = offline.local_dir(config.model.pretrained)
+    if str(model_dir).startswith("gs://"):  # the per-host copy loading made, not the bucket
+      model_dir = hf_weights.cached_copy(model_dir)
+    out["base_weights_sha256"] = hf_weights.weights_sha256(model_dir)
   return out
 
 

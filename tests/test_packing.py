@@ -143,3 +143,15 @@ def test_a_packed_run_trains(tmp_path, capfd):
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(m["train/loss"]) for m in lines if "train/loss" in m)
   assert any("eval/nll" in m for m in lines)
+
+
+def test_packing_refuses_unlikelihood():
+  from configs import dialogue
+  from pdl_jax import config_checks
+  c = dialogue.get_config("smoke")
+  c.data.packing = True
+  c.loss.name = "unlikelihood"
+  with pytest.raises(ValueError, match="packing=True with config.loss.name='unlikelihood'"):
+    config_checks.validate_config(c)
+  c.loss.name = "focal"  # per-token losses pack
+  config_checks.validate_config(c)
