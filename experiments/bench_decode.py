@@ -32,9 +32,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from experiments import bench_peer  # the worker plumbing (stdlib only)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("greedy", "top_p", "prefill")  # prefill: greedy with one new token
@@ -126,19 +127,8 @@ def start(name, python, worker, args, root=None):
          "--pretrained", args.pretrained, "--model_dir", args.model_dir,
          "--batch_size", str(args.batch_size), "--prompt_len", str(args.prompt_len),
          "--new_tokens", str(args.new_tokens), "--torch_threads", str(args.torch_threads)]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (root or ROOT, os.environ.get("PYTHONPATH")) if p))
-  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                          cwd=root or ROOT, env=env)
-  return {"name": name, "proc": proc, "times": {m: [] for m in METHODS}}
-
-
-def read_json(worker) -> dict:
-  line = worker["proc"].stdout.readline()
-  if not line:
-    raise RuntimeError(f"worker {worker['name']} exited (code {worker['proc'].wait()}); "
-                       "see its stderr above.")
-  return json.loads(line)
+  return {"name": name, "proc": bench_peer.spawn(cmd, root),
+          "times": {m: [] for m in METHODS}}
 
 
 def main() -> None:
@@ -174,26 +164,20 @@ def main() -> None:
   if args.torch_python:
     workers.append(start("torch", args.torch_python, "torch", args))
   try:
-    infos = {w["name"]: read_json(w)["info"] for w in workers}
+    infos = {w["name"]: bench_peer.read_json(w)["info"] for w in workers}
     for _ in range(args.repeats):
       for method in METHODS:
         for w in workers:
           w["proc"].stdin.write(method + "\n")
           w["proc"].stdin.flush()
-          reply = read_json(w)
+          reply = bench_peer.read_json(w)
           want = 1 if method == "prefill" else args.new_tokens
           if reply["new"] != want:
             raise RuntimeError(f"{w['name']} {method} returned {reply['new']} new tokens; "
                                f"expected {want}")
           w["times"][method].append(reply["seconds"])
   finally:
-    for w in workers:
-      try:
-        w["proc"].stdin.write("QUIT\n")
-        w["proc"].stdin.close()
-      except (BrokenPipeError, OSError):
-        pass
-      w["proc"].wait(timeout=120)
+    bench_peer.stop(workers)
 
   b, t = args.batch_size, args.new_tokens
   print(f"model {args.pretrained}; batch {b}, prompt {args.prompt_len}, {t} new tokens; "

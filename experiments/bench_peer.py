@@ -277,11 +277,27 @@ def start(name: str, python: str, worker: str, args, root: str | None = None):
   if root:
     cmd += ["--root", root]
   # The pdl_jax package of `root` (the baseline checkout) first on the worker's path.
+  return {"name": name, "proc": spawn(cmd, root), "times": [], "losses": []}
+
+
+def spawn(cmd: list[str], root: str | None = None) -> subprocess.Popen:
+  """A worker process talking over pipes, with the pdl_jax package of `root` (another
+  source tree) or of this one first on its path (also used by bench_decode.py)."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (root or ROOT, os.environ.get("PYTHONPATH")) if p))
-  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+  return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                           cwd=root or ROOT, env=env)
-  return {"name": name, "proc": proc, "times": [], "losses": []}
+
+
+def stop(workers) -> None:
+  """Asks each worker to quit and waits for it."""
+  for w in workers:
+    try:
+      w["proc"].stdin.write("QUIT\n")
+      w["proc"].stdin.close()
+    except (BrokenPipeError, OSError):
+      pass
+    w["proc"].wait(timeout=120)
 
 
 def read_json(worker) -> dict:
@@ -357,13 +373,7 @@ def main() -> None:
         w["times"].append(reply["seconds"])
         w["losses"].append(reply["loss"])
   finally:
-    for w in workers:
-      try:
-        w["proc"].stdin.write("QUIT\n")
-        w["proc"].stdin.close()
-      except (BrokenPipeError, OSError):
-        pass
-      w["proc"].wait(timeout=60)
+    stop(workers)
 
   tokens = args.batch * args.seq_len
   print(f"shape{f' of {args.pretrained}' if args.pretrained else ''}: d_model {args.d_model}, "
