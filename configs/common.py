@@ -88,10 +88,16 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # Hugging Face model directory (local or gs://): shape, weights and tokenizer from there; None: the own model below.
   c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/transformer.py PRESETS).
   c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # Compute dtype "float32" or "bfloat16"; None: bfloat16 on accelerators, float32 on CPU.
-  c.model.param_dtype = "float32"  # Parameter dtype: float32 (master weights; "bfloat16" is refused for training: AdamW's small updates would be lost).
+  c.model.param_dtype = "float32"  # Parameter dtype: float32 (master weights; "bfloat16" is refused for full finetuning: AdamW's small updates would be lost; with LoRA it is the frozen base's storage, the adapters stay float32).
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
   c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
+  c.model.lora = ml_collections.ConfigDict()  # Low-rank adapters on a frozen pretrained base (pdl_jax/lora.py); rank 0: full finetuning.
+  c.model.lora.rank = 0  # Adapter rank r; 0 = off. With r > 0 only the adapters train (model.pretrained is required).
+  c.model.lora.alpha = 16.0  # Adapter scale alpha / r (PEFT's lora_alpha).
+  c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Projections that get an adapter: any of q, k, v, o (attention), gate, up, down (MLP).
+  c.model.lora.dropout = 0.0  # Dropout on each adapter's input while training (PEFT's lora_dropout).
+  c.model.lora.base_quant = "none"  # Frozen base storage (QLoRA): "none" (model.param_dtype; "bfloat16" is allowed with LoRA), "int8" (per column) or "nf4" (4-bit NormalFloat, blocks of 64).
 
   c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data.py).
   c.data.packing = False  # Pack several training examples per row (first fit; attention within each, positions restart): less padding, same per-example loss. Evaluation never packs.

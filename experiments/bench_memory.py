@@ -16,10 +16,14 @@ ideal (whole state / devices), the state's ratio to the ideal, temporaries, tota
     python experiments/bench_memory.py --devices=8 --mesh=fsdp:8 \\
         --shape=/path/to/config.json --seq=1024 --batch=8
 
+    python experiments/bench_memory.py --devices=1 --lora_suite   # LoRA on one device
+
 The suite (no --shape): Llama-3-8B (seq 2048, batch 64, fsdp=64, remat full, scan,
 chunked PDL, bfloat16 compute), Llama-3.2-1B (seq 2048, batch 32, fsdp=8), the
 state ratio of Qwen2.5-0.5B at fsdp=8 and fsdp=64, and the compile time of the
-Llama-3.2-1B shape at 4 and 32 layers, scanned and unrolled.
+Llama-3.2-1B shape at 4 and 32 layers, scanned and unrolled. --lora_suite: LoRA
+on one device (Llama-3-8B rank 16, batch 8 x 2048, bfloat16 / int8 / nf4 base,
+against full finetuning; with --no_licm, see NO_LICM).
 
 Forced CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count is set from
 --devices before jax is imported. CPU compile times are this machine's; the memory
@@ -50,9 +54,19 @@ def _forced_devices(argv: list[str]) -> int:
   return 64
 
 
+# --no_licm: XLA:CPU has no bfloat16 matmul, so it upcasts a bfloat16 weight to
+# float32 before each dot, and its while-loop invariant code motion then hoists that
+# convert out of the scanned layer loop: one float32 copy of the whole stacked
+# weights (twice a bfloat16 base: 30 GiB for Llama-3-8B) that no TPU or GPU program
+# has (their bfloat16 dots are native). Disabling the pass removes that CPU-only copy
+# (a 16-layer 2048^2 toy: 0.278 -> 0.021 GiB of temporaries).
+NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
 if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" {DEVICES_FLAG}={_forced_devices(sys.argv[1:])}")
+                             f" {DEVICES_FLAG}={_forced_devices(sys.argv[1:])}"
+                             + (f" {NO_LICM}" if {"--no_licm", "--lora_suite"} & set(
+                                 sys.argv[1:]) else ""))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -62,6 +76,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs.common import load_config  # noqa: E402
 from pdl_jax import optimizer as opt_lib  # noqa: E402
 from pdl_jax.models.hf import families as hf_families  # noqa: E402
+from pdl_jax.models.hf import weights as hf_weights  # noqa: E402
 from pdl_jax import sharding  # noqa: E402
 from pdl_jax import state as state_lib
 from pdl_jax import train  # noqa: E402
@@ -109,6 +124,11 @@ class Case:
   strategy: str = "vocab"  # chunked loss: "vocab" (smallest temporaries) or "tokens"
   dtype: str = "bfloat16"
   grad_accum: int = 1
+  # LoRA (pdl_jax/lora.py): adapters of this rank on every projection, the frozen
+  # base in base_dtype or quantised (base_quant); 0: full finetuning.
+  lora_rank: int = 0
+  base_dtype: str = "float32"
+  base_quant: str = "none"
 
 
 def model_of(case: Case) -> decoder.Decoder:
@@ -128,6 +148,10 @@ def model_of(case: Case) -> decoder.Decoder:
                        f"config.json path (or a directory holding one): {e}") from None
   cfg = dataclasses.replace(cfg, scan_layers=case.scan, remat=case.remat,
                             num_layers=case.layers or cfg.num_layers)
+  if case.lora_rank:
+    cfg = dataclasses.replace(cfg, lora_rank=case.lora_rank, lora_alpha=2.0 * case.lora_rank,
+                              lora_targets=tuple(decoder.LORA_TARGETS),
+                              base_quant=case.base_quant, param_dtype=case.base_dtype)
   return decoder.Decoder(cfg)
 
 
@@ -144,6 +168,8 @@ def compile_step(case: Case):
                      f"{case.grad_accum} micro-batches over {shards} data x fsdp shards "
                      "(training refuses it too).")
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, seq_len=8)
+  base, base_shardings = ((state_lib.abstract_base(model, mesh, seq_len=8))
+                          if case.lora_rank else (None, None))
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
   v = model.cfg.vocab_size
@@ -162,12 +188,16 @@ def compile_step(case: Case):
   step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
                                    grad_accum_steps=case.grad_accum,
                                    reduction="weights" if case.loss == "pdl" else "tokens"),
-                 in_shardings=(shardings, batch_sharding, rep),
+                 in_shardings=(shardings, batch_sharding, rep)
+                 + ((base_shardings,) if base is not None else ()),
                  out_shardings=(shardings, rep), donate_argnums=(0,))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):  # activation constraints resolve against it (as in training)
-    compiled = step.lower(abstract, batch, weights).compile()
-  return compiled, shardings, abstract, time.perf_counter() - t0
+    compiled = step.lower(abstract, batch, weights,
+                          *(() if base is None else (base,))).compile()
+  # The state's bytes include a LoRA run's frozen base (a step argument, not state).
+  return (compiled, (shardings, base_shardings), (abstract, base),
+          time.perf_counter() - t0)
 
 
 def state_bytes(abstract, shardings) -> tuple[int, int]:
@@ -188,7 +218,9 @@ def measure(case: Case) -> dict:
   per_device, total = state_bytes(abstract, shardings)
   args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+  # Parameters of the model (a quantised base counted as the weights it stands for).
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+      hf_weights.abstract_params(dataclasses.replace(model_of(case).cfg, base_quant="none"))))
   return dict(case=case, params=params, devices=devices, state=per_device,
               ideal=total / devices, ratio=per_device / (total / devices), args=args,
               temp=temp, total=args + out - alias + temp, compile_s=seconds)
@@ -200,15 +232,21 @@ def describe(case: Case) -> str:
   return (f"{case.shape}{layers} mesh={mesh} seq={case.seq} batch={case.batch} "
           f"{'scan' if case.scan else 'unrolled'} remat={case.remat} "
           f"{f'chunked({case.strategy}) ' if case.chunked else ''}{case.loss} {case.dtype}"
-          f"{f' accum={case.grad_accum}' if case.grad_accum > 1 else ''}")
+          f"{f' accum={case.grad_accum}' if case.grad_accum > 1 else ''}"
+          + (f" LoRA r={case.lora_rank} base={base_storage(case)}" if case.lora_rank else ""))
 
 
-HEADER = (f"{'case':<100} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
+def base_storage(case: Case) -> str:
+  """How a LoRA case stores its frozen base."""
+  return case.base_dtype if case.base_quant == "none" else case.base_quant
+
+
+HEADER = (f"{'case':<120} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
           f"{'temp':>7} {'total':>7} {'compile':>8}")
 
 
 def row(r: dict) -> str:
-  return (f"{describe(r['case']):<100} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
+  return (f"{describe(r['case']):<120} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
           f"{r['ideal'] / GiB:6.2f}G {r['ratio']:6.3f} {r['temp'] / GiB:6.2f}G "
           f"{r['total'] / GiB:6.2f}G {r['compile_s']:7.1f}s")
 
@@ -229,6 +267,28 @@ def suite() -> list[tuple[str, Case, float | None]]:
        for scan in (True, False) for n in (4, 32)]
 
 
+def lora_suite() -> list[tuple[str, Case, float | None]]:
+  """LoRA on one device: Llama-3-8B, rank 16 on every projection, batch 8 x 2048 a
+  step, remat full, scanned; the base's other params (embeddings, norms) bfloat16.
+  The batch in one pass (its [8, 32, 2048, 2048] attention scores are most of the
+  temporaries) and as 8 exact micro-batches of one row (grad_accum 8: the same
+  step); targets bfloat16 base <= 24 GiB, int8 / nf4 <= 16 GiB; full finetuning of
+  the same shape for the contrast."""
+  one = {"fsdp": 1}
+  out = []
+  for accum in (1, 8):
+    lora = functools.partial(Case, "llama-3-8b", one, 2048, 8, lora_rank=16,
+                             base_dtype="bfloat16", grad_accum=accum)
+    how = "one pass" if accum == 1 else "8 micro-batches"
+    out += [(f"8B LoRA r16, bf16 base, {how}", lora(), 24.0 if accum > 1 else None),
+            (f"8B QLoRA r16, int8 base, {how}", lora(base_quant="int8"),
+             16.0 if accum > 1 else None),
+            (f"8B QLoRA r16, nf4 base, {how}", lora(base_quant="nf4"),
+             16.0 if accum > 1 else None)]
+  return out + [("8B full finetune, one device",
+                 Case("llama-3-8b", one, 2048, 8, grad_accum=8), None)]
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, default=64, help="forced CPU devices")
@@ -246,10 +306,23 @@ def main() -> None:
                  help="chunked loss strategy (pdl_jax/losses/chunked.py)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--grad_accum", type=int, default=1)
+  p.add_argument("--lora_rank", type=int, default=0, help="LoRA on every projection")
+  p.add_argument("--base_dtype", default="float32", choices=("bfloat16", "float32"),
+                 help="LoRA: the frozen base's dtype")
+  p.add_argument("--base_quant", default="none", choices=decoder.BASE_QUANTS,
+                 help="LoRA: the frozen base stored quantised")
+  p.add_argument("--lora_suite", action="store_true",
+                 help="only the LoRA cases (implies --no_licm: bfloat16 bases)")
+  p.add_argument("--no_licm", action="store_true",
+                 help="disable XLA:CPU's loop-invariant code motion (see NO_LICM)")
   args = p.parse_args()
-  print(f"{jax.device_count()} forced {jax.default_backend()} devices; jax {jax.__version__}",
+  print(f"{jax.device_count()} forced {jax.default_backend()} devices; jax {jax.__version__}"
+        + ("; XLA:CPU loop-invariant code motion off (--no_licm)"
+           if args.no_licm or args.lora_suite else ""),
         flush=True)
-  if args.shape is None:
+  if args.lora_suite:
+    todo = lora_suite()
+  elif args.shape is None:
     todo = suite()
   else:
     mesh = {}
@@ -264,7 +337,9 @@ def main() -> None:
     todo = [("", Case(args.shape, mesh, args.seq, args.batch, scan=s, remat=args.remat,
                       layers=n, loss=args.loss, chunked=not args.unchunked,
                       strategy=args.strategy,
-                      dtype=args.dtype, grad_accum=args.grad_accum), None)
+                      dtype=args.dtype, grad_accum=args.grad_accum,
+                      lora_rank=args.lora_rank, base_dtype=args.base_dtype,
+                      base_quant=args.base_quant), None)
             for s in scans for n in depths]
   print(HEADER, flush=True)
   results, failed = [], []

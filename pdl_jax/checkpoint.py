@@ -48,11 +48,14 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
-def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(config, tokenizer, model_cfg: dict[str, Any],
+                base_sha256: str | None = None) -> dict[str, Any]:
   """What a workdir's checkpoints must agree with to be resumed by this config:
   every setting that changes what the run computes (not logging, evaluation or
   the chunking of the loss, which give the same math); with the user's own files
-  (dataset.name "files"), the training files' content checksum."""
+  (dataset.name "files"), the training files' content checksum; for a LoRA run
+  (`base_sha256`), the checksum of the frozen base's weights, which its checkpoints
+  do not hold."""
   # The loss: its name and the hyperparameters of that loss (its LossSpec's params and
   # weight params; reduction and EOS weight for a weighted loss), not the other losses'
   # fields, which do not change what it computes (a CE run resumes whatever loss.alpha
@@ -95,6 +98,8 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any]) -> dict[str, Any]:
   # Packing changes every batch (only when on: other runs' fingerprints are as before).
   if config.data.get("packing"):
     fp["packing"] = True
+  if base_sha256 is not None:
+    fp["lora_base_weights_sha256"] = base_sha256
   return json.loads(json.dumps(fp))  # as the meta stores it (tuples become lists)
 
 

@@ -93,7 +93,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         key == "dtype" and config.model[key] is None):
       raise ValueError(f"config.model.{key}={config.model[key]!r}; expected 'float32' or "
                        "'bfloat16'.")
-  if config.model.param_dtype == "bfloat16":
+  lora_cfg = config.model.get("lora")
+  lora_rank = lora_cfg.rank if lora_cfg is not None else 0
+  if lora_cfg is not None:
+    check_lora(config)
+  if config.model.param_dtype == "bfloat16" and not lora_rank:
     # optax.adamw on bfloat16 params keeps bfloat16 moments and adds each update to a
     # bfloat16 weight: an update below the weight's spacing (a 1e-5 step on a weight
     # of 1.0, whose spacing is 2 ** -7) is rounded away and the model does not train.
@@ -101,7 +105,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.model.param_dtype='bfloat16' does not train: AdamW updates smaller than "
         "a weight's bfloat16 spacing (1e-5 on 1.0) are lost. Keep float32 params (the "
         "default: float32 master weights) and set config.model.dtype='bfloat16' for "
-        "bfloat16 compute; export in bfloat16 with `pdl_jax.export --dtype=bfloat16`.")
+        "bfloat16 compute; export in bfloat16 with `pdl_jax.export --dtype=bfloat16`. "
+        "(With LoRA, model.lora.rank > 0, a bfloat16 base is allowed: it is frozen.)")
   if config.model.remat not in decoder.REMATS:
     raise ValueError(f"config.model.remat={config.model.remat!r}; expected one of "
                      f"{decoder.REMATS}.")
@@ -177,3 +182,31 @@ def check_files_dataset(config: ml_collections.ConfigDict) -> None:
     if d[key] is not None:
       for p in user_data.resolve(d[key], f"dataset.{key}"):
         user_data.file_format(p, d.format)
+
+
+def check_lora(config) -> None:
+  """config.model.lora: values in range, and a pretrained base to adapt."""
+  lo = config.model.lora
+  if not (isinstance(lo.rank, int) and lo.rank >= 0):
+    raise ValueError(f"config.model.lora.rank={lo.rank!r}; expected an integer >= 0 (0: off).")
+  if lo.base_quant not in decoder.BASE_QUANTS:
+    raise ValueError(f"config.model.lora.base_quant={lo.base_quant!r}; expected one of "
+                     f"{decoder.BASE_QUANTS}.")
+  if not lo.rank:
+    if lo.base_quant != "none":
+      raise ValueError(f"config.model.lora.base_quant={lo.base_quant!r} quantises the frozen "
+                       "base of a LoRA run; set config.model.lora.rank > 0.")
+    return
+  targets = tuple(lo.targets)
+  bad = sorted(set(targets) - set(decoder.LORA_TARGETS))
+  if not targets or bad:
+    raise ValueError(f"config.model.lora.targets={targets}; expected a non-empty subset of "
+                     f"{sorted(decoder.LORA_TARGETS)} (unknown: {bad}).")
+  if not lo.alpha > 0:
+    raise ValueError(f"config.model.lora.alpha={lo.alpha}; expected > 0.")
+  if not 0 <= lo.dropout < 1:
+    raise ValueError(f"config.model.lora.dropout={lo.dropout}; expected in [0, 1).")
+  if config.model.pretrained is None:
+    raise ValueError("config.model.lora.rank > 0 adapts a pretrained base; set "
+                     "config.model.pretrained (a full run of the own model can be exported "
+                     "with `python -m pdl_jax.export` and used as one).")

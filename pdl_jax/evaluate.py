@@ -12,6 +12,7 @@ import numpy as np
 
 from pdl_jax import data as data_lib
 from pdl_jax import decode as decode_lib
+from pdl_jax import lora as lora_lib
 from pdl_jax import metrics as metrics_lib
 from pdl_jax import tasks as tasks_lib
 from pdl_jax import utils
@@ -52,15 +53,20 @@ class Evaluator:
   """
 
   def __init__(self, config, workdir: str, model, tokenizer, examples: data_lib.Examples,
-               counts_V: np.ndarray, weights_V, mesh, state_shardings, loss_fn):
+               counts_V: np.ndarray, weights_V, mesh, state_shardings, loss_fn,
+               base=None, base_shardings=None):
+    """base / base_shardings: a LoRA run's frozen base (state.params are its
+    adapters; evaluation sees their union, pdl_jax.lora.combine)."""
     self.config, self.workdir, self.model, self.tok = config, workdir, model, tokenizer
     self.examples, self.counts_V, self.weights_V = examples, counts_V, weights_V
-    self.mesh = mesh
+    self.mesh, self.base = mesh, base
+    param_shardings = (state_shardings.params if base is None
+                       else lora_lib.combine(base_shardings, state_shardings.params))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     reduction = registry.resolve_reduction(config.loss.name, config.loss.reduction)
     self.sums_fn = jax.jit(
         functools.partial(eval_sums, loss_fn=loss_fn, reduction=reduction),
-        in_shardings=(state_shardings.params, state_shardings.loss_state, rep, rep),
+        in_shardings=(param_shardings, state_shardings.loss_state, rep, rep),
         out_shardings=rep)
     prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
                for i in range(len(examples))]
@@ -83,7 +89,8 @@ class Evaluator:
 
   def __call__(self, state, step: int) -> dict[str, float]:
     c = self.config
-    params = state.params
+    params = (state.params if self.base is None
+              else lora_lib.combine(self.base, state.params))
     sums = None
     for batch in data_lib.eval_batches(self.examples, c.eval.batch_size):
       out = self.sums_fn(params, state.loss_state, utils.replicate(self.mesh, {

@@ -7,18 +7,29 @@ Writes DIR/config.json, safetensors shards of at most 5 GB (with an index when t
 are several) and the tokenizer files, into a temporary folder renamed at the end:
 never a half export. `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
 it; `pdl_jax.models.hf.weights.logits(DIR, tokens)` gives its logits here.
+
+A LoRA run (model.lora.rank > 0) exports its adapters as a PEFT adapter folder
+(adapter_config.json, adapter_model.safetensors in PEFT's names, the tokenizer
+files): `peft.PeftModel.from_pretrained(base, DIR)` loads it on the base. With
+--merge it writes the merged full checkpoint instead (each adapter folded into the
+float base, W + (alpha / r) A B), as for a full finetune.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import os
 
 import flax.linen as nn
 import jax
 import ml_collections
+import ml_dtypes
 
 from pdl_jax import checkpoint as ckpt_lib
 from pdl_jax import frequency
+from pdl_jax import lora as lora_lib
 from pdl_jax import utils
 from pdl_jax.models import factory
 from pdl_jax.models.hf import export as hf_export
@@ -27,12 +38,13 @@ from pdl_jax.models.hf import weights as hf_weights
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
-               dtype: str = "float32", max_shard_bytes: float = 5e9):
+               dtype: str = "float32", max_shard_bytes: float = 5e9, merge: bool = False):
   """Exports WORKDIR's params (latest, or of `step`) to `out`; returns its path.
+  A LoRA run: a PEFT adapter folder, or with `merge` the merged checkpoint.
 
   Raises:
     FileNotFoundError: no run in `workdir` (config.json, checkpoints).
-    ValueError: no such step, or an existing `out`.
+    ValueError: no such step, an existing `out`, or --merge of a full finetune.
   """
   root = utils.path(workdir)
   if not (root / "config.json").exists():
@@ -40,6 +52,12 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
   config = ml_collections.ConfigDict(json.loads((root / "config.json").read_text()))
   stats = frequency.TokenStats.load(str(root / ckpt_lib.CHECKPOINTS))
   cfg = factory.model_config(config, stats.vocab_size)
+  if merge and not lora_lib.enabled(cfg):
+    raise ValueError(f"--merge folds a LoRA run's adapters into its base; {workdir!r} is a "
+                     "full finetune (export it without --merge).")
+  if lora_lib.enabled(cfg):
+    return _export_lora(config, cfg, workdir, out, step=step, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, merge=merge)
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
@@ -55,13 +73,77 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
                            max_shard_bytes=max_shard_bytes)
 
 
+def _export_lora(config, cfg, workdir: str, out: str, *, step, dtype: str,
+                 max_shard_bytes: float, merge: bool):
+  """A LoRA run's PEFT adapter folder, or (merge) its merged full checkpoint."""
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+      nn.meta.unbox(lora_lib.split(hf_weights.abstract_params(cfg))[0]))
+  adapters = ckpt_lib.load_params(workdir, abstract, step=step)
+  tokenizer_dir = offline.local_dir(config.model.pretrained)
+  # An offline model's name means nothing to transformers: the folder it was converted
+  # to is the exact base (SmolLM2's is the GGUF's Q4_1 weights, not the hub's).
+  base_name = (str(tokenizer_dir) if offline.is_offline_name(config.model.pretrained)
+               else config.model.pretrained)
+  if merge:
+    # Folded into the float base, not the quantised one the run computed with: the
+    # model people serve (a QLoRA run's merged logits differ by the base's rounding).
+    plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none",
+                                param_dtype="float32")
+    base = hf_weights.load_params(tokenizer_dir, plain)
+    merged = jax.jit(functools.partial(
+        lora_lib.merge, cfg=dataclasses.replace(cfg, base_quant="none")))(
+            lora_lib.combine(base, adapters))
+    return hf_export.export(merged, plain, out, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                             max_shard_bytes=max_shard_bytes)
+  return write_peft(adapters, cfg, out, base_name=base_name, tokenizer_dir=tokenizer_dir,
+                    dtype=dtype)
+
+
+def write_peft(adapters, cfg, out: str, *, base_name: str, tokenizer_dir: str | None = None,
+               dtype: str = "float32"):
+  """Writes `adapters` (a LoRA model's lora_a / lora_b tree for `cfg`) as a PEFT
+  adapter folder: adapter_config.json (base_model_name_or_path = base_name),
+  adapter_model.safetensors in PEFT's names, the tokenizer files; into a temporary
+  folder renamed at the end. Returns its path.
+
+  Raises:
+    FileExistsError: `out` exists.
+    ValueError: a family whose checkpoint fuses q, k and v (GPT-2).
+  """
+  target = utils.path(out)
+  if target.exists():
+    raise FileExistsError(f"export target {out!r} exists; give a new folder.")
+  tensors = lora_lib.peft_tensors(adapters, cfg)
+  adapter_config = lora_lib.peft_config(cfg, base_name)
+  if dtype == "bfloat16":
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+  if jax.process_index() == 0:
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=False)
+    try:
+      hf_export.save_safetensors(tensors, tmp / "adapter_model.safetensors")
+      (tmp / "adapter_config.json").write_text(
+          json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+      if tokenizer_dir is not None:
+        hf_export.copy_tokenizer_files(tokenizer_dir, tmp)
+      tmp.rename(target)
+    except BaseException:
+      if tmp.exists():
+        tmp.rmtree()
+      raise
+  utils.sync(f"pdl_jax.export {out}")
+  return target
+
+
 def main(argv) -> None:
   """CLI: --workdir, --out, --step, --dtype (see export_run)."""
   del argv
   from absl import flags
 
   f = flags.FLAGS
-  path = export_run(f.workdir, f.out, step=f.step, dtype=f.dtype)
+  path = export_run(f.workdir, f.out, step=f.step, dtype=f.dtype, merge=f.merge)
   print(f"exported {f.workdir} to {path}")
 
 
@@ -72,5 +154,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "the Hugging Face checkpoint folder to write (new)")
   flags.DEFINE_integer("step", None, "checkpoint step; default the latest")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "tensor dtype")
+  flags.DEFINE_bool("merge", False, "LoRA run: write the merged full checkpoint, not a "
+                    "PEFT adapter folder")
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -4,10 +4,17 @@ Resume order (the one place it is decided, `initial_state`): this workdir's late
 checkpoint (config.resume) > config.init_from (another run's params, step 0) >
 config.model.pretrained (a Hugging Face checkpoint, step 0) > a fresh init from
 config.seed. Every source allocates the state once, directly in its shardings.
+
+LoRA (model.lora.rank > 0): the state's params are the adapters only (their optimizer
+state, their checkpoints); the frozen base is loaded separately (`load_base`: the
+pretrained weights, quantised if configured) and passed beside the state. A resume
+or init_from restores the adapters; a fresh start initialises them (B = 0: step 0 is
+the base).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax import lora as lora_lib
 from pdl_jax import sharding
 from pdl_jax import utils
 from pdl_jax.models.hf import weights as hf_weights
@@ -46,10 +54,49 @@ def fresh_state(params, tx, vocab_size: int) -> TrainState:
                     loss_state=jnp.zeros((vocab_size,), jnp.int32))
 
 
+def _init_params(model, seq_len: int, rng):
+  """The model's Flax-partitioned (boxed) params: the one init function."""
+  return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
 def _init_boxed(model, tx, seq_len: int, rng):
-  """The initial state with Flax-partitioned (boxed) params: the one init function."""
-  params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  """The initial state with boxed params (a LoRA model's: the adapters only; the
+  base's init is dead code XLA drops)."""
+  params = _init_params(model, seq_len, rng)
+  if lora_lib.enabled(model.cfg):
+    params = lora_lib.split(params)[0]
   return fresh_state(params, tx, model.cfg.vocab_size)
+
+
+def abstract_base(model, mesh, seq_len: int) -> tuple[Any, Any]:
+  """(abstract frozen base params, their shardings) of a LoRA model: every param but
+  the adapters, in its stored form (quantised kernels for base_quant int8 / nf4)."""
+  boxed = lora_lib.split(jax.eval_shape(functools.partial(_init_params, model, seq_len),
+                                        jax.random.key(0)))[1]
+  shardings = sharding.tree_shardings(mesh, boxed)
+  return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
+
+
+def load_base(pretrained: str, model, base_shardings) -> Any:
+  """A LoRA run's frozen base: the pretrained weights read as the same model without
+  adapters (in model.param_dtype), then, for base_quant int8 / nf4, quantised inside
+  one jit whose outputs are the base's shardings (the float copy is donated)."""
+  from pdl_jax.models import quant  # pylint: disable=import-outside-toplevel
+
+  cfg = model.cfg
+  plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none")
+  float_shardings = (base_shardings if cfg.base_quant == "none" else
+                     hf_weights.param_shardings(plain, _mesh_of(base_shardings)))
+  params = hf_weights.load_params(pretrained, plain, float_shardings)
+  if cfg.base_quant == "none":
+    return params
+  return jax.jit(functools.partial(quant.quantize_params, cfg=cfg),
+                 out_shardings=base_shardings, donate_argnums=(0,))(params)
+
+
+def _mesh_of(shardings) -> jax.sharding.Mesh:
+  return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(
+      x, jax.sharding.NamedSharding))[0].mesh
 
 
 def abstract_state(model, tx, mesh, seq_len: int) -> tuple[TrainState, Any]:
@@ -80,6 +127,33 @@ def create_state(model, tx, mesh, seed: int, seq_len: int):
   return state, shardings
 
 
+def check_lora_init_from(init_from: str, fingerprint: dict[str, Any]) -> None:
+  """A LoRA run continues another LoRA run's adapters only on the same base.
+
+  Raises:
+    ValueError: `init_from` is not a LoRA run, or adapted a base of other weights.
+  """
+  mngr = ckpt_lib.manager(init_from, 1)
+  step = mngr.latest_step()
+  if step is None:
+    raise ValueError(f"config.init_from={init_from!r} has no checkpoint.")
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  stored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  theirs = stored.get("fingerprint", {}).get("lora_base_weights_sha256")
+  ours = fingerprint["lora_base_weights_sha256"]
+  if theirs is None:
+    raise ValueError(
+        f"config.init_from={init_from!r} is a full finetune, not a LoRA run: a LoRA run "
+        "continues another LoRA run's adapters. To adapt a finetuned model, export it "
+        "(python -m pdl_jax.export) and set config.model.pretrained to the export.")
+  if theirs != ours:
+    raise ValueError(
+        f"config.init_from={init_from!r} trained its adapters on a base of weights "
+        f"checksum {theirs[:16]}..., this run's base ({fingerprint.get('model', {}).get('model_type')}"
+        f", config.model.pretrained) has {ours[:16]}...: adapters do not carry over "
+        "between bases.")
+
+
 def initial_state(config, model, tx, mesh, abstract: TrainState, shardings: Any, mngr,
                   fingerprint: dict[str, Any], stats_sha256: str, workdir: str
                   ) -> tuple[TrainState, bool]:
@@ -94,10 +168,13 @@ def initial_state(config, model, tx, mesh, abstract: TrainState, shardings: Any,
     state, latest = restored
     utils.log(f"resumed from step {latest}")
   elif config.init_from is not None:
+    if lora_lib.enabled(model.cfg):
+      check_lora_init_from(config.init_from, fingerprint)
     state = state_from_params(ckpt_lib.load_params(config.init_from, abstract.params),
                               model, tx, shardings)
-    utils.log(f"initialised params from {config.init_from}")
-  elif config.model.pretrained is not None:
+    utils.log(f"initialised {'adapters' if lora_lib.enabled(model.cfg) else 'params'} "
+              f"from {config.init_from}")
+  elif config.model.pretrained is not None and not lora_lib.enabled(model.cfg):
     state = state_from_params(hf_weights.load_params(
         config.model.pretrained, model.cfg, shardings.params), model, tx, shardings)
     utils.log(f"initialised params from the pretrained {config.model.pretrained}")

@@ -27,6 +27,7 @@ from pdl_jax import config_checks
 from pdl_jax import data as data_lib
 from pdl_jax import evaluate as eval_lib
 from pdl_jax import frequency
+from pdl_jax import lora as lora_lib
 from pdl_jax import metric_writer
 from pdl_jax import optimizer as opt_lib
 from pdl_jax import sharding
@@ -37,6 +38,7 @@ from pdl_jax.losses import pdl as loss_lib
 from pdl_jax.losses import registry
 from pdl_jax.losses import window as loss_window
 from pdl_jax.models import factory as models
+from pdl_jax.models import quant
 from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import weights as hf_weights
 
@@ -67,7 +69,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 
 def accumulate_gradients(params, batch, weights_V, loss_state_V, *, loss_fn,
-                         reduction: str, steps: int
+                         reduction: str, steps: int, rng: jax.Array | None = None
                          ) -> tuple[jax.Array, loss_lib.LossAux, jax.Array, Any]:
   """Loss, LossAux, FACE counts and gradients of the whole batch from `steps`
   micro-batches, one at a time (a scan: one micro-batch's activations live at once).
@@ -78,20 +80,23 @@ def accumulate_gradients(params, batch, weights_V, loss_state_V, *, loss_fn,
   both are divided once by the batch's summed denominator. The denominators do not
   depend on the parameters. Micro-batch i is rows i, i + steps, ... of the batch:
   every device's rows feed every micro-batch, so no data moves between devices.
-  FACE's counts advance once per micro-batch (with k=1 once per batch).
+  FACE's counts advance once per micro-batch (with k=1 once per batch). With `rng`
+  (dropout), micro-batch i gets fold_in(rng, i).
   """
   def micro(x):
     return x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
 
-  def numerator(p, mb, loss_state):
-    loss, (aux, loss_state) = loss_fn(p, mb, weights_V, loss_state)
+  def numerator(p, mb, loss_state, i):
+    kw = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
+    loss, (aux, loss_state) = loss_fn(p, mb, weights_V, loss_state, **kw)
     den = jax.lax.stop_gradient(loss_lib.loss_denominator(aux, reduction))
     return loss * den, (aux, den, loss_state)
 
-  def body(carry, mb):
+  def body(carry, xs):
+    mb, i = xs
     grads, num, den, tokens, nll_sum, w2_sum, loss_state = carry
     (n, (aux, d, loss_state)), g = jax.value_and_grad(numerator, has_aux=True)(
-        params, mb, loss_state)
+        params, mb, loss_state, i)
     # sum of squared weights from the micro-batch's ESS: ess = (sum w)^2 / sum w^2.
     w2 = jnp.where(aux.ess > 0, jnp.square(aux.weight_sum) / jnp.maximum(aux.ess, 1e-30),
                    0.0)
@@ -104,7 +109,7 @@ def accumulate_gradients(params, batch, weights_V, loss_state_V, *, loss_fn,
   # float32 sums, whatever the parameter dtype.
   init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), zero, zero, zero, zero, zero, loss_state_V)
   (grads, num, den, tokens, nll_sum, w2_sum, loss_state_V), weight_sums_K = jax.lax.scan(
-      body, init, jax.tree.map(micro, batch))
+      body, init, (jax.tree.map(micro, batch), jnp.arange(steps)))
   safe = jnp.maximum(den, 1e-30)
   grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), grads, params)
   weight_sum = jnp.sum(weight_sums_K)
@@ -114,10 +119,15 @@ def accumulate_gradients(params, batch, weights_V, loss_state_V, *, loss_fn,
   return jnp.where(den > 0, num / safe, 0.0), aux, loss_state_V, grads
 
 
-def train_step(state: state_lib.TrainState, batch, weights_V, *, loss_fn, tx,
+def train_step(state: state_lib.TrainState, batch, weights_V, base=None, *, loss_fn, tx,
                skip_nonfinite: bool = False, grad_accum_steps: int = 1,
-               reduction: str = "weights"):
+               reduction: str = "weights", dropout_seed: int | None = None):
   """One optimizer step; returns the new state and scalar metrics.
+
+  LoRA: `base` is the frozen base (pdl_jax.lora.split), state.params the adapters;
+  the loss sees their union, and gradients, optimizer state and updates are the
+  adapters' alone. dropout_seed (LoRA dropout): the step's dropout key is
+  fold_in(key(dropout_seed), step), so a resumed run draws the same masks.
 
   With grad_accum_steps = k > 1 the batch is processed as k micro-batches
   (`accumulate_gradients`: the same loss and gradients as one batch; `reduction`
@@ -125,13 +135,19 @@ def train_step(state: state_lib.TrainState, batch, weights_V, *, loss_fn, tx,
   gradient or update is recorded in the state; with skip_nonfinite its update is
   dropped (params and optimizer state unchanged).
   """
+  if base is not None:
+    full_loss_fn = loss_fn
+    loss_fn = lambda p, *a, **k: full_loss_fn(lora_lib.combine(base, p), *a, **k)
+  rng = (None if dropout_seed is None
+         else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
   if grad_accum_steps == 1:
+    kw = {} if rng is None else {"rng": rng}
     (loss, (aux, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, weights_V, state.loss_state)
+        state.params, batch, weights_V, state.loss_state, **kw)
   else:
     loss, aux, loss_state, grads = accumulate_gradients(
         state.params, batch, weights_V, state.loss_state, loss_fn=loss_fn,
-        reduction=reduction, steps=grad_accum_steps)
+        reduction=reduction, steps=grad_accum_steps, rng=rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -173,7 +189,16 @@ def place_batch(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Shard
           for k, v in batch.items()}
 
 
-def provenance(config, fingerprint: dict) -> dict:
+def base_weights_sha256(config) -> str:
+  """Checksum of the pretrained base's weight files (of the per-host copy loading
+  made when the base is on gs://)."""
+  model_dir = offline.local_dir(config.model.pretrained)
+  if str(model_dir).startswith("gs://"):
+    model_dir = hf_weights.cached_copy(model_dir)
+  return hf_weights.weights_sha256(model_dir)
+
+
+def provenance(config, fingerprint: dict, base_sha256: str | None = None) -> dict:
   """What a run's results came from, beyond its config (WORKDIR/provenance.json,
   rewritten by each invocation): the code version, and for a pretrained base its
   name and the checksum of its weight files (the same base for every point of a
@@ -181,10 +206,7 @@ def provenance(config, fingerprint: dict) -> dict:
   out = {"code_version": utils.code_version(), "model": fingerprint["model"]}
   if config.model.pretrained is not None:
     out["base"] = config.model.pretrained
-    model_dir = offline.local_dir(config.model.pretrained)
-    if str(model_dir).startswith("gs://"):  # the per-host copy loading made, not the bucket
-      model_dir = hf_weights.cached_copy(model_dir)
-    out["base_weights_sha256"] = hf_weights.weights_sha256(model_dir)
+    out["base_weights_sha256"] = base_sha256 or base_weights_sha256(config)
   return out
 
 
@@ -216,6 +238,7 @@ class _Loop:
   writer: metric_writer.MetricsWriter
   mngr: Any
   meta: dict[str, Any]  # the checkpoint's JSON meta besides the step
+  base: Any = None  # LoRA: the frozen base, the step's fourth argument
 
   def save(self, at: int) -> None:
     ckpt_lib.save(self.mngr, at, self.state, {"step": at, **self.meta})
@@ -271,7 +294,8 @@ class _Loop:
         meter.tokens += self.batches.real_tokens(step)
         batch = place_batch(self.batches.global_batch(step), self.batch_sharding)
         with jax.set_mesh(self.mesh):  # activation constraints resolve against it
-          self.state, m = self.step_fn(self.state, batch, self.weights_V)
+          base = () if self.base is None else (self.base,)
+          self.state, m = self.step_fn(self.state, batch, self.weights_V, *base)
         step += 1
         # Hosts get SIGTERM at different steps; saving is collective, so with several
         # processes they agree at each log step whether any was told to stop.
@@ -362,11 +386,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = models.make_model(config, stats.vocab_size)
   tx = opt_lib.make_optimizer(config)
   abstract, state_shardings = state_lib.abstract_state(model, tx, mesh, config.seq_len)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  lora = lora_lib.enabled(model.cfg)
+  base_abstract, base_shardings = (state_lib.abstract_base(model, mesh, config.seq_len)
+                                   if lora else (None, None))
+  num_params = sum(x.size for x in jax.tree.leaves((abstract.params, base_abstract)))
   utils.log(f"model: {config.model.pretrained or config.model.preset} "
             f"({model.cfg.model_type}), {num_params / 1e6:.2f} M parameters, vocabulary "
             f"{model.cfg.vocab_size} (tokenizer {tokenizer.path}, {tokenizer.vocab_size})")
-  fingerprint = ckpt_lib.fingerprint(config, tokenizer, models.describe(model))
+  base_sha256 = None
+  if config.model.pretrained is not None and (lora or jax.process_index() == 0):
+    base_sha256 = base_weights_sha256(config)  # the fingerprint's (LoRA), provenance's
+  if lora:
+    lc = config.model.lora
+    utils.log(f"LoRA: rank {lc.rank}, alpha {lc.alpha}, targets {tuple(lc.targets)}, "
+              f"{lora_lib.count(abstract.params) / 1e6:.3f} M trainable parameters "
+              f"({100 * lora_lib.count(abstract.params) / num_params:.2f}%); frozen base "
+              f"stored as {lc.base_quant if lc.base_quant != 'none' else model.cfg.param_dtype}"
+              f" ({quant.stored_bytes(base_abstract) / 2**20:.0f} MiB)")
+  # A LoRA run's checkpoints hold adapters only: the base they adapt is identified by
+  # its weights' checksum (a resume or init_from on another base is refused).
+  fingerprint = ckpt_lib.fingerprint(config, tokenizer, models.describe(model),
+                                     base_sha256=base_sha256 if lora else None)
   meta = {"fingerprint": fingerprint,
           "token_stats_sha256": stats.metadata()["counts_sha256"]}
   mngr = ckpt_lib.manager(workdir, config.keep_checkpoints)
@@ -379,7 +419,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     utils.atomic_write_text(utils.path(workdir) / "config.json",
                             config.to_json_best_effort(indent=2))
     utils.atomic_write_text(utils.path(workdir) / "provenance.json", json.dumps(
-        provenance(config, fingerprint), indent=2))
+        provenance(config, fingerprint, base_sha256), indent=2))
+  base = None
+  if lora:
+    base = state_lib.load_base(config.model.pretrained, model, base_shardings)
+    utils.log(f"LoRA base: {config.model.pretrained} (frozen)")
   # The weights after the fingerprint: a changed config is reported as a whole first.
   weights_V = utils.replicate(mesh, frequency.prepare_weights(
       config, workdir, stats, resuming=resumed, eos_id=tokenizer.eos_id))
@@ -389,20 +433,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Update step and evaluator.
   shards = sharding.batch_shards(mesh)
   rep = sharding.replicated(mesh)
+  in_shardings = (state_shardings, sharding.named_sharding(mesh, "batch", "length"), rep)
   step_fn = jax.jit(
       functools.partial(train_step, tx=tx, skip_nonfinite=config.skip_nonfinite_steps,
                         loss_fn=objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id,
                                                      batch_shards=shards),
                         grad_accum_steps=config.optimizer.grad_accum_steps,
                         reduction=registry.resolve_reduction(config.loss.name,
-                                                             config.loss.reduction)),
-      in_shardings=(state_shardings, sharding.named_sharding(mesh, "batch", "length"), rep),
+                                                             config.loss.reduction),
+                        dropout_seed=(config.seed if lora and model.cfg.lora_dropout > 0
+                                      else None)),
+      in_shardings=in_shardings + ((base_shardings,) if lora else ()),
       out_shardings=(state_shardings, rep), donate_argnums=(0,))
   evaluator = eval_lib.Evaluator(
       config, workdir, model, tokenizer, eval_ex, stats.counts, weights_V, mesh,
       state_shardings, objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id,
-                                            batch_shards=shards, update_loss_state=False))
+                                            batch_shards=shards, update_loss_state=False),
+      base=base, base_shardings=base_shardings)
 
   # --- The loop: steps, logs, checkpoints, evals.
   return _Loop(config, workdir, mesh, state, step_fn, weights_V, batches, evaluator,
-               writer, mngr, meta).run()
+               writer, mngr, meta, base).run()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
+
 from pdl_jax.losses import chunked as chunked_lib
 from pdl_jax.losses import pdl
 from pdl_jax.losses import registry
@@ -25,7 +27,7 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
                  eos_weight: float | None, capacity: int | None = None,
                  update_loss_state: bool = True,
                  chunk_strategy: str = chunked_lib.DEFAULT_STRATEGY,
-                 row_chunk_size: int | None = None):
+                 row_chunk_size: int | None = None, rng: jax.Array | None = None):
   """(loss, (LossAux, loss_state_V)) of a batch with the config's loss; training and
   evaluation both call this.
 
@@ -34,14 +36,18 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
   of the prefix-LM; pdl_jax.losses.window): the same loss and gradients, without the
   unembedding of the prompt positions. FACE's weights come from its running prediction
   counts (updated with this batch's argmax first, as its authors do, unless evaluating).
+  `rng` (training only) drives the model's dropout (LoRA's adapter dropout); without
+  it the model is deterministic.
   """
   labels_BxL, mask_BxL = batch["labels"], batch["loss_mask"]
   variables = {"params": params}
+  rngs = None if rng is None else {"dropout": rng}
   # Packed rows (config.data.packing) carry segment ids and per-segment positions.
   packed = "segment_ids" in batch
   inputs = dict(positions_BxL=batch.get("positions"), segment_ids_BxL=batch.get("segment_ids"))
   if chunked or capacity is not None:
-    hidden_BxLxD, _ = model.apply(variables, batch["inputs"], return_hidden=True, **inputs)
+    hidden_BxLxD, _ = model.apply(variables, batch["inputs"], return_hidden=True, rngs=rngs,
+                                  **inputs)
     if capacity is not None:
       gather = window.gather_loss_positions if packed else window.gather_window
       hidden_BxLxD, labels_BxL, mask_BxL = gather(hidden_BxLxD, labels_BxL, mask_BxL,
@@ -56,7 +62,7 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
       return loss, (aux, loss_state_V)
     logits_BxLxV = model.apply(variables, hidden_BxLxD, method=decoder.Decoder.unembed_logits)
   else:
-    logits_BxLxV, _ = model.apply(variables, batch["inputs"], **inputs)
+    logits_BxLxV, _ = model.apply(variables, batch["inputs"], rngs=rngs, **inputs)
   spec = registry.spec(loss_name)
   if spec.stateful:  # weights from the state carried in the train state (FACE's counts)
     update, weights_of = spec.state_weights

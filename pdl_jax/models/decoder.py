@@ -41,6 +41,12 @@ passes gradient to its scores: a loss must mask padding positions, which it does
 `tests/test_decoder_speed.py` checks the math against `tests/reference_transformer.Transformer` and
 the HLO for the transposes.
 
+LoRA (DecoderConfig.lora_rank > 0; pdl_jax.lora): each targeted projection carries
+float32 lora_a [*in, r] and lora_b [r, *out] beside its kernel and adds
+(alpha / r) x A B through two thin matmuls; with base_quant int8 / nf4 its kernel is
+stored quantised (pdl_jax.models.quant) and dequantised into the matmul. The adapters'
+logical axes are their kernel's input or output axes, so they shard with it.
+
 Logical axis names are the project's ("vocab", "embed", "heads", "kv", "mlp") plus
 "kv_heads" for the key/value heads: under grouped-query attention there are often
 fewer KV heads (1-8) than devices on the model axis, so they cannot share the rule
@@ -59,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdl_jax.models import quant
 from pdl_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {"k", "v"}: stacked arrays or per-layer tuples (init_cache)
@@ -76,6 +83,14 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # default, nothing saveable) and recomputes the block; "dots" saves the outputs of
 # the projections' matmuls and recomputes the cheap elementwise work around them.
 REMATS = ("none", "full", "dots")
+# Projections a low-rank adapter may sit on (DecoderConfig.lora_targets), by the
+# LoRA literature's short names, and the Dense2D module each names.
+LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out", "gate": "gate",
+                "up": "up", "down": "down"}
+# How a LoRA run stores its frozen base projections (DecoderConfig.base_quant): as
+# param_dtype; int8 per output column; nf4 (QLoRA's 4-bit NormalFloat) per block of
+# NF4_BLOCK input rows (pdl_jax.models.quant).
+BASE_QUANTS = ("none", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +132,14 @@ class DecoderConfig:
   # changes the param tree (stack_layers / unstack_layers convert), not the math.
   scan_layers: bool = False
   remat: str = "none"  # REMATS: what each block saves for the backward pass (same math)
+  # Low-rank adapters (LoRA; pdl_jax.lora): rank 0 is off. Each projection named in
+  # lora_targets (keys of LORA_TARGETS) gets float32 lora_a [*in, r] and lora_b
+  # [r, *out] beside its kernel: y = x W + (lora_alpha / r) * dropout(x) A B.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
+  lora_dropout: float = 0.0  # on the adapter's input; active only with a "dropout" rng
+  base_quant: str = "none"  # BASE_QUANTS: the frozen kernels of lora_targets, stored so
   # The config.json it was read from (export writes it back); no part of eq/hash.
   source_config_json: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -124,7 +147,7 @@ class DecoderConfig:
     checks = (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS),
               ("positions", POSITIONS), ("rope_type", ROPE_TYPES),
               ("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32", "bfloat16")),
-              ("remat", REMATS))
+              ("remat", REMATS), ("base_quant", BASE_QUANTS))
     for name, allowed in checks:
       if getattr(self, name) not in allowed:
         raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not supported; "
@@ -134,6 +157,20 @@ class DecoderConfig:
                        f"num_kv_heads={self.num_kv_heads}.")
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim; got {self.head_dim}.")
+    bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if bad:
+      raise ValueError(f"DecoderConfig.lora_targets has {bad}; supported: "
+                       f"{sorted(LORA_TARGETS)}.")
+    if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"DecoderConfig.lora_rank={self.lora_rank} with lora_targets="
+                       f"{self.lora_targets}: a rank >= 0, and targets when it is > 0.")
+    if self.base_quant != "none" and not self.lora_rank:
+      raise ValueError(f"DecoderConfig.base_quant={self.base_quant!r} quantises a LoRA "
+                       "run's frozen base; set lora_rank > 0.")
+
+  def lora_on(self, module: str) -> bool:
+    """Whether the projection module `module` ("query", "up", ...) has an adapter."""
+    return self.lora_rank > 0 and module in {LORA_TARGETS[t] for t in self.lora_targets}
 
 
 def from_model_config(model_cfg: Any) -> DecoderConfig:
@@ -187,6 +224,14 @@ class Dense2D(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.xavier_uniform()
+  # A low-rank adapter (rank 0: none): lora_a [*in, r] (PEFT's init, uniform with
+  # bound 1/sqrt(in)) and lora_b [r, *out] (zeros: step 0 is the base), float32.
+  lora_rank: int = 0
+  lora_scale: float = 1.0  # lora_alpha / lora_rank
+  lora_dropout: float = 0.0
+  # The kernel stored quantised (frozen LoRA base): "int8" or "nf4" params replace
+  # "kernel" (pdl_jax.models.quant), dequantised into the matmul.
+  quant: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -198,15 +243,51 @@ class Dense2D(nn.Module):
     def flat_init(rng, shape, dtype):
       return base_init(rng, (n_in, n_out), dtype).reshape(shape)
 
-    kernel = self.param("kernel", _init(self.kernel_axes, flat_init),
-                        in_shape + tuple(self.out_shape), self.param_dtype)
-    y_NxO = jnp.dot(x.astype(self.dtype).reshape(-1, n_in),
-                    kernel.astype(self.dtype).reshape(n_in, n_out))
+    x_NxI = x.astype(self.dtype).reshape(-1, n_in)
+    if self.quant == "none":
+      kernel = self.param("kernel", _init(self.kernel_axes, flat_init),
+                          in_shape + tuple(self.out_shape), self.param_dtype)
+      kernel_IxO = kernel.astype(self.dtype).reshape(n_in, n_out)
+    else:
+      # Stored flattened [in, out] (the leading kernel axis names shard them: a split
+      # of the head-major H*K axis in m blocks is a split of H when m divides H).
+      axes = (self.kernel_axes[0], self.kernel_axes[self.num_in])
+      qparams = {name: self.param(name, _init(axes[2 - len(shape):], init), shape, dtype)
+                 for name, (shape, dtype, init) in quant.param_specs(
+                     self.quant, n_in, n_out, flat_init).items()}
+      kernel_IxO = quant.dequantize(self.quant, qparams, self.dtype)
+    y_NxO = jnp.dot(x_NxI, kernel_IxO)
+    if self.lora_rank:
+      r = self.lora_rank
+      bound = 1.0 / math.sqrt(n_in)
+      a = self.param("lora_a", _init(self.kernel_axes[:self.num_in] + (None,),
+                                     lambda k, s, d: jax.random.uniform(
+                                         k, s, d, -bound, bound)),
+                     in_shape + (r,), jnp.float32)
+      b = self.param("lora_b", _init((None,) + self.kernel_axes[self.num_in:],
+                                     nn.initializers.zeros),
+                     (r,) + tuple(self.out_shape), jnp.float32)
+      x_in = x_NxI
+      if self.lora_dropout > 0 and self.has_rng("dropout"):
+        x_in = nn.Dropout(self.lora_dropout, deterministic=False)(x_in)
+      # Two thin matmuls ([N, in] x [in, r], [N, r] x [r, out]): never the [in, out]
+      # product, so the adapter costs 2 r (in + out) flops per row, not in x out.
+      low_NxR = jnp.dot(x_in, a.astype(self.dtype).reshape(n_in, r))
+      y_NxO = y_NxO + jnp.dot(low_NxR * jnp.asarray(self.lora_scale, self.dtype),
+                              b.astype(self.dtype).reshape(r, n_out))
     if self.use_bias:
       bias = self.param("bias", _init(self.kernel_axes[self.num_in:], nn.initializers.zeros),
                         tuple(self.out_shape), self.param_dtype)
       y_NxO = y_NxO + bias.astype(self.dtype).reshape(n_out)
     return y_NxO.reshape(lead + tuple(self.out_shape))
+
+
+def lora_fields(cfg: DecoderConfig, module: str) -> dict[str, Any]:
+  """Dense2D's adapter and quantisation fields for the projection `module`."""
+  if not cfg.lora_on(module):
+    return {}
+  return dict(lora_rank=cfg.lora_rank, lora_scale=cfg.lora_alpha / cfg.lora_rank,
+              lora_dropout=cfg.lora_dropout, quant=cfg.base_quant)
 
 
 class Norm(nn.Module):
@@ -308,7 +389,8 @@ class Attention(nn.Module):
 
     def proj(name, heads, heads_axis):
       return Dense2D((heads, k), 1, ("embed", heads_axis, "kv"), use_bias=cfg.qkv_bias,
-                     dtype=dtype, param_dtype=pdtype, name=name)(x_BxLxD)
+                     dtype=dtype, param_dtype=pdtype, name=name,
+                     **lora_fields(cfg, name))(x_BxLxD)
 
     q_BxLxHxK = constrain(proj("query", h, "heads"), "batch", "length", "heads", "kv")
     k_BxLxGxK = constrain(proj("key", g, "kv_heads"), "batch", "length", "kv_heads", "kv")
@@ -373,7 +455,8 @@ class Attention(nn.Module):
     out_BxLxHxK = out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
         b, l, h, k)
     out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
-                        dtype=dtype, param_dtype=pdtype, name="out")(out_BxLxHxK)
+                        dtype=dtype, param_dtype=pdtype, name="out",
+                        **lora_fields(cfg, "out"))(out_BxLxHxK)
     return out_BxLxD, kv
 
 
@@ -389,7 +472,7 @@ class MLP(nn.Module):
 
     def dense(features, name, axes):
       return Dense2D((features,), 1, axes, use_bias=cfg.mlp_bias, dtype=dtype,
-                     param_dtype=pdtype, name=name)
+                     param_dtype=pdtype, name=name, **lora_fields(cfg, name))
 
     up_BxLxF = dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_BxLxD)
     if cfg.mlp == "gated":
@@ -468,7 +551,8 @@ class Decoder(nn.Module):
       # sharded), the KV cache scanned over its layer axis (in/out axis 0), the RoPE
       # tables, the mask bias and cache_index broadcast to every layer.
       self.blocks = nn.scan(
-          block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          block_cls, variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},  # LoRA dropout: a mask per layer
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0,
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name=SCANNED)

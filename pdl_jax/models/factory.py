@@ -20,6 +20,11 @@ def model_config(config, vocab_size: int | None = None) -> decoder.DecoderConfig
   dtype = compute_dtype(config)
   # How the layers run (scanned, rematerialised) is the config's, for either model.
   layers = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
+  lo = m.get("lora")
+  if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.lora)
+    layers.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
+                  lora_targets=tuple(lo.targets), lora_dropout=float(lo.dropout),
+                  base_quant=lo.base_quant)
   if m.pretrained is not None:
     cfg = hf_families.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
     return dataclasses.replace(cfg, **layers)
@@ -44,5 +49,9 @@ def make_model(config, vocab_size: int | None = None) -> decoder.Decoder:
 def describe(model: decoder.Decoder) -> dict[str, Any]:
   """The model's configuration as JSON-able values (for the run fingerprint, which
   leaves out `remat`: see pdl_jax.checkpoint.fingerprint)."""
-  return {k: v for k, v in dataclasses.asdict(model.cfg).items()
-          if k != "source_config_json"}
+  out = {k: v for k, v in dataclasses.asdict(model.cfg).items()
+         if k != "source_config_json"}
+  if not model.cfg.lora_rank:  # fingerprints of full runs stay as before LoRA existed
+    for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant"):
+      out.pop(k)
+  return out

@@ -249,7 +249,7 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
     for fname, shard in zip(names, shards):
       values = {n: np.ascontiguousarray(tensors[n]().astype(np_dtype)) for n in shard}
       if is_writer:
-        _save_safetensors(values, tmp / fname)
+        save_safetensors(values, tmp / fname)
       weight_map.update({n: fname for n in shard})
     if is_writer:
       if len(shards) > 1:
@@ -268,7 +268,7 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
   return out_dir
 
 
-def _save_safetensors(values: dict[str, np.ndarray], path: epath.Path) -> None:
+def save_safetensors(values: dict[str, np.ndarray], path: epath.Path) -> None:
   """safetensors file with transformers' metadata (format=pt), via a local file."""
   if os.path.isdir(os.fspath(path.parent)):
     save_file(values, os.fspath(path), metadata={"format": "pt"})
