@@ -432,8 +432,8 @@ def test_unlikelihood_candidates_are_distinct_earlier_targets():
     (lambda: registry.supports_chunked("hinge"), "'hinge'"),
     (lambda: losses.get_loss("itf")(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), None),
      "weights.*got None"),
-    (lambda: C.get_loss_from_hidden("focal"), "'focal' has no chunked path"),
-    (lambda: C.get_loss_from_hidden("face"), "'face' has no chunked path"),
+    (lambda: C.get_loss_from_hidden("unlikelihood"), "'unlikelihood' has no chunked path"),
+    (lambda: C.get_loss_from_hidden("focal", gamma=-1.0), "gamma"),
 ])
 def test_registry_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
@@ -443,7 +443,7 @@ def test_registry_bad_input(call, match):
 def test_every_loss_has_params_and_chunk_flag():
   assert set(registry.LOSS_PARAMS) == set(registry.LOSS_NAMES)
   assert {n for n in registry.LOSS_NAMES if registry.supports_chunked(n)} == {
-      "ce", "pdl", "itf", "tlat_exp", "tlat_chi2"}
+      "ce", "pdl", "itf", "tlat_exp", "tlat_chi2", "face", "focal", "label_smoothing"}
   for name in registry.LOSS_NAMES:
     assert callable(losses.get_loss(name))
 

@@ -186,7 +186,8 @@ def test_tokens_value_and_grads_match_unchunked(n, d, v, rows, alpha):
   assert_close(got_dw, want_dw, 1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(registry.CHUNKABLE))
+@pytest.mark.parametrize("name", sorted(
+    n for n in registry.CHUNKABLE if registry.spec(n).token_loss_from_stats is None))
 @pytest.mark.parametrize("reduction", L.REDUCTIONS)
 def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
   if name == "ce" and reduction == "weights":
@@ -258,3 +259,99 @@ def test_default_row_chunk_size_is_512_rows_with_blocks_under_512_mib():
   assert C.default_row_chunk_size(262_144) == 512
   assert C.default_row_chunk_size(300_000) == 440
   assert C.default_row_chunk_size(10**9) == 8
+
+
+# ---------------------------------------------------------------------------
+# Focal, label smoothing (from the NLL and the uniform cross-entropy) and FACE's
+# argmax, by vocabulary chunks.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, params", [
+    ("focal", {"gamma": 2.0}), ("focal", {"gamma": 0.0}), ("focal", {"gamma": 0.5}),
+    ("label_smoothing", {"smoothing": 0.1}), ("label_smoothing", {"smoothing": 0.0})])
+@pytest.mark.parametrize("chunk_size", [16, 70, 1000])  # clamped last chunk, one, wider
+def test_stats_losses_match_unchunked(name, params, chunk_size):
+  hidden, unembed, labels, weights, mask = make_case(6, 45, 12, 70, 1.0)
+  labels = labels.at[3].set(-100).at[5].set(70)  # out of range: ignored
+  ref = losses.get_loss(name, **params)
+  fn = C.get_loss_from_hidden(name, **params)
+
+  def naive_fn(h, u):
+    return ref(jnp.matmul(h, u, preferred_element_type=jnp.float32), labels, None,
+               mask=mask)
+
+  def chunked_fn(h, u):
+    return fn(h, u, labels, None, mask_N=mask, chunk_size=chunk_size)
+
+  (want, want_aux), want_g = jax.jit(jax.value_and_grad(
+      naive_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  (got, got_aux), got_g = jax.jit(jax.value_and_grad(
+      chunked_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  for field in L.LossAux._fields:
+    assert float(getattr(got_aux, field)) == pytest.approx(
+        float(getattr(want_aux, field)), rel=1e-5), field
+  for g, w in zip(got_g, want_g):
+    assert_close(g, w, 1e-5)
+  assert float(jnp.abs(want_g[0]).max()) > 0
+
+
+def test_token_stats_against_numpy():
+  """The two statistics (and their VJP) against a float64 numpy reference."""
+  hidden, unembed, labels, _, _ = make_case(7, 9, 6, 23, 1.0)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(unembed, np.float64)
+  lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  want_nll = lse - logits[np.arange(9), np.asarray(labels)]
+  want_unif = lse - logits.mean(1)
+  nll, unif = C.chunked_token_stats(hidden, unembed, labels, 5)
+  np.testing.assert_allclose(np.asarray(nll), want_nll, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(unif), want_unif, rtol=1e-5)
+  g1, g2 = np.linspace(0.5, 1.5, 9), np.linspace(-1.0, 1.0, 9)
+  _, vjp = jax.vjp(lambda h: C.chunked_token_stats(h, unembed, labels, 5), hidden)
+  (dh,) = vjp((jnp.asarray(g1, jnp.float32), jnp.asarray(g2, jnp.float32)))
+  p = np.exp(logits - lse[:, None])
+  onehot = np.eye(23)[np.asarray(labels)]
+  dlogits = g1[:, None] * (p - onehot) + g2[:, None] * (p - 1 / 23)
+  np.testing.assert_allclose(np.asarray(dh), dlogits @ np.asarray(unembed, np.float64).T,
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_argmax_equals_argmax_with_ties():
+  hidden, unembed, _, _, _ = make_case(8, 30, 6, 53, 1.0)
+  # Ties across chunks: duplicate columns 3 -> 40 and 10 -> 11 (first index wins).
+  unembed = unembed.at[:, 40].set(unembed[:, 3]).at[:, 11].set(unembed[:, 10])
+  want = jnp.argmax(hidden @ unembed, axis=1)
+  for chunk_size in (7, 16, 53, 100):
+    np.testing.assert_array_equal(np.asarray(C.chunked_argmax(hidden, unembed, chunk_size)),
+                                  np.asarray(want))
+
+
+def test_face_chunked_objective_equals_full_logits():
+  """FACE through the objective: counts from the chunked argmax, its weighted loss by
+  chunks: the same loss, counts and gradients as with the full logits."""
+  from pdl_jax.losses import objective
+  from pdl_jax.models import decoder
+  import flax.linen as nn
+  cfg = decoder.DecoderConfig(vocab_size=61, d_model=16, num_layers=1, num_heads=2,
+                              num_kv_heads=2, head_dim=8, mlp_dim=32, tied_embeddings=False)
+  model = decoder.Decoder(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 61, (3, 10)), jnp.int32)
+  batch = {"inputs": tokens, "labels": jnp.roll(tokens, -1, 1),
+           "loss_mask": jnp.asarray(rng.random((3, 10)) > 0.3, jnp.float32)}
+  state = jnp.asarray(rng.integers(0, 5, 61), jnp.int32)
+  outs = []
+  for chunked in (False, True):
+    fn = lambda p, chunked=chunked: objective.compute_loss(
+        p, batch, jnp.ones(61), state, model=model, loss_name="face",
+        loss_params={"reduction": None}, chunked=chunked, chunk_size=16, eos_id=1,
+        eos_weight=None)
+    (loss, (aux, new_state)), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    outs.append((float(loss), np.asarray(new_state), grads))
+  assert outs[1][0] == pytest.approx(outs[0][0], rel=1e-5)
+  np.testing.assert_array_equal(outs[1][1], outs[0][1])
+  assert outs[1][1].sum() > state.sum()  # this batch's predictions counted
+  for a, b in zip(jax.tree.leaves(outs[1][2]), jax.tree.leaves(outs[0][2])):
+    assert_close(a, b, 1e-4)

@@ -192,8 +192,17 @@ def face_count_update(pred_counts_V: jax.Array, logits: jax.Array, labels: jax.A
   if pred_counts_V.dtype != jnp.int32:
     raise ValueError(f"pred_counts must be int32; got dtype {pred_counts_V.dtype}.")
   L.check_weights(pred_counts_V, vocab, "logits' last axis")
-  mask, _ = L.effective_mask(labels, vocab, mask)
   preds = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
+  return face_count_update_from_preds(pred_counts_V, preds, labels, mask)
+
+
+def face_count_update_from_preds(pred_counts_V: jax.Array, preds: jax.Array,
+                                 labels: jax.Array, mask: jax.Array | None = None
+                                 ) -> jax.Array:
+  """`face_count_update` from the argmax predictions [...] themselves (the chunked
+  path's `chunked_argmax` of the hidden states): the same counts, no logits."""
+  vocab = pred_counts_V.shape[0]
+  mask, _ = L.effective_mask(labels, vocab, mask)
   batch_V = jnp.zeros((vocab,), jnp.int32).at[preds.reshape(-1)].add(
       (mask > 0).astype(jnp.int32).reshape(-1))
   return pred_counts_V + jnp.minimum(batch_V, _INT32_MAX - pred_counts_V)
@@ -316,15 +325,27 @@ def focal_loss_and_aux(
   """
   gamma = _check_nonneg("gamma", gamma)
   _, nll, mask, _ = _unweighted(logits, labels, mask)
+  return L.reduce_token_losses(nll, mask, mask, reduction="tokens",
+                               token_loss=focal_token_loss(nll, gamma))
+
+
+def focal_token_loss(nll: jax.Array, gamma: float) -> jax.Array:
+  """-(1 - p_t)**gamma * log p_t from the token NLL (p_t = exp(-nll)); differentiable
+  in nll (the chunked path's chain rule goes through it)."""
   one_minus_p = -jnp.expm1(-nll)  # accurate 1 - p_t near p_t = 1
   if gamma == 0.0:
-    factor = jnp.ones_like(nll)
-  else:
-    # x ** gamma with a zero gradient (not 0 * inf) where p_t rounds to 1.
-    pos = one_minus_p > 0
-    factor = jnp.where(pos, jnp.where(pos, one_minus_p, 1.0) ** gamma, 0.0)
-  return L.reduce_token_losses(nll, mask, mask, reduction="tokens",
-                               token_loss=factor * nll)
+    return nll
+  # x ** gamma with a zero gradient (not 0 * inf) where p_t rounds to 1.
+  pos = one_minus_p > 0
+  return jnp.where(pos, jnp.where(pos, one_minus_p, 1.0) ** gamma, 0.0) * nll
+
+
+def label_smoothing_token_loss(nll: jax.Array, uniform: jax.Array,
+                               smoothing: float) -> jax.Array:
+  """(1 - smoothing) * nll_t + smoothing * mean_c(-log p_t(c)) from the token NLL and
+  the cross-entropy against the uniform distribution (lse - mean logit): what
+  optax.smooth_labels + softmax_cross_entropy give, for the chunked path."""
+  return (1.0 - smoothing) * nll + smoothing * uniform
 
 
 @functools.partial(jax.jit, static_argnames=("smoothing",))

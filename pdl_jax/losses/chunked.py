@@ -1,7 +1,10 @@
 """Memory-efficient PDL from hidden states: chunked logits, custom VJPs.
 
-Serves every loss whose per-token loss is w[label] * nll (`registry.CHUNKABLE`: ce, pdl,
-itf, tlat_exp, tlat_chi2) through `get_loss_from_hidden(name, **params)`.
+Serves every loss whose per-token loss is w[label] * nll (ce, pdl, itf, face, tlat_exp,
+tlat_chi2), or a function of the NLL and the cross-entropy against the uniform
+distribution (focal, label smoothing: `chunked_token_stats`), through
+`get_loss_from_hidden(name, **params)` (`registry.CHUNKABLE`: all but unlikelihood);
+`chunked_argmax` gives FACE its predictions.
 
 `pdl_loss(hidden @ unembed, ...)` materialises [N, V] float32 logits and, in the
 backward pass, their [N, V] gradient; at V = 128k and N = 4096 that is 4 GB. Two
@@ -165,6 +168,122 @@ def _bwd(chunk_size, residuals, g_N):
 
 
 chunked_token_nll.defvjp(_fwd, _bwd)
+
+
+# ---------------------------------------------------------------------------
+# Per-token statistics beyond the label's NLL (focal, label smoothing) and the
+# argmax (FACE), by vocabulary chunks.
+# ---------------------------------------------------------------------------
+
+
+def _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
+  """(nll [N], uniform cross-entropy [N] = lse - mean logit, lse [N]), float32."""
+  n = hidden_NxD.shape[0]
+  vocab = unembed_DxV.shape[1]
+  width, num_chunks = _chunk_layout(vocab, chunk_size)
+
+  def body(carry, i):
+    max_N, sum_N, label_logit_N, logit_sum_N = carry
+    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
+    raw_NxC = _chunk_logits(hidden_NxD, w_DxC)
+    logits_NxC = jnp.where(new_C[None, :], raw_NxC, -jnp.inf)
+    new_max_N = jnp.maximum(max_N, jnp.max(logits_NxC, axis=1))
+    sum_N = (sum_N * jnp.exp(max_N - new_max_N)
+             + jnp.sum(jnp.exp(logits_NxC - new_max_N[:, None]), axis=1))
+    logit_sum_N = logit_sum_N + jnp.sum(jnp.where(new_C[None, :], raw_NxC, 0.0), axis=1)
+    offset_N = labels_N - start
+    here_N = (offset_N >= 0) & (offset_N < width) & (labels_N >= i * width)
+    picked_N = jnp.take_along_axis(
+        raw_NxC, jnp.clip(offset_N, 0, width - 1)[:, None], axis=1)[:, 0]
+    label_logit_N = label_logit_N + jnp.where(here_N, picked_N, 0.0)
+    return (new_max_N, sum_N, label_logit_N, logit_sum_N), None
+
+  zeros = jnp.zeros((n,), jnp.float32)
+  (max_N, sum_N, label_logit_N, logit_sum_N), _ = jax.lax.scan(
+      body, (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros),
+      jnp.arange(num_chunks))
+  lse_N = max_N + jnp.log(sum_N)
+  return lse_N - label_logit_N, lse_N - logit_sum_N / vocab, lse_N
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_token_stats(hidden_NxD: jax.Array, unembed_DxV: jax.Array,
+                        labels_N: jax.Array, chunk_size: int
+                        ) -> tuple[jax.Array, jax.Array]:
+  """(nll [N], uniform [N]) of softmax(hidden @ unembed) without the [N, V] logits:
+  the label's NLL and the cross-entropy against the uniform distribution over the V
+  columns, lse - mean logit (what label smoothing mixes in). Both differentiable:
+  d/dlogits = g_nll * (softmax - onehot) + g_unif * (softmax - 1 / V), formed chunk
+  by chunk in the backward pass from the saved logsumexp (4 matmuls in all, as the
+  "vocab" strategy). A per-token loss that is any function of these two (focal:
+  (1 - e^-nll)^gamma * nll) is differentiated through them by the chain rule.
+
+  Args: as `chunked_token_nll`. Returns: two float32 [N].
+  """
+  nll_N, unif_N, _ = _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size)
+  return nll_N, unif_N
+
+
+def _stats_fwd(hidden_NxD, unembed_DxV, labels_N, chunk_size):
+  nll_N, unif_N, lse_N = _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size)
+  return (nll_N, unif_N), (hidden_NxD, unembed_DxV, labels_N, lse_N)
+
+
+def _stats_bwd(chunk_size, residuals, cotangents):
+  hidden_NxD, unembed_DxV, labels_N, lse_N = residuals
+  g_nll_N, g_unif_N = (g.astype(jnp.float32) for g in cotangents)
+  d, vocab = unembed_DxV.shape
+  width, num_chunks = _chunk_layout(vocab, chunk_size)
+
+  def body(carry, i):
+    dhidden_NxD, dunembed_DxV = carry
+    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
+    logits_NxC = _chunk_logits(hidden_NxD, w_DxC)
+    probs_NxC = jnp.where(new_C[None, :], jnp.exp(logits_NxC - lse_N[:, None]), 0.0)
+    onehot_NxC = (labels_N[:, None] == start + jnp.arange(width)[None, :]) & new_C[None, :]
+    dlogits_NxC = ((g_nll_N + g_unif_N)[:, None] * probs_NxC
+                   - g_nll_N[:, None] * onehot_NxC
+                   - jnp.where(new_C[None, :], g_unif_N[:, None] / vocab, 0.0))
+    dhidden_NxD = dhidden_NxD + jnp.matmul(
+        dlogits_NxC.astype(w_DxC.dtype), w_DxC.T, preferred_element_type=jnp.float32)
+    dw_DxC = jnp.matmul(hidden_NxD.T, dlogits_NxC.astype(hidden_NxD.dtype),
+                        preferred_element_type=jnp.float32)
+    old_DxC = jax.lax.dynamic_slice_in_dim(dunembed_DxV, start, width, axis=1)
+    dunembed_DxV = jax.lax.dynamic_update_slice_in_dim(
+        dunembed_DxV, old_DxC + dw_DxC, start, axis=1)
+    return (dhidden_NxD, dunembed_DxV), None
+
+  init = (jnp.zeros(hidden_NxD.shape, jnp.float32), jnp.zeros((d, vocab), jnp.float32))
+  (dhidden_NxD, dunembed_DxV), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  return (dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV.astype(unembed_DxV.dtype),
+          None)
+
+
+chunked_token_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def chunked_argmax(hidden_NxD: jax.Array, unembed_DxV: jax.Array,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+  """argmax of hidden @ unembed per row [N] (int32), by vocabulary chunks, as
+  jnp.argmax of the full logits (the first index among ties); no gradient. FACE's
+  prediction counts from hidden states."""
+  hidden_NxD, unembed_DxV = (jax.lax.stop_gradient(x) for x in (hidden_NxD, unembed_DxV))
+  n = hidden_NxD.shape[0]
+  width, num_chunks = _chunk_layout(unembed_DxV.shape[1], chunk_size)
+
+  def body(carry, i):
+    best_N, arg_N = carry
+    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
+    logits_NxC = jnp.where(new_C[None, :], _chunk_logits(hidden_NxD, w_DxC), -jnp.inf)
+    top_N = jnp.max(logits_NxC, axis=1)
+    better_N = top_N > best_N  # strictly: an earlier chunk keeps its tie
+    arg_N = jnp.where(better_N, start + jnp.argmax(logits_NxC, axis=1), arg_N)
+    return (jnp.maximum(best_N, top_N), arg_N), None
+
+  (_, arg_N), _ = jax.lax.scan(
+      body, (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32)),
+      jnp.arange(num_chunks))
+  return arg_N
 
 
 # ---------------------------------------------------------------------------
@@ -434,21 +553,44 @@ def get_loss_from_hidden(name: str, **params):
   Returns fn(hidden_NxD, unembed_DxV, labels_N, weights_V, *, mask_N, chunk_size,
   strategy, row_chunk_size) -> (loss, LossAux), equal to get_loss(name, **params)(
   hidden @ unembed, labels, weights_V, mask=mask_N); the keywords as
-  `pdl_loss_from_hidden_and_aux`. "ce" ignores weights_V.
+  `pdl_loss_from_hidden_and_aux`. "ce" ignores weights_V. A loss whose per-token
+  loss is a function of the NLL and the uniform cross-entropy (focal, label
+  smoothing: LossSpec.token_loss_from_stats) runs through `chunked_token_stats`
+  (vocabulary chunks whatever `strategy` says); FACE is a weighted loss here (its
+  weights come from its state, updated by the caller with `chunked_argmax`).
 
   Raises:
-    ValueError: naming the loss, for a loss without a chunked path (face,
-      unlikelihood, focal, label_smoothing: set loss.chunked=False), an unknown
-      name, or parameters as `losses.get_loss`.
+    ValueError: naming the loss, for a loss without a chunked path (unlikelihood:
+      set loss.chunked=False), an unknown name, or parameters as `losses.get_loss`.
   """
   if not registry.supports_chunked(name):
     raise ValueError(
         f"loss {name!r} has no chunked path (loss.chunked=True supports only "
         f"{sorted(registry.CHUNKABLE)}): its per-token loss needs more of the logits than "
-        "the label's; set loss.chunked=False.")
+        "a few per-token statistics; set loss.chunked=False.")
   registry.get_loss(name, **params)  # validates the parameters
+  spec = registry.spec(name)
+  if spec.token_loss_from_stats is not None:
+    token_loss_of = spec.token_loss_from_stats(**params)
+
+    def from_stats(hidden_NxD, unembed_DxV, labels_N, weights_V=None, *, mask_N=None,
+                   chunk_size=DEFAULT_CHUNK_SIZE, strategy=DEFAULT_STRATEGY,
+                   row_chunk_size=None):
+      del weights_V, row_chunk_size  # unweighted; always vocabulary chunks
+      _check_strategy(strategy)
+      _check(hidden_NxD, unembed_DxV, labels_N, None, mask_N)
+      mask_N, safe_labels_N = L.effective_mask(labels_N, unembed_DxV.shape[1], mask_N)
+      nll_N, unif_N = chunked_token_stats(hidden_NxD, unembed_DxV, safe_labels_N,
+                                          chunk_size)
+      # Masked tokens can hold any finite value; zero them so 0 * value stays exact.
+      nll_N = jnp.where(mask_N > 0, nll_N, 0.0)
+      token_loss_N = jnp.where(mask_N > 0, token_loss_of(nll_N, unif_N), 0.0)
+      return L.reduce_token_losses(nll_N, mask_N, mask_N, reduction="tokens",
+                                   token_loss=token_loss_N)
+    return from_stats
+
   reduction = registry.resolve_reduction(name, params.get("reduction"))
-  use_weights = registry.spec(name).weighted  # CE's token weights are all 1
+  use_weights = spec.weighted  # CE's token weights are all 1
 
   def fn(hidden_NxD, unembed_DxV, labels_N, weights_V=None, *, mask_N=None,
          chunk_size=DEFAULT_CHUNK_SIZE, strategy=DEFAULT_STRATEGY, row_chunk_size=None):

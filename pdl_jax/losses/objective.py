@@ -54,11 +54,22 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
                                                   capacity)
     if chunked:
       d = hidden_BxLxD.shape[-1]
+      hidden_NxD = hidden_BxLxD.reshape(-1, d)
+      unembed_DxV = decoder.unembed_DxV(model, params).astype(hidden_BxLxD.dtype)
+      spec = registry.spec(loss_name)
+      if spec.stateful:  # FACE: counts of the argmax, found by vocabulary chunks
+        _, weights_of = spec.state_weights
+        if update_loss_state:
+          preds_N = chunked_lib.chunked_argmax(hidden_NxD, unembed_DxV, chunk_size)
+          loss_state_V = spec.state_update_from_preds(
+              loss_state_V, preds_N, labels_BxL.reshape(-1), mask_BxL.reshape(-1))
+        weights_V = weights_of(loss_state_V)
+        if eos_weight is not None:
+          weights_V = pdl.fix_token_weight(weights_V, eos_id, eos_weight)
       loss, aux = chunked_lib.get_loss_from_hidden(loss_name, **loss_params)(
-          hidden_BxLxD.reshape(-1, d),
-          decoder.unembed_DxV(model, params).astype(hidden_BxLxD.dtype),
-          labels_BxL.reshape(-1), weights_V, mask_N=mask_BxL.reshape(-1),
-          chunk_size=chunk_size, strategy=chunk_strategy, row_chunk_size=row_chunk_size)
+          hidden_NxD, unembed_DxV, labels_BxL.reshape(-1), weights_V,
+          mask_N=mask_BxL.reshape(-1), chunk_size=chunk_size, strategy=chunk_strategy,
+          row_chunk_size=row_chunk_size)
       return loss, (aux, loss_state_V)
     logits_BxLxV = model.apply(variables, hidden_BxLxD, method=decoder.Decoder.unembed_logits)
   else:

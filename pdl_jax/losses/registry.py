@@ -35,7 +35,9 @@ class LossSpec:
   weight_params: the config.loss fields that make its static weights from the counts.
   weights_from_counts: (settings, counts_V, stats) -> float weights [V] (settings: the
     values of weight_params); None: no static weights (all ones are stored).
-  chunkable: its per-token loss is w[label] * nll, so the chunked path serves it.
+  chunkable: the chunked path (no [B, L, V] logits) serves it: its per-token loss is
+    w[label] * nll, or token_loss_from_stats says how from the NLL and the uniform
+    cross-entropy; a stateful one also needs state_update_from_preds.
   state_weights: for a loss whose weights come from state carried in the train state
     (FACE): (update(state_V, logits, labels, mask) -> state_V, weights(state_V) ->
     weights_V). The state is an int32 [V] array, zeros at step 0.
@@ -49,6 +51,13 @@ class LossSpec:
   weights_from_counts: Callable[[Mapping[str, Any], np.ndarray, Any], np.ndarray] | None = None
   chunkable: bool = False
   state_weights: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+  # The chunked path of a loss that is not w[label] * nll: factory(**params) ->
+  # fn(nll_N, uniform_N) -> per-token loss [N] (focal, label smoothing; the inputs from
+  # chunked.chunked_token_stats).
+  token_loss_from_stats: Callable[..., Callable[..., Any]] | None = None
+  # A stateful loss's update from argmax predictions (chunked.chunked_argmax) instead
+  # of logits: update(state_V, preds, labels, mask) -> state_V.
+  state_update_from_preds: Callable[..., Any] | None = None
 
   @property
   def weighted(self) -> bool:
@@ -94,6 +103,16 @@ def _tlat(kind: str):
   return weights
 
 
+def _from_stats(key: str, default: float, fn: Callable[..., Any]):
+  """token_loss_from_stats factory of an unweighted loss with one hyperparameter:
+  make(**{key: value}) -> fn(nll_N, uniform_N) (None: `default`)."""
+  def make(**params):
+    value = params.get(key)
+    value = default if value is None else float(value)
+    return lambda nll_N, unif_N: fn(nll_N, unif_N, value)
+  return make
+
+
 _SPECS = (
     LossSpec("ce", _ce, chunkable=True),
     LossSpec("pdl", _weighted("pdl"), ("reduction",), "weights",
@@ -102,20 +121,24 @@ _SPECS = (
     LossSpec("itf", _weighted("itf"), ("reduction",), "tokens", ("itf_lambda",),
              lambda s, counts_V, stats: baselines.itf_weights(counts_V, s["itf_lambda"]),
              chunkable=True),
-    # FACE's count update needs the argmax of the full logits: not chunkable.
+    # FACE's count update needs the argmax: chunked.chunked_argmax gives it.
     LossSpec("face", _weighted("face"), ("reduction",), "tokens",
-             state_weights=(baselines.face_count_update, baselines.face_weights)),
+             state_weights=(baselines.face_count_update, baselines.face_weights),
+             chunkable=True, state_update_from_preds=baselines.face_count_update_from_preds),
     LossSpec("tlat_exp", _weighted("tlat_exp"), ("reduction",), "tokens",
              ("tlat_A", "tlat_T"), _tlat("exp"), chunkable=True),
     LossSpec("tlat_chi2", _weighted("tlat_chi2"), ("reduction",), "tokens",
              ("tlat_A", "tlat_T"), _tlat("chi2"), chunkable=True),
-    # These three need other entries of the softmax than the label's: not chunkable.
+    # Unlikelihood needs the probabilities of the row's earlier targets: not chunkable.
     LossSpec("unlikelihood", baselines.unweighted(baselines.unlikelihood_loss_and_aux,
                                                   "ul_alpha", 1.0), ("ul_alpha",)),
     LossSpec("focal", baselines.unweighted(baselines.focal_loss_and_aux, "gamma", 2.0),
-             ("gamma",)),
+             ("gamma",), chunkable=True, token_loss_from_stats=_from_stats(
+                 "gamma", 2.0, lambda nll, unif, g: baselines.focal_token_loss(nll, g))),
     LossSpec("label_smoothing", baselines.unweighted(
-        baselines.label_smoothing_loss_and_aux, "smoothing", 0.1), ("smoothing",)),
+        baselines.label_smoothing_loss_and_aux, "smoothing", 0.1), ("smoothing",),
+             chunkable=True, token_loss_from_stats=_from_stats(
+                 "smoothing", 0.1, baselines.label_smoothing_token_loss)),
 )
 SPECS: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 
