@@ -355,3 +355,26 @@ def test_face_chunked_objective_equals_full_logits():
   assert outs[1][1].sum() > state.sum()  # this batch's predictions counted
   for a, b in zip(jax.tree.leaves(outs[1][2]), jax.tree.leaves(outs[0][2])):
     assert_close(a, b, 1e-4)
+
+
+def _shapes(jaxpr) -> set:
+  """Shapes of every value a jaxpr (and its inner jaxprs) makes."""
+  out = set()
+  for eqn in jaxpr.eqns:
+    out |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out |= _shapes(sub)
+  return out
+
+
+@pytest.mark.parametrize("name, params", [("focal", {"gamma": 2.0}),
+                                          ("label_smoothing", {"smoothing": 0.1})])
+def test_stats_losses_never_make_the_full_logits(name, params):
+  n, v, chunk = 40, 300, 64
+  hidden, unembed, labels, _, mask = make_case(9, n, 8, v, 1.0)
+  fn = C.get_loss_from_hidden(name, **params)
+  f = lambda h, u: fn(h, u, labels, None, mask_N=mask, chunk_size=chunk)[0]
+  shapes = _shapes(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(
+      hidden, unembed).jaxpr)
+  assert (n, chunk) in shapes  # the chunks are there
+  assert (n, v) not in shapes  # the [N, V] logits (or their gradient) are not
