@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.models import quant
 
 METHODS = ("greedy", "beam", "top_p")
 
@@ -59,12 +60,15 @@ def decoding_model(model, params):
     params = decoder_lib.unstack_layers(params)
   dtype = jnp.dtype(cfg.dtype)
   if dtype != jnp.dtype(cfg.param_dtype):
-    cast = lambda x: (x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-                      else x)
+    # A quantised kernel's scales stay float32: dequantisation computes in float32
+    # and rounds once, as the training forward does.
+    scales = {names[1] for names in quant.PARAM_NAMES.values()}
+    cast = lambda path, x: (x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(
+        x.dtype, jnp.floating) and getattr(path[-1], "key", None) not in scales else x)
     # A tied embedding with an unembedding scale (the own model) is scaled before its
     # cast to the compute dtype (bf16(w * s)); cast first, it would round twice.
     keep = cfg.tied_embeddings and cfg.unembed_scale not in (None, 1, 1.0)
-    params = {k: (v if keep and k == "embed" else jax.tree.map(cast, v))
+    params = {k: (v if keep and k == "embed" else jax.tree_util.tree_map_with_path(cast, v))
               for k, v in params.items()}
   return model, params
 

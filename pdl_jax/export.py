@@ -82,6 +82,7 @@ def _export_lora(config, cfg, workdir: str, out: str, *, step, dtype: str,
       nn.meta.unbox(lora_lib.split(hf_weights.abstract_params(cfg))[0]))
   adapters = ckpt_lib.load_params(workdir, abstract, step=step)
   tokenizer_dir = offline.local_dir(config.model.pretrained)
+  check_base(workdir, tokenizer_dir, step)
   # An offline model's name means nothing to transformers: the folder it was converted
   # to is the exact base (SmolLM2's is the GGUF's Q4_1 weights, not the hub's).
   base_name = (str(tokenizer_dir) if offline.is_offline_name(config.model.pretrained)
@@ -99,6 +100,28 @@ def _export_lora(config, cfg, workdir: str, out: str, *, step, dtype: str,
                              max_shard_bytes=max_shard_bytes)
   return write_peft(adapters, cfg, out, base_name=base_name, tokenizer_dir=tokenizer_dir,
                     dtype=dtype)
+
+
+def check_base(workdir: str, model_dir: str, step: int | None) -> None:
+  """A LoRA run's adapters are exported only against the base they were trained on.
+
+  Raises:
+    ValueError: the weights now at the base's path have another checksum than the
+      one the run's checkpoint recorded.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  mngr = ckpt_lib.manager(workdir, 1)
+  at = mngr.latest_step() if step is None else step
+  meta = mngr.restore(at, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  recorded = meta["fingerprint"].get("lora_base_weights_sha256")
+  now = hf_weights.weights_sha256(hf_weights.cached_copy(model_dir)
+                                  if str(model_dir).startswith("gs://") else model_dir)
+  if recorded is not None and recorded != now:
+    raise ValueError(
+        f"{workdir!r}: its adapters were trained on a base of weights checksum "
+        f"{recorded[:16]}..., but {meta.get('lora_base', model_dir)!r} now holds weights of "
+        f"checksum {now[:16]}...; export against the base the run used.")
 
 
 def write_peft(adapters, cfg, out: str, *, base_name: str, tokenizer_dir: str | None = None,

@@ -79,24 +79,17 @@ def abstract_base(model, mesh, seq_len: int) -> tuple[Any, Any]:
 
 def load_base(pretrained: str, model, base_shardings) -> Any:
   """A LoRA run's frozen base: the pretrained weights read as the same model without
-  adapters (in model.param_dtype), then, for base_quant int8 / nf4, quantised inside
-  one jit whose outputs are the base's shardings (the float copy is donated)."""
+  adapters (in model.param_dtype); for base_quant int8 / nf4 each targeted kernel is
+  quantised on the host as it is read (models.quant.quantizing_readers) and only its
+  stored form reaches the devices: the float base never does."""
   from pdl_jax.models import quant  # pylint: disable=import-outside-toplevel
 
   cfg = model.cfg
   plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none")
-  float_shardings = (base_shardings if cfg.base_quant == "none" else
-                     hf_weights.param_shardings(plain, _mesh_of(base_shardings)))
-  params = hf_weights.load_params(pretrained, plain, float_shardings)
   if cfg.base_quant == "none":
-    return params
-  return jax.jit(functools.partial(quant.quantize_params, cfg=cfg),
-                 out_shardings=base_shardings, donate_argnums=(0,))(params)
-
-
-def _mesh_of(shardings) -> jax.sharding.Mesh:
-  return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(
-      x, jax.sharding.NamedSharding))[0].mesh
+    return hf_weights.load_params(pretrained, plain, base_shardings)
+  return hf_weights.load_params(pretrained, plain, base_shardings,
+                                transform=functools.partial(quant.quantizing_readers, cfg))
 
 
 def abstract_state(model, tx, mesh, seq_len: int) -> tuple[TrainState, Any]:
@@ -146,6 +139,14 @@ def check_lora_init_from(init_from: str, fingerprint: dict[str, Any]) -> None:
         f"config.init_from={init_from!r} is a full finetune, not a LoRA run: a LoRA run "
         "continues another LoRA run's adapters. To adapt a finetuned model, export it "
         "(python -m pdl_jax.export) and set config.model.pretrained to the export.")
+  lora_keys = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant")
+  diffs = [f"{k}: {stored['fingerprint']['model'].get(k)!r} there, "
+           f"{fingerprint['model'].get(k)!r} here" for k in lora_keys
+           if stored["fingerprint"]["model"].get(k) != fingerprint["model"].get(k)]
+  if diffs:
+    raise ValueError(f"config.init_from={init_from!r} has other adapters ({'; '.join(diffs)}); "
+                     "a LoRA run continues adapters of the same rank, scale, targets, "
+                     "dropout and base storage.")
   if theirs != ours:
     raise ValueError(
         f"config.init_from={init_from!r} trained its adapters on a base of weights "

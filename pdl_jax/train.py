@@ -389,7 +389,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lora = lora_lib.enabled(model.cfg)
   base_abstract, base_shardings = (state_lib.abstract_base(model, mesh, config.seq_len)
                                    if lora else (None, None))
-  num_params = sum(x.size for x in jax.tree.leaves((abstract.params, base_abstract)))
+  # Parameters the model has (a quantised base counted as the weights it stands for).
+  num_params = (sum(x.size for x in jax.tree.leaves((abstract.params, base_abstract)))
+                if model.cfg.base_quant == "none" else
+                sum(x.size for x in jax.tree.leaves(hf_weights.abstract_params(
+                    dataclasses.replace(model.cfg, base_quant="none")))))
   utils.log(f"model: {config.model.pretrained or config.model.preset} "
             f"({model.cfg.model_type}), {num_params / 1e6:.2f} M parameters, vocabulary "
             f"{model.cfg.vocab_size} (tokenizer {tokenizer.path}, {tokenizer.vocab_size})")
@@ -409,6 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      base_sha256=base_sha256 if lora else None)
   meta = {"fingerprint": fingerprint,
           "token_stats_sha256": stats.metadata()["counts_sha256"]}
+  if lora:  # the base by name too (outside the fingerprint: a moved base still resumes)
+    meta["lora_base"] = config.model.pretrained
   mngr = ckpt_lib.manager(workdir, config.keep_checkpoints)
   state, resumed = state_lib.initial_state(config, model, tx, mesh, abstract,
                                            state_shardings, mngr, fingerprint,

@@ -247,7 +247,7 @@ class Dense2D(nn.Module):
     if self.quant == "none":
       kernel = self.param("kernel", _init(self.kernel_axes, flat_init),
                           in_shape + tuple(self.out_shape), self.param_dtype)
-      kernel_IxO = kernel.astype(self.dtype).reshape(n_in, n_out)
+      y_NxO = jnp.dot(x_NxI, kernel.astype(self.dtype).reshape(n_in, n_out))
     else:
       # Stored flattened [in, out] (the leading kernel axis names shard them: a split
       # of the head-major H*K axis in m blocks is a split of H when m divides H).
@@ -255,8 +255,11 @@ class Dense2D(nn.Module):
       qparams = {name: self.param(name, _init(axes[2 - len(shape):], init), shape, dtype)
                  for name, (shape, dtype, init) in quant.param_specs(
                      self.quant, n_in, n_out, flat_init).items()}
-      kernel_IxO = quant.dequantize(self.quant, qparams, self.dtype)
-    y_NxO = jnp.dot(x_NxI, kernel_IxO)
+      # Rematerialised: the backward pass dequantises again rather than keeping each
+      # dequantised kernel (a compute-dtype copy of the base) from the forward pass,
+      # whatever model.remat says; only x and the stored params are kept.
+      y_NxO = jax.checkpoint(lambda x_, q_: jnp.dot(
+          x_, quant.dequantize(self.quant, q_, self.dtype)))(x_NxI, qparams)
     if self.lora_rank:
       r = self.lora_rank
       bound = 1.0 / math.sqrt(n_in)

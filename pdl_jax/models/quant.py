@@ -42,23 +42,26 @@ def check_shape(kind: str, n_in: int) -> None:
                      "base_quant='int8' for this model.")
 
 
-def quantize(kind: str, w_IxO: jax.Array) -> dict[str, jax.Array]:
-  """The stored form of a float kernel [in, out] (float32 arithmetic)."""
-  w = w_IxO.astype(jnp.float32)
+def quantize(kind: str, w_IxO: Any) -> dict[str, Any]:
+  """The stored form of a float kernel [in, out] (float32 arithmetic). A numpy array
+  is quantised with numpy on the host (loading: one tensor at a time, never the
+  whole float base on a device), a jax array with jax (same results)."""
+  xp = np if isinstance(w_IxO, np.ndarray) else jnp
+  w = w_IxO.astype(np.float32)
   n_in, n_out = w.shape
   check_shape(kind, n_in)
   if kind == "int8":
-    scale_O = jnp.max(jnp.abs(w), axis=0) / 127.0
-    safe_O = jnp.where(scale_O > 0, scale_O, 1.0)
-    q = jnp.clip(jnp.round(w / safe_O), -127, 127).astype(jnp.int8)
+    scale_O = xp.max(xp.abs(w), axis=0) / np.float32(127.0)
+    safe_O = xp.where(scale_O > 0, scale_O, np.float32(1.0))
+    q = xp.clip(xp.round(w / safe_O), -127, 127).astype(np.int8)
     return {"kernel_q": q, "kernel_scale": scale_O}
   if kind == "nf4":
     blocks = w.reshape(n_in // NF4_BLOCK, NF4_BLOCK, n_out)
-    absmax_BxO = jnp.max(jnp.abs(blocks), axis=1)
-    safe = jnp.where(absmax_BxO > 0, absmax_BxO, 1.0)[:, None, :]
+    absmax_BxO = xp.max(xp.abs(blocks), axis=1)
+    safe = xp.where(absmax_BxO > 0, absmax_BxO, np.float32(1.0))[:, None, :]
     # Nearest code by the midpoints between neighbours (no [in, out, 16] distances).
-    mids = jnp.asarray((NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
-    codes = jnp.searchsorted(mids, (blocks / safe).reshape(n_in, n_out)).astype(jnp.uint8)
+    mids = xp.asarray((NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
+    codes = xp.searchsorted(mids, (blocks / safe).reshape(n_in, n_out)).astype(np.uint8)
     packed = codes[0::2] | (codes[1::2] << 4)
     return {"kernel_nf4": packed, "kernel_absmax": absmax_BxO}
   raise ValueError(f"base_quant={kind!r} is not a quantisation; expected 'int8' or 'nf4'.")
@@ -66,9 +69,9 @@ def quantize(kind: str, w_IxO: jax.Array) -> dict[str, jax.Array]:
 
 def dequantize(kind: str, params: dict[str, jax.Array], dtype: Any) -> jax.Array:
   """The [in, out] kernel in `dtype` from its stored form."""
-  if kind == "int8":
-    return (params["kernel_q"].astype(dtype)
-            * params["kernel_scale"].astype(dtype)[None, :])
+  if kind == "int8":  # float32 product, one rounding to dtype (as nf4 and merge)
+    return (params["kernel_q"].astype(jnp.float32)
+            * params["kernel_scale"].astype(jnp.float32)[None, :]).astype(dtype)
   packed = params["kernel_nf4"]
   half, n_out = packed.shape
   codes = jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * half, n_out)
@@ -139,6 +142,46 @@ def quantize_params(params: dict[str, Any], cfg) -> dict[str, Any]:
 
   return {k: walk(v, stacked=(k == "blocks")) if isinstance(v, dict) else v
           for k, v in params.items()}
+
+
+def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
+  """hf_weights.load_params' `transform` for a LoRA base: each targeted kernel's
+  reader replaced by readers of its stored form, quantised on the host from the
+  checkpoint tensor (a scanned stack one layer at a time) when its first block is
+  placed; returns (readers, {path: dtype}). The host holds one tensor's float copy
+  (a layer's, scanned) at a time; the devices never hold the float base."""
+  out, dtypes = {}, {}
+  for path, (shape, read) in readers.items():
+    module = path[-2] if len(path) >= 2 else ""
+    if path[-1] != "kernel" or not cfg.lora_on(module):
+      out[path] = (shape, read)
+      continue
+    stacked = path[0] == "blocks"
+    num_in = 2 if module == "out" else 1
+    per_layer = shape[1:] if stacked else shape
+    n_in, n_out = math.prod(per_layer[:num_in]), math.prod(per_layer[num_in:])
+    memo: dict[str, np.ndarray] = {}
+
+    def stored(read=read, shape=shape, stacked=stacked, n_in=n_in, memo=memo):
+      if not memo:
+        full = tuple(slice(None) for _ in shape)
+        if stacked:
+          layers = [quantize(cfg.base_quant, np.asarray(
+              read((slice(i, i + 1),) + full[1:]), np.float32).reshape(n_in, -1))
+                    for i in range(shape[0])]
+          memo.update({k: np.stack([q[k] for q in layers]) for k in layers[0]})
+        else:
+          memo.update(quantize(cfg.base_quant, np.asarray(read(full), np.float32).reshape(
+              n_in, -1)))
+      return memo
+
+    specs = param_specs(cfg.base_quant, n_in, n_out, lambda *a: None)
+    for name, (qshape, dtype, _) in specs.items():
+      qshape = ((shape[0],) if stacked else ()) + tuple(qshape)
+      out[path[:-1] + (name,)] = (qshape, lambda idx, name=name, stored=stored: stored()[
+          name][idx])
+      dtypes[path[:-1] + (name,)] = dtype
+  return out, dtypes
 
 
 def stored_bytes(params: Any) -> int:

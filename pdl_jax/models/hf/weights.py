@@ -162,7 +162,11 @@ def _weight_files(model_dir: epath.Path) -> tuple[dict[str, str], list[str]]:
     return {k: "model.safetensors" for k in f.keys()}, []
 
 
-def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any = None
+Readers = dict[tuple[str, ...], tuple[tuple[int, ...], Callable]]
+
+
+def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any = None,
+                transform: Callable[[Readers], tuple[Readers, dict]] | None = None
                 ) -> dict[str, Any]:
   """Params of the checkpoint in model_dir, each placed into its sharding.
 
@@ -172,6 +176,11 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
     cfg: its DecoderConfig (read_config); params are cast to cfg.param_dtype.
     shardings: a tree of jax.sharding.Sharding like the params (e.g. param_shardings),
       or None for the default device.
+    transform: readers -> (readers, {path: dtype}): rewrites the per-param readers
+      ({path: (shape, read(index) -> numpy block)}) before anything is placed, e.g.
+      to store some params in another form (a LoRA base quantised tensor by tensor,
+      pdl_jax.state.load_base); the paths it makes are placed in their dtype (others
+      cast to cfg.param_dtype) and `shardings` must name them.
 
   Raises:
     ValueError: listing every missing, unexpected and mis-shaped tensor and every
@@ -237,15 +246,19 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
             read_block(src, t, shape, idx)))
       if cfg.scan_layers:
         readers = _stacked_readers(readers, cfg.num_layers)
+      dtypes: dict[tuple[str, ...], Any] = {}
+      if transform is not None:
+        readers, dtypes = transform(readers)
       params: dict[tuple[str, ...], jax.Array] = {}
       for path, (shape, read) in readers.items():
         sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
                     if flat_shardings is None else flat_shardings[path])
         params[path] = jax.make_array_from_callback(
-            shape, sharding, lambda idx, read=read: read(idx).astype(pdtype))
+            shape, sharding, lambda idx, read=read, dt=dtypes.get(path, pdtype): read(
+                idx).astype(dt))
   want = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)))
   missing = sorted(set(want) - set(params))
-  if missing:  # the table covers every param; a gap is a bug here, not in the checkpoint
+  if missing and transform is None:  # the table covers every param: a bug here
     raise AssertionError(f"params without a checkpoint tensor: {missing}")
   return flax.traverse_util.unflatten_dict(params)
 
