@@ -207,6 +207,32 @@ def test_dropout_only_with_a_dropout_rng():
   assert float(jnp.abs(dropped - plain).max()) > 1e-4
 
 
+def test_dropout_reaches_the_train_step(mock_data, tmp_path):
+  """dropout_seed draws a mask per step (same seed and step: same mask), and a run
+  with model.lora.dropout trains differently from one without."""
+  cfg = lora_cfg(small_cfg(), lora_dropout=0.5)
+  model, params = init(cfg)
+  adapters, base = lora.split(params)
+  adapters = randomise_b(adapters)
+  config = tiny_config(**{"optimizer.warmup_steps": 0})
+  tx = optimizer.make_optimizer(config)
+  fn = objective.loss_fn_of(config, model)
+  batch = {"inputs": TOKENS, "labels": np.roll(TOKENS, -1, 1),
+           "loss_mask": np.ones_like(TOKENS, np.float32)}
+  w = jnp.ones(cfg.vocab_size)
+  loss = lambda seed, step=0: float(train.train_step(
+      state_lib.fresh_state(adapters, tx, cfg.vocab_size).replace(step=jnp.int32(step)),
+      batch, w, base, loss_fn=fn, tx=tx, dropout_seed=seed)[1]["train/loss"])
+  assert loss(0) == loss(0) != loss(None)
+  assert loss(0, step=1) != loss(0)
+  runs = {}
+  for name, rate in (("plain", 0.0), ("dropout", 0.5)):
+    train.train_and_evaluate(lora_run_config(num_steps=3, **{"model.lora.dropout": rate}),
+                             str(tmp_path / name))
+    runs[name] = jax.tree.leaves(params_and_steps(tmp_path / name)[1])
+  assert any(not np.array_equal(a, b) for a, b in zip(runs["plain"], runs["dropout"]))
+
+
 # ------------------------------------------------------------------ quantisation
 
 
