@@ -348,8 +348,11 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   c = tiny_config()
   assert c.loss.chunked is None and c.model.dtype is None
   assert not objective.use_chunked_loss(c, 4000) and objective.use_chunked_loss(c, 32_000)
-  c.loss.name = "focal"  # needs the full logits: never chunked by default
+  c.loss.name = "unlikelihood"  # needs the full logits: never chunked by default
   assert not objective.use_chunked_loss(c, 151_936)
+  for name in ("focal", "label_smoothing", "face"):  # chunked by vocabulary chunks
+    c.loss.name = name
+    assert objective.use_chunked_loss(c, 151_936)
   c.loss.chunked = False
   c.loss.name = "pdl"
   assert not objective.use_chunked_loss(c, 151_936)
