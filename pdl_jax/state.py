@@ -18,6 +18,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,16 @@ def load_base(pretrained: str, model, base_shardings) -> Any:
   plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none")
   if cfg.base_quant == "none":
     return hf_weights.load_params(pretrained, plain, base_shardings)
-  return hf_weights.load_params(pretrained, plain, base_shardings,
+  base = hf_weights.load_params(pretrained, plain, base_shardings,
                                 transform=functools.partial(quant.quantizing_readers, cfg))
+  # The transform's output must be exactly the quantised base's tree (load_params
+  # cannot check it against the plain model's).
+  want = set(flax.traverse_util.flatten_dict(flax.core.unfreeze(base_shardings)))
+  got = set(flax.traverse_util.flatten_dict(base))
+  if want != got:
+    raise AssertionError(f"quantised base params differ from the model's: missing "
+                         f"{sorted(want - got)}, unexpected {sorted(got - want)}")
+  return base
 
 
 def abstract_state(model, tx, mesh, seq_len: int) -> tuple[TrainState, Any]:
@@ -139,14 +148,15 @@ def check_lora_init_from(init_from: str, fingerprint: dict[str, Any]) -> None:
         f"config.init_from={init_from!r} is a full finetune, not a LoRA run: a LoRA run "
         "continues another LoRA run's adapters. To adapt a finetuned model, export it "
         "(python -m pdl_jax.export) and set config.model.pretrained to the export.")
-  lora_keys = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant")
+  # Not lora_dropout: a regularisation setting, not part of what the adapters are.
+  lora_keys = ("lora_rank", "lora_alpha", "lora_targets", "base_quant")
   diffs = [f"{k}: {stored['fingerprint']['model'].get(k)!r} there, "
            f"{fingerprint['model'].get(k)!r} here" for k in lora_keys
            if stored["fingerprint"]["model"].get(k) != fingerprint["model"].get(k)]
   if diffs:
     raise ValueError(f"config.init_from={init_from!r} has other adapters ({'; '.join(diffs)}); "
-                     "a LoRA run continues adapters of the same rank, scale, targets, "
-                     "dropout and base storage.")
+                     "a LoRA run continues adapters of the same rank, scale, targets "
+                     "and base storage.")
   if theirs != ours:
     raise ValueError(
         f"config.init_from={init_from!r} trained its adapters on a base of weights "

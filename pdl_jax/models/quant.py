@@ -45,13 +45,16 @@ def check_shape(kind: str, n_in: int) -> None:
 def quantize(kind: str, w_IxO: Any) -> dict[str, Any]:
   """The stored form of a float kernel [in, out] (float32 arithmetic). A numpy array
   is quantised with numpy on the host (loading: one tensor at a time, never the
-  whole float base on a device), a jax array with jax (same results)."""
+  whole float base on a device), a jax array with jax (the same values: every
+  operation is one both do alike)."""
   xp = np if isinstance(w_IxO, np.ndarray) else jnp
   w = w_IxO.astype(np.float32)
   n_in, n_out = w.shape
   check_shape(kind, n_in)
   if kind == "int8":
-    scale_O = xp.max(xp.abs(w), axis=0) / np.float32(127.0)
+    # A multiply, not a division: XLA may turn x / 127 into x * (1 / 127), numpy does
+    # not; written as the multiply, both paths give the same scales bit for bit.
+    scale_O = xp.max(xp.abs(w), axis=0) * np.float32(1.0 / 127.0)
     safe_O = xp.where(scale_O > 0, scale_O, np.float32(1.0))
     q = xp.clip(xp.round(w / safe_O), -127, 127).astype(np.int8)
     return {"kernel_q": q, "kernel_scale": scale_O}
@@ -149,7 +152,8 @@ def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
   reader replaced by readers of its stored form, quantised on the host from the
   checkpoint tensor (a scanned stack one layer at a time) when its first block is
   placed; returns (readers, {path: dtype}). The host holds one tensor's float copy
-  (a layer's, scanned) at a time; the devices never hold the float base."""
+  (a layer's, scanned) at a time, and the quantised tensors until the load returns
+  (the readers keep them); the devices never hold the float base."""
   out, dtypes = {}, {}
   for path, (shape, read) in readers.items():
     module = path[-2] if len(path) >= 2 else ""
