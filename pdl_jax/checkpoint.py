@@ -140,6 +140,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) ->
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
+def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, JSON meta) of WORKDIR's checkpoint `step` (default the latest).
+
+  Raises:
+    ValueError: the workdir has no checkpoint.
+  """
+  mngr = manager(workdir, 1)
+  at = mngr.latest_step() if step is None else step
+  if at is None:
+    raise ValueError(f"{workdir!r} has no checkpoint.")
+  return at, mngr.restore(at, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, current: dict[str, Any],
                    token_stats_sha256: str, where: str):
   """(state, step) of the latest checkpoint, or None when there is none.

@@ -109,14 +109,9 @@ def check_base(workdir: str, model_dir: str, step: int | None) -> None:
     ValueError: the weights now at the base's path have another checksum than the
       one the run's checkpoint recorded.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  mngr = ckpt_lib.manager(workdir, 1)
-  at = mngr.latest_step() if step is None else step
-  meta = mngr.restore(at, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  _, meta = ckpt_lib.read_meta(workdir, step)
   recorded = meta["fingerprint"].get("lora_base_weights_sha256")
-  now = hf_weights.weights_sha256(hf_weights.cached_copy(model_dir)
-                                  if str(model_dir).startswith("gs://") else model_dir)
+  now = hf_weights.base_weights_sha256(model_dir)
   if recorded is not None and recorded != now:
     raise ValueError(
         f"{workdir!r}: its adapters were trained on a base of weights checksum "

@@ -54,14 +54,10 @@ def count(adapters: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
 
 
-def _num_in(module: str) -> int:
-  return 2 if module == "out" else 1  # the attention output contracts [H, K]
-
-
 def delta(a: jax.Array, b: jax.Array, module: str, scale: float) -> jax.Array:
   """scale * A @ B in the kernel's shape [..., *in, *out] (a leading layers axis of
   a scanned tree is kept), in float32."""
-  num_in = _num_in(module)
+  num_in = decoder_lib.num_in_axes(module)
   lead = a.ndim - num_in - 1
   in_shape, out_shape = a.shape[lead:-1], b.shape[lead + 1:]
   r = a.shape[-1]

@@ -135,12 +135,10 @@ def check_lora_init_from(init_from: str, fingerprint: dict[str, Any]) -> None:
   Raises:
     ValueError: `init_from` is not a LoRA run, or adapted a base of other weights.
   """
-  mngr = ckpt_lib.manager(init_from, 1)
-  step = mngr.latest_step()
-  if step is None:
-    raise ValueError(f"config.init_from={init_from!r} has no checkpoint.")
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  stored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  try:
+    _, stored = ckpt_lib.read_meta(init_from)
+  except ValueError:
+    raise ValueError(f"config.init_from={init_from!r} has no checkpoint.") from None
   theirs = stored.get("fingerprint", {}).get("lora_base_weights_sha256")
   ours = fingerprint["lora_base_weights_sha256"]
   if theirs is None:

@@ -192,10 +192,7 @@ def place_batch(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.Shard
 def base_weights_sha256(config) -> str:
   """Checksum of the pretrained base's weight files (of the per-host copy loading
   made when the base is on gs://)."""
-  model_dir = offline.local_dir(config.model.pretrained)
-  if str(model_dir).startswith("gs://"):
-    model_dir = hf_weights.cached_copy(model_dir)
-  return hf_weights.weights_sha256(model_dir)
+  return hf_weights.base_weights_sha256(offline.local_dir(config.model.pretrained))
 
 
 def provenance(config, fingerprint: dict, base_sha256: str | None = None) -> dict:

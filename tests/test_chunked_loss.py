@@ -31,6 +31,23 @@ def make_case(seed, n, d, v, alpha, mask_p=0.25):
   return hidden, unembed, labels, weights, mask
 
 
+def assert_same_loss_aux_and_grads(naive_fn, chunked_fn, hidden, unembed, rtol=1e-5):
+  """fn(hidden, unembed) -> (loss, LossAux): the chunked one's loss, every aux field
+  and the gradients wrt hidden and unembed equal the naive one's. Returns the naive
+  (loss, aux, grads)."""
+  (want, want_aux), want_g = jax.jit(jax.value_and_grad(
+      naive_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  (got, got_aux), got_g = jax.jit(jax.value_and_grad(
+      chunked_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
+  assert float(got) == pytest.approx(float(want), rel=rtol)
+  for field in L.LossAux._fields:
+    assert float(getattr(got_aux, field)) == pytest.approx(
+        float(getattr(want_aux, field)), rel=rtol), field
+  for g, w in zip(got_g, want_g):
+    assert_close(g, w, rtol)
+  return want, want_aux, want_g
+
+
 def naive(hidden, unembed, labels, weights, mask):
   logits = jnp.matmul(hidden, unembed, preferred_element_type=jnp.float32)
   return L.pdl_loss(logits, labels, weights, mask=mask)
@@ -205,16 +222,7 @@ def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
   def tokens_fn(h, u):
     return fn(h, u, labels, weights, mask_N=mask, strategy="tokens", row_chunk_size=16)
 
-  (want, want_aux), want_g = jax.jit(jax.value_and_grad(
-      naive_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
-  (got, got_aux), got_g = jax.jit(jax.value_and_grad(
-      tokens_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
-  assert float(got) == pytest.approx(float(want), rel=1e-5)
-  for field in L.LossAux._fields:
-    assert float(getattr(got_aux, field)) == pytest.approx(
-        float(getattr(want_aux, field)), rel=1e-5), field
-  for g, w in zip(got_g, want_g):
-    assert_close(g, w, 1e-5)
+  want, want_aux, _ = assert_same_loss_aux_and_grads(naive_fn, tokens_fn, hidden, unembed)
   # Undifferentiated (evaluation): the same value and aux.
   plain, plain_aux = jax.jit(tokens_fn)(hidden, unembed)
   assert float(plain) == pytest.approx(float(want), rel=1e-5)
@@ -284,16 +292,7 @@ def test_stats_losses_match_unchunked(name, params, chunk_size):
   def chunked_fn(h, u):
     return fn(h, u, labels, None, mask_N=mask, chunk_size=chunk_size)
 
-  (want, want_aux), want_g = jax.jit(jax.value_and_grad(
-      naive_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
-  (got, got_aux), got_g = jax.jit(jax.value_and_grad(
-      chunked_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
-  assert float(got) == pytest.approx(float(want), rel=1e-5)
-  for field in L.LossAux._fields:
-    assert float(getattr(got_aux, field)) == pytest.approx(
-        float(getattr(want_aux, field)), rel=1e-5), field
-  for g, w in zip(got_g, want_g):
-    assert_close(g, w, 1e-5)
+  _, _, want_g = assert_same_loss_aux_and_grads(naive_fn, chunked_fn, hidden, unembed)
   assert float(jnp.abs(want_g[0]).max()) > 0
 
 

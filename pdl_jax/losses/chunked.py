@@ -89,30 +89,9 @@ def _chunk_logits(hidden_NxD: jax.Array, w_DxC: jax.Array) -> jax.Array:
 
 def _forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
   """Per-token NLL [N] float32 and the logsumexp [N] (residual for backward)."""
-  n = hidden_NxD.shape[0]
-  width, num_chunks = _chunk_layout(unembed_DxV.shape[1], chunk_size)
-
-  def body(carry, i):
-    max_N, sum_N, label_logit_N = carry
-    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
-    logits_NxC = jnp.where(new_C[None, :], _chunk_logits(hidden_NxD, w_DxC),
-                           -jnp.inf)
-    new_max_N = jnp.maximum(max_N, jnp.max(logits_NxC, axis=1))
-    sum_N = (sum_N * jnp.exp(max_N - new_max_N)
-             + jnp.sum(jnp.exp(logits_NxC - new_max_N[:, None]), axis=1))
-    offset_N = labels_N - start
-    here_N = (offset_N >= 0) & (offset_N < width) & (labels_N >= i * width)
-    picked_N = jnp.take_along_axis(
-        logits_NxC, jnp.clip(offset_N, 0, width - 1)[:, None], axis=1)[:, 0]
-    label_logit_N = label_logit_N + jnp.where(here_N, picked_N, 0.0)
-    return (new_max_N, sum_N, label_logit_N), None
-
-  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n,), jnp.float32))
-  (max_N, sum_N, label_logit_N), _ = jax.lax.scan(
-      body, init, jnp.arange(num_chunks))
-  lse_N = max_N + jnp.log(sum_N)
-  return lse_N - label_logit_N, lse_N
+  nll_N, _, lse_N = _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size,
+                                   with_mean=False)
+  return nll_N, lse_N
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -139,32 +118,8 @@ def _fwd(hidden_NxD, unembed_DxV, labels_N, chunk_size):
 
 def _bwd(chunk_size, residuals, g_N):
   hidden_NxD, unembed_DxV, labels_N, lse_N = residuals
-  d, vocab = unembed_DxV.shape
-  width, num_chunks = _chunk_layout(vocab, chunk_size)
-  g_N = g_N.astype(jnp.float32)
-
-  def body(carry, i):
-    dhidden_NxD, dunembed_DxV = carry
-    w_DxC, start, new_C = _chunk(unembed_DxV, i, width)
-    logits_NxC = _chunk_logits(hidden_NxD, w_DxC)
-    probs_NxC = jnp.where(new_C[None, :], jnp.exp(logits_NxC - lse_N[:, None]), 0.0)
-    onehot_NxC = (labels_N[:, None] == start + jnp.arange(width)[None, :]) & new_C[None, :]
-    dlogits_NxC = g_N[:, None] * (probs_NxC - onehot_NxC)
-    dhidden_NxD = dhidden_NxD + jnp.matmul(
-        dlogits_NxC.astype(w_DxC.dtype), w_DxC.T, preferred_element_type=jnp.float32)
-    dw_DxC = jnp.matmul(hidden_NxD.T, dlogits_NxC.astype(hidden_NxD.dtype),
-                        preferred_element_type=jnp.float32)
-    # Add, not overwrite: the clamped last chunk overlaps the previous one, and its
-    # not-new columns carry zero gradient.
-    old_DxC = jax.lax.dynamic_slice_in_dim(dunembed_DxV, start, width, axis=1)
-    dunembed_DxV = jax.lax.dynamic_update_slice_in_dim(
-        dunembed_DxV, old_DxC + dw_DxC, start, axis=1)
-    return (dhidden_NxD, dunembed_DxV), None
-
-  init = (jnp.zeros(hidden_NxD.shape, jnp.float32), jnp.zeros((d, vocab), jnp.float32))
-  (dhidden_NxD, dunembed_DxV), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
-  return (dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV.astype(unembed_DxV.dtype),
-          None)
+  return _vocab_chunk_grads(hidden_NxD, unembed_DxV, labels_N, lse_N, g_N, None,
+                            chunk_size)
 
 
 chunked_token_nll.defvjp(_fwd, _bwd)
@@ -176,8 +131,11 @@ chunked_token_nll.defvjp(_fwd, _bwd)
 # ---------------------------------------------------------------------------
 
 
-def _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
-  """(nll [N], uniform cross-entropy [N] = lse - mean logit, lse [N]), float32."""
+def _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size, with_mean=True):
+  """(nll [N], uniform cross-entropy [N] = lse - mean logit, lse [N]), float32, by
+  one scan over vocabulary chunks (a running (max, sum) logsumexp, the label logit
+  picked up in the chunk that holds it); with_mean=False skips the logit sum and
+  returns None for the uniform term (`chunked_token_nll`)."""
   n = hidden_NxD.shape[0]
   vocab = unembed_DxV.shape[1]
   width, num_chunks = _chunk_layout(vocab, chunk_size)
@@ -190,7 +148,8 @@ def _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
     new_max_N = jnp.maximum(max_N, jnp.max(logits_NxC, axis=1))
     sum_N = (sum_N * jnp.exp(max_N - new_max_N)
              + jnp.sum(jnp.exp(logits_NxC - new_max_N[:, None]), axis=1))
-    logit_sum_N = logit_sum_N + jnp.sum(jnp.where(new_C[None, :], raw_NxC, 0.0), axis=1)
+    if with_mean:
+      logit_sum_N = logit_sum_N + jnp.sum(jnp.where(new_C[None, :], raw_NxC, 0.0), axis=1)
     offset_N = labels_N - start
     here_N = (offset_N >= 0) & (offset_N < width) & (labels_N >= i * width)
     picked_N = jnp.take_along_axis(
@@ -203,7 +162,8 @@ def _stats_forward(hidden_NxD, unembed_DxV, labels_N, chunk_size):
       body, (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros),
       jnp.arange(num_chunks))
   lse_N = max_N + jnp.log(sum_N)
-  return lse_N - label_logit_N, lse_N - logit_sum_N / vocab, lse_N
+  unif_N = lse_N - logit_sum_N / vocab if with_mean else None
+  return lse_N - label_logit_N, unif_N, lse_N
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -229,11 +189,17 @@ def _stats_fwd(hidden_NxD, unembed_DxV, labels_N, chunk_size):
   return (nll_N, unif_N), (hidden_NxD, unembed_DxV, labels_N, lse_N)
 
 
-def _stats_bwd(chunk_size, residuals, cotangents):
-  hidden_NxD, unembed_DxV, labels_N, lse_N = residuals
-  g_nll_N, g_unif_N = (g.astype(jnp.float32) for g in cotangents)
+def _vocab_chunk_grads(hidden_NxD, unembed_DxV, labels_N, lse_N, g_nll_N, g_unif_N,
+                       chunk_size):
+  """(d hidden, d unembed, None) of sum(g_nll * nll + g_unif * uniform) by a second
+  scan over vocabulary chunks: each chunk's logits recomputed from the saved hidden
+  states and logsumexp, dlogits = (g_nll + g_unif) p - g_nll onehot - g_unif / V for
+  that chunk only (g_unif None: the NLL alone, `chunked_token_nll`), accumulated into
+  d hidden and the chunk's columns of d unembed."""
   d, vocab = unembed_DxV.shape
   width, num_chunks = _chunk_layout(vocab, chunk_size)
+  g_nll_N = g_nll_N.astype(jnp.float32)
+  g_p_N = g_nll_N if g_unif_N is None else g_nll_N + g_unif_N.astype(jnp.float32)
 
   def body(carry, i):
     dhidden_NxD, dunembed_DxV = carry
@@ -241,13 +207,16 @@ def _stats_bwd(chunk_size, residuals, cotangents):
     logits_NxC = _chunk_logits(hidden_NxD, w_DxC)
     probs_NxC = jnp.where(new_C[None, :], jnp.exp(logits_NxC - lse_N[:, None]), 0.0)
     onehot_NxC = (labels_N[:, None] == start + jnp.arange(width)[None, :]) & new_C[None, :]
-    dlogits_NxC = ((g_nll_N + g_unif_N)[:, None] * probs_NxC
-                   - g_nll_N[:, None] * onehot_NxC
-                   - jnp.where(new_C[None, :], g_unif_N[:, None] / vocab, 0.0))
+    dlogits_NxC = g_p_N[:, None] * probs_NxC - g_nll_N[:, None] * onehot_NxC
+    if g_unif_N is not None:
+      dlogits_NxC = dlogits_NxC - jnp.where(
+          new_C[None, :], g_unif_N.astype(jnp.float32)[:, None] / vocab, 0.0)
     dhidden_NxD = dhidden_NxD + jnp.matmul(
         dlogits_NxC.astype(w_DxC.dtype), w_DxC.T, preferred_element_type=jnp.float32)
     dw_DxC = jnp.matmul(hidden_NxD.T, dlogits_NxC.astype(hidden_NxD.dtype),
                         preferred_element_type=jnp.float32)
+    # Add, not overwrite: the clamped last chunk overlaps the previous one, and its
+    # not-new columns carry zero gradient.
     old_DxC = jax.lax.dynamic_slice_in_dim(dunembed_DxV, start, width, axis=1)
     dunembed_DxV = jax.lax.dynamic_update_slice_in_dim(
         dunembed_DxV, old_DxC + dw_DxC, start, axis=1)
@@ -257,6 +226,13 @@ def _stats_bwd(chunk_size, residuals, cotangents):
   (dhidden_NxD, dunembed_DxV), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
   return (dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV.astype(unembed_DxV.dtype),
           None)
+
+
+def _stats_bwd(chunk_size, residuals, cotangents):
+  hidden_NxD, unembed_DxV, labels_N, lse_N = residuals
+  g_nll_N, g_unif_N = cotangents
+  return _vocab_chunk_grads(hidden_NxD, unembed_DxV, labels_N, lse_N, g_nll_N, g_unif_N,
+                            chunk_size)
 
 
 chunked_token_stats.defvjp(_stats_fwd, _stats_bwd)

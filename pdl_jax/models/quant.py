@@ -128,7 +128,7 @@ def quantize_params(params: dict[str, Any], cfg) -> dict[str, Any]:
   def module(m: dict[str, Any], name: str, stacked: bool) -> dict[str, Any]:
     if not cfg.lora_on(name) or "kernel" not in m:
       return m
-    num_in = 2 if name == "out" else 1
+    num_in = _num_in_axes(name)
 
     def one(w):
       n_in = math.prod(w.shape[:num_in])
@@ -161,7 +161,7 @@ def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
       out[path] = (shape, read)
       continue
     stacked = path[0] == "blocks"
-    num_in = 2 if module == "out" else 1
+    num_in = _num_in_axes(module)
     per_layer = shape[1:] if stacked else shape
     n_in, n_out = math.prod(per_layer[:num_in]), math.prod(per_layer[num_in:])
     memo: dict[str, np.ndarray] = {}
@@ -186,6 +186,12 @@ def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
           name][idx])
       dtypes[path[:-1] + (name,)] = dtype
   return out, dtypes
+
+
+def _num_in_axes(module: str) -> int:
+  # decoder.num_in_axes (imported here: decoder imports this module).
+  from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
+  return decoder.num_in_axes(module)
 
 
 def stored_bytes(params: Any) -> int:

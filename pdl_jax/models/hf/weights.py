@@ -115,6 +115,14 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
+def base_weights_sha256(model_dir: str | os.PathLike) -> str:
+  """weights_sha256 of a model folder; of the per-host local copy loading makes when
+  it is on gs:// (the bytes that were loaded, not a listing of the bucket)."""
+  if os.fspath(model_dir).startswith("gs://"):
+    model_dir = cached_copy(model_dir)
+  return weights_sha256(model_dir)
+
+
 def cached_copy(model_dir: str | os.PathLike, cache_dir: str | None = None) -> str:
   """A local copy of a remote (e.g. gs://) model folder's weights, made once per host
   and reused by later runs and sweep points: under CACHE/remote/<hash of the path>/
