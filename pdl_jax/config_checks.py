@@ -117,6 +117,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if method not in decode_lib.METHODS:
       raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
                        f"eval.extra_decodes); expected one of {decode_lib.METHODS}.")
+  bucket = config.eval.length_bucket
+  if not (isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0):
+    raise ValueError(f"config.eval.length_bucket={bucket!r}; expected an integer >= 0 "
+                     "(0: decode prompts in order, all padded to the longest).")
   if config.seq_len < 4:
     raise ValueError(f"config.seq_len={config.seq_len}; expected >= 4 (a prompt token, "
                      "the separator, a target token and EOS).")

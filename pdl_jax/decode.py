@@ -158,10 +158,15 @@ def _bisect_cutoff(logits_BxV, probs_BxV, top_p):
 
 def _sample_from(rng, probs_BxN):
   """One index per row with probability proportional to probs_BxN (zeros never
-  chosen), by the inverse CDF: one uniform a row instead of V Gumbel draws."""
+  chosen), by the inverse CDF: one uniform a row instead of V Gumbel draws.
+  rng: one key for the batch, or [B] keys, one per row."""
   cum_BxN = jnp.cumsum(probs_BxN, axis=-1)
   total_B1 = cum_BxN[:, -1:]
-  u_B1 = jax.random.uniform(rng, total_B1.shape) * total_B1
+  if rng.ndim == 0:
+    u_B1 = jax.random.uniform(rng, total_B1.shape)
+  else:
+    u_B1 = jax.vmap(jax.random.uniform)(rng)[:, None]
+  u_B1 = u_B1 * total_B1
   above_BxN = cum_BxN > u_B1
   # u rounds up to the total at worst: then the last index with mass.
   return jnp.where(jnp.any(above_BxN, axis=-1), jnp.argmax(above_BxN, axis=-1),
@@ -187,6 +192,7 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
   every step: 0.5 s a step at batch 64, V 49152), and sampling is by inverse CDF,
   not V Gumbel draws. The distribution is the one of a full sort
   (tests/test_model_decode.py); the tokens drawn for a given key differ from it.
+  rng: one key for the batch, or [B] keys, one per row.
   """
   logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
   probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
@@ -219,8 +225,15 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
 def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
              method: str = "greedy", eos_id: int | tuple[int, ...] = 1, pad_id: int = 0,
              top_p: float = 0.9, temperature: float = 1.0,
-             banned_ids: tuple[int, ...] = ()) -> jax.Array:
-  """Greedy or top-p continuations [B, max_new_tokens] of left-padded prompts."""
+             banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None
+             ) -> jax.Array:
+  """Greedy or top-p continuations [B, max_new_tokens] of left-padded prompts.
+
+  Top-p's draws at step t come from fold_in(rng, t) for the whole batch or, with
+  row_ids_B (e.g. each prompt's index in the evaluation set), from
+  fold_in(fold_in(rng, row_ids_B[b]), t) for row b: then a prompt's sample does not
+  depend on which batch, row or padded length it was decoded in.
+  """
   if method not in ("greedy", "top_p"):
     raise ValueError(f"method must be one of ('greedy', 'top_p') here; got {method!r}; "
                      "use beam_search for 'beam'.")
@@ -233,8 +246,12 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
     logits_BxV = _ban(logits_BxV, banned_ids)
     if method == "greedy":
       return first_argmax(logits_BxV)
-    return _top_p_sample(jax.random.fold_in(rng, t), logits_BxV, top_p,
-                         temperature).astype(jnp.int32)
+    if row_ids_B is None:
+      key = jax.random.fold_in(rng, t)
+    else:
+      key = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), t))(
+          row_ids_B)
+    return _top_p_sample(key, logits_BxV, top_p, temperature).astype(jnp.int32)
 
   # A while loop, not a scan over max_new_tokens: it ends when every row is done
   # (short synopses end long before the limit); what the rows would emit after that
@@ -332,11 +349,13 @@ def generate_without_cache(model, params, tokens_BxP, mask_BxP, *, max_new_token
 def decode(model, params, tokens_BxP, mask_BxP, rng, *, method: str, max_new_tokens: int,
            eos_id: int | tuple[int, ...], pad_id: int, beam_size: int = 4,
            top_p: float = 0.9, temperature: float = 1.0,
-           banned_ids: tuple[int, ...] = ()) -> jax.Array:
+           banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None
+           ) -> jax.Array:
   """Dispatch by method name ("greedy", "beam", "top_p").
 
   eos_id: the id, or a tuple of ids, that end a generation (any of them).
   banned_ids: ids never generated (the caller passes pad, bos and the separator).
+  row_ids_B: top-p's per-row keys (see generate).
   """
   if method not in METHODS:
     raise ValueError(f"decode method {method!r} is unknown; expected one of {METHODS}.")
@@ -346,7 +365,7 @@ def decode(model, params, tokens_BxP, mask_BxP, rng, *, method: str, max_new_tok
                        banned_ids=banned_ids)
   return generate(model, params, tokens_BxP, mask_BxP, rng, max_new_tokens=max_new_tokens,
                   method=method, eos_id=eos_id, pad_id=pad_id, top_p=top_p,
-                  temperature=temperature, banned_ids=banned_ids)
+                  temperature=temperature, banned_ids=banned_ids, row_ids_B=row_ids_B)
 
 
 def strip_after_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...], pad_id: int

@@ -41,6 +41,52 @@ def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray,
   return float(-log_probs[ids].mean()) if ids.size else 0.0
 
 
+def decode_batches(lengths: list[int], batch_size: int, length_bucket: int
+                   ) -> list[tuple[list[int], int]]:
+  """How generate_all batches prompts of these lengths: (indices, padded length) per
+  batch. With length_bucket > 0, in order of length (stable), each batch left-padded
+  to its longest prompt rounded up to a multiple of length_bucket (at most the
+  longest prompt): fewer padded positions to prefill and to attend to at every
+  step, and few distinct shapes (each is a compiled decoder, compiled once per run).
+  With 0, in the given order, every batch padded to the longest prompt (one shape)."""
+  longest = max(lengths, default=1)
+  order = (sorted(range(len(lengths)), key=lengths.__getitem__) if length_bucket > 0
+           else list(range(len(lengths))))
+  out = []
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    size = longest
+    if length_bucket > 0:
+      size = min(longest, -(-max(lengths[i] for i in idx) // length_bucket) * length_bucket)
+    out.append((idx, size))
+  return out
+
+
+def generate_all(model, params, prompts: list[list[int]], mesh, rng, *, method: str,
+                 batch_size: int, length_bucket: int, max_new_tokens: int,
+                 eos_ids: tuple[int, ...], pad_id: int, banned_ids: tuple[int, ...],
+                 beam_size: int = 4, top_p: float = 0.9, temperature: float = 1.0
+                 ) -> list[list[int]]:
+  """Generated ids (cut at the first EOS, no padding) for every prompt, in the
+  prompts' order, decoded in the batches of decode_batches (the last one filled with
+  copies of its last prompt). Top-p's draws for prompt k come from
+  fold_in(rng, k) (pdl_jax.decode.generate's row_ids_B): the same whatever the
+  batching, batch size or padded length."""
+  hyp_ids: list[list[int] | None] = [None] * len(prompts)
+  for idx, size in decode_batches([len(p) for p in prompts], batch_size, length_bucket):
+    rows = idx + [idx[-1]] * (batch_size - len(idx))
+    tokens, mask = decode_lib.left_pad([prompts[i] for i in rows], size, pad_id)
+    tokens, mask, row_ids = utils.replicate(mesh, (tokens, mask,
+                                                   np.asarray(rows, np.int32)))
+    out = decode_lib.decode(model, params, tokens, mask, rng, method=method,
+                            max_new_tokens=max_new_tokens, eos_id=eos_ids, pad_id=pad_id,
+                            beam_size=beam_size, top_p=top_p, temperature=temperature,
+                            banned_ids=banned_ids, row_ids_B=row_ids)
+    for i, ids in zip(idx, decode_lib.strip_after_eos(utils.to_host(out), eos_ids, pad_id)):
+      hyp_ids[i] = ids
+  return hyp_ids
+
+
 class Evaluator:
   """Eval loss and generation metrics on a fixed validation subset.
 
@@ -70,7 +116,6 @@ class Evaluator:
         out_shardings=rep)
     prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
                for i in range(len(examples))]
-    self.prompt_len = max(len(p) for p in prompts)
     self.prompts = prompts
     # The references' ids as training lays them out (a plain-format HF tokenizer
     # encodes them after the prompt and separator, not alone: Metaspace's '▁').
@@ -121,21 +166,12 @@ class Evaluator:
 
   def _generate(self, params, method: str) -> tuple[list[str], list[list[int]]]:
     c = self.config
-    hyp_ids = []
-    rng = jax.random.key(c.seed + 1)
-    for start in range(0, len(self.prompts), c.eval.batch_size):
-      chunk = self.prompts[start:start + c.eval.batch_size]
-      padded = chunk + [chunk[-1]] * (c.eval.batch_size - len(chunk))
-      tokens, mask = decode_lib.left_pad(padded, self.prompt_len, self.tok.pad_id)
-      tokens, mask = utils.replicate(self.mesh, (tokens, mask))
-      out = decode_lib.decode(self.model, params, tokens, mask,
-                              jax.random.fold_in(rng, start), method=method,
-                              max_new_tokens=c.eval.max_new_tokens,
-                              eos_id=self.eos_ids, pad_id=self.tok.pad_id,
-                              beam_size=c.eval.beam_size, top_p=c.eval.top_p,
-                              temperature=c.eval.temperature, banned_ids=self.banned)
-      hyp_ids.extend(decode_lib.strip_after_eos(utils.to_host(out), self.eos_ids,
-                                                self.tok.pad_id)[:len(chunk)])
+    hyp_ids = generate_all(
+        self.model, params, self.prompts, self.mesh, jax.random.key(c.seed + 1),
+        method=method, batch_size=c.eval.batch_size, length_bucket=c.eval.length_bucket,
+        max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos_ids,
+        pad_id=self.tok.pad_id, banned_ids=self.banned, beam_size=c.eval.beam_size,
+        top_p=c.eval.top_p, temperature=c.eval.temperature)
     return self.tok.decode_batch(hyp_ids), hyp_ids
 
   def _write_all(self, step: int, method: str, hyps: list[str],

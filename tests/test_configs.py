@@ -147,3 +147,13 @@ def test_bfloat16_params_are_refused_for_training():
   with pytest.raises(ValueError, match=r"param_dtype='bfloat16' does not train.*"
                                        r"model.dtype='bfloat16'"):
     config_checks.validate_config(c)
+
+
+@pytest.mark.parametrize("bucket", [-1, True])
+def test_bad_eval_length_bucket_is_refused(bucket):
+  from configs import dialogue
+  c = dialogue.get_config("smoke")
+  c.eval.length_bucket = bucket
+  with pytest.raises(ValueError, match=rf"eval.length_bucket={bucket!r}; expected an "
+                                       r"integer >= 0"):
+    config_checks.validate_config(c)

@@ -366,11 +366,12 @@ def test_eval_log_line_names_extra_decodings():
   assert line == "nll 4.250  top_p/rouge1 7.000"
 
 
-@pytest.mark.parametrize("pretrained", [False, True])
-def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained):
+@pytest.mark.parametrize("pretrained,bucketed", [(False, False), (True, False), (False, True)])
+def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained, bucketed):
   """Evals at steps 0, 2, 4 and 6 with greedy and top-p: each decoder is traced once
   (compile-once: the params keep their sharding across evals; a retrace would cost
-  10-20 s per eval on a real model)."""
+  10-20 s per eval on a real model); with prompts bucketed by length, once per
+  padded length."""
   from pdl_jax import decode as decode_lib
   traced = []
   prefill = decode_lib._prefill
@@ -382,6 +383,8 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained):
   monkeypatch.setattr(decode_lib, "_prefill", counting_prefill)
   decode_lib.generate.clear_cache()  # earlier tests' traces of the same shapes
   overrides = {"eval.at_start": True, "eval.extra_decodes": ("top_p",)}
+  if bucketed:  # four batches of prompts in several padded lengths
+    overrides.update({"eval.batch_size": 8, "eval.length_bucket": 4})
   if pretrained:  # step 0 evaluates the loaded params, later evals the trained ones
     overrides["model.pretrained"] = os.path.join(os.path.dirname(__file__), "fixtures", "hf",
                                                  "llama")
@@ -389,4 +392,6 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained):
   evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")
            if "eval/top_p/rouge1" in line]
   assert len(evals) == 4
-  assert len(traced) == 2, traced  # greedy and top-p, once each
+  shapes = set(traced)
+  assert len(shapes) == (3 if bucketed else 1), traced
+  assert len(traced) == 2 * len(shapes), traced  # greedy and top-p, once each
