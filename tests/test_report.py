@@ -398,3 +398,18 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   report.write_tables(points, str(tmp_path))
   for name in ("summary.csv", "summary.md"):
     assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert open(os.path.join(results, "summary.md")).read().strip() in readme
+
+
+def test_sync_readme_copies_the_named_tables(tmp_path):
+  from tools import sync_readme
+  (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+  text = ("intro\n<!-- BEGIN a.md -->\nstale\n<!-- END a.md -->\nafter\n"
+          "<!-- BEGIN a.md -->\n<!-- END a.md -->\n")
+  out = sync_readme.sync(text, str(tmp_path))
+  block = "<!-- BEGIN a.md -->\n| x |\n|---|\n| 1 |\n<!-- END a.md -->"
+  assert out == f"intro\n{block}\nafter\n{block}\n"
+  assert sync_readme.sync(out, str(tmp_path)) == out
+  with pytest.raises(FileNotFoundError, match="'b.md'"):
+    sync_readme.sync("<!-- BEGIN b.md -->\n<!-- END b.md -->", str(tmp_path))
