@@ -131,7 +131,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.eval.decode = "greedy"  # "greedy", "beam" or "top_p": logged as eval/<metric>.
   c.eval.extra_decodes = ("top_p",)  # More decodings of the same prompts, logged as eval/<method>/<metric>.
   c.eval.max_new_tokens = 48  # Generated tokens at most.
-  c.eval.length_bucket = 64  # Decode prompts in order of length, each batch padded to a multiple of this (0: in order, all padded to the longest; same greedy tokens, same top-p distribution).
+  c.eval.length_bucket = 64  # Decode prompts in order of length, each batch padded to a multiple of this (0: in order, all padded to the longest); the generations are the same up to the float rounding of near-ties.
   c.eval.beam_size = 4  # Beams for decode="beam".
   c.eval.top_p = 0.9  # Nucleus mass for decode="top_p".
   c.eval.temperature = 1.0  # Sampling temperature for decode="top_p".

@@ -19,7 +19,7 @@ padding changes the float rounding of attention sums, which can flip a near-tie.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+from configs.common import load_config
 from pdl_jax import data as data_lib
 from pdl_jax import evaluate
 from pdl_jax import train
@@ -34,18 +35,15 @@ from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import weights
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(None)
-
-
 def main() -> None:
+  """Parses the flags, loads the prompts and the model, prints the timings."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/dialogue.py")
   ap.add_argument("--buckets", type=int, nargs="+", default=[64])
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--methods", nargs="+", default=None,
+                  help="decodings to time (default: the config's eval.decode and "
+                       "eval.extra_decodes)")
   ap.add_argument("--num_examples", type=int, default=None,
                   help="evaluation prompts (default: the config's eval.num_examples)")
   args = ap.parse_args()
@@ -55,17 +53,16 @@ def main() -> None:
   if config.model.pretrained is None:
     raise SystemExit(f"{args.config} has no model.pretrained: this benchmark decodes a "
                      "pretrained model.")
-  tok = data_lib.get_tokenizer(config, tempfile.mkdtemp(), None)
+  scratch = tempfile.mkdtemp()  # get_tokenizer's workdir: unused for a pretrained model
+  tok = data_lib.get_tokenizer(config, scratch, None)
+  shutil.rmtree(scratch, ignore_errors=True)
   ex = data_lib.encode_split(config, tok, data_lib.load_split_texts(
       config, "validation", config.eval.num_examples))
   prompts = [ex.seqs[i, :ex.target_start[i]].tolist() for i in range(len(ex))]
   model, params = weights.load(offline.local_dir(config.model.pretrained))
   mesh = train.make_mesh(config)
   lengths = [len(p) for p in prompts]
-  eos_ids = (tok.eos_id,) + tuple(i for i in tok.eos_ids if i != tok.eos_id)
-  banned = tuple(sorted({tok.pad_id, tok.bos_id, tok.sep_id, tok.unk_id,
-                         *range(tok.vocab_size, model.cfg.vocab_size)}
-                        - {*eos_ids, -1}))
+  eos_ids, banned = evaluate.stop_and_banned_ids(tok, model.cfg.vocab_size)
   e = config.eval
   print(f"{args.config}: {len(prompts)} prompts, lengths median {np.median(lengths):.0f}, "
         f"max {max(lengths)}; batch {e.batch_size}, {e.max_new_tokens} new tokens; "
@@ -77,7 +74,7 @@ def main() -> None:
     print(f"  bucket {b}: padded lengths {shapes}, prompt positions {padded} "
           f"({sum(lengths)} real)")
 
-  def run(method, bucket):
+  def run(method: str, bucket: int) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     out = evaluate.generate_all(
         model, params, prompts, mesh, jax.random.key(config.seed + 1), method=method,
@@ -86,7 +83,7 @@ def main() -> None:
         temperature=e.temperature)
     return time.perf_counter() - t0, out
 
-  for method in (e.decode, *e.extra_decodes):
+  for method in args.methods or (e.decode, *e.extra_decodes):
     first, outs, times = {}, {}, {b: [] for b in variants}
     for b in variants:
       first[b], outs[b] = run(method, b)

@@ -156,12 +156,22 @@ def _bisect_cutoff(logits_BxV, probs_BxV, top_p):
   return jnp.where(top_B1, hi_B1, lo_B1)
 
 
+def typed_key(rng: jax.Array) -> jax.Array:
+  """A typed key array (jax.random.key) from a typed or a raw uint32 key
+  (jax.random.PRNGKey): the per-row branches read the keys' ndim, which a raw key's
+  trailing axis would skew."""
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)
+
+
 def _sample_from(rng, probs_BxN):
   """One index per row with probability proportional to probs_BxN (zeros never
   chosen), by the inverse CDF: one uniform a row instead of V Gumbel draws.
   rng: one key for the batch, or [B] keys, one per row."""
   cum_BxN = jnp.cumsum(probs_BxN, axis=-1)
   total_B1 = cum_BxN[:, -1:]
+  rng = typed_key(rng)
   if rng.ndim == 0:
     u_B1 = jax.random.uniform(rng, total_B1.shape)
   else:
@@ -206,7 +216,7 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
   # The last candidate as a min, not top_probs_BxN[:, -1]: slicing the last column of
   # lax.top_k's output makes XLA:CPU lower the top_k as a full sort of the vocabulary
   # (406 vs 5 ms at 64 x 49152), at every top-p step.
-  found = jnp.all((cut_B < n) & (jnp.min(top_probs_BxN, axis=-1) < cutoff_B1[:, 0]))
+  found_B = (cut_B < n) & (jnp.min(top_probs_BxN, axis=-1) < cutoff_B1[:, 0])
 
   def from_candidates(_):
     kept_BxN = jnp.where(top_probs_BxN >= cutoff_B1, top_probs_BxN, 0.0)
@@ -214,10 +224,15 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
     return jnp.take_along_axis(top_ids_BxN, pick_B[:, None], axis=-1)[:, 0]
 
   def from_vocabulary(_):
+    # Only the rows whose nucleus the candidates miss sample from the vocabulary: the
+    # others keep the candidates' draw, so a row's token (for its key) does not depend
+    # on the other rows of its batch. Both draws use the row's same uniform.
     cutoff_B1 = _bisect_cutoff(logits_BxV, probs_BxV, top_p)
-    return _sample_from(rng, jnp.where(logits_BxV >= cutoff_B1, probs_BxV, 0.0))
+    full_B = _sample_from(rng, jnp.where(logits_BxV >= cutoff_B1, probs_BxV, 0.0))
+    return jnp.where(found_B, from_candidates(None), full_B)
 
-  return jax.lax.cond(found, from_candidates, from_vocabulary, None).astype(jnp.int32)
+  return jax.lax.cond(jnp.all(found_B), from_candidates, from_vocabulary,
+                      None).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "method",
@@ -238,6 +253,7 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
     raise ValueError(f"method must be one of ('greedy', 'top_p') here; got {method!r}; "
                      "use beam_search for 'beam'.")
   model, params = decoding_model(model, params)
+  rng = typed_key(rng)
   b, p = tokens_BxP.shape
   logits_BxV, cache, key_mask, pos_B = _prefill(model, params, tokens_BxP, mask_BxP,
                                                 p + max_new_tokens)

@@ -41,6 +41,21 @@ def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray,
   return float(-log_probs[ids].mean()) if ids.size else 0.0
 
 
+def stop_and_banned_ids(tokenizer, model_vocab_size: int
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ids that end a generation, ids never generated) for evaluation's decoding.
+
+  Every id that ends a generation, the EOS first: decoding stops on any of them.
+  Banned: the control ids, and a pretrained embedding's rows past its tokenizer (no
+  text has them)."""
+  eos_ids = (tokenizer.eos_id,) + tuple(
+      i for i in tokenizer.eos_ids if i != tokenizer.eos_id)
+  padding_rows = range(tokenizer.vocab_size, model_vocab_size)
+  banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
+                         tokenizer.unk_id, *padding_rows} - {*eos_ids, -1}))
+  return eos_ids, banned
+
+
 def decode_batches(lengths: list[int], batch_size: int, length_bucket: int
                    ) -> list[tuple[list[int], int]]:
   """How generate_all batches prompts of these lengths: (indices, padded length) per
@@ -123,14 +138,7 @@ class Evaluator:
                     if hasattr(tokenizer, "encode_parts")
                     else tokenizer.encode_batch(examples.targets))
     self.unigram_nll = unigram_nll(examples, counts_V, tokenizer.vocab_size)
-    # Control ids, and a pretrained embedding's rows past its tokenizer: never
-    # generated (no text has them).
-    padding_rows = range(tokenizer.vocab_size, model.cfg.vocab_size)
-    # Every id that ends a generation (the EOS first): decoding stops on any of them.
-    self.eos_ids = (tokenizer.eos_id,) + tuple(
-        i for i in tokenizer.eos_ids if i != tokenizer.eos_id)
-    self.banned = tuple(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id,
-                                tokenizer.unk_id, *padding_rows} - {*self.eos_ids, -1}))
+    self.eos_ids, self.banned = stop_and_banned_ids(tokenizer, model.cfg.vocab_size)
 
   def __call__(self, state, step: int) -> dict[str, float]:
     c = self.config

@@ -23,6 +23,9 @@ def test_decode_batches_sort_and_round_up():
   # 0: the given order, every batch padded to the longest prompt.
   assert evaluate.decode_batches(lengths, 3, 0) == [([0, 1, 2], 64), ([3, 4, 5], 64),
                                                     ([6], 64)]
+  # A longest prompt at a multiple of the bucket is not rounded up past it.
+  assert evaluate.decode_batches([32, 3, 40], 2, 16) == [([1, 0], 32), ([2], 40)]
+  assert evaluate.decode_batches([], 4, 16) == []
   # Ties keep their order (a stable sort): the batching is the same on every host.
   assert [idx for idx, _ in evaluate.decode_batches([4, 4, 4, 1], 2, 8)] == [[3, 0], [1, 2]]
 
@@ -59,7 +62,48 @@ def test_bucketed_generations_equal_in_order(model_and_prompts, method):
     assert _generate(model_and_prompts, method, batch_size, bucket) == in_order
 
 
+def test_beam_search_through_the_bucketed_batches(model_and_prompts):
+  assert (_generate(model_and_prompts, "beam", 3, 8)
+          == _generate(model_and_prompts, "beam", 4, 0))
+
+
 def test_top_p_draws_depend_on_the_seed(model_and_prompts):
   a = _generate(model_and_prompts, "top_p", 4, 8, seed=1)
   b = _generate(model_and_prompts, "top_p", 4, 8, seed=2)
   assert a != b
+
+
+def test_a_rows_top_p_token_does_not_depend_on_the_other_rows():
+  """The candidates' fast path and the vocabulary fallback are chosen per row: a peaked
+  row (nucleus among the top-64 candidates) sampled next to a flat row (nucleus of
+  hundreds of tokens: the fallback) gets the token it gets alone, for its key. Fails
+  when one flat row sends the whole batch to the fallback (different token order, so
+  another token for the same uniform)."""
+  from pdl_jax import decode as D
+  r = np.random.default_rng(0)
+  peaked = r.normal(0.0, 4.0, 1000).astype(np.float32)
+  flat = r.normal(0.0, 0.01, 1000).astype(np.float32)
+  both = jnp.asarray(np.stack([peaked, flat]))
+
+  @jax.jit
+  def draw(key):
+    keys = jax.random.split(key, 2)
+    together = D._top_p_sample(keys, both, 0.9, 1.0)
+    alone = D._top_p_sample(keys[:1], both[:1], 0.9, 1.0)
+    flat_alone = D._top_p_sample(keys[1:], both[1:], 0.9, 1.0)
+    return together, alone[0], flat_alone[0]
+
+  for k in range(50):
+    together, alone, flat_alone = draw(jax.random.key(k))
+    assert int(together[0]) == int(alone) and int(together[1]) == int(flat_alone), k
+
+
+def test_raw_uint32_keys_still_decode(model_and_prompts):
+  from pdl_jax import decode as D
+  model, params, prompts = model_and_prompts
+  tokens, mask = D.left_pad(prompts[:2], 8, 0)
+  typed = D.generate(model, params, tokens, mask, jax.random.key(3), max_new_tokens=4,
+                     method="top_p", row_ids_B=jnp.arange(2))
+  raw = D.generate(model, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=4,
+                   method="top_p", row_ids_B=jnp.arange(2))
+  np.testing.assert_array_equal(typed, raw)

@@ -361,45 +361,59 @@ REAL_COMPLETE: tuple[str, ...] = ()
 @pytest.mark.parametrize("task", ["summarization", "dialogue", "style_transfer"])
 def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   """experiments/results/real/<task>: every run is a point of the task config's
-  default sweep (SmolLM2-135M-Instruct), all from the same base weights, code
-  version and compute, each with all its final generations; the tables and paired
-  intervals regenerate from the committed logs and samples."""
+  default sweep (SmolLM2-135M-Instruct) with that point's loss, seed, compute and
+  evaluation, all from the same base weights and code version, each with all its final
+  generations; the tables and paired intervals regenerate from the committed logs and
+  samples, and the README holds them verbatim."""
   from configs.common import load_config
   from experiments import sweep
   results = os.path.join(ROOT, "experiments", "results", "real", task)
   if not os.path.isdir(results):
     assert task not in REAL_COMPLETE
     pytest.skip(f"no committed real-model runs for {task} yet")
-  config = load_config(os.path.join(ROOT, "configs", f"{task}.py"))
-  expected = {name for name, _ in sweep.points(config)}
+  config_path = os.path.join(ROOT, "configs", f"{task}.py")
+  specs = dict(sweep.points(load_config(config_path)))
   runs = set(os.listdir(os.path.join(results, "runs")))
-  assert runs and runs <= expected, sorted(runs - expected)
+  assert runs and runs <= set(specs), sorted(runs - set(specs))
   if task in REAL_COMPLETE:
-    assert runs == expected, sorted(expected - runs)
-  versions, shas, computes = set(), set(), set()
-  for run in runs:
+    assert runs == set(specs), sorted(set(specs) - runs)
+
+  def setting(c):  # what a point's config fixes (ml_collections dict or config.json)
+    e, loss = c["eval"], c["loss"]
+    return {"loss": loss["name"], "seed": c["seed"],
+            "alpha": loss["alpha"] if loss["name"] == "pdl" else None,
+            "eos_weight": loss["eos_weight"] if loss["name"] == "pdl" else None,
+            "compute": (c["num_steps"], c["batch_size"], c["seq_len"], c["max_target_len"],
+                        c["optimizer"]["learning_rate"], c["model"]["pretrained"]),
+            "eval": (e["num_examples"], e["decode"], tuple(e["extra_decodes"]),
+                     e["max_new_tokens"], e["top_p"], e["temperature"])}
+
+  versions, shas = set(), set()
+  for run in sorted(runs):
     d = os.path.join(results, "runs", run)
-    prov = json.load(open(os.path.join(d, "provenance.json")))
-    assert prov["base"] == config.model.pretrained, run
+    with open(os.path.join(d, "provenance.json")) as f:
+      prov = json.load(f)
     versions.add(prov["code_version"])
     shas.add(prov["base_weights_sha256"])
-    c = json.load(open(os.path.join(d, "config.json")))
-    computes.add((c["num_steps"], c["batch_size"], c["seq_len"],
-                  c["optimizer"]["learning_rate"], c["model"]["pretrained"],
-                  c["eval"]["num_examples"]))
+    with open(os.path.join(d, "config.json")) as f:
+      c = json.load(f)
+    want = load_config(f"{config_path}:{specs[run]}")
+    assert prov["base"] == want.model.pretrained, run
+    assert setting(c) == setting(want.to_dict()), run
     for method in (c["eval"]["decode"], *c["eval"]["extra_decodes"]):
       with open(os.path.join(d, "samples", f"final_{method}.jsonl")) as f:
-        assert sum(1 for _ in f) == c["eval"]["num_examples"], (run, method)
-  assert len(versions) == 1 and len(shas) == 1 and len(computes) == 1, (
-      versions, shas, computes)
-  num_steps, _, _, _, pretrained, _ = computes.pop()
-  assert (num_steps, pretrained) == (config.num_steps, config.model.pretrained)
+        lines = [json.loads(line) for line in f]
+      assert [x["index"] for x in lines] == list(range(c["eval"]["num_examples"])), (
+          run, method)
+  assert len(versions) == 1 and len(shas) == 1, (versions, shas)
   points = report.collect(os.path.join(results, "runs"), strict=True)
   report.write_tables(points, str(tmp_path))
   for name in ("summary.csv", "summary.md"):
-    assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
-  readme = open(os.path.join(ROOT, "README.md")).read()
-  assert open(os.path.join(results, "summary.md")).read().strip() in readme
+    with open(os.path.join(results, name)) as f:
+      assert (tmp_path / name).read_text() == f.read(), name
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  assert (tmp_path / "summary.md").read_text().strip() in readme
 
 
 def test_sync_readme_copies_the_named_tables(tmp_path):

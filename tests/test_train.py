@@ -383,8 +383,9 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained, bucket
   monkeypatch.setattr(decode_lib, "_prefill", counting_prefill)
   decode_lib.generate.clear_cache()  # earlier tests' traces of the same shapes
   overrides = {"eval.at_start": True, "eval.extra_decodes": ("top_p",)}
-  if bucketed:  # four batches of prompts in several padded lengths
-    overrides.update({"eval.batch_size": 8, "eval.length_bucket": 4})
+  # Bucketed: four batches of prompts in several padded lengths; else one length.
+  overrides.update({"eval.batch_size": 8, "eval.length_bucket": 4} if bucketed
+                   else {"eval.length_bucket": 0})
   if pretrained:  # step 0 evaluates the loaded params, later evals the trained ones
     overrides["model.pretrained"] = os.path.join(os.path.dirname(__file__), "fixtures", "hf",
                                                  "llama")
@@ -393,5 +394,5 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained, bucket
            if "eval/top_p/rouge1" in line]
   assert len(evals) == 4
   shapes = set(traced)
-  assert len(shapes) == (3 if bucketed else 1), traced
+  assert (len(shapes) > 1) if bucketed else (len(shapes) == 1), traced
   assert len(traced) == 2 * len(shapes), traced  # greedy and top-p, once each
