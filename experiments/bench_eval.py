@@ -58,7 +58,7 @@ def main() -> None:
   shutil.rmtree(scratch, ignore_errors=True)
   ex = data_lib.encode_split(config, tok, data_lib.load_split_texts(
       config, "validation", config.eval.num_examples))
-  prompts = [ex.seqs[i, :ex.target_start[i]].tolist() for i in range(len(ex))]
+  prompts = evaluate.prompt_ids(ex)
   model, params = weights.load(offline.local_dir(config.model.pretrained))
   mesh = train.make_mesh(config)
   lengths = [len(p) for p in prompts]

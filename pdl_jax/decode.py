@@ -253,7 +253,6 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
     raise ValueError(f"method must be one of ('greedy', 'top_p') here; got {method!r}; "
                      "use beam_search for 'beam'.")
   model, params = decoding_model(model, params)
-  rng = typed_key(rng)
   b, p = tokens_BxP.shape
   logits_BxV, cache, key_mask, pos_B = _prefill(model, params, tokens_BxP, mask_BxP,
                                                 p + max_new_tokens)

@@ -41,6 +41,13 @@ def unigram_nll(examples: data_lib.Examples, counts_V: np.ndarray,
   return float(-log_probs[ids].mean()) if ids.size else 0.0
 
 
+def prompt_ids(examples: data_lib.Examples) -> list[list[int]]:
+  """Each example's prompt as training lays it out (up to its target): what
+  evaluation decodes from."""
+  return [examples.seqs[i, :examples.target_start[i]].tolist()
+          for i in range(len(examples))]
+
+
 def stop_and_banned_ids(tokenizer, model_vocab_size: int
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(ids that end a generation, ids never generated) for evaluation's decoding.
@@ -129,9 +136,7 @@ class Evaluator:
         functools.partial(eval_sums, loss_fn=loss_fn, reduction=reduction),
         in_shardings=(param_shardings, state_shardings.loss_state, rep, rep),
         out_shardings=rep)
-    prompts = [examples.seqs[i, :examples.target_start[i]].tolist()
-               for i in range(len(examples))]
-    self.prompts = prompts
+    self.prompts = prompt_ids(examples)
     # The references' ids as training lays them out (a plain-format HF tokenizer
     # encodes them after the prompt and separator, not alone: Metaspace's '▁').
     self.ref_ids = (tokenizer.encode_parts(examples.prompts, examples.targets)[2]

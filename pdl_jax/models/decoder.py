@@ -285,10 +285,7 @@ class Dense2D(nn.Module):
     return y_NxO.reshape(lead + tuple(self.out_shape))
 
 
-def num_in_axes(module: str) -> int:
-  """Input axes of a projection's kernel: 2 for the attention output ([H, K] -> D),
-  1 for the others ([D] -> ...). The one rule pdl_jax.lora and models.quant use."""
-  return 2 if module == "out" else 1
+num_in_axes = quant.num_in_axes  # input axes of a projection's kernel, by module name
 
 
 def lora_fields(cfg: DecoderConfig, module: str) -> dict[str, Any]:

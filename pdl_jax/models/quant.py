@@ -117,6 +117,13 @@ def param_specs(kind: str, n_in: int, n_out: int, flat_init: Callable
           "kernel_absmax": ((n_in // NF4_BLOCK, n_out), jnp.float32, scale_init)}
 
 
+def num_in_axes(module: str) -> int:
+  """Input axes of a projection's kernel: 2 for the attention output ([H, K] -> D),
+  1 for the others ([D] -> ...). The one rule the decoder, pdl_jax.lora and the
+  quantisation here use (defined here, below the decoder, which imports this module)."""
+  return 2 if module == "out" else 1
+
+
 def quantize_params(params: dict[str, Any], cfg) -> dict[str, Any]:
   """A float base (the Decoder's params for `cfg` with base_quant "none") with every
   LoRA-targeted kernel replaced by its stored form (cfg.base_quant); other params
@@ -128,7 +135,7 @@ def quantize_params(params: dict[str, Any], cfg) -> dict[str, Any]:
   def module(m: dict[str, Any], name: str, stacked: bool) -> dict[str, Any]:
     if not cfg.lora_on(name) or "kernel" not in m:
       return m
-    num_in = _num_in_axes(name)
+    num_in = num_in_axes(name)
 
     def one(w):
       n_in = math.prod(w.shape[:num_in])
@@ -161,7 +168,7 @@ def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
       out[path] = (shape, read)
       continue
     stacked = path[0] == "blocks"
-    num_in = _num_in_axes(module)
+    num_in = num_in_axes(module)
     per_layer = shape[1:] if stacked else shape
     n_in, n_out = math.prod(per_layer[:num_in]), math.prod(per_layer[num_in:])
     memo: dict[str, np.ndarray] = {}
@@ -186,12 +193,6 @@ def quantizing_readers(cfg, readers: dict) -> tuple[dict, dict]:
           name][idx])
       dtypes[path[:-1] + (name,)] = dtype
   return out, dtypes
-
-
-def _num_in_axes(module: str) -> int:
-  # decoder.num_in_axes (imported here: decoder imports this module).
-  from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
-  return decoder.num_in_axes(module)
 
 
 def stored_bytes(params: Any) -> int:
