@@ -374,7 +374,8 @@ def write_plots(points, out: str) -> None:
     if "ce" in points and c in points["ce"]["metrics"]:
       ax.axhline(mean_std(points["ce"]["metrics"][c])[0], ls="--", c="gray", label="CE")
     others = [k for k, p in points.items() if k != "ce" and math.isnan(p["alpha"])]
-    for k, color in zip(others, plt.cm.tab10.colors):  # baselines, PDL with EOS weight
+    # tab20 without its first blue pair (PDL's line): one colour per baseline, up to 18.
+    for k, color in zip(others, plt.cm.tab20.colors[2:]):  # baselines, PDL with EOS weight
       if c in points[k]["metrics"]:
         ax.axhline(mean_std(points[k]["metrics"][c])[0], ls="-.", lw=1, c=color, label=k)
     ref = c.replace("eval/", "eval/ref_")
@@ -385,24 +386,30 @@ def write_plots(points, out: str) -> None:
     ax.set_xlabel("alpha (PDL); lines: CE, baselines")
   for ax in list(axes.flat)[len(cols):]:
     ax.axis("off")
-  axes.flat[0].legend()
-  fig.tight_layout()
+  # One legend for all panels, right of them: inside a panel it hides the curves.
+  legend = {}  # label -> handle, over all panels (nll has no references line)
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  fig.legend(list(legend.values()), list(legend), loc="center right")
+  fig.tight_layout(rect=(0, 0, 0.86, 1))
   save_png(fig, utils.path(out) / "metrics_vs_alpha.png")
   plt.close(fig)
 
   keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
   if all(k in next(iter(points.values()))["metrics"] for k in keys):
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for label, p in points.items():
+    fig, ax = plt.subplots(figsize=(11, 4))
+    # tab20 and four markers: a point per colour-and-marker pair, even past ten points.
+    for i, (label, p) in enumerate(points.items()):
       ax.plot(range(NUM_BUCKETS), [statistics.fmean(p["metrics"][k]) for k in keys],
-              marker="o", label=label)
+              marker="os^D"[i % 4], color=plt.cm.tab20.colors[i % 20], lw=1, label=label)
     ref = next(iter(points.values()))["metrics"]
     ax.plot(range(NUM_BUCKETS),
             [statistics.fmean(ref[k.replace("eval/", "eval/ref_")]) for k in keys],
             "k--", label="references")
     ax.set_xlabel("train-frequency decile of the token mass (0 = most frequent)")
     ax.set_ylabel("share of tokens")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     save_png(fig, utils.path(out) / "frequency_profile.png")
     plt.close(fig)
