@@ -22,6 +22,9 @@ to --out (default ROOT):
   CE as a dashed line);
 - frequency_profile.png: share of generated tokens per train-frequency decile for
   each point and for the references;
+- samples.md (when the runs kept every generation of their final eval): the first
+  evaluation prompts with the reference and the generations of the base, CE and
+  PDL alpha 0.25 / 0.5 side by side;
 - with --copy_runs, OUT/runs/<run>/: each run's config.json, provenance.json,
   metrics.jsonl, last samples file and every generation of its base and final evals,
   so the committed tables can be traced to (and regenerated from,
@@ -335,6 +338,62 @@ def write_tables(points, out: str) -> None:
   atomic_write_bytes(utils.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
+SAMPLE_POINTS = (BASE, "ce", "alpha=0.25", "alpha=0.5")  # CE and PDL side by side
+SAMPLE_COUNT = 6  # the first evaluation prompts: a rule, not a choice of examples
+SAMPLE_INPUT_CHARS = 160  # long inputs (package descriptions) are cut to this
+
+
+def _cell(text: str, limit: int | None = None) -> str:
+  """Text as one Markdown table cell: newlines as ' / ', pipes escaped, cut to limit."""
+  text = " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+  if limit is not None and len(text) > limit:
+    text = text[:limit - 1].rstrip() + "…"
+  return text.replace("|", "\\|") or "(empty)"
+
+
+def sample_lines(points, count: int = SAMPLE_COUNT) -> list[str]:
+  """Markdown: the first `count` evaluation prompts with the reference and the
+  generations of the base, CE and PDL alpha 0.25 / 0.5 (those present), each from the
+  point's lowest seed, in the main decoding (config eval.decode); [] without the CE
+  runs' final generations."""
+  if "ce" not in points:
+    return []
+  shown = [label for label in SAMPLE_POINTS if label in points]
+  first = {label: min(points[label]["runs"], key=lambda r: read_config(r)["seed"])
+           for label in shown}
+  method = read_config(first["ce"]).get("eval", {}).get("decode", "greedy")
+  gens = {}
+  for label in shown:
+    path = utils.path(first[label]) / sample_name(label, method)
+    if not path.exists():
+      return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+    gens[label] = {line["index"]: line for line in lines}
+  seed = read_config(first["ce"])["seed"]
+  indices = sorted(gens["ce"])[:count]
+  out = [f"The first {len(indices)} evaluation prompts, {method} decoding, seed {seed} "
+         f"(`runs/*/{sample_name('ce', method)}`; the base: the CE run's "
+         f"`{sample_name(BASE, method)}`; inputs cut to {SAMPLE_INPUT_CHARS} characters):",
+         "", "| # | input | reference | " + " | ".join(shown) + " |",
+         "|---|---|---|" + "---|" * len(shown)]
+  for i in indices:
+    row = [str(i), _cell(gens["ce"][i]["input"], SAMPLE_INPUT_CHARS),
+           _cell(gens["ce"][i]["reference"])]
+    for label in shown:
+      if gens[label][i]["input"] != gens["ce"][i]["input"]:
+        raise SystemExit(f"point {label} evaluated another prompt {i} than CE.")
+      row.append(_cell(gens[label][i]["generation"]))
+    out.append("| " + " | ".join(row) + " |")
+  return out
+
+
+def write_samples(points, out: str) -> None:
+  """samples.md: sample_lines(points), when the runs kept their final generations."""
+  lines = sample_lines(points)
+  if lines:
+    atomic_write_bytes(utils.path(out) / "samples.md", ("\n".join(lines) + "\n").encode())
+
+
 def markdown_table(points, cols: list[str]) -> list[str]:
   """Lines of a Markdown table: a row per point, mean ± std over seeds of each column
   (named by its last part: eval/top_p/rouge1 -> rouge1)."""
@@ -463,6 +522,7 @@ def main() -> None:
     check_copy_target(args.root, out)  # Before any work.
   points = collect(args.root, strict=args.strict)
   write_tables(points, out)
+  write_samples(points, out)
   write_plots(points, out)
   if args.copy_runs:
     print(f"copied {len(copy_runs(points, args.root, out))} runs to {utils.path(out) / 'runs'}")

@@ -354,6 +354,36 @@ def test_base_row_and_paired_intervals_from_the_samples(tmp_path):
   assert f"| alpha=0.5 | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md
 
 
+def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
+  refs = [f"ref {i}" for i in range(8)]
+  for seed in (1, 0):  # seed 1 first on disk: the table still shows seed 0
+    fake_run(tmp_path, f"ce-seed{seed}", "ce", 0.5, seed, 4.0, 10.0)
+    fake_run(tmp_path, f"a0.25-seed{seed}", "pdl", 0.25, seed, 4.1, 11.0)
+    for name in (f"ce-seed{seed}", f"a0.25-seed{seed}"):
+      config = json.loads((tmp_path / name / "config.json").read_text())
+      config["eval"] = {"decode": "greedy"}
+      (tmp_path / name / "config.json").write_text(json.dumps(config))
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl",
+             [f"ce s{seed} {i}" for i in range(8)], refs, [0] * 8)
+    _samples(tmp_path / f"a0.25-seed{seed}", "final_greedy.jsonl",
+             [f"pdl s{seed} | {i}\nmore" for i in range(8)], refs, [0] * 8)
+  points = report.collect(str(tmp_path))
+  lines = report.sample_lines(points, count=3)
+  assert lines[2] == "| # | input | reference | ce | alpha=0.25 |"
+  # Seed 0's generations; a pipe escaped and a newline joined, so each stays one cell.
+  assert lines[4:] == [f"| {i} | p{i} | ref {i} | ce s0 {i} | pdl s0 \\| {i} / more |"
+                       for i in range(3)]
+  assert "seed 0" in lines[0]
+  assert report._cell("x" * 200, 10) == "x" * 9 + "…" and report._cell("") == "(empty)"
+  # Another prompt at the same index: the columns would not be side by side.
+  _samples(tmp_path / "a0.25-seed0", "final_greedy.jsonl", ["g"] * 8, refs, [0] * 8)
+  lines = (tmp_path / "a0.25-seed0" / "samples" / "final_greedy.jsonl").read_text()
+  (tmp_path / "a0.25-seed0" / "samples" / "final_greedy.jsonl").write_text(
+      lines.replace('"input": "p1"', '"input": "other"'))
+  with pytest.raises(SystemExit, match="alpha=0.25 evaluated another prompt 1"):
+    report.sample_lines(points, count=3)
+
+
 # Tasks whose real-model comparison (issue 29) has all its runs committed; the others
 # are still running (README, Results) and are checked for what is committed so far.
 REAL_COMPLETE: tuple[str, ...] = ()
@@ -409,12 +439,14 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   assert len(versions) == 1 and len(shas) == 1, (versions, shas)
   points = report.collect(os.path.join(results, "runs"), strict=True)
   report.write_tables(points, str(tmp_path))
-  for name in ("summary.csv", "summary.md"):
+  report.write_samples(points, str(tmp_path))
+  for name in ("summary.csv", "summary.md", "samples.md"):
     with open(os.path.join(results, name)) as f:
       assert (tmp_path / name).read_text() == f.read(), name
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
-  assert (tmp_path / "summary.md").read_text().strip() in readme
+  for name in ("summary.md", "samples.md"):
+    assert (tmp_path / name).read_text().strip() in readme, name
 
 
 def test_sync_readme_copies_the_named_tables(tmp_path):
