@@ -341,57 +341,73 @@ def write_tables(points, out: str) -> None:
 SAMPLE_POINTS = (BASE, "ce", "alpha=0.25", "alpha=0.5")  # CE and PDL side by side
 SAMPLE_COUNT = 6  # the first evaluation prompts: a rule, not a choice of examples
 SAMPLE_INPUT_CHARS = 160  # long inputs (package descriptions) are cut to this
+SAMPLE_OUTPUT_CHARS = 240  # and degenerate loops (alpha 1, 48-token replies) to this
+MARKDOWN_SPECIAL = "\\`*_<>[]|"  # backslash first: the escapes add backslashes
 
 
-def _cell(text: str, limit: int | None = None) -> str:
-  """Text as one Markdown table cell: newlines as ' / ', pipes escaped, cut to limit."""
+def _cell(text: str, limit: int) -> str:
+  """Text as one Markdown table cell, shown as written: newlines as ' / ', cut to
+  `limit` characters, Markdown's special characters escaped (a '|' would end the
+  cell, '<...>' would be read as HTML, '*' and '_' as emphasis)."""
   text = " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-  if limit is not None and len(text) > limit:
+  if len(text) > limit:
     text = text[:limit - 1].rstrip() + "…"
-  return text.replace("|", "\\|") or "(empty)"
+  for ch in MARKDOWN_SPECIAL:
+    text = text.replace(ch, "\\" + ch)
+  return text or "(empty)"
 
 
-def sample_lines(points, count: int = SAMPLE_COUNT) -> list[str]:
+def sample_lines(points: dict[str, dict[str, Any]], count: int = SAMPLE_COUNT) -> list[str]:
   """Markdown: the first `count` evaluation prompts with the reference and the
-  generations of the base, CE and PDL alpha 0.25 / 0.5 (those present), each from the
-  point's lowest seed, in the main decoding (config eval.decode); [] without the CE
-  runs' final generations."""
+  generations of the base, CE and PDL alpha 0.25 / 0.5, in the main decoding (config
+  eval.decode), all from the CE runs' lowest seed; a point without that seed's
+  generations is left out (with a warning), and [] without CE's."""
   if "ce" not in points:
     return []
-  shown = [label for label in SAMPLE_POINTS if label in points]
-  first = {label: min(points[label]["runs"], key=lambda r: read_config(r)["seed"])
-           for label in shown}
-  method = read_config(first["ce"]).get("eval", {}).get("decode", "greedy")
+  seed_runs = {label: {read_config(r)["seed"]: r for r in points[label]["runs"]}
+               for label in SAMPLE_POINTS if label in points}
+  seed = min(seed_runs["ce"])
+  method = read_config(seed_runs["ce"][seed]).get("eval", {}).get("decode", "greedy")
   gens = {}
-  for label in shown:
-    path = utils.path(first[label]) / sample_name(label, method)
-    if not path.exists():
-      return []
+  for label, runs in seed_runs.items():
+    path = utils.path(runs[seed]) / sample_name(label, method) if seed in runs else None
+    if path is None or not path.exists():
+      print(f"warning: samples.md leaves out {label}: no seed-{seed} "
+            f"{sample_name(label, method)}", file=sys.stderr)
+      continue
     lines = [json.loads(line) for line in path.read_text().splitlines() if line]
     gens[label] = {line["index"]: line for line in lines}
-  seed = read_config(first["ce"])["seed"]
+  if "ce" not in gens:
+    return []
   indices = sorted(gens["ce"])[:count]
   out = [f"The first {len(indices)} evaluation prompts, {method} decoding, seed {seed} "
-         f"(`runs/*/{sample_name('ce', method)}`; the base: the CE run's "
-         f"`{sample_name(BASE, method)}`; inputs cut to {SAMPLE_INPUT_CHARS} characters):",
-         "", "| # | input | reference | " + " | ".join(shown) + " |",
-         "|---|---|---|" + "---|" * len(shown)]
+         f"(`runs/*-seed{seed}/{sample_name('ce', method)}`; the base: the CE run's "
+         f"`{sample_name(BASE, method)}`; inputs cut to {SAMPLE_INPUT_CHARS} characters, "
+         f"generations to {SAMPLE_OUTPUT_CHARS}):",
+         "", "| # | input | reference | " + " | ".join(gens) + " |",
+         "|---|---|---|" + "---|" * len(gens)]
   for i in indices:
-    row = [str(i), _cell(gens["ce"][i]["input"], SAMPLE_INPUT_CHARS),
-           _cell(gens["ce"][i]["reference"])]
-    for label in shown:
-      if gens[label][i]["input"] != gens["ce"][i]["input"]:
-        raise SystemExit(f"point {label} evaluated another prompt {i} than CE.")
-      row.append(_cell(gens[label][i]["generation"]))
+    ce = gens["ce"][i]
+    row = [str(i), _cell(ce["input"], SAMPLE_INPUT_CHARS),
+           _cell(ce["reference"], SAMPLE_OUTPUT_CHARS)]
+    for label, by_index in gens.items():
+      if i not in by_index or by_index[i]["input"] != ce["input"]:
+        raise SystemExit(f"point {label} evaluated another prompt {i} than CE (or none): "
+                         "the columns would not be side by side.")
+      row.append(_cell(by_index[i]["generation"], SAMPLE_OUTPUT_CHARS))
     out.append("| " + " | ".join(row) + " |")
   return out
 
 
-def write_samples(points, out: str) -> None:
-  """samples.md: sample_lines(points), when the runs kept their final generations."""
+def write_samples(points: dict[str, dict[str, Any]], out: str) -> None:
+  """samples.md: sample_lines(points); without them (runs from before every final
+  generation was kept) an older samples.md in `out` is removed, not left stale."""
   lines = sample_lines(points)
+  path = utils.path(out) / "samples.md"
   if lines:
-    atomic_write_bytes(utils.path(out) / "samples.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+  elif path.exists():
+    path.unlink()
 
 
 def markdown_table(points, cols: list[str]) -> list[str]:
@@ -422,6 +438,9 @@ def write_plots(points, out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  # tab20's ten dark colours, then the ten light ones: tab20 pairs a dark and a light
+  # shade of one hue, which side by side read as one colour.
+  palette = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
 
   cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
   pdl = {k: p for k, p in points.items() if not math.isnan(p["alpha"])}
@@ -433,8 +452,7 @@ def write_plots(points, out: str) -> None:
     if "ce" in points and c in points["ce"]["metrics"]:
       ax.axhline(mean_std(points["ce"]["metrics"][c])[0], ls="--", c="gray", label="CE")
     others = [k for k, p in points.items() if k != "ce" and math.isnan(p["alpha"])]
-    # tab20 without its first blue pair (PDL's line): one colour per baseline, up to 18.
-    for k, color in zip(others, plt.cm.tab20.colors[2:]):  # baselines, PDL with EOS weight
+    for k, color in zip(others, palette[1:]):  # baselines, PDL with EOS weight (C0: PDL)
       if c in points[k]["metrics"]:
         ax.axhline(mean_std(points[k]["metrics"][c])[0], ls="-.", lw=1, c=color, label=k)
     ref = c.replace("eval/", "eval/ref_")
@@ -458,10 +476,10 @@ def write_plots(points, out: str) -> None:
   keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
   if all(k in next(iter(points.values()))["metrics"] for k in keys):
     fig, ax = plt.subplots(figsize=(11, 4))
-    # tab20 and four markers: a point per colour-and-marker pair, even past ten points.
+    # Twenty colours and four markers: a point per colour-and-marker pair.
     for i, (label, p) in enumerate(points.items()):
       ax.plot(range(NUM_BUCKETS), [statistics.fmean(p["metrics"][k]) for k in keys],
-              marker="os^D"[i % 4], color=plt.cm.tab20.colors[i % 20], lw=1, label=label)
+              marker="os^D"[i % 4], color=palette[i % len(palette)], lw=1, label=label)
     ref = next(iter(points.values()))["metrics"]
     ax.plot(range(NUM_BUCKETS),
             [statistics.fmean(ref[k.replace("eval/", "eval/ref_")]) for k in keys],

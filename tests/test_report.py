@@ -187,7 +187,9 @@ def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path
     assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
   # The README keeps this comparison short (its conclusions) and links the tables.
   readme = open(os.path.join(ROOT, "README.md")).read()
-  assert f"](experiments/results/{task}/summary.md)" in readme
+  for name in ("summary.md", "metrics_vs_alpha.png", "frequency_profile.png"):
+    assert f"](experiments/results/{task}/{name})" in readme, name
+    assert os.path.isfile(os.path.join(results, name)), name
 
 
 def test_sweep_exits_with_a_failed_points_status(tmp_path, monkeypatch):
@@ -355,31 +357,52 @@ def test_base_row_and_paired_intervals_from_the_samples(tmp_path):
 
 
 def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
+  """samples.md's rows: CE's lowest seed for every column (found by seed, not by folder
+  order), the base from the CE run's step 0, Markdown escaped, prompts checked."""
   refs = [f"ref {i}" for i in range(8)]
-  for seed in (1, 0):  # seed 1 first on disk: the table still shows seed 0
+  for seed in (10, 2):  # "...-seed10" sorts first: the table must still show seed 2
     fake_run(tmp_path, f"ce-seed{seed}", "ce", 0.5, seed, 4.0, 10.0)
     fake_run(tmp_path, f"a0.25-seed{seed}", "pdl", 0.25, seed, 4.1, 11.0)
     for name in (f"ce-seed{seed}", f"a0.25-seed{seed}"):
       config = json.loads((tmp_path / name / "config.json").read_text())
       config["eval"] = {"decode": "greedy"}
       (tmp_path / name / "config.json").write_text(json.dumps(config))
+    lines = (tmp_path / f"ce-seed{seed}" / "metrics.jsonl").read_text()
+    (tmp_path / f"ce-seed{seed}" / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "eval/nll": 6.0, "eval/rouge1": 1.0}) + "\n" + lines)
     _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl",
              [f"ce s{seed} {i}" for i in range(8)], refs, [0] * 8)
+    _samples(tmp_path / f"ce-seed{seed}", "base_greedy.jsonl",
+             [f"base s{seed} <b>{i}</b>" for i in range(8)], refs, [0] * 8)
     _samples(tmp_path / f"a0.25-seed{seed}", "final_greedy.jsonl",
-             [f"pdl s{seed} | {i}\nmore" for i in range(8)], refs, [0] * 8)
+             [f"pdl s{seed} | {i}\nmore_x" for i in range(8)], refs, [0] * 8)
   points = report.collect(str(tmp_path))
+  assert [os.path.basename(r) for r in points["ce"]["runs"]] == ["ce-seed10", "ce-seed2"]
   lines = report.sample_lines(points, count=3)
-  assert lines[2] == "| # | input | reference | ce | alpha=0.25 |"
-  # Seed 0's generations; a pipe escaped and a newline joined, so each stays one cell.
-  assert lines[4:] == [f"| {i} | p{i} | ref {i} | ce s0 {i} | pdl s0 \\| {i} / more |"
-                       for i in range(3)]
-  assert "seed 0" in lines[0]
-  assert report._cell("x" * 200, 10) == "x" * 9 + "…" and report._cell("") == "(empty)"
+  assert lines[2] == "| # | input | reference | base (step 0) | ce | alpha=0.25 |"
+  # Seed 2's generations; a pipe, HTML and emphasis escaped, a newline joined.
+  assert lines[4:] == [f"| {i} | p{i} | ref {i} | base s2 \\<b\\>{i}\\</b\\> | ce s2 {i} "
+                       f"| pdl s2 \\| {i} / more\\_x |" for i in range(3)]
+  assert "seed 2" in lines[0]
+  assert report._cell("x" * 200, 10) == "x" * 9 + "…" and report._cell("", 5) == "(empty)"
+  assert report._cell("a\\|b", 9) == "a\\\\\\|b"  # the backslash too: not a cell break
+  # A point without the seed's generations is left out; without CE's there is no table,
+  # and write_samples removes an older samples.md instead of leaving it stale.
+  (tmp_path / "a0.25-seed2" / "samples" / "final_greedy.jsonl").unlink()
+  assert report.sample_lines(points, count=3)[2] == "| # | input | reference | base (step 0) | ce |"
+  (tmp_path / "out").mkdir()
+  report.write_samples(points, str(tmp_path / "out"))
+  assert (tmp_path / "out" / "samples.md").exists()
+  (tmp_path / "ce-seed2" / "samples" / "final_greedy.jsonl").unlink()
+  assert report.sample_lines(points) == []
+  report.write_samples(points, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "samples.md").exists()
   # Another prompt at the same index: the columns would not be side by side.
-  _samples(tmp_path / "a0.25-seed0", "final_greedy.jsonl", ["g"] * 8, refs, [0] * 8)
-  lines = (tmp_path / "a0.25-seed0" / "samples" / "final_greedy.jsonl").read_text()
-  (tmp_path / "a0.25-seed0" / "samples" / "final_greedy.jsonl").write_text(
-      lines.replace('"input": "p1"', '"input": "other"'))
+  _samples(tmp_path / "ce-seed2", "final_greedy.jsonl", ["g"] * 8, refs, [0] * 8)
+  _samples(tmp_path / "a0.25-seed2", "final_greedy.jsonl", ["g"] * 8, refs, [0] * 8)
+  text = (tmp_path / "a0.25-seed2" / "samples" / "final_greedy.jsonl").read_text()
+  (tmp_path / "a0.25-seed2" / "samples" / "final_greedy.jsonl").write_text(
+      text.replace('"input": "p1"', '"input": "other"'))
   with pytest.raises(SystemExit, match="alpha=0.25 evaluated another prompt 1"):
     report.sample_lines(points, count=3)
 
