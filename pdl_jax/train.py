@@ -238,7 +238,36 @@ class _Loop:
   base: Any = None  # LoRA: the frozen base, the step's fourth argument
 
   def save(self, at: int) -> None:
-    ckpt_lib.save(self.mngr, at, self.state, {"step": at, **self.meta})
+    try:  # orbax raises the previous save's error here, if it failed
+      ckpt_lib.save(self.mngr, at, self.state, {"step": at, **self.meta})
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.save_failed(e) from e
+
+  def save_failed(self, error: Exception | None) -> RuntimeError:
+    """The error a run stops with when a checkpoint save failed (None: on another process)."""
+    where = utils.path(self.workdir) / "checkpoints"
+    return RuntimeError(
+        "saving a checkpoint failed ("
+        + (f"{type(error).__name__}: {error}" if error else "on another process")
+        + f"); stopped rather than train on without one. Free space in (or fix) {where},"
+        " then run the same command: it resumes from the last complete checkpoint.")
+
+  def check_saves(self) -> None:
+    """Stops when an asynchronous checkpoint save has failed (a full disk, a lost
+    bucket): orbax would raise it only at the next save, checkpoint_every steps of
+    training later, and a run that then fails keeps no checkpoint of that work. A
+    collective with several processes: every process stops at the same log step."""
+    error = None
+    try:
+      # A failed save's error lives in orbax's finalize thread, which clears the
+      # in-progress flag when it ends: waiting on an ended save returns at once or
+      # raises its error; a save still running is left to run.
+      if not self.mngr.is_saving_in_progress():
+        self.mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if utils.any_process(error is not None):
+      raise self.save_failed(error) from error
 
   def check_finite(self) -> None:
     """Stops before a non-finite update can reach a checkpoint (unless skipping)."""
@@ -301,6 +330,7 @@ class _Loop:
         # A log step's record is written before a preemption save: the resumed run
         # starts after this step and would never write it.
         if step % config.log_every == 0 or step == config.num_steps:
+          self.check_saves()
           self.check_finite()
           self.writer.write(step, meter.log(step, jax.tree.map(utils.to_host, m)))
         if stop:

@@ -247,6 +247,41 @@ def test_preempted_at_a_log_and_eval_step_keeps_its_records(tmp_path, monkeypatc
                                rtol=1e-6, err_msg=f"step {g['step']}")
 
 
+def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
+  """An asynchronous save that fails (here: the step-2 save's write, in orbax's own
+  background thread, reporting a full disk) stops training at the next log step once
+  the save has ended, naming the error, instead of training on to the next save and
+  failing there (with checkpoint_every 30, thirty steps of work lost)."""
+  import threading
+  import time
+
+  import orbax.checkpoint as ocp
+
+  from pdl_jax import data as data_lib
+  wait = ocp.CheckpointManager._wait_for_checkpointers  # what the save's thread runs
+  failing = threading.Event()
+
+  def wait_then_fail(self):
+    wait(self)
+    if self._finalize_thread.get_not_none().step() == 2:
+      failing.set()
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing opt_state: No space left on device")
+
+  call = data_lib.TrainBatches.global_batch
+
+  def after_the_failure(self, step):
+    if step == 2:  # step 3's batch: let the failed save's thread end first
+      assert failing.wait(60)
+      time.sleep(0.5)
+    return call(self, step)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
+  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", after_the_failure)
+  with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
+                     r"RESOURCE_EXHAUSTED.*run the same command"):
+    run(tmp_path, **{"num_steps": 8, "log_every": 1, "checkpoint_every": 2, "eval_every": 100})
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+  assert max(steps) == 2, steps  # stopped at step 3's log, before the step-4 save
 def test_killed_before_the_first_checkpoint_logs_each_step_once(reference_run, tmp_path):
   import shutil
 
