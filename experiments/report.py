@@ -340,17 +340,22 @@ def write_tables(points, out: str) -> None:
 
 SAMPLE_POINTS = (BASE, "ce", "alpha=0.25", "alpha=0.5")  # CE and PDL side by side
 SAMPLE_COUNT = 6  # the first evaluation prompts: a rule, not a choice of examples
-SAMPLE_INPUT_CHARS = 160  # long inputs (package descriptions) are cut to this
+SAMPLE_INPUT_CHARS = 200  # long inputs are cut in the middle to this: a dialogue's
+# cue (who speaks next) is at its end, a description's subject at its start
 SAMPLE_OUTPUT_CHARS = 240  # and degenerate loops (alpha 1, 48-token replies) to this
 MARKDOWN_SPECIAL = "\\`*_<>[]|"  # backslash first: the escapes add backslashes
 
 
-def _cell(text: str, limit: int) -> str:
+def _cell(text: str, limit: int, middle: bool = False) -> str:
   """Text as one Markdown table cell, shown as written: newlines as ' / ', cut to
-  `limit` characters, Markdown's special characters escaped (a '|' would end the
-  cell, '<...>' would be read as HTML, '*' and '_' as emphasis)."""
+  `limit` characters at the end (or in the middle, keeping both ends), Markdown's
+  special characters escaped (a '|' would end the cell, '<...>' would be read as
+  HTML, '*' and '_' as emphasis)."""
   text = " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-  if len(text) > limit:
+  if len(text) > limit and middle:
+    head = (limit - 3) * 2 // 5
+    text = text[:head].rstrip() + " … " + text[len(text) - (limit - 3 - head):].lstrip()
+  elif len(text) > limit:
     text = text[:limit - 1].rstrip() + "…"
   for ch in MARKDOWN_SPECIAL:
     text = text.replace(ch, "\\" + ch)
@@ -382,13 +387,14 @@ def sample_lines(points: dict[str, dict[str, Any]], count: int = SAMPLE_COUNT) -
   indices = sorted(gens["ce"])[:count]
   out = [f"The first {len(indices)} evaluation prompts, {method} decoding, seed {seed} "
          f"(`runs/*-seed{seed}/{sample_name('ce', method)}`; the base: the CE run's "
-         f"`{sample_name(BASE, method)}`; inputs cut to {SAMPLE_INPUT_CHARS} characters, "
+         f"`{sample_name(BASE, method)}`; inputs cut in the middle to "
+         f"{SAMPLE_INPUT_CHARS} characters, "
          f"generations to {SAMPLE_OUTPUT_CHARS}):",
          "", "| # | input | reference | " + " | ".join(gens) + " |",
          "|---|---|---|" + "---|" * len(gens)]
   for i in indices:
     ce = gens["ce"][i]
-    row = [str(i), _cell(ce["input"], SAMPLE_INPUT_CHARS),
+    row = [str(i), _cell(ce["input"], SAMPLE_INPUT_CHARS, middle=True),
            _cell(ce["reference"], SAMPLE_OUTPUT_CHARS)]
     for label, by_index in gens.items():
       if i not in by_index or by_index[i]["input"] != ce["input"]:

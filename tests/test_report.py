@@ -385,6 +385,9 @@ def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
                        f"| pdl s2 \\| {i} / more\\_x |" for i in range(3)]
   assert "seed 2" in lines[0]
   assert report._cell("x" * 200, 10) == "x" * 9 + "…" and report._cell("", 5) == "(empty)"
+  # Inputs keep both ends: a dialogue's cue for the next speaker is at the end.
+  cut = report._cell("START " + "y" * 300 + " CUE:", 40, middle=True)
+  assert cut.startswith("START") and cut.endswith("CUE:") and " … " in cut and len(cut) <= 40
   assert report._cell("a\\|b", 9) == "a\\\\\\|b"  # the backslash too: not a cell break
   # A point without the seed's generations is left out; without CE's there is no table,
   # and write_samples removes an older samples.md instead of leaving it stale.
