@@ -352,7 +352,7 @@ def _cell(text: str, limit: int, middle: bool = False) -> str:
   special characters escaped (a '|' would end the cell, '<...>' would be read as
   HTML, '*' and '_' as emphasis)."""
   text = " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-  if len(text) > limit and middle:
+  if len(text) > limit and middle and limit >= 8:  # room for both ends and " … "
     head = (limit - 3) * 2 // 5
     text = text[:head].rstrip() + " … " + text[len(text) - (limit - 3 - head):].lstrip()
   elif len(text) > limit:

@@ -238,7 +238,10 @@ class _Loop:
   base: Any = None  # LoRA: the frozen base, the step's fourth argument
 
   def save(self, at: int) -> None:
-    try:  # orbax raises the previous save's error here, if it failed
+    # orbax waits for the previous save before starting one anyway: waiting here
+    # first lets every process agree on whether it failed.
+    self.check_saves(block=True)
+    try:
       ckpt_lib.save(self.mngr, at, self.state, {"step": at, **self.meta})
     except Exception as e:  # pylint: disable=broad-except
       raise self.save_failed(e) from e
@@ -252,17 +255,18 @@ class _Loop:
         + f"); stopped rather than train on without one. Free space in (or fix) {where},"
         " then run the same command: it resumes from the last complete checkpoint.")
 
-  def check_saves(self) -> None:
+  def check_saves(self, block: bool = False) -> None:
     """Stops when an asynchronous checkpoint save has failed (a full disk, a lost
     bucket): orbax would raise it only at the next save, checkpoint_every steps of
-    training later, and a run that then fails keeps no checkpoint of that work. A
-    collective with several processes: every process stops at the same log step."""
+    training later, and a run that then fails keeps no checkpoint of that work.
+    Without `block` a save still running is left to run. A collective with several
+    processes: every process calls it at the same step and all stop together."""
     error = None
     try:
       # A failed save's error lives in orbax's finalize thread, which clears the
       # in-progress flag when it ends: waiting on an ended save returns at once or
-      # raises its error; a save still running is left to run.
-      if not self.mngr.is_saving_in_progress():
+      # raises its error.
+      if block or not self.mngr.is_saving_in_progress():
         self.mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       error = e
@@ -336,7 +340,7 @@ class _Loop:
         if stop:
           self.check_finite()
           self.save(step)
-          self.mngr.wait_until_finished()
+          self.check_saves(block=True)
           utils.log(f"SIGTERM: saved a checkpoint at step {step}; run the same command to "
                     "resume")
           raise SystemExit(128 + signal.SIGTERM)
@@ -346,9 +350,13 @@ class _Loop:
         if self.is_eval_step(step):
           result = self.evaluate(step)
     finally:
-      self.mngr.wait_until_finished()
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+      try:
+        self.mngr.wait_until_finished()  # the last save
+      except Exception as e:  # pylint: disable=broad-except
+        raise self.save_failed(e) from e
+      finally:
+        if previous_handler is not None:
+          signal.signal(signal.SIGTERM, previous_handler)
     if step < config.num_steps:
       utils.log(f"stopped at step {step} after config.steps_per_run="
                 f"{config.steps_per_run}; run the same command again to continue")

@@ -253,35 +253,58 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
   the save has ended, naming the error, instead of training on to the next save and
   failing there (with checkpoint_every 30, thirty steps of work lost)."""
   import threading
-  import time
 
   import orbax.checkpoint as ocp
 
   from pdl_jax import data as data_lib
   wait = ocp.CheckpointManager._wait_for_checkpointers  # what the save's thread runs
-  failing = threading.Event()
+  finalize = ocp.CheckpointManager._finalize  # its whole body: clears the in-progress flag
+  ended = threading.Event()
 
   def wait_then_fail(self):
     wait(self)
     if self._finalize_thread.get_not_none().step() == 2:
-      failing.set()
       raise ValueError("RESOURCE_EXHAUSTED: Error writing opt_state: No space left on device")
+
+  def finalize_then_signal(self, step, *args):
+    try:
+      return finalize(self, step, *args)
+    finally:
+      if step == 2:
+        ended.set()
 
   call = data_lib.TrainBatches.global_batch
 
   def after_the_failure(self, step):
     if step == 2:  # step 3's batch: let the failed save's thread end first
-      assert failing.wait(60)
-      time.sleep(0.5)
+      assert ended.wait(60)
     return call(self, step)
 
   monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
+  monkeypatch.setattr(ocp.CheckpointManager, "_finalize", finalize_then_signal)
   monkeypatch.setattr(data_lib.TrainBatches, "global_batch", after_the_failure)
   with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
                      r"RESOURCE_EXHAUSTED.*run the same command"):
     run(tmp_path, **{"num_steps": 8, "log_every": 1, "checkpoint_every": 2, "eval_every": 100})
   steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert max(steps) == 2, steps  # stopped at step 3's log, before the step-4 save
+def test_a_failed_final_save_is_named_too(tmp_path, monkeypatch):
+  """The last save's failure surfaces when the run waits for it at the end: the same
+  error with what to do, not orbax's bare one."""
+  import orbax.checkpoint as ocp
+  wait = ocp.CheckpointManager._wait_for_checkpointers
+
+  def wait_then_fail(self):
+    wait(self)
+    if self._finalize_thread.get_not_none().step() == 4:
+      raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
+  with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
+                     r"RESOURCE_EXHAUSTED.*last complete checkpoint"):
+    run(tmp_path, **{"num_steps": 4, "log_every": 2, "checkpoint_every": 100, "eval_every": 100})
+
+
 def test_killed_before_the_first_checkpoint_logs_each_step_once(reference_run, tmp_path):
   import shutil
 
