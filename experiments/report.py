@@ -224,16 +224,24 @@ def sample_name(label: str, method: str) -> str:
   return f"samples/{'base' if label == BASE else 'final'}_{method}.jsonl"
 
 
+def read_samples(run: str, label: str, method: str) -> list[dict[str, Any]] | None:
+  """Every generation of one of the run's evals (sample_name), in the evaluation
+  set's order, or None without the file."""
+  path = utils.path(run) / sample_name(label, method)
+  if not path.exists():
+    return None
+  return sorted((json.loads(line) for line in path.read_text().splitlines() if line),
+                key=lambda line: line["index"])
+
+
 def example_stats(run: str, label: str, method: str
                   ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
   """(the evaluation prompts, {metric: (numerator [N], denominator [N])}) of one run's
   generations, or None without the file. Mean metrics have denominator 1; the
   rare-token share is pooled over tokens, as eval/rare_token_share."""
-  path = utils.path(run) / sample_name(label, method)
-  if not path.exists():
+  lines = read_samples(run, label, method)
+  if lines is None:
     return None
-  lines = sorted((json.loads(line) for line in path.read_text().splitlines() if line),
-                 key=lambda line: line["index"])
   per = metrics_lib.per_example([l["generation"] for l in lines],
                                 [l["reference"] for l in lines])
   ones = np.ones(len(lines))
@@ -375,12 +383,11 @@ def sample_lines(points: dict[str, dict[str, Any]], count: int = SAMPLE_COUNT) -
   method = read_config(seed_runs["ce"][seed]).get("eval", {}).get("decode", "greedy")
   gens = {}
   for label, runs in seed_runs.items():
-    path = utils.path(runs[seed]) / sample_name(label, method) if seed in runs else None
-    if path is None or not path.exists():
+    lines = read_samples(runs[seed], label, method) if seed in runs else None
+    if lines is None:
       print(f"warning: samples.md leaves out {label}: no seed-{seed} "
             f"{sample_name(label, method)}", file=sys.stderr)
       continue
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line]
     gens[label] = {line["index"]: line for line in lines}
   if "ce" not in gens:
     return []

@@ -241,7 +241,7 @@ class _Loop:
     # orbax waits for the previous save before starting one anyway: waiting here
     # first lets every process agree on whether it failed.
     self.check_saves(block=True)
-    try:
+    try:  # what fails at once (an unwritable folder) gets the same message
       ckpt_lib.save(self.mngr, at, self.state, {"step": at, **self.meta})
     except Exception as e:  # pylint: disable=broad-except
       raise self.save_failed(e) from e
