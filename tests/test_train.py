@@ -247,6 +247,20 @@ def test_preempted_at_a_log_and_eval_step_keeps_its_records(tmp_path, monkeypatc
                                rtol=1e-6, err_msg=f"step {g['step']}")
 
 
+def _fail_the_save_of_step(monkeypatch, step: int, why: str) -> None:
+  """Makes orbax's asynchronous save of `step` fail in its own finalize thread, after
+  writing, as a full disk does."""
+  import orbax.checkpoint as ocp
+  wait = ocp.CheckpointManager._wait_for_checkpointers  # what the save's thread runs
+
+  def wait_then_fail(self):
+    wait(self)
+    if self._finalize_thread.get_not_none().step() == step:
+      raise ValueError(f"RESOURCE_EXHAUSTED: {why}")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
+
+
 def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
   """An asynchronous save that fails (here: the step-2 save's write, in orbax's own
   background thread, reporting a full disk) stops training at the next log step once
@@ -257,14 +271,9 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
   import orbax.checkpoint as ocp
 
   from pdl_jax import data as data_lib
-  wait = ocp.CheckpointManager._wait_for_checkpointers  # what the save's thread runs
+  _fail_the_save_of_step(monkeypatch, 2, "Error writing opt_state: No space left on device")
   finalize = ocp.CheckpointManager._finalize  # its whole body: clears the in-progress flag
   ended = threading.Event()
-
-  def wait_then_fail(self):
-    wait(self)
-    if self._finalize_thread.get_not_none().step() == 2:
-      raise ValueError("RESOURCE_EXHAUSTED: Error writing opt_state: No space left on device")
 
   def finalize_then_signal(self, step, *args):
     try:
@@ -280,7 +289,6 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
       assert ended.wait(60)
     return call(self, step)
 
-  monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
   monkeypatch.setattr(ocp.CheckpointManager, "_finalize", finalize_then_signal)
   monkeypatch.setattr(data_lib.TrainBatches, "global_batch", after_the_failure)
   with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
@@ -288,18 +296,12 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
     run(tmp_path, **{"num_steps": 8, "log_every": 1, "checkpoint_every": 2, "eval_every": 100})
   steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert max(steps) == 2, steps  # stopped at step 3's log, before the step-4 save
+
+
 def test_a_failed_final_save_is_named_too(tmp_path, monkeypatch):
   """The last save's failure surfaces when the run waits for it at the end: the same
   error with what to do, not orbax's bare one."""
-  import orbax.checkpoint as ocp
-  wait = ocp.CheckpointManager._wait_for_checkpointers
-
-  def wait_then_fail(self):
-    wait(self)
-    if self._finalize_thread.get_not_none().step() == 4:
-      raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
-
-  monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", wait_then_fail)
+  _fail_the_save_of_step(monkeypatch, 4, "No space left on device")
   with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
                      r"RESOURCE_EXHAUSTED.*last complete checkpoint"):
     run(tmp_path, **{"num_steps": 4, "log_every": 2, "checkpoint_every": 100, "eval_every": 100})
