@@ -182,7 +182,7 @@ def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED)
   c.checkpoint_every = 30  # Steps between checkpoints.
   c.eval.num_examples = 256  # Evaluation prompts: the paired intervals of the comparison are over them (decoding costs ~0.1 s a token at batch 64 on 2 CPU cores).
   # The comparison on the real model (README "Results"): every point from the same base
-  # at the same compute; summarization runs the full set (configs/summarization.py).
+  # at the same compute; summarization and style transfer run the full set (their configs).
   c.sweep.alphas = (0.25, 0.5)  # PDL alphas.
   c.sweep.seeds = (0, 1)  # Two seeds for every trained point.
   c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
