@@ -410,11 +410,6 @@ def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
     report.sample_lines(points, count=3)
 
 
-# Tasks whose real-model comparison (issue 29) has all its runs committed: all three.
-# A task that is not listed (a sweep still running) is checked for what is committed.
-REAL_COMPLETE: tuple[str, ...] = ("summarization", "dialogue", "style_transfer")
-
-
 @pytest.mark.parametrize("task", ["summarization", "dialogue", "style_transfer"])
 def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   """experiments/results/real/<task>: every run is a point of the task config's
@@ -425,15 +420,12 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   from configs.common import load_config
   from experiments import sweep
   results = os.path.join(ROOT, "experiments", "results", "real", task)
-  if not os.path.isdir(results):
-    assert task not in REAL_COMPLETE
-    pytest.skip(f"no committed real-model runs for {task} yet")
   config_path = os.path.join(ROOT, "configs", f"{task}.py")
   specs = dict(sweep.points(load_config(config_path)))
   runs = set(os.listdir(os.path.join(results, "runs")))
-  assert runs and runs <= set(specs), sorted(runs - set(specs))
-  if task in REAL_COMPLETE:
-    assert runs == set(specs), sorted(set(specs) - runs)
+  # Exactly the configured points: none missing (every task's comparison is complete),
+  # none extra.
+  assert runs == set(specs), (sorted(set(specs) - runs), sorted(runs - set(specs)))
 
   def setting(c):  # what a point's config fixes (ml_collections dict or config.json)
     e, loss = c["eval"], c["loss"]
