@@ -65,11 +65,11 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.task = task  # "summarization", "dialogue", "style_transfer" or "pretrain".
   c.seed = 0  # Init, shuffling and sampling seed.
 
-  c.dataset = ml_collections.ConfigDict()  # Which data (pdl_jax/tasks.py).
+  c.dataset = ml_collections.ConfigDict()  # Which data (pdl_jax/data/tasks.py).
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
-  # Your own data: dataset.name = "files" (pdl_jax/user_data.py; README "Your own data").
+  # Your own data: dataset.name = "files" (pdl_jax/data/files.py; README "Your own data").
   c.dataset.train = ml_collections.FieldReference(None, field_type=str)  # Training file or glob of shards (local or gs://), e.g. "data/train-*.jsonl"; dataset.name="files" only.
   c.dataset.validation = ml_collections.FieldReference(None, field_type=str)  # Validation file or glob; None: validation_fraction of train held out.
   c.dataset.validation_fraction = 0.05  # Share of train records held out (fixed seed) when there is no validation file.
@@ -92,14 +92,14 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
   c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
-  c.model.lora = ml_collections.ConfigDict()  # Low-rank adapters on a frozen pretrained base (pdl_jax/lora.py); rank 0: full finetuning.
+  c.model.lora = ml_collections.ConfigDict()  # Low-rank adapters on a frozen pretrained base (pdl_jax/models/lora.py); rank 0: full finetuning.
   c.model.lora.rank = 0  # Adapter rank r; 0 = off. With r > 0 only the adapters train (model.pretrained is required).
   c.model.lora.alpha = 16.0  # Adapter scale alpha / r (PEFT's lora_alpha).
   c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Projections that get an adapter: any of q, k, v, o (attention), gate, up, down (MLP).
   c.model.lora.dropout = 0.0  # Dropout on each adapter's input while training (PEFT's lora_dropout).
   c.model.lora.base_quant = "none"  # Frozen base storage (QLoRA): "none" (model.param_dtype; "bfloat16" is allowed with LoRA), "int8" (per column) or "nf4" (4-bit NormalFloat, blocks of 64).
 
-  c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data.py).
+  c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data/).
   c.data.packing = False  # Pack several training examples per row (first fit; attention within each, positions restart): less padding, same per-example loss. Evaluation never packs.
   c.data.prompt_format = ml_collections.FieldReference(None, field_type=str)  # "plain" (prompt, newline, target, EOS) or "chat" (user and assistant turns of the model's chat template; the loss on the assistant turn and its end-of-turn token); None: "chat" when the pretrained model has a chat template.
 

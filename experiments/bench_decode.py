@@ -5,7 +5,7 @@ exactly T new tokens (no EOS stop, so both do the same work) and the driver prin
 tokens/s = B * T / median wall time, prefill included, for greedy and for top-p
 (p = 0.9), and the per-token time after the prefill ((greedy T - greedy 1) / (T - 1)).
 
-The jax side is `pdl_jax.decode.decode` on the model loaded by
+The jax side is `pdl_jax.eval.decode.decode` on the model loaded by
 `pdl_jax.models.hf.weights.load` (float32). With --torch_python, the peer is
 transformers' `AutoModelForCausalLM.generate` on the same Hugging Face folder,
 float32, `do_sample=False` and `do_sample=True, top_p=0.9, top_k=0`, with its KV
@@ -53,12 +53,12 @@ def jax_worker(args):
   """Returns decode(method) -> None (blocks until the tokens are on the host)."""
   import jax
   import numpy as np
-  from pdl_jax import decode as decode_lib
+  from pdl_jax.eval import decode as decode_lib
   from pdl_jax.models.hf import offline
-  from pdl_jax.models.hf import weights
+  from pdl_jax.models.hf import weights as hf_weights
 
   model_dir = offline.local_dir(args.pretrained)
-  model, params = weights.load(model_dir)
+  model, params = hf_weights.load(model_dir)
   tokens = prompts(args, model.cfg.vocab_size)
   mask = np.ones_like(tokens)
   rng = jax.random.key(0)
@@ -154,7 +154,7 @@ def main() -> None:
   if args.worker:
     run_worker(args)
     return
-  from pdl_jax.models.hf import offline  # resolves (and converts once) a named model
+  from pdl_jax.models.hf import offline
   args.model_dir = offline.local_dir(args.pretrained)
 
   workers = [start("jax", sys.executable, "jax", args)]

@@ -2,7 +2,7 @@
 against decoded in order, on a task's real validation prompts.
 
 What an evaluation decodes (config.eval: its num_examples prompts, batch_size,
-max_new_tokens, greedy and top-p): `pdl_jax.evaluate.generate_all` with
+max_new_tokens, greedy and top-p): `pdl_jax.eval.evaluator.generate_all` with
 eval.length_bucket = 0 (in order, every batch padded to the longest prompt: one
 compiled decoder per method) and with each bucket given (prompts in order of length,
 each batch padded to a multiple of the bucket: one decoder per distinct length).
@@ -28,11 +28,12 @@ import jax
 import numpy as np
 
 from configs.common import load_config
-from pdl_jax import data as data_lib
-from pdl_jax import evaluate
-from pdl_jax import train
+from pdl_jax.data import pipeline
+from pdl_jax.data import sources
+from pdl_jax.eval import evaluator as evaluator_lib
+from pdl_jax.train import run as run_lib
 from pdl_jax.models.hf import offline
-from pdl_jax.models.hf import weights
+from pdl_jax.models.hf import weights as hf_weights
 
 
 def main() -> None:
@@ -54,29 +55,29 @@ def main() -> None:
     raise SystemExit(f"{args.config} has no model.pretrained: this benchmark decodes a "
                      "pretrained model.")
   scratch = tempfile.mkdtemp()  # get_tokenizer's workdir: unused for a pretrained model
-  tok = data_lib.get_tokenizer(config, scratch, None)
+  tok = pipeline.get_tokenizer(run_lib.data_settings(config), scratch, None)
   shutil.rmtree(scratch, ignore_errors=True)
-  ex = data_lib.encode_split(config, tok, data_lib.load_split_texts(
+  ex = pipeline.encode_split(run_lib.data_settings(config), tok, sources.load_split_texts(
       config, "validation", config.eval.num_examples))
-  prompts = evaluate.prompt_ids(ex)
-  model, params = weights.load(offline.local_dir(config.model.pretrained))
-  mesh = train.make_mesh(config)
+  prompts = evaluator_lib.prompt_ids(ex)
+  model, params = hf_weights.load(offline.local_dir(config.model.pretrained))
+  mesh = run_lib.make_mesh(config)
   lengths = [len(p) for p in prompts]
-  eos_ids, banned = evaluate.stop_and_banned_ids(tok, model.cfg.vocab_size)
+  eos_ids, banned = evaluator_lib.stop_and_banned_ids(tok, model.cfg.vocab_size)
   e = config.eval
   print(f"{args.config}: {len(prompts)} prompts, lengths median {np.median(lengths):.0f}, "
         f"max {max(lengths)}; batch {e.batch_size}, {e.max_new_tokens} new tokens; "
         f"jax {jax.__version__} {jax.devices()[0].platform}", flush=True)
   variants = [0, *args.buckets]
   for b in variants:
-    shapes = sorted({n for _, n in evaluate.decode_batches(lengths, e.batch_size, b)})
-    padded = sum(n * e.batch_size for _, n in evaluate.decode_batches(lengths, e.batch_size, b))
+    shapes = sorted({n for _, n in evaluator_lib.decode_batches(lengths, e.batch_size, b)})
+    padded = sum(n * e.batch_size for _, n in evaluator_lib.decode_batches(lengths, e.batch_size, b))
     print(f"  bucket {b}: padded lengths {shapes}, prompt positions {padded} "
           f"({sum(lengths)} real)")
 
   def run(method: str, bucket: int) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
-    out = evaluate.generate_all(
+    out = evaluator_lib.generate_all(
         model, params, prompts, mesh, jax.random.key(config.seed + 1), method=method,
         batch_size=e.batch_size, length_bucket=bucket, max_new_tokens=e.max_new_tokens,
         eos_ids=eos_ids, pad_id=tok.pad_id, banned_ids=banned, top_p=e.top_p,

@@ -10,7 +10,7 @@ what the default experiments use):
       the weight table;
   (B) what a run does: `pdl_jax.data.encode_examples` (batched encoding of the
       prompts and targets, then the prefix-LM layout of every example) and
-      `pdl_jax.frequency.count_examples` (one np.bincount over the loss tokens),
+      `pdl_jax.data.token_stats.count_examples` (one np.bincount over the loss tokens),
       then power_law_weights;
   (C) tokenizing the prompts and targets alone, with the same calls (and threads)
       as encode_examples, nothing else: the bound for (B).
@@ -37,22 +37,23 @@ import time
 
 import numpy as np  # noqa: E402
 
-from pdl_jax import data
-from pdl_jax import frequency
-from pdl_jax import tasks
-from pdl_jax.losses import pdl as loss_lib
-from pdl_jax.tokenizers import sentencepiece as sp_lib
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import pipeline
+from pdl_jax.data import token_stats
+from pdl_jax.data import tasks as tasks_lib
+from pdl_jax.losses import pdl
+from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
 
 
 def corpus_texts(data_dir: str | None) -> tuple[list[str], list[str]]:
   """(prompts, targets) of the train splits of the three offline corpora."""
   import tensorflow_datasets as tfds
 
-  import pdl_jax.datasets  # noqa: F401
+  import pdl_jax.data.builders  # noqa: F401
 
   prompts, targets = [], []
-  for task in sorted(tasks.DEFAULT_DATASET):
-    spec = tasks.get_dataset(task)
+  for task in sorted(tasks_lib.DEFAULT_DATASET):
+    spec = tasks_lib.get_dataset(task)
     ds = tfds.load(spec.tfds_name, split="train", data_dir=data_dir)
     for ex in tfds.as_numpy(ds):
       prompts.append(ex[spec.inputs_key].decode())
@@ -80,16 +81,16 @@ def project_pass(tokenizer, prompts: list[str], targets: list[str], seq_len: int
                  alpha: float):
   """(B) The run's pass: encode_examples, count_examples, power_law_weights.
   Returns (counts, weights, examples)."""
-  examples = data.encode_examples(prompts, targets, tokenizer, seq_len=seq_len,
+  examples = examples_lib.encode_examples(prompts, targets, tokenizer, seq_len=seq_len,
                                   max_target_len=seq_len)
-  counts = frequency.count_examples(examples, tokenizer).counts
-  return counts, loss_lib.power_law_weights(counts, alpha, normalize=False), examples
+  counts = token_stats.count_examples(examples, tokenizer).counts
+  return counts, pdl.power_law_weights(counts, alpha, normalize=False), examples
 
 
 def tokenize_only(tokenizer, prompts: list[str], targets: list[str]) -> int:
   """(C) The encode calls of encode_examples alone, also with Python's cyclic GC
   paused as there (data.without_gc); returns the number of tokens."""
-  with data.without_gc():
+  with examples_lib.without_gc():
     return _tokenize_only(tokenizer, prompts, targets)
 
 
@@ -105,9 +106,9 @@ def make_tokenizer(args, prompts, targets, tmp: str):
   if args.pretrained:
     from pdl_jax import tokenizers as tok_lib
     from pdl_jax.models.hf import offline
-    return data.with_prompt_format(tok_lib.load(offline.local_dir(args.pretrained)), "chat")
+    return pipeline.with_prompt_format(tok_lib.load(offline.local_dir(args.pretrained)), "chat")
   texts = [t for pair in zip(prompts, targets) for t in pair]
-  return sp_lib.train(texts[::4], os.path.join(tmp, "bench.model"), args.vocab_size,
+  return sp_tokenizer.train(texts[::4], os.path.join(tmp, "bench.model"), args.vocab_size,
                       max_sentences=200_000)
 
 

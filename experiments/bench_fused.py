@@ -37,8 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.bench_loss import interleaved_medians  # noqa: E402
-from pdl_jax.losses import chunked as C  # noqa: E402
-from pdl_jax.losses import pdl as L  # noqa: E402
+from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import pdl
 
 try:
   import jax_cce  # noqa: E402
@@ -49,13 +49,13 @@ except ImportError as e:  # reported in the table
 
 def naive(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N):
   logits_NxV = jnp.matmul(hidden_NxD, unembed_DxV, preferred_element_type=jnp.float32)
-  return L.pdl_loss(logits_NxV, labels_N, weights_V, mask=mask_N)
+  return pdl.pdl_loss(logits_NxV, labels_N, weights_V, mask=mask_N)
 
 
 def make_chunked(strategy: str, chunk_size: int, row_chunk_size: int | None = None):
   """value fn of the chunked loss with the given strategy and chunk sizes."""
   def chunked(hidden_NxD, unembed_DxV, labels_N, weights_V, mask_N):
-    return C.pdl_loss_from_hidden(hidden_NxD, unembed_DxV, labels_N, weights_V,
+    return chunked_loss.pdl_loss_from_hidden(hidden_NxD, unembed_DxV, labels_N, weights_V,
                                   mask_N=mask_N, chunk_size=chunk_size,
                                   strategy=strategy, row_chunk_size=row_chunk_size)
   return chunked
@@ -70,7 +70,7 @@ def main() -> None:
   p.add_argument("--n", type=int, default=4096)
   p.add_argument("--d", type=int, default=1024)
   p.add_argument("--vocabs", default="32000,128000")
-  p.add_argument("--chunk_size", type=int, default=C.DEFAULT_CHUNK_SIZE,
+  p.add_argument("--chunk_size", type=int, default=chunked_loss.DEFAULT_CHUNK_SIZE,
                  help="vocabulary columns per chunk of the vocab strategy")
   p.add_argument("--row_chunk_sizes", default="auto",
                  help="comma-separated rows per chunk of the tokens strategy; auto: "
@@ -91,12 +91,12 @@ def main() -> None:
     unembed = jnp.asarray(rng.normal(0, args.d ** -0.5, (args.d, v)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, v, args.n), jnp.int32)
     mask = jnp.asarray(rng.random(args.n) > 0.2, jnp.float32)
-    weights = jnp.asarray(L.power_law_weights(
+    weights = jnp.asarray(pdl.power_law_weights(
         np.floor(1e7 / np.arange(1, v + 1)).astype(np.int64), 1.0))
     fn_args = (hidden, unembed, labels, weights, mask)
     runs = {"naive": (naive, fn_args)}
     for rows in args.row_chunk_sizes.split(","):
-      rows = C.default_row_chunk_size(v) if rows == "auto" else int(rows)
+      rows = chunked_loss.default_row_chunk_size(v) if rows == "auto" else int(rows)
       runs[f"tokens Cn={rows}"] = (make_chunked("tokens", args.chunk_size, rows), fn_args)
     if not args.no_vocab:
       runs["vocab"] = (make_chunked("vocab", args.chunk_size), fn_args)

@@ -26,15 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.common import load_config
-from pdl_jax import lora as lora_lib
-from pdl_jax import optimizer as opt_lib
+from pdl_jax.models import lora
+from pdl_jax.train import optimizer as opt_lib
 from pdl_jax import sharding
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
-from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.losses import pdl
 from pdl_jax.models import decoder
-from pdl_jax.models import factory as models
+from pdl_jax.models import config as model_config
+from pdl_jax.models import factory
 from pdl_jax.models import quant
 from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import weights as hf_weights
@@ -57,14 +58,14 @@ def main() -> None:
   config.batch_size, config.seq_len = args.batch_size, args.seq_len
   config.max_target_len = min(config.max_target_len, args.seq_len // 2)
   config.loss.name = "pdl"
-  mesh = train.make_mesh(config)
-  tx = opt_lib.make_optimizer(config)
-  full_cfg = models.model_config(config)
+  mesh = run_lib.make_mesh(config)
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
+  full_cfg = factory.decoder_config(config.model)
   rep = sharding.replicated(mesh)
   bs = sharding.named_sharding(mesh, "batch", "length")
   b, l, vocab = config.batch_size, config.seq_len, full_cfg.vocab_size
   counts = np.floor(1e6 / np.arange(1, vocab + 1)).astype(np.int64)
-  weights = jax.device_put(jnp.asarray(loss_lib.power_law_weights(counts, 0.5)), rep)
+  weights = jax.device_put(jnp.asarray(pdl.power_law_weights(counts, 0.5)), rep)
   rng = np.random.default_rng(0)
   span = rng.integers(1, config.max_target_len + 2, b)
   start = rng.integers(1, l - span + 1)
@@ -78,27 +79,26 @@ def main() -> None:
   for kind in ("none", "int8", "nf4"):
     variants[f"lora r={args.rank} base {'float32' if kind == 'none' else kind}"] = (
         dataclasses.replace(full_cfg, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
-                            lora_targets=tuple(decoder.LORA_TARGETS), base_quant=kind))
+                            lora_targets=tuple(model_config.LORA_TARGETS), base_quant=kind))
   runs = {}
   for name, cfg in variants.items():
     model = decoder.Decoder(cfg)
-    if lora_lib.enabled(cfg):
-      state, shardings = state_lib.create_state(model, tx, mesh, 0, l)
-      _, base_shardings = state_lib.abstract_base(model, mesh, l)
-      base = state_lib.load_base(config.model.pretrained, model, base_shardings)
+    _, shardings = state_lib.abstract_state(model, tx, mesh, l)
+    if lora.enabled(cfg):  # the adapters trained, the base frozen in the state
+      state, _ = state_lib.create_state(model, tx, mesh, 0, l)
+      state = state.replace(frozen=state_lib.load_base(config.model.pretrained, model,
+                                                       shardings.frozen))
     else:
-      _, shardings = state_lib.abstract_state(model, tx, mesh, l)
       state = state_lib.state_from_params(hf_weights.load_params(
           config.model.pretrained, cfg, shardings.params), model, tx, shardings)
-      base, base_shardings = None, None
-    fn = objective.loss_fn_of(config, model)
-    extra = () if base is None else (base,)
-    step = jax.jit(lambda s, bt, w, *base_, fn=fn: train.train_step(
-        s, bt, w, *base_, loss_fn=fn, tx=tx),
-        in_shardings=(shardings, bs, rep) + ((base_shardings,) if extra else ()),
-        out_shardings=(shardings, rep), donate_argnums=(0,))
+    base = state.frozen or None
+    fn = run_lib.make_loss_fn(config, model)
+    extra = ()
+    step = jax.jit(lambda s, bt, w, fn=fn: step_lib.train_step(s, bt, w, loss_fn=fn, tx=tx),
+                   in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
     with jax.set_mesh(mesh):
-      state, m = step(state, batch, weights, *extra)  # compile + warm-up
+      state, m = step(state, batch, weights)  # compile + warm-up
     jax.block_until_ready(m)
     trainable = sum(x.size for x in jax.tree.leaves(state.params))
     runs[name] = dict(step=step, state=state, extra=extra, times=[], trainable=trainable,

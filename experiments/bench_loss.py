@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from pdl_jax.losses import pdl as L  # noqa: E402
+from pdl_jax.losses import pdl
 
 
 def optax_ce(logits_BxLxV, labels_BxL, mask_BxL):
@@ -30,8 +30,8 @@ def optax_ce(logits_BxLxV, labels_BxL, mask_BxL):
   return jnp.sum(nll_BxL * mask_BxL) / jnp.sum(mask_BxL)
 
 
-def pdl(logits_BxLxV, labels_BxL, mask_BxL, weights_V):
-  return L.pdl_loss(logits_BxLxV, labels_BxL, weights_V, mask=mask_BxL)
+def pdl_objective(logits_BxLxV, labels_BxL, mask_BxL, weights_V):
+  return pdl.pdl_loss(logits_BxLxV, labels_BxL, weights_V, mask=mask_BxL)
 
 
 def compiled_bytes(compiled) -> int:
@@ -62,10 +62,10 @@ def bench_shape(shape, repeats: int) -> dict:
   labels = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
   mask = jnp.asarray(rng.random((b, l)) > 0.2, jnp.float32)
   counts = np.floor(1e7 / np.arange(1, v + 1)).astype(np.int64)
-  weights = jnp.asarray(L.power_law_weights(counts, 1.0))
+  weights = jnp.asarray(pdl.power_law_weights(counts, 1.0))
 
   ce_fn = jax.jit(jax.value_and_grad(optax_ce))
-  pdl_fn = jax.jit(jax.value_and_grad(pdl))
+  pdl_fn = jax.jit(jax.value_and_grad(pdl_objective))
   ce_args, pdl_args = (logits, labels, mask), (logits, labels, mask, weights)
   ce_mem = compiled_bytes(ce_fn.lower(*ce_args).compile())
   pdl_mem = compiled_bytes(pdl_fn.lower(*pdl_args).compile())

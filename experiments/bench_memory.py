@@ -74,14 +74,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.common import load_config  # noqa: E402
-from pdl_jax import optimizer as opt_lib  # noqa: E402
-from pdl_jax.models.hf import families as hf_families  # noqa: E402
-from pdl_jax.models.hf import weights as hf_weights  # noqa: E402
-from pdl_jax import sharding  # noqa: E402
-from pdl_jax import state as state_lib
-from pdl_jax import train  # noqa: E402
-from pdl_jax.models import decoder  # noqa: E402
-from pdl_jax.losses import objective
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import weights as hf_weights
+from pdl_jax import sharding
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
+from pdl_jax.losses import batch_loss
 
 GiB = 1024 ** 3
 
@@ -124,7 +125,7 @@ class Case:
   strategy: str = "vocab"  # chunked loss: "vocab" (smallest temporaries) or "tokens"
   dtype: str = "bfloat16"
   grad_accum: int = 1
-  # LoRA (pdl_jax/lora.py): adapters of this rank on every projection, the frozen
+  # LoRA (pdl_jax/models/lora.py): adapters of this rank on every projection, the frozen
   # base in base_dtype or quantised (base_quant); 0: full finetuning.
   lora_rank: int = 0
   base_dtype: str = "float32"
@@ -150,7 +151,7 @@ def model_of(case: Case) -> decoder.Decoder:
                             num_layers=case.layers or cfg.num_layers)
   if case.lora_rank:
     cfg = dataclasses.replace(cfg, lora_rank=case.lora_rank, lora_alpha=2.0 * case.lora_rank,
-                              lora_targets=tuple(decoder.LORA_TARGETS),
+                              lora_targets=tuple(model_config.LORA_TARGETS),
                               base_quant=case.base_quant, param_dtype=case.base_dtype)
   return decoder.Decoder(cfg)
 
@@ -159,7 +160,7 @@ def compile_step(case: Case):
   """(compiled step, state shardings, abstract state, lower+compile seconds)."""
   config = load_config("configs/dialogue.py")  # AdamW, warmup + cosine, clipping
   model = model_of(case)
-  tx = opt_lib.make_optimizer(config)
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
   devices = jax.devices()[:math.prod(case.mesh.values())]
   mesh = sharding.make_mesh(case.mesh, devices=devices)
   shards = sharding.batch_shards(mesh)
@@ -181,11 +182,11 @@ def compile_step(case: Case):
                                              sharding=batch_sharding)}
   weights = jax.ShapeDtypeStruct((v,), jnp.float32, sharding=rep)
   # Loss on every position (a pretraining-like worst case: no loss window).
-  loss_fn = functools.partial(objective.compute_loss, model=model, loss_name=case.loss,
+  loss_fn = functools.partial(batch_loss.compute_loss, model=model, loss_name=case.loss,
                               loss_params={}, chunked=case.chunked,
                               chunk_size=case.chunk_size, chunk_strategy=case.strategy,
                               eos_id=1, eos_weight=None)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    grad_accum_steps=case.grad_accum,
                                    reduction="weights" if case.loss == "pdl" else "tokens"),
                  in_shardings=(shardings, batch_sharding, rep)
@@ -299,7 +300,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--layers", default=None, help="depths to compile, e.g. 4,32")
   p.add_argument("--scan", default="on", choices=("on", "off", "both"))
-  p.add_argument("--remat", default="full", choices=decoder.REMATS)
+  p.add_argument("--remat", default="full", choices=model_config.REMATS)
   p.add_argument("--loss", default="pdl", choices=("pdl", "ce"))
   p.add_argument("--unchunked", action="store_true", help="full [B, L, V] logits")
   p.add_argument("--strategy", default="vocab", choices=("vocab", "tokens"),
@@ -309,7 +310,7 @@ def main() -> None:
   p.add_argument("--lora_rank", type=int, default=0, help="LoRA on every projection")
   p.add_argument("--base_dtype", default="float32", choices=("bfloat16", "float32"),
                  help="LoRA: the frozen base's dtype")
-  p.add_argument("--base_quant", default="none", choices=decoder.BASE_QUANTS,
+  p.add_argument("--base_quant", default="none", choices=model_config.BASE_QUANTS,
                  help="LoRA: the frozen base stored quantised")
   p.add_argument("--lora_suite", action="store_true",
                  help="only the LoRA cases (implies --no_licm: bfloat16 bases)")

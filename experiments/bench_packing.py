@@ -23,15 +23,18 @@ import jax
 import numpy as np
 
 from configs.common import load_config
-from pdl_jax import data as data_lib
-from pdl_jax import optimizer as opt_lib
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import batches as batches_lib
+from pdl_jax.data import pipeline
+from pdl_jax.data import packing
+from pdl_jax.data import sources
+from pdl_jax.train import optimizer as opt_lib
 from pdl_jax import sharding
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
-from pdl_jax.losses import pdl as loss_lib
-from pdl_jax.losses import window
-from pdl_jax.models import factory as models
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.losses import pdl
+from pdl_jax.models import factory
 from pdl_jax.models.hf import offline
 
 
@@ -45,37 +48,37 @@ def main() -> None:
   for task in args.tasks.split(","):
     config = load_config(f"configs/{task}.py")
     config.model.pretrained = offline.local_dir(config.model.pretrained)
-    texts = data_lib.load_split_texts(config, "train", args.examples)
-    tokenizer = data_lib.get_tokenizer(config, "/tmp", lambda: texts)
-    examples = data_lib.encode_split(config, tokenizer, texts)
-    packed = data_lib.pack_examples(examples, pad_id=tokenizer.pad_id, loss_capacity=(
-        window.packed_capacity(config.max_target_len, config.seq_len)))
-    mesh = train.make_mesh(config)
-    model = models.make_model(config)
-    tx = opt_lib.make_optimizer(config)
+    texts = sources.load_split_texts(config.task, config.dataset, "train", args.examples)
+    tokenizer = pipeline.get_tokenizer(run_lib.data_settings(config), "/tmp", lambda: texts)
+    examples = pipeline.encode_split(run_lib.data_settings(config), tokenizer, texts)
+    packed = packing.pack_examples(examples, pad_id=tokenizer.pad_id, loss_capacity=(
+        packing.packed_capacity(config.max_target_len, config.seq_len)))
+    mesh = run_lib.make_mesh(config)
+    model = factory.make_model(config.model)
+    tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
     rep = sharding.replicated(mesh)
     bs = sharding.named_sharding(mesh, "batch", "length")
     counts = np.bincount(examples.seqs[examples.loss_positions()],
                          minlength=model.cfg.vocab_size)
-    weights = jax.device_put(loss_lib.power_law_weights(counts, config.loss.alpha), rep)
+    weights = jax.device_put(pdl.power_law_weights(counts, config.loss.alpha), rep)
     # Each layout with its own loss window (unpacked: one target span a row).
-    loss_fns = {"unpacked": objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)}
+    loss_fns = {"unpacked": run_lib.make_loss_fn(config, model, eos_id=tokenizer.eos_id)}
     config.data.packing = True
-    loss_fns["packed"] = objective.loss_fn_of(config, model, eos_id=tokenizer.eos_id)
+    loss_fns["packed"] = run_lib.make_loss_fn(config, model, eos_id=tokenizer.eos_id)
     times = {"unpacked": [], "packed": []}
     # Useful tokens a row: the split's mean (the first rows of a first-fit packing are
     # its fullest), so tokens/s = rows a second x the split's mean real tokens a row.
-    useful = {"unpacked": (1 - data_lib.padding_share(examples)) * (config.seq_len + 1),
-              "packed": (1 - data_lib.padding_share(packed)) * (config.seq_len + 1)}
+    useful = {"unpacked": (1 - examples_lib.padding_share(examples)) * (config.seq_len + 1),
+              "packed": (1 - examples_lib.padding_share(packed)) * (config.seq_len + 1)}
     r = np.random.default_rng(0)
     with jax.set_mesh(mesh):
       state, shardings = state_lib.create_state(model, tx, mesh, 0, config.seq_len)
       steps, batches = {}, {}
       for name, ex in (("unpacked", examples), ("packed", packed)):
         steps[name] = jax.jit(
-            lambda s, b, fn=loss_fns[name]: train.train_step(s, b, weights, loss_fn=fn, tx=tx),
+            lambda s, b, fn=loss_fns[name]: step_lib.train_step(s, b, weights, loss_fn=fn, tx=tx),
             in_shardings=(shardings, bs), out_shardings=(shardings, rep), donate_argnums=(0,))
-        batches[name] = [jax.device_put(data_lib.make_batch(
+        batches[name] = [jax.device_put(batches_lib.make_batch(
             ex, r.choice(len(ex), config.batch_size, replace=False)), bs) for _ in range(4)]
         state, m = steps[name](state, batches[name][0])  # compile + warm-up
         jax.block_until_ready(m)
@@ -87,8 +90,8 @@ def main() -> None:
           times[name].append(time.perf_counter() - t0)
     useful = {k: v * config.batch_size for k, v in useful.items()}
     tps = {k: useful[k] / statistics.median(v) for k, v in times.items()}
-    rows.append((task, config.seq_len, data_lib.padding_share(examples),
-                 data_lib.padding_share(packed), len(examples) / len(packed),
+    rows.append((task, config.seq_len, examples_lib.padding_share(examples),
+                 examples_lib.padding_share(packed), len(examples) / len(packed),
                  tps["unpacked"], tps["packed"]))
     print(f"{task}: {len(examples)} examples -> {len(packed)} rows", flush=True)
   print(f"jax {jax.__version__}; default configs (pretrained base, chat format), first "

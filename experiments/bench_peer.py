@@ -124,17 +124,17 @@ def jax_worker(args):
                                + " intra_op_parallelism_threads=1")
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
-  from pdl_jax.losses import pdl as loss_lib
-  from pdl_jax.models import decoder as decoder_lib
+  from pdl_jax.losses import pdl
+  from pdl_jax.models import decoder
+  from pdl_jax.models import config as model_config
 
-  cfg = decoder_lib.DecoderConfig(
+  cfg = model_config.DecoderConfig(
       vocab_size=args.vocab, d_model=args.d_model, num_layers=args.num_layers,
       num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
       mlp_dim=args.mlp_dim, max_len=max(2048, args.seq_len), norm="rms", norm_eps=1e-6,
       tied_embeddings=True, unembed_scale=None)
-  model = decoder_lib.Decoder(cfg)
+  model = decoder.Decoder(cfg)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -146,21 +146,21 @@ def jax_worker(args):
   params["embed"]["embedding"] = params["embed"]["embedding"] * 0.02
   state = (params, tx.init(params))
   weights_V = jnp.asarray(power_weights(args.vocab))
-  window = args.window
+  use_window = args.window
   capacity = capacity_of(args)
-  if window:
-    from pdl_jax.losses import window as loss_window
+  if use_window:
+    from pdl_jax.losses import window
 
   def loss_fn(params, inputs_BxL, labels_BxL, mask_BxL):
-    if not window:
+    if not use_window:
       logits_BxLxV, _ = model.apply({"params": params}, inputs_BxL)
-      return loss_lib.pdl_loss(logits_BxLxV, labels_BxL, weights_V, mask=mask_BxL)
+      return pdl.pdl_loss(logits_BxLxV, labels_BxL, weights_V, mask=mask_BxL)
     hidden_BxLxD, _ = model.apply({"params": params}, inputs_BxL, return_hidden=True)
-    hidden_BxCxD, labels_BxC, mask_BxC = loss_window.gather_window(
+    hidden_BxCxD, labels_BxC, mask_BxC = window.gather_window(
         hidden_BxLxD, labels_BxL, mask_BxL, capacity)
     logits_BxCxV = model.apply({"params": params}, hidden_BxCxD,
-                               method=decoder_lib.Decoder.unembed_logits)
-    return loss_lib.pdl_loss(logits_BxCxV, labels_BxC, weights_V, mask=mask_BxC)
+                               method=decoder.Decoder.unembed_logits)
+    return pdl.pdl_loss(logits_BxCxV, labels_BxC, weights_V, mask=mask_BxC)
 
   def train_step(state, inputs_BxL, labels_BxL, mask_BxL):
     params, opt_state = state
@@ -182,7 +182,7 @@ def jax_worker(args):
     return float(loss)
 
   info = f"jax {jax.__version__} {jax.devices()[0].platform}" + (
-      f", window capacity {capacity}" if window else ", logits at every position")
+      f", window capacity {capacity}" if use_window else ", logits at every position")
   return step, info
 
 
@@ -346,9 +346,9 @@ def main() -> None:
     run_worker(args)
     return
   if args.pretrained:  # the real model's shape (random weights: timing only)
-    from pdl_jax.models.hf import families
+    from pdl_jax.models.hf import families as hf_families
     from pdl_jax.models.hf import offline
-    cfg = families.read_config(offline.local_dir(args.pretrained))
+    cfg = hf_families.read_config(offline.local_dir(args.pretrained))
     if not (cfg.tied_embeddings and cfg.norm == "rms" and cfg.mlp == "gated"):
       raise SystemExit(f"--pretrained={args.pretrained}: the peer is a tied Llama; "
                        f"{cfg.model_type} is not that shape.")

@@ -34,14 +34,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pdl_jax.losses import pdl as loss_lib  # noqa: E402
-from pdl_jax import sharding  # noqa: E402
+from pdl_jax.losses import pdl
+from pdl_jax import sharding
 from configs.common import load_config  # noqa: E402
-from pdl_jax.models import factory as models  # noqa: E402
-from pdl_jax import optimizer as opt_lib  # noqa: E402
-from pdl_jax import state as state_lib
-from pdl_jax import train  # noqa: E402
-from pdl_jax.losses import objective
+from pdl_jax.models import factory
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
 
 
 def train_flops(cfg, batch: int, seq_len: int, window: int | None) -> float:
@@ -87,21 +87,21 @@ def main() -> None:
   if config.model.pretrained is not None:  # a name: fetched and converted once
     from pdl_jax.models.hf import offline
     config.model.pretrained = offline.local_dir(config.model.pretrained)
-    vocab = models.model_config(config).vocab_size
+    vocab = factory.decoder_config(config.model).vocab_size
   else:
     vocab = args.vocab_size or config.tokenizer.vocab_size
-  mesh = train.make_mesh(config)
+  mesh = run_lib.make_mesh(config)
   remats = args.remat.split(",")
   models_by_remat = {}
   for remat in remats:
     config.model.remat = remat
-    models_by_remat[remat] = models.make_model(config, vocab)
-  tx = opt_lib.make_optimizer(config)
+    models_by_remat[remat] = factory.make_model(config.model, vocab)
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
   rep = sharding.replicated(mesh)
   bs = sharding.named_sharding(mesh, "batch", "length")
   b, l = config.batch_size, config.seq_len
   counts = np.floor(1e6 / np.arange(1, vocab + 1)).astype(np.int64)
-  weights = jax.device_put(jnp.asarray(loss_lib.power_law_weights(counts, 0.5)), rep)
+  weights = jax.device_put(jnp.asarray(pdl.power_law_weights(counts, 0.5)), rep)
 
   def batch(seed):
     # The prefix-LM's loss mask: one contiguous target span per row (target + EOS, at
@@ -121,7 +121,7 @@ def main() -> None:
       m_ = models_by_remat[remat]
       state, shardings = state_lib.create_state(m_, tx, mesh, 0, l)
       config.loss.name = name
-      step = jax.jit(lambda s, bt, w, fn=objective.loss_fn_of(config, m_): train.train_step(
+      step = jax.jit(lambda s, bt, w, fn=run_lib.make_loss_fn(config, m_): step_lib.train_step(
           s, bt, w, loss_fn=fn, tx=tx),
           in_shardings=(shardings, bs, rep), out_shardings=(shardings, rep),
           donate_argnums=(0,))
@@ -149,7 +149,7 @@ def main() -> None:
   tps = {key: b * l / statistics.median(r[2]) for key, r in runs.items()}
   print(f"jax {jax.__version__}, {sharding.mesh_summary(mesh)}; config {args.config} "
         f"model {args.pretrained or config.model.pretrained or config.model.preset} "
-        f"({models.compute_dtype(config)}, "
+        f"({factory.compute_dtype(config.model)}, "
         f"scan_layers={args.scan_layers}), batch {b} x {l} tokens, vocab {vocab}; median of "
         f"{args.steps} interleaved steps")
   for remat in remats:
@@ -158,7 +158,7 @@ def main() -> None:
           "(target <= 1.03)")
   gemm_flops = 2 * 2048 ** 3 / statistics.median(gemm_times)
   step_flops = train_flops(models_by_remat[remats[0]].cfg, b, l,
-                           objective.window_capacity(config))
+                           run_lib.window_capacity(config))
   for remat in remats:
     for name in ("ce", "pdl"):
       achieved = step_flops * tps[remat, name] / (b * l)

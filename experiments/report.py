@@ -52,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from pdl_jax import metric_writer  # noqa: E402
-from pdl_jax import metrics as metrics_lib
-from pdl_jax import utils  # noqa: E402
-from pdl_jax.utils import atomic_write_bytes  # noqa: E402
+from pdl_jax.train import metric_writer
+from pdl_jax.eval import metrics as metrics_lib
+from pdl_jax import paths
+from pdl_jax.paths import atomic_write_bytes
 
 MAIN_METRICS = ("eval/nll", "eval/rouge1", "eval/rougeL", "eval/bleu", "eval/chrf",
                 "eval/distinct_1", "eval/distinct_2", "eval/unigram_entropy",
@@ -81,12 +81,12 @@ def profile_tv(row: dict[str, float], prefix: str = "eval/") -> float | None:
 
 def find_runs(root: str) -> list[str]:
   """Run folders under root: those with both config.json and metrics.jsonl."""
-  return sorted(str(folder) for folder, _, files in utils.path(root).walk()
+  return sorted(str(folder) for folder, _, files in paths.path(root).walk()
                 if "metrics.jsonl" in files and "config.json" in files)
 
 
 def read_config(run: str) -> dict[str, Any]:
-  return json.loads((utils.path(run) / "config.json").read_text())
+  return json.loads((paths.path(run) / "config.json").read_text())
 
 
 def extra_methods(row: dict[str, Any]) -> list[str]:
@@ -144,7 +144,7 @@ def check_provenance(runs: list[str], strict: bool = False) -> None:
   or the base model's weights: a comparison's points must share both."""
   seen: dict[str, dict[str, list[str]]] = {"code_version": {}, "base_weights_sha256": {}}
   for run in runs:
-    path = utils.path(run) / "provenance.json"
+    path = paths.path(run) / "provenance.json"
     if path.exists():
       prov = json.loads(path.read_text())
       for key in seen:
@@ -227,7 +227,7 @@ def sample_name(label: str, method: str) -> str:
 def read_samples(run: str, label: str, method: str) -> list[dict[str, Any]] | None:
   """Every generation of one of the run's evals (sample_name), in the evaluation
   set's order, or None without the file."""
-  path = utils.path(run) / sample_name(label, method)
+  path = paths.path(run) / sample_name(label, method)
   if not path.exists():
     return None
   return sorted((json.loads(line) for line in path.read_text().splitlines() if line),
@@ -274,7 +274,7 @@ def intervals(points) -> dict[str, list[tuple[str, dict[str, tuple[float, float,
   if "ce" not in points:
     return {}
   methods = sorted(n.name[len("final_"):-len(".jsonl")] for n in
-                   (utils.path(points["ce"]["runs"][0]) / "samples").glob("final_*.jsonl"))
+                   (paths.path(points["ce"]["runs"][0]) / "samples").glob("final_*.jsonl"))
   out = {}
   for method in methods:
     ce = pooled_stats(points["ce"], "ce", method)
@@ -329,7 +329,7 @@ def write_tables(points, out: str) -> None:
       row += [f"{m:.6g}", f"{s:.6g}"]
     w.writerow(row)
   # Every output goes to a temporary name and is renamed: no half-written table.
-  atomic_write_bytes(utils.path(out) / "summary.csv", table.getvalue().encode())
+  atomic_write_bytes(paths.path(out) / "summary.csv", table.getvalue().encode())
   cols = [n for n in MAIN_METRICS if any(n in p["metrics"] for p in points.values())]
   lines = markdown_table(points, cols)
   ref = next(iter(points.values()))["metrics"]
@@ -343,7 +343,7 @@ def write_tables(points, out: str) -> None:
     if sampled:  # the same generation metrics, of this decoding method
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
   lines += interval_lines(intervals(points))
-  atomic_write_bytes(utils.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
+  atomic_write_bytes(paths.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
 SAMPLE_POINTS = (BASE, "ce", "alpha=0.25", "alpha=0.5")  # CE and PDL side by side
@@ -416,7 +416,7 @@ def write_samples(points: dict[str, dict[str, Any]], out: str) -> None:
   """samples.md: sample_lines(points); without them (runs from before every final
   generation was kept) an older samples.md in `out` is removed, not left stale."""
   lines = sample_lines(points)
-  path = utils.path(out) / "samples.md"
+  path = paths.path(out) / "samples.md"
   if lines:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
   elif path.exists():
@@ -483,7 +483,7 @@ def write_plots(points, out: str) -> None:
       legend.setdefault(label, handle)
   fig.legend(list(legend.values()), list(legend), loc="center right")
   fig.tight_layout(rect=(0, 0, 0.86, 1))
-  save_png(fig, utils.path(out) / "metrics_vs_alpha.png")
+  save_png(fig, paths.path(out) / "metrics_vs_alpha.png")
   plt.close(fig)
 
   keys = [f"eval/freq_bucket_{k}" for k in range(NUM_BUCKETS)]
@@ -501,13 +501,13 @@ def write_plots(points, out: str) -> None:
     ax.set_ylabel("share of tokens")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    save_png(fig, utils.path(out) / "frequency_profile.png")
+    save_png(fig, paths.path(out) / "frequency_profile.png")
     plt.close(fig)
 
 
 def check_copy_target(root: str, out: str) -> None:
   """Refuses an OUT/runs inside ROOT: the next report on ROOT would count each run twice."""
-  runs, root = str(utils.path(out) / "runs"), str(utils.path(root))
+  runs, root = str(paths.path(out) / "runs"), str(paths.path(root))
   if runs == root or runs.startswith(root.rstrip("/") + "/"):
     raise SystemExit(f"--copy_runs writes to {runs}, which is inside ROOT {root}: a later "
                      "report on ROOT would count every run twice; pass --out outside ROOT.")
@@ -520,8 +520,8 @@ def copy_runs(points, root: str, out: str) -> list[str]:
     if label == BASE:  # the CE runs' own step-0 evals: copied with them
       continue
     for run in p["runs"]:
-      src = utils.path(run)
-      dest = utils.path(out) / "runs" / src.relative_to(utils.path(root))
+      src = paths.path(run)
+      dest = paths.path(out) / "runs" / src.relative_to(paths.path(root))
       # evaluate.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
       # method, the largest name is the last eval.
       last: dict[str, str] = {}
@@ -556,8 +556,8 @@ def main() -> None:
   write_samples(points, out)
   write_plots(points, out)
   if args.copy_runs:
-    print(f"copied {len(copy_runs(points, args.root, out))} runs to {utils.path(out) / 'runs'}")
-  print((utils.path(out) / "summary.md").read_text())
+    print(f"copied {len(copy_runs(points, args.root, out))} runs to {paths.path(out) / 'runs'}")
+  print((paths.path(out) / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from configs.common import load_config
-from pdl_jax import metric_writer
+from pdl_jax.train import metric_writer
 
 
 def points(config) -> list[tuple[str, str]]:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from pdl_jax import decode as decode_lib
+from pdl_jax.eval import decode as decode_lib
 from pdl_jax import losses
-from pdl_jax import tasks as tasks_lib
-from pdl_jax import user_data
-from pdl_jax import utils
+from pdl_jax.data import tasks as tasks_lib
+from pdl_jax.data import files as data_files
+from pdl_jax import paths
 from pdl_jax.losses import chunked as chunked_loss
-from pdl_jax.losses import objective
-from pdl_jax.losses import pdl as loss_lib
+from pdl_jax.losses import batch_loss
+from pdl_jax.losses import pdl
 from pdl_jax.losses import registry
-from pdl_jax.models import decoder
-from pdl_jax.models import transformer
+from pdl_jax.models import config as model_config
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import offline
 
@@ -47,9 +46,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if c.row_chunk_size is not None and c.row_chunk_size < 1:
     raise ValueError(f"config.loss.row_chunk_size={c.row_chunk_size}; expected >= 1 or "
                      "None.")
-  if c.reduction is not None and c.reduction not in loss_lib.REDUCTIONS:
+  if c.reduction is not None and c.reduction not in pdl.REDUCTIONS:
     raise ValueError(f"config.loss.reduction={c.reduction!r}; expected one of "
-                     f"{loss_lib.REDUCTIONS} or None.")
+                     f"{pdl.REDUCTIONS} or None.")
   if c.eos_weight is not None and (c.name not in registry.WEIGHTED_LOSSES
                                    or not c.eos_weight >= 0):
     raise ValueError(f"config.loss.eos_weight={c.eos_weight} with loss {c.name!r}; expected "
@@ -60,19 +59,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
   try:  # gamma, smoothing, ul_alpha: the loss checks its own ranges
-    losses.get_loss(c.name, **objective.loss_params(config))
+    losses.get_loss(c.name, **batch_loss.loss_params(c))
   except ValueError as e:
     raise ValueError(f"config.loss ({c.name}): {e}") from None
   if not c.alpha >= 0:
     raise ValueError(f"config.loss.alpha={c.alpha}; expected >= 0.")
   if c.epsilon is not None and not c.epsilon > 0:
     raise ValueError(f"config.loss.epsilon={c.epsilon}; expected > 0 or None.")
-  if config.loss.frequency not in loss_lib.FREQUENCY_KINDS:
+  if config.loss.frequency not in pdl.FREQUENCY_KINDS:
     raise ValueError(f"config.loss.frequency={config.loss.frequency!r}; expected one of "
-                     f"{loss_lib.FREQUENCY_KINDS}.")
+                     f"{pdl.FREQUENCY_KINDS}.")
   if config.model.pretrained is not None and not offline.is_offline_name(
       config.model.pretrained):  # a named model is prepared at the start of the run
-    if not (utils.path(config.model.pretrained) / "config.json").exists():
+    if not (paths.path(config.model.pretrained) / "config.json").exists():
       raise ValueError(f"config.model.pretrained={config.model.pretrained!r} has no "
                        "config.json; expected a Hugging Face model directory (config.json, "
                        "*.safetensors, tokenizer files) or an offline model name of "
@@ -105,14 +104,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.model.param_dtype='bfloat16' does not train: AdamW updates smaller than "
         "a weight's bfloat16 spacing (1e-5 on 1.0) are lost. Keep float32 params (the "
         "default: float32 master weights) and set config.model.dtype='bfloat16' for "
-        "bfloat16 compute; export in bfloat16 with `pdl_jax.export --dtype=bfloat16`. "
+        "bfloat16 compute; export in bfloat16 with `pdl_jax.cli.export_hf --dtype=bfloat16`. "
         "(With LoRA, model.lora.rank > 0, a bfloat16 base is allowed: it is frozen.)")
-  if config.model.remat not in decoder.REMATS:
+  if config.model.remat not in model_config.REMATS:
     raise ValueError(f"config.model.remat={config.model.remat!r}; expected one of "
-                     f"{decoder.REMATS}.")
-  if config.model.preset not in transformer.PRESETS:
+                     f"{model_config.REMATS}.")
+  if config.model.preset not in model_config.PRESETS:
     raise ValueError(f"config.model.preset={config.model.preset!r}; expected one of "
-                     f"{sorted(transformer.PRESETS)}.")
+                     f"{sorted(model_config.PRESETS)}.")
   for method in (config.eval.decode, *config.eval.extra_decodes):
     if method not in decode_lib.METHODS:
       raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
@@ -133,11 +132,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               "max_target_len"):
     if config[key] < 1:
       raise ValueError(f"config.{key}={config[key]}; expected >= 1.")
-  if config.tokenizer.path is not None and not utils.path(config.tokenizer.path).is_file():
+  if config.tokenizer.path is not None and not paths.path(config.tokenizer.path).is_file():
     raise ValueError(f"config.tokenizer.path={config.tokenizer.path!r} does not exist; "
                      "give an existing SentencePiece .model or None to train one.")
   if config.init_from is not None and not (
-      utils.path(config.init_from) / "checkpoints").is_dir():
+      paths.path(config.init_from) / "checkpoints").is_dir():
     raise ValueError(f"config.init_from={config.init_from!r} has no checkpoints/ folder; "
                      "expected the workdir of a finished run.")
 
@@ -169,9 +168,9 @@ def check_files_dataset(config: ml_collections.ConfigDict) -> None:
   if not d.get("train"):
     raise ValueError("config.dataset.name='files' needs config.dataset.train: a file or glob "
                      "(local or gs://), e.g. examples/support_summaries.jsonl.")
-  if d.format not in user_data.FORMATS + (None,):
+  if d.format not in data_files.FORMATS + (None,):
     raise ValueError(f"config.dataset.format={d.format!r}; expected one of "
-                     f"{user_data.FORMATS} or None (from each file's suffix).")
+                     f"{data_files.FORMATS} or None (from each file's suffix).")
   for key in ("prompt_field", "target_field", "context_field", "messages_field"):
     if d[key] is not None and not (isinstance(d[key], str) and d[key]):
       raise ValueError(f"config.dataset.{key}={d[key]!r}; expected a field name.")
@@ -184,8 +183,8 @@ def check_files_dataset(config: ml_collections.ConfigDict) -> None:
                      "a fraction in (0, 1) of train to hold out (or config.dataset.validation).")
   for key in ("train", "validation"):
     if d[key] is not None:
-      for p in user_data.resolve(d[key], f"dataset.{key}"):
-        user_data.file_format(p, d.format)
+      for p in data_files.resolve(d[key], f"dataset.{key}"):
+        data_files.file_format(p, d.format)
 
 
 def check_lora(config) -> None:
@@ -193,19 +192,19 @@ def check_lora(config) -> None:
   lo = config.model.lora
   if not (isinstance(lo.rank, int) and lo.rank >= 0):
     raise ValueError(f"config.model.lora.rank={lo.rank!r}; expected an integer >= 0 (0: off).")
-  if lo.base_quant not in decoder.BASE_QUANTS:
+  if lo.base_quant not in model_config.BASE_QUANTS:
     raise ValueError(f"config.model.lora.base_quant={lo.base_quant!r}; expected one of "
-                     f"{decoder.BASE_QUANTS}.")
+                     f"{model_config.BASE_QUANTS}.")
   if not lo.rank:
     if lo.base_quant != "none":
       raise ValueError(f"config.model.lora.base_quant={lo.base_quant!r} quantises the frozen "
                        "base of a LoRA run; set config.model.lora.rank > 0.")
     return
   targets = tuple(lo.targets)
-  bad = sorted(set(targets) - set(decoder.LORA_TARGETS))
+  bad = sorted(set(targets) - set(model_config.LORA_TARGETS))
   if not targets or bad:
     raise ValueError(f"config.model.lora.targets={targets}; expected a non-empty subset of "
-                     f"{sorted(decoder.LORA_TARGETS)} (unknown: {bad}).")
+                     f"{sorted(model_config.LORA_TARGETS)} (unknown: {bad}).")
   if not lo.alpha > 0:
     raise ValueError(f"config.model.lora.alpha={lo.alpha}; expected > 0.")
   if not 0 <= lo.dropout < 1:
@@ -213,4 +212,4 @@ def check_lora(config) -> None:
   if config.model.pretrained is None:
     raise ValueError("config.model.lora.rank > 0 adapts a pretrained base; set "
                      "config.model.pretrained (a full run of the own model can be exported "
-                     "with `python -m pdl_jax.export` and used as one).")
+                     "with `python -m pdl_jax.cli.export_hf` and used as one).")

@@ -60,7 +60,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   init_distributed()  # before any other JAX call
-  from pdl_jax import train  # after flag parsing: keeps --help fast
+  from pdl_jax.train import run as run_lib
 
   if _WORKDIR.value is None and jax_process_count() > 1:
     # Each host's clock would name its own folder: the processes must agree on one.
@@ -69,7 +69,7 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  run_lib.train_and_evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pdl_jax import utils
+from pdl_jax import multihost
 
 # The mesh axes every config names, in order: data parallelism, fully sharded data
 # parallelism (ZeRO-3), tensor/model parallelism.
@@ -152,7 +152,7 @@ def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
                  f"{names} (size {size}): replicated on them instead")
       if message not in _REPLICATED_LOGGED:
         _REPLICATED_LOGGED.add(message)
-        utils.log(message)
+        multihost.log(message)
     if not names or dim % size:
       out.append(None)
     else:

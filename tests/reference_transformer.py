@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pdl_jax.models.transformer import PRESETS, ModelConfig, model_config  # noqa: F401
+from pdl_jax.models.config import PRESETS  # noqa: F401  (the tests import them from here)
+from pdl_jax.models.config import ModelConfig
+from pdl_jax.models.config import preset_config  # noqa: F401
 
 Cache = dict[str, jax.Array]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from pdl_jax import losses
-from pdl_jax.losses import baselines as B
-from pdl_jax.losses import chunked as C
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import baselines
+from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import pdl
 from pdl_jax.losses import registry
 
 
@@ -113,13 +113,13 @@ def random_case(seed, shape=(3, 6), vocab=11, scale=2.0, mask_p=0.3):
 
 def weights_for(name, counts):
   if name == "itf":
-    return B.itf_weights(counts, 0.4)
+    return baselines.itf_weights(counts, 0.4)
   if name in ("tlat_exp", "tlat_chi2"):
-    return B.tlat_weights(counts, name[5:])
+    return baselines.tlat_weights(counts, name[5:])
   if name == "face":
-    return np.asarray(B.face_weights(jnp.asarray(counts, jnp.int32)))
+    return np.asarray(baselines.face_weights(jnp.asarray(counts, jnp.int32)))
   if name == "pdl":
-    return L.power_law_weights(counts, 0.7)
+    return pdl.power_law_weights(counts, 0.7)
   return np.ones(len(counts), np.float32)
 
 
@@ -206,10 +206,10 @@ def test_degenerate_settings_equal_cross_entropy(name, params):
 
 def test_reduction_both_ways_and_scale():
   logits, labels, mask, counts = random_case(5)
-  w = B.itf_weights(counts, 0.5)
+  w = baselines.itf_weights(counts, 0.5)
   args = (jnp.asarray(logits), jnp.asarray(labels))
   m = jnp.asarray(mask)
-  for reduction in L.REDUCTIONS:
+  for reduction in pdl.REDUCTIONS:
     fn = losses.get_loss("itf", reduction=reduction)
     got, aux = fn(*args, jnp.asarray(w), mask=m)
     assert float(got) == pytest.approx(np_weighted(logits, labels, w, mask, reduction),
@@ -218,7 +218,7 @@ def test_reduction_both_ways_and_scale():
     # "weights": the scale cancels; "tokens": it multiplies the loss.
     factor = 1.0 if reduction == "weights" else 3.0
     assert float(got3) == pytest.approx(factor * float(got), rel=1e-5)
-    num = float(got) * float(L.loss_denominator(aux, reduction))
+    num = float(got) * float(pdl.loss_denominator(aux, reduction))
     on = np_valid(labels, mask, 11)
     assert num == pytest.approx(
         (np.where(on, mask * w[np.where(on, labels, 0)], 0) * np_nll(logits, labels)).sum(),
@@ -237,19 +237,19 @@ def test_reduction_both_ways_and_scale():
 def test_itf_weights_formula_unseen_and_unnormalised():
   counts = np.array([0, 1, 4, 100, 12345])
   for lam in (0.0, 0.4, 1.0):
-    w = B.itf_weights(counts, lam)
+    w = baselines.itf_weights(counts, lam)
     assert w.dtype == np.float32
     np.testing.assert_allclose(w, np_itf(counts, lam), rtol=1e-6)
-  w = B.itf_weights(counts, 1.0)
+  w = baselines.itf_weights(counts, 1.0)
   assert w[0] == w[1] == 1.0 and w[2] == 0.25  # unseen weighs like a singleton
 
 
-@pytest.mark.parametrize("kind", B.TLAT_KINDS)
+@pytest.mark.parametrize("kind", baselines.TLAT_KINDS)
 def test_tlat_weights_formula_and_range(kind):
   rng = np.random.default_rng(0)
   counts = rng.zipf(1.5, 501)
   counts[:20] = 0
-  w = B.tlat_weights(counts, kind)
+  w = baselines.tlat_weights(counts, kind)
   np.testing.assert_allclose(w, np_tlat(counts, kind), rtol=1e-6)
   assert w.min() >= 1.0 and w.max() == pytest.approx(math.e, rel=1e-6)
   # Frequent tokens weigh about 1; the unseen get e (exp) or 1 (chi2); the heaviest
@@ -259,17 +259,17 @@ def test_tlat_weights_formula_and_range(kind):
   assert w[20:].max() == pytest.approx(math.e, rel=1e-6)
   if kind == "exp":  # the rarest seen token
     assert w[20:][np.argmin(counts[20:])] == pytest.approx(math.e, rel=1e-6)
-  np.testing.assert_allclose(B.tlat_weights(counts, kind, A=0.5, T=2.0),
+  np.testing.assert_allclose(baselines.tlat_weights(counts, kind, A=0.5, T=2.0),
                              np_tlat(counts, kind, 0.5, 2.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: B.itf_weights([1, 2], -0.1), r"lam \(itf_lambda\).*-0.1"),
-    (lambda: B.itf_weights([0, 0], 1.0), "all zero"),
-    (lambda: B.tlat_weights([1, 2], "gauss"), "kind.*'gauss'"),
-    (lambda: B.tlat_weights([1, 2], "exp", T=0.0), r"T \(tlat_T\).*0.0"),
-    (lambda: B.tlat_weights([1, 2], "exp", A=-1.0), r"A \(tlat_A\).*-1.0"),
-    (lambda: B.tlat_weights([[1, 2]], "exp"), r"1-D.*\(1, 2\)"),
+    (lambda: baselines.itf_weights([1, 2], -0.1), r"lam \(itf_lambda\).*-0.1"),
+    (lambda: baselines.itf_weights([0, 0], 1.0), "all zero"),
+    (lambda: baselines.tlat_weights([1, 2], "gauss"), "kind.*'gauss'"),
+    (lambda: baselines.tlat_weights([1, 2], "exp", T=0.0), r"T \(tlat_T\).*0.0"),
+    (lambda: baselines.tlat_weights([1, 2], "exp", A=-1.0), r"A \(tlat_A\).*-1.0"),
+    (lambda: baselines.tlat_weights([[1, 2]], "exp"), r"1-D.*\(1, 2\)"),
 ])
 def test_weight_builders_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
@@ -278,20 +278,20 @@ def test_weight_builders_bad_input(call, match):
 
 def test_fix_token_weight_numpy_jax_and_mean_relative():
   counts = np.array([10, 0, 5, 85])
-  w = B.itf_weights(counts, 1.0)
-  got = L.fix_token_weight(w, 2, 1.5)
+  w = baselines.itf_weights(counts, 1.0)
+  got = pdl.fix_token_weight(w, 2, 1.5)
   assert isinstance(got, np.ndarray) and got.dtype == np.float32
   np.testing.assert_array_equal(got, np.where(np.arange(4) == 2, 1.5, w).astype(np.float32))
   assert w[2] != 1.5  # a copy
   # With counts: 1 = the mean weight of a corpus token.
   mean = (counts * w.astype(np.float64)).sum() / counts.sum()
-  rel = L.fix_token_weight(w, 2, 2.0, counts_V=counts)
+  rel = pdl.fix_token_weight(w, 2, 2.0, counts_V=counts)
   assert rel[2] == pytest.approx(2.0 * mean, rel=1e-6)
   # PDL's normalised weights: both ways agree.
-  pw = L.power_law_weights(counts, 1.0)
-  assert L.fix_token_weight(pw, 3, 1.0, counts_V=counts)[3] == pytest.approx(1.0, rel=1e-6)
+  pw = pdl.power_law_weights(counts, 1.0)
+  assert pdl.fix_token_weight(pw, 3, 1.0, counts_V=counts)[3] == pytest.approx(1.0, rel=1e-6)
   # Inside jit, after FACE's weights.
-  f = jax.jit(lambda c: L.fix_token_weight(B.face_weights(c), 0, 1.0))
+  f = jax.jit(lambda c: pdl.fix_token_weight(baselines.face_weights(c), 0, 1.0))
   out = f(jnp.array([7, 1, 0, 2], jnp.int32))
   assert isinstance(out, jax.Array) and float(out[0]) == 1.0
   np.testing.assert_allclose(np.asarray(out)[1:], np_face_weights([7, 1, 0, 2])[1:],
@@ -299,7 +299,7 @@ def test_fix_token_weight_numpy_jax_and_mean_relative():
   # The fixed weight reaches the loss.
   logits, labels, mask, _ = random_case(6, vocab=4)
   labels = np.where(labels >= 0, labels % 4, labels)
-  w2 = L.fix_token_weight(pw, 2, 0.0)
+  w2 = pdl.fix_token_weight(pw, 2, 0.0)
   got, _ = losses.get_loss("pdl")(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w2),
                              mask=jnp.asarray(mask))
   assert float(got) == pytest.approx(np_weighted(logits, labels, w2, mask, "weights"),
@@ -317,7 +317,7 @@ def test_fix_token_weight_bad_input(kwargs, match):
   args = dict(weights_V=np.ones(4, np.float32), token_id=1, value=1.0)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    L.fix_token_weight(**args)
+    pdl.fix_token_weight(**args)
 
 
 # ---------------------------------------------------------------------------
@@ -329,8 +329,8 @@ def test_face_counts_and_weights_over_steps_match_simulation():
   vocab = 9
   counts = jnp.zeros(vocab, jnp.int32)
   np_counts = np.zeros(vocab, np.int64)
-  np.testing.assert_array_equal(np.asarray(B.face_weights(counts)), 1.0)  # start: CE
-  update = B.face_count_update
+  np.testing.assert_array_equal(np.asarray(baselines.face_weights(counts)), 1.0)  # start: CE
+  update = baselines.face_count_update
   fn = losses.get_loss("face")
   for step in range(5):
     logits, labels, mask, _ = random_case(10 + step, shape=(4, 5), vocab=vocab, scale=1.0)
@@ -344,7 +344,7 @@ def test_face_counts_and_weights_over_steps_match_simulation():
         np_counts[preds[idx]] += 1
     assert counts.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(counts), np_counts)
-    w = B.face_weights(counts)
+    w = baselines.face_weights(counts)
     np.testing.assert_allclose(np.asarray(w), np_face_weights(np_counts), rtol=1e-5,
                                atol=1e-6)
     assert float(jnp.mean(w)) == pytest.approx(1.0, rel=1e-5)
@@ -356,16 +356,16 @@ def test_face_counts_and_weights_over_steps_match_simulation():
 
 def test_face_edge_cases():
   # All counts equal: every raw weight would be 0; ones instead.
-  np.testing.assert_array_equal(np.asarray(B.face_weights(jnp.full(5, 3, jnp.int32))), 1.0)
+  np.testing.assert_array_equal(np.asarray(baselines.face_weights(jnp.full(5, 3, jnp.int32))), 1.0)
   # Saturates instead of wrapping.
   big = jnp.full(3, np.iinfo(np.int32).max - 1, jnp.int32)
-  out = B.face_count_update(big, jnp.zeros((4, 3)).at[:, 0].set(1.0),
+  out = baselines.face_count_update(big, jnp.zeros((4, 3)).at[:, 0].set(1.0),
                             jnp.zeros(4, jnp.int32))
   assert int(out[0]) == np.iinfo(np.int32).max and int(out[1]) == int(big[1])
   with pytest.raises(ValueError, match="int32; got dtype float32"):
-    B.face_count_update(jnp.zeros(3), jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32))
+    baselines.face_count_update(jnp.zeros(3), jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32))
   with pytest.raises(ValueError, match=r"last axis \(3\).*\(5\)"):
-    B.face_count_update(jnp.zeros(5, jnp.int32), jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32))
+    baselines.face_count_update(jnp.zeros(5, jnp.int32), jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -432,8 +432,8 @@ def test_unlikelihood_candidates_are_distinct_earlier_targets():
     (lambda: registry.supports_chunked("hinge"), "'hinge'"),
     (lambda: losses.get_loss("itf")(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), None),
      "weights.*got None"),
-    (lambda: C.get_loss_from_hidden("unlikelihood"), "'unlikelihood' has no chunked path"),
-    (lambda: C.get_loss_from_hidden("focal", gamma=-1.0), "gamma"),
+    (lambda: chunked_loss.get_loss_from_hidden("unlikelihood"), "'unlikelihood' has no chunked path"),
+    (lambda: chunked_loss.get_loss_from_hidden("focal", gamma=-1.0), "gamma"),
 ])
 def test_registry_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
@@ -463,13 +463,13 @@ def test_chunked_equals_unchunked(name, params):
     return losses.get_loss(name, **params)(h @ u, labels, w, mask=mask)
 
   def chunked(h, u):
-    return C.get_loss_from_hidden(name, **params)(h, u, labels, w, mask_N=mask,
+    return chunked_loss.get_loss_from_hidden(name, **params)(h, u, labels, w, mask_N=mask,
                                                   chunk_size=16)
 
   (want, want_aux), want_g = jax.value_and_grad(naive, (0, 1), has_aux=True)(hidden, unembed)
   (got, got_aux), got_g = jax.value_and_grad(chunked, (0, 1), has_aux=True)(hidden, unembed)
   assert float(got) == pytest.approx(float(want), rel=1e-5)
-  for field in L.LossAux._fields:
+  for field in pdl.LossAux._fields:
     assert float(getattr(got_aux, field)) == pytest.approx(float(getattr(want_aux, field)),
                                                            rel=1e-5)
   for a, b in zip(got_g, want_g):

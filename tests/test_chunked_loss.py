@@ -12,8 +12,8 @@ import pytest
 
 from pdl_jax import losses
 from pdl_jax import sharding
-from pdl_jax.losses import chunked as C
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import chunked as chunked_loss
+from pdl_jax.losses import pdl
 from pdl_jax.losses import registry
 
 STRATEGIES = ("vocab", "tokens")
@@ -27,7 +27,7 @@ def make_case(seed, n, d, v, alpha, mask_p=0.25):
   mask = jnp.asarray(rng.random(n) > mask_p, jnp.float32)
   counts = rng.zipf(1.4, v)
   counts[rng.random(v) < 0.1] = 0
-  weights = jnp.asarray(L.power_law_weights(counts, alpha))
+  weights = jnp.asarray(pdl.power_law_weights(counts, alpha))
   return hidden, unembed, labels, weights, mask
 
 
@@ -40,7 +40,7 @@ def assert_same_loss_aux_and_grads(naive_fn, chunked_fn, hidden, unembed, rtol=1
   (got, got_aux), got_g = jax.jit(jax.value_and_grad(
       chunked_fn, argnums=(0, 1), has_aux=True))(hidden, unembed)
   assert float(got) == pytest.approx(float(want), rel=rtol)
-  for field in L.LossAux._fields:
+  for field in pdl.LossAux._fields:
     assert float(getattr(got_aux, field)) == pytest.approx(
         float(getattr(want_aux, field)), rel=rtol), field
   for g, w in zip(got_g, want_g):
@@ -50,7 +50,7 @@ def assert_same_loss_aux_and_grads(naive_fn, chunked_fn, hidden, unembed, rtol=1
 
 def naive(hidden, unembed, labels, weights, mask):
   logits = jnp.matmul(hidden, unembed, preferred_element_type=jnp.float32)
-  return L.pdl_loss(logits, labels, weights, mask=mask)
+  return pdl.pdl_loss(logits, labels, weights, mask=mask)
 
 
 def chunked(chunk_size, strategy="vocab", row_chunk_size=None):
@@ -58,7 +58,7 @@ def chunked(chunk_size, strategy="vocab", row_chunk_size=None):
   row_chunk_size is None, also the rows per chunk ("tokens")."""
   rows = chunk_size if row_chunk_size is None else row_chunk_size
   def f(hidden, unembed, labels, weights, mask):
-    return C.pdl_loss_from_hidden(hidden, unembed, labels, weights, mask_N=mask,
+    return chunked_loss.pdl_loss_from_hidden(hidden, unembed, labels, weights, mask_N=mask,
                                   chunk_size=chunk_size, strategy=strategy,
                                   row_chunk_size=rows)
   return f
@@ -92,15 +92,15 @@ def test_value_and_grads_match_unchunked(n, d, v, chunk_size, alpha):
 def test_aux_and_ce_match_unchunked():
   hidden, unembed, labels, weights, mask = make_case(0, 48, 16, 90, 1.0)
   logits = hidden @ unembed
-  _, want = L.pdl_loss_and_aux(logits, labels, weights, mask=mask)
-  _, got = C.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, weights,
+  _, want = pdl.pdl_loss_and_aux(logits, labels, weights, mask=mask)
+  _, got = chunked_loss.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, weights,
                                           mask_N=mask, chunk_size=32, strategy="vocab")
-  for field in L.LossAux._fields:
+  for field in pdl.LossAux._fields:
     assert float(getattr(got, field)) == pytest.approx(float(getattr(want, field)),
                                                        rel=1e-5)
-  ce, _ = C.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, None, mask_N=mask,
+  ce, _ = chunked_loss.pdl_loss_from_hidden_and_aux(hidden, unembed, labels, None, mask_N=mask,
                                          chunk_size=32, strategy="vocab")
-  assert float(ce) == pytest.approx(float(L.cross_entropy_loss(logits, labels, mask=mask)),
+  assert float(ce) == pytest.approx(float(pdl.cross_entropy_loss(logits, labels, mask=mask)),
                                     rel=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_bad_input(kwargs, match):
               strategy="tokens", row_chunk_size=None)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    C.pdl_loss_from_hidden(args["hidden"], args["unembed"], args["labels"],
+    chunked_loss.pdl_loss_from_hidden(args["hidden"], args["unembed"], args["labels"],
                            args["weights"], chunk_size=args["chunk_size"],
                            strategy=args["strategy"], row_chunk_size=args["row_chunk_size"])
 
@@ -205,7 +205,7 @@ def test_tokens_value_and_grads_match_unchunked(n, d, v, rows, alpha):
 
 @pytest.mark.parametrize("name", sorted(
     n for n in registry.CHUNKABLE if registry.spec(n).token_loss_from_stats is None))
-@pytest.mark.parametrize("reduction", L.REDUCTIONS)
+@pytest.mark.parametrize("reduction", pdl.REDUCTIONS)
 def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
   if name == "ce" and reduction == "weights":
     pytest.skip("ce takes no reduction (its token weights are all 1)")
@@ -213,7 +213,7 @@ def test_tokens_every_chunkable_loss_both_reductions(name, reduction):
   labels = labels.at[3].set(-100).at[5].set(70)  # out of range: ignored
   params = {} if name == "ce" else {"reduction": reduction}
   ref = losses.get_loss(name, **params)
-  fn = C.get_loss_from_hidden(name, **params)
+  fn = chunked_loss.get_loss_from_hidden(name, **params)
 
   def naive_fn(h, u):
     logits = jnp.matmul(h, u, preferred_element_type=jnp.float32)
@@ -262,11 +262,11 @@ def test_tokens_gradient_wrt_weights_matches_unchunked():
 
 
 def test_default_row_chunk_size_is_512_rows_with_blocks_under_512_mib():
-  assert C.default_row_chunk_size(32_000) == 512
-  assert C.default_row_chunk_size(128_000) == 512
-  assert C.default_row_chunk_size(262_144) == 512
-  assert C.default_row_chunk_size(300_000) == 440
-  assert C.default_row_chunk_size(10**9) == 8
+  assert chunked_loss.default_row_chunk_size(32_000) == 512
+  assert chunked_loss.default_row_chunk_size(128_000) == 512
+  assert chunked_loss.default_row_chunk_size(262_144) == 512
+  assert chunked_loss.default_row_chunk_size(300_000) == 440
+  assert chunked_loss.default_row_chunk_size(10**9) == 8
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_stats_losses_match_unchunked(name, params, chunk_size):
   hidden, unembed, labels, weights, mask = make_case(6, 45, 12, 70, 1.0)
   labels = labels.at[3].set(-100).at[5].set(70)  # out of range: ignored
   ref = losses.get_loss(name, **params)
-  fn = C.get_loss_from_hidden(name, **params)
+  fn = chunked_loss.get_loss_from_hidden(name, **params)
 
   def naive_fn(h, u):
     return ref(jnp.matmul(h, u, preferred_element_type=jnp.float32), labels, None,
@@ -303,11 +303,11 @@ def test_token_stats_against_numpy():
   lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
   want_nll = lse - logits[np.arange(9), np.asarray(labels)]
   want_unif = lse - logits.mean(1)
-  nll, unif = C.chunked_token_stats(hidden, unembed, labels, 5)
+  nll, unif = chunked_loss.chunked_token_stats(hidden, unembed, labels, 5)
   np.testing.assert_allclose(np.asarray(nll), want_nll, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(unif), want_unif, rtol=1e-5)
   g1, g2 = np.linspace(0.5, 1.5, 9), np.linspace(-1.0, 1.0, 9)
-  _, vjp = jax.vjp(lambda h: C.chunked_token_stats(h, unembed, labels, 5), hidden)
+  _, vjp = jax.vjp(lambda h: chunked_loss.chunked_token_stats(h, unembed, labels, 5), hidden)
   (dh,) = vjp((jnp.asarray(g1, jnp.float32), jnp.asarray(g2, jnp.float32)))
   p = np.exp(logits - lse[:, None])
   onehot = np.eye(23)[np.asarray(labels)]
@@ -322,17 +322,18 @@ def test_chunked_argmax_equals_argmax_with_ties():
   unembed = unembed.at[:, 40].set(unembed[:, 3]).at[:, 11].set(unembed[:, 10])
   want = jnp.argmax(hidden @ unembed, axis=1)
   for chunk_size in (7, 16, 53, 100):
-    np.testing.assert_array_equal(np.asarray(C.chunked_argmax(hidden, unembed, chunk_size)),
+    np.testing.assert_array_equal(np.asarray(chunked_loss.chunked_argmax(hidden, unembed, chunk_size)),
                                   np.asarray(want))
 
 
 def test_face_chunked_objective_equals_full_logits():
   """FACE through the objective: counts from the chunked argmax, its weighted loss by
   chunks: the same loss, counts and gradients as with the full logits."""
-  from pdl_jax.losses import objective
+  from pdl_jax.losses import batch_loss
   from pdl_jax.models import decoder
+  from pdl_jax.models import config as model_config
   import flax.linen as nn
-  cfg = decoder.DecoderConfig(vocab_size=61, d_model=16, num_layers=1, num_heads=2,
+  cfg = model_config.DecoderConfig(vocab_size=61, d_model=16, num_layers=1, num_heads=2,
                               num_kv_heads=2, head_dim=8, mlp_dim=32, tied_embeddings=False)
   model = decoder.Decoder(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -343,7 +344,7 @@ def test_face_chunked_objective_equals_full_logits():
   state = jnp.asarray(rng.integers(0, 5, 61), jnp.int32)
   outs = []
   for chunked in (False, True):
-    fn = lambda p, chunked=chunked: objective.compute_loss(
+    fn = lambda p, chunked=chunked: batch_loss.compute_loss(
         p, batch, jnp.ones(61), state, model=model, loss_name="face",
         loss_params={"reduction": None}, chunked=chunked, chunk_size=16, eos_id=1,
         eos_weight=None)
@@ -371,7 +372,7 @@ def _shapes(jaxpr) -> set:
 def test_stats_losses_never_make_the_full_logits(name, params):
   n, v, chunk = 40, 300, 64
   hidden, unembed, labels, _, mask = make_case(9, n, 8, v, 1.0)
-  fn = C.get_loss_from_hidden(name, **params)
+  fn = chunked_loss.get_loss_from_hidden(name, **params)
   f = lambda h, u: fn(h, u, labels, None, mask_N=mask, chunk_size=chunk)[0]
   shapes = _shapes(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(
       hidden, unembed).jaxpr)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import common
 from pdl_jax import config_checks
+from pdl_jax.train import run as run_lib
 
 CONFIGS = ("summarization", "dialogue", "style_transfer", "pretrain")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,18 +113,17 @@ def test_every_arg_key_has_a_test_value():
 
 @pytest.mark.parametrize("name", ("summarization", "dialogue", "style_transfer"))
 def test_task_configs_finetune_the_real_model_by_default(name):
-  from pdl_jax import train
   module = importlib.import_module(f"configs.{name}")
   c = module.get_config()
   assert c.model.pretrained == common.DEFAULT_PRETRAINED == "smollm2-135m-instruct"
-  assert c.optimizer.learning_rate < 1e-3 and train.eval_at_start(c)
+  assert c.optimizer.learning_rate < 1e-3 and run_lib.eval_at_start(c)
   assert c.data.prompt_format is None  # chat, since the model has a template
   own = common.get_base_config(name)
   for arg in ("pretrained=none", "smoke", "init_from=workdirs/pretrain", "model=base"):
     o = module.get_config(arg)
     assert o.model.pretrained is None, arg
     assert o.optimizer.learning_rate == own.optimizer.learning_rate and not \
-        train.eval_at_start(o), arg
+        run_lib.eval_at_start(o), arg
   assert module.get_config("pretrained=none").seq_len == 128
   both = module.get_config("init_from=workdirs/ft,pretrained=smollm2-135m-instruct")
   assert both.model.pretrained == "smollm2-135m-instruct" and both.init_from == "workdirs/ft"

@@ -3,24 +3,25 @@
 import numpy as np
 import pytest
 
-from pdl_jax import data as ip
-from pdl_jax.tokenizers import sentencepiece as T
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import batches as batches_lib
+from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
 
 from test_frequency import make_texts
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return T.train(make_texts(1500, 0), str(tmp_path_factory.mktemp("t") / "m.model"), 100)
+  return sp_tokenizer.train(make_texts(1500, 0), str(tmp_path_factory.mktemp("t") / "m.model"), 100)
 
 
 def test_layout_and_mask(tok):
-  ex = ip.encode_examples(["the man said"], ["no more"], tok, seq_len=20, max_target_len=10)
+  ex = examples_lib.encode_examples(["the man said"], ["no more"], tok, seq_len=20, max_target_len=10)
   p, t = tok.encode_batch(["the man said"])[0], tok.encode_batch(["no more"])[0]
   seq = p + [tok.sep_id] + t + [tok.eos_id]
   assert ex.seqs[0, :len(seq)].tolist() == seq
   assert (ex.seqs[0, len(seq):] == tok.pad_id).all()
-  b = ip.make_batch(ex, np.array([0]))
+  b = batches_lib.make_batch(ex, np.array([0]))
   assert b["inputs"][0].tolist() == ex.seqs[0, :-1].tolist()
   assert b["labels"][0].tolist() == ex.seqs[0, 1:].tolist()
   # Loss exactly on the target tokens and EOS as labels.
@@ -30,42 +31,42 @@ def test_layout_and_mask(tok):
 
 def test_truncation_and_empty_targets(tok):
   long_prompt = " ".join(["the man"] * 50)
-  ex = ip.encode_examples([long_prompt, "a", "b"], ["and so on " * 20, "", "  "], tok,
+  ex = examples_lib.encode_examples([long_prompt, "a", "b"], ["and so on " * 20, "", "  "], tok,
                           seq_len=16, max_target_len=5)
   assert len(ex) == 1 and ex.dropped_empty == 2 and ex.truncated == 1
-  b = ip.make_batch(ex, np.array([0]))
+  b = batches_lib.make_batch(ex, np.array([0]))
   # 5 target tokens and no EOS: the target was cut, it did not end there.
   assert int(b["loss_mask"].sum()) == 5 and ex.targets_truncated == 1
   assert tok.eos_id not in b["labels"][0][b["loss_mask"][0] > 0].tolist()
   assert ex.seqs[0, ex.target_start[0] - 1] == tok.sep_id
   assert ex.lengths[0] == 17  # full: one more prompt token where the EOS would be
   with pytest.raises(ValueError, match="seq_len must be >= 4.*got 3"):
-    ip.encode_examples(["a"], ["b"], tok, seq_len=3, max_target_len=2)
+    examples_lib.encode_examples(["a"], ["b"], tok, seq_len=3, max_target_len=2)
 
 
 def test_batches_are_a_function_of_seed_and_step(tok):
   texts = make_texts(50, 3)
-  ex = ip.encode_examples(texts, texts, tok, seq_len=24, max_target_len=8)
-  a, b = ip.TrainBatches(ex, 8, seed=1), ip.TrainBatches(ex, 8, seed=1)
+  ex = examples_lib.encode_examples(texts, texts, tok, seq_len=24, max_target_len=8)
+  a, b = batches_lib.TrainBatches(ex, 8, seed=1), batches_lib.TrainBatches(ex, 8, seed=1)
   for step in (0, 5, 7, 3, 12):  # any order: a resumed run gets the same batch
     np.testing.assert_array_equal(a(step)["inputs"], b(step)["inputs"])
   epoch = np.concatenate([a.indices(s) for s in range(a.steps_per_epoch)])
   assert len(set(epoch.tolist())) == len(epoch) == 48  # no repeats; partial batch dropped
   assert not np.array_equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled
-  assert not np.array_equal(a.indices(0), ip.TrainBatches(ex, 8, seed=2).indices(0))
+  assert not np.array_equal(a.indices(0), batches_lib.TrainBatches(ex, 8, seed=2).indices(0))
   # Two processes' parts make up the one-process batch.
-  parts = [ip.TrainBatches(ex, 8, seed=1, process_index=i, process_count=2) for i in (0, 1)]
+  parts = [batches_lib.TrainBatches(ex, 8, seed=1, process_index=i, process_count=2) for i in (0, 1)]
   for step in (0, 9):
     np.testing.assert_array_equal(np.concatenate([p.indices(step) for p in parts]),
                                   a.indices(step))
   with pytest.raises(ValueError, match="fewer than the batch size 64"):
-    ip.TrainBatches(ex, 64, seed=0)
+    batches_lib.TrainBatches(ex, 64, seed=0)
 
 
 def test_eval_batches_pad_with_masked_rows(tok):
   texts = make_texts(5, 4)
-  ex = ip.encode_examples(texts, texts, tok, seq_len=24, max_target_len=8)
-  batches = list(ip.eval_batches(ex, 4))
+  ex = examples_lib.encode_examples(texts, texts, tok, seq_len=24, max_target_len=8)
+  batches = list(batches_lib.eval_batches(ex, 4))
   assert len(batches) == 2
   assert batches[1]["example_mask"].tolist() == [1, 0, 0, 0]
   assert batches[1]["loss_mask"][1:].sum() == 0
@@ -99,7 +100,7 @@ def test_vectorised_layout_equals_the_per_example_loop(prefix):
   p_ids, t_ids = ids(0, 40), ids(1, 30)  # short and long prompts and targets
   sep_ids = [[3] if i % 3 else [3, 4] for i in range(n)]  # encode_parts: per example
   for total, max_target_len in ((33, 12), (17, 40), (64, 8)):
-    got = ip._layout(p_ids, sep_ids, t_ids, prefix=prefix, eos=2, pad=0, total=total,
+    got = examples_lib._layout(p_ids, sep_ids, t_ids, prefix=prefix, eos=2, pad=0, total=total,
                      max_target_len=max_target_len)
     want = _layout_by_loop(p_ids, sep_ids, t_ids, prefix, 2, 0, total, max_target_len)
     np.testing.assert_array_equal(got[0], want[0])

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax.datasets import bible_style as B
-from pdl_jax.datasets import common
-from pdl_jax.datasets import debian_descriptions as D
-from pdl_jax.datasets import shakespeare_dialogue as S
+from pdl_jax.data.builders import bible_style
+from pdl_jax.data.builders import common
+from pdl_jax.data.builders import debian_descriptions
+from pdl_jax.data.builders import shakespeare_dialogue
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -32,7 +32,7 @@ GLUED = re.compile(r"\b[a-z]+[A-Z][a-z]+\b")  # "Godcreated"-style joins
 
 
 def test_translation_stanzas_parse():
-  descs = {d.package: d for d in D.parse_translation(read("Translation-en"))}
+  descs = {d.package: d for d in debian_descriptions.parse_translation(read("Translation-en"))}
   assert set(descs) == {"hello", "librust-foo-dev", "librust-foo+std-dev", "grep", "tiny",
                         "grep-dup"}
   hello = descs["hello"]
@@ -50,12 +50,12 @@ def test_translation_stanzas_parse():
 
 
 def test_filter_and_clusters():
-  descs = D.filter_descriptions(D.parse_translation(read("Translation-en")))
+  descs = debian_descriptions.filter_descriptions(debian_descriptions.parse_translation(read("Translation-en")))
   names = [d.package for d in descs]
   assert "tiny" not in names  # body under 15 words
   assert ("grep" in names) != ("grep-dup" in names)  # exact duplicate dropped
   texts = [d.synopsis + "\n" + d.body for d in descs]
-  clusters = D.cluster_near_duplicates(texts)
+  clusters = debian_descriptions.cluster_near_duplicates(texts)
   by_name = dict(zip(names, clusters))
   assert by_name["librust-foo-dev"] == by_name["librust-foo+std-dev"]
   assert by_name["hello"] != by_name["librust-foo-dev"]
@@ -66,21 +66,21 @@ def test_jaccard_threshold_is_respected():
   base = " ".join(f"w{i}" for i in range(60))
   near = base.replace("w30", "x30")          # 3 of 58 3-grams differ: Jaccard ~0.9
   far = " ".join(f"w{i}" for i in range(30)) + " " + " ".join(f"z{i}" for i in range(30))
-  clusters = D.cluster_near_duplicates([base, near, far])
+  clusters = debian_descriptions.cluster_near_duplicates([base, near, far])
   assert clusters[0] == clusters[1] != clusters[2]
 
 
 def test_debian_pairs_keep_clusters_in_one_split():
-  descs = D.filter_descriptions(D.parse_translation(read("Translation-en")))
-  pairs = D.make_pairs(descs, max_per_cluster=None)
+  descs = debian_descriptions.filter_descriptions(debian_descriptions.parse_translation(read("Translation-en")))
+  pairs = debian_descriptions.make_pairs(descs, max_per_cluster=None)
   where = {}
   for split, examples in pairs.items():
     for ex in examples:
       assert where.setdefault(ex["cluster"], split) == split
       assert ex["targets"] and ex["inputs"] and not GLUED.search(ex["inputs"])
   assert sum(len(v) for v in pairs.values()) == 4
-  assert D.make_pairs(descs, max_per_cluster=None) == pairs  # deterministic
-  capped = D.make_pairs(descs, max_per_cluster=1)
+  assert debian_descriptions.make_pairs(descs, max_per_cluster=None) == pairs  # deterministic
+  capped = debian_descriptions.make_pairs(descs, max_per_cluster=1)
   assert sum(len(v) for v in capped.values()) == 3
 
 
@@ -90,7 +90,7 @@ def test_debian_pairs_keep_clusters_in_one_split():
 
 
 def test_play_parses_every_speaker_convention():
-  scenes = S.parse_play(read("play_gut.txt"))
+  scenes = shakespeare_dialogue.parse_play(read("play_gut.txt"))
   speakers = [t.speaker for s in scenes for t in s.turns]
   assert speakers == ["BER", "FRAN", "BER", "CAMILLO", "THESEUS", "MRS. FORD",
                       "FIRST GENTLEMAN", "SECOND GENTLEMAN", "FIRST GENTLEMAN", "CAMILLO"]
@@ -105,8 +105,8 @@ def test_play_parses_every_speaker_convention():
 
 
 def test_pairs_never_cross_a_scene():
-  scenes = S.parse_play(read("play_gut.txt"))
-  pairs = list(S.make_pairs("fixture", scenes, k=3))
+  scenes = shakespeare_dialogue.parse_play(read("play_gut.txt"))
+  pairs = list(shakespeare_dialogue.make_pairs("fixture", scenes, k=3))
   assert len(pairs) == 5 + 2  # 6 turns -> 5 pairs, 3 turns -> 2, 1 turn -> 0
   first = pairs[0]
   assert first["inputs"] == "BER: Who's there?\nFRAN:"
@@ -126,9 +126,9 @@ def test_play_splits_and_sources(tmp_path):
   for name in ("tempest", "macbeth", "romeo_and_juliet", "sonnets"):
     shutil.copy(os.path.join(FIXTURES, "play_gut.txt"), texts / f"{name}_gut.txt")
   shutil.copy(os.path.join(FIXTURES, "play_gut.txt"), texts / "tempest_gut_f.txt")
-  plays = S.read_plays(str(texts))
+  plays = shakespeare_dialogue.read_plays(str(texts))
   assert sorted(plays) == ["macbeth", "romeo_and_juliet", "tempest"]  # poems, folio out
-  assert [S.play_split(p) for p in sorted(plays)] == ["validation", "test", "train"]
+  assert [shakespeare_dialogue.play_split(p) for p in sorted(plays)] == ["validation", "test", "train"]
 
 
 # ---------------------------------------------------------------------------
@@ -137,8 +137,8 @@ def test_play_splits_and_sources(tmp_path):
 
 
 def test_osis_cleaning_glues_no_words():
-  web = {v.ref: v for v in B.parse_imp(read("engWEB2015eb.imp"))}
-  kjv = {v.ref: v for v in B.parse_imp(read("engKJV2006eb.imp"))}
+  web = {v.ref: v for v in bible_style.parse_imp(read("engWEB2015eb.imp"))}
+  kjv = {v.ref: v for v in bible_style.parse_imp(read("engKJV2006eb.imp"))}
   assert web["Genesis 1:1"].text == ("In the beginning, God created the heavens and "
                                      "the earth.")
   assert web["Genesis 1:2"].text == ("The earth was formless and empty. Darkness was "
@@ -154,14 +154,14 @@ def test_osis_cleaning_glues_no_words():
 
 
 def test_verse_pairs_by_chapter_and_reverse():
-  kjv = {v.ref: v for v in B.parse_imp(read("engKJV2006eb.imp"))}
-  web = {v.ref: v for v in B.parse_imp(read("engWEB2015eb.imp"))}
-  pairs = B.pair_verses(kjv, web, reverse=False)
+  kjv = {v.ref: v for v in bible_style.parse_imp(read("engKJV2006eb.imp"))}
+  web = {v.ref: v for v in bible_style.parse_imp(read("engWEB2015eb.imp"))}
+  pairs = bible_style.pair_verses(kjv, web, reverse=False)
   refs = {split: [ex["reference"] for ex in v] for split, v in pairs.items()}
   assert refs == {"train": ["Genesis 1:1", "Genesis 1:2", "Psalms 23:1"],
                   "validation": ["Genesis 3:1"], "test": ["Genesis 8:1"]}
   assert pairs["train"][0]["inputs"].startswith("In the beginning God")
-  rev = B.pair_verses(kjv, web, reverse=True)
+  rev = bible_style.pair_verses(kjv, web, reverse=True)
   assert rev["train"][0]["inputs"] == pairs["train"][0]["targets"]
   assert rev["train"][0]["targets"] == pairs["train"][0]["inputs"]
 
@@ -190,9 +190,9 @@ def _build(name, data_dir, manual_dir):
 
 
 def test_bible_builder_on_fixtures(tmp_path, monkeypatch):
-  import pdl_jax.datasets  # noqa: F401  registers builders
-  monkeypatch.setattr(B, "MIN_VERSES", 1)
-  monkeypatch.setattr(B, "MIN_PER_SPLIT", 1)
+  import pdl_jax.data.builders  # noqa: F401  registers builders
+  monkeypatch.setattr(bible_style, "MIN_VERSES", 1)
+  monkeypatch.setattr(bible_style, "MIN_PER_SPLIT", 1)
   out = _build("bible_style/web_to_kjv", tmp_path / "data", FIXTURES)
   assert {s: len(v) for s, v in out.items()} == {"train": 3, "validation": 1, "test": 1}
   ex = [e for e in out["train"] if e["reference"] == "Psalms 23:1"][0]
@@ -202,7 +202,7 @@ def test_bible_builder_on_fixtures(tmp_path, monkeypatch):
 
 
 def test_shakespeare_builder_on_fixtures(tmp_path, monkeypatch):
-  import pdl_jax.datasets  # noqa: F401
+  import pdl_jax.data.builders  # noqa: F401
   texts = tmp_path / "src"
   texts.mkdir()
   play = read("play_gut.txt")
@@ -214,8 +214,8 @@ def test_shakespeare_builder_on_fixtures(tmp_path, monkeypatch):
       new = old[:-1] + s.upper() + old[-1:]  # "Ber." -> "BerA.", "THESEUS\n" -> "THESEUSA\n"
       text = text.replace(old, new)
     (texts / f"{name}_gut.txt").write_text(text)
-  monkeypatch.setattr(S, "MIN_PLAYS", 1)
-  monkeypatch.setattr(S, "MIN_PER_SPLIT", 1)
+  monkeypatch.setattr(shakespeare_dialogue, "MIN_PLAYS", 1)
+  monkeypatch.setattr(shakespeare_dialogue, "MIN_PER_SPLIT", 1)
   out = _build("shakespeare_dialogue", tmp_path / "data", texts)
   assert {s: len(v) for s, v in out.items()} == {"train": 7, "validation": 7, "test": 7}
   assert {e["play"] for e in out["test"]} == {"romeo_and_juliet"}
@@ -224,7 +224,7 @@ def test_shakespeare_builder_on_fixtures(tmp_path, monkeypatch):
 
 
 def test_debian_builder_on_fixtures_refuses_empty_split(tmp_path):
-  import pdl_jax.datasets  # noqa: F401
+  import pdl_jax.data.builders  # noqa: F401
   # Four examples cannot fill three splits of >= 100: a clear error, no silent
   # empty split.
   with pytest.raises(ValueError, match="debian_descriptions: splits .* fewer than 100"):
@@ -234,9 +234,9 @@ def test_debian_builder_on_fixtures_refuses_empty_split(tmp_path):
 def test_missing_source_error_names_the_command(monkeypatch, tmp_path):
   monkeypatch.setattr(common.shutil, "which", lambda _: None)
   with pytest.raises(common.SourceUnavailableError, match="apt-get install -y sword-text-kjv"):
-    B.export_module(B.KJV_MODULE, str(tmp_path))
+    bible_style.export_module(bible_style.KJV_MODULE, str(tmp_path))
   with pytest.raises(common.SourceUnavailableError, match="Acquire::Languages=en"):
-    D.fetch_translation_files(str(tmp_path))
+    debian_descriptions.fetch_translation_files(str(tmp_path))
 
 
 def test_identical_inputs_stay_in_one_split():
@@ -250,10 +250,10 @@ def test_identical_inputs_stay_in_one_split():
 
 
 def test_prepare_cli_function(tmp_path, monkeypatch):
-  from pdl_jax.datasets import prepare
-  monkeypatch.setattr(B, "MIN_VERSES", 1)
-  monkeypatch.setattr(B, "MIN_PER_SPLIT", 1)
-  counts = prepare.prepare("bible_style/kjv_to_web", str(tmp_path), FIXTURES)
+  from pdl_jax.cli import prepare_data
+  monkeypatch.setattr(bible_style, "MIN_VERSES", 1)
+  monkeypatch.setattr(bible_style, "MIN_PER_SPLIT", 1)
+  counts = prepare_data.prepare("bible_style/kjv_to_web", str(tmp_path), FIXTURES)
   assert counts == {"train": 3, "validation": 1, "test": 1}
   with pytest.raises(ValueError, match=r"'xsum' is not an offline corpus.*debian_descriptions"):
-    prepare.prepare("xsum", str(tmp_path))
+    prepare_data.prepare("xsum", str(tmp_path))

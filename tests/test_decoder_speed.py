@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdl_jax.losses import window as loss_window
-from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.losses import window
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 import reference_transformer as model_lib
 
 # Distinct sizes, so shapes in the HLO text say which tensor they are.
@@ -24,8 +25,8 @@ B, L, D, H, K, F, V = 3, 24, 32, 2, 16, 80, 120
 def _own(tied=True):
   own_cfg = model_lib.ModelConfig(vocab_size=V, d_model=D, num_layers=2, num_heads=H,
                                   head_dim=K, mlp_dim=F, tied_embeddings=tied)
-  return model_lib.Transformer(own_cfg), decoder_lib.Decoder(
-      decoder_lib.from_model_config(own_cfg))
+  return model_lib.Transformer(own_cfg), decoder.Decoder(
+      model_config.from_model_config(own_cfg))
 
 
 def _tokens(seed=0):
@@ -104,11 +105,11 @@ def test_unembed_logits_on_a_window_equals_the_full_logits(tied):
   hidden_BxLxD, _ = dec.apply({"params": params}, tokens, return_hidden=True)
   mask = np.zeros((B, L), np.float32)
   mask[0, 5:9], mask[1, 20:24], mask[2, 0:2] = 1, 1, 1
-  h_c, y_c, m_c = loss_window.gather_window(hidden_BxLxD, tokens, jnp.asarray(mask), 6)
-  win = dec.apply({"params": params}, h_c, method=decoder_lib.Decoder.unembed_logits)
-  full_w, _, _ = loss_window.gather_window(logits_BxLxV, tokens, jnp.asarray(mask), 6)
+  h_c, y_c, m_c = window.gather_window(hidden_BxLxD, tokens, jnp.asarray(mask), 6)
+  win = dec.apply({"params": params}, h_c, method=decoder.Decoder.unembed_logits)
+  full_w, _, _ = window.gather_window(logits_BxLxV, tokens, jnp.asarray(mask), 6)
   np.testing.assert_allclose(np.asarray(win), np.asarray(full_w), rtol=1e-6, atol=1e-5)
-  w_DxV = decoder_lib.unembed_DxV(dec, params)
+  w_DxV = decoder.unembed_DxV(dec, params)
   np.testing.assert_allclose(np.asarray(logits_BxLxV),
                              np.asarray(hidden_BxLxD @ w_DxV), rtol=1e-5, atol=1e-4)
 
@@ -148,7 +149,7 @@ def test_detector_sees_the_3d_contraction_transposes():
 
 @pytest.mark.parametrize("tied,kv_heads", [(True, H), (False, 1)])
 def test_train_step_hlo_has_no_big_transposes(tied, kv_heads):
-  dec = decoder_lib.Decoder(decoder_lib.DecoderConfig(
+  dec = decoder.Decoder(model_config.DecoderConfig(
       vocab_size=V, d_model=D, num_layers=2, num_heads=H, num_kv_heads=kv_heads,
       head_dim=K, mlp_dim=F, tied_embeddings=tied))
   tokens = _tokens()
@@ -163,17 +164,17 @@ def test_sharded_gradients_equal_unsharded():
   # The 2-D reshapes merge the batch axis (sharded over "data") with the length
   # axis and the heads axis (sharded over "model") with head_dim: GSPMD must keep
   # both; the gradients on a 2 x 2 mesh equal the single-device ones.
-  from pdl_jax import sharding as sharding_lib
-  dec = decoder_lib.Decoder(decoder_lib.DecoderConfig(
+  from pdl_jax import sharding
+  dec = decoder.Decoder(model_config.DecoderConfig(
       vocab_size=V, d_model=D, num_layers=2, num_heads=H, num_kv_heads=1, head_dim=K,
       mlp_dim=F, tied_embeddings=True))
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, V, (4, L)), jnp.int32)
   boxed = dec.init(jax.random.key(0), tokens)["params"]
   params = nn.meta.unbox(boxed)
-  mesh = sharding_lib.make_mesh({"data": 2, "model": 2}, jax.devices()[:4])
-  shardings = sharding_lib.tree_shardings(mesh, boxed)
+  mesh = sharding.make_mesh({"data": 2, "model": 2}, jax.devices()[:4])
+  shardings = sharding.tree_shardings(mesh, boxed)
   sharded = jax.device_put(params, shardings)
-  tok_sharded = jax.device_put(tokens, sharding_lib.named_sharding(mesh, "batch", "length"))
+  tok_sharded = jax.device_put(tokens, sharding.named_sharding(mesh, "batch", "length"))
   grad = jax.jit(jax.grad(lambda p, t: _loss(dec, p, t)))
   g_sharded = grad(sharded, tok_sharded)
   g_single = grad(params, tokens)
@@ -188,14 +189,14 @@ def test_decoding_updates_the_kv_cache_in_place(scan):
   was restacked every token, and XLA:CPU duplicated each update into the attention's
   reshape, each duplicate starting from a copy of the cache). Scanned params decode
   through the unrolled layout."""
-  from pdl_jax import decode
-  cfg = decoder_lib.DecoderConfig(vocab_size=V, d_model=D, num_layers=3, num_heads=4,
+  from pdl_jax.eval import decode as decode_lib
+  cfg = model_config.DecoderConfig(vocab_size=V, d_model=D, num_layers=3, num_heads=4,
                                   num_kv_heads=2, head_dim=K, mlp_dim=F, scan_layers=scan)
-  model = decoder_lib.Decoder(cfg)
+  model = decoder.Decoder(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   prompt, new = 11, 13
   tokens = jnp.ones((B, prompt), jnp.int32)
-  hlo = decode.generate.lower(model, params, tokens, jnp.ones_like(tokens), jax.random.key(0),
+  hlo = decode_lib.generate.lower(model, params, tokens, jnp.ones_like(tokens), jax.random.key(0),
                               max_new_tokens=new, eos_id=-1, pad_id=0).compile().as_text()
   cache_shape = f"f32[{B},2,{prompt + new},{K}]"  # one layer's keys or values
   assert f"{cache_shape}" in hlo and " while(" in hlo
@@ -210,9 +211,9 @@ def test_top_p_sampler_never_sorts_the_vocabulary():
   column (the old fast-path check) made XLA:CPU lower it as a sort of the whole
   vocabulary, 406 vs 5 ms a step at 64 x 49152 (every top-p step, 4x greedy's time)."""
   import re
-  from pdl_jax import decode as D
+  from pdl_jax.eval import decode as decode_lib
   logits = jax.ShapeDtypeStruct((8, 5000), jnp.float32)
-  hlo = jax.jit(lambda x: D._top_p_sample(jax.random.key(0), x, 0.9, 1.0)).lower(
+  hlo = jax.jit(lambda x: decode_lib._top_p_sample(jax.random.key(0), x, 0.9, 1.0)).lower(
       logits).compile().as_text()
   assert not re.findall(r"\bsort\(", hlo)
   assert "topk" in hlo.lower()

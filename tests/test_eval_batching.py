@@ -7,33 +7,33 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from pdl_jax import evaluate
+from pdl_jax.eval import evaluator as evaluator_lib
 from pdl_jax import sharding
-from pdl_jax.models import decoder as dec
-from pdl_jax.models import transformer as M
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 
 
 def test_decode_batches_sort_and_round_up():
   lengths = [30, 5, 17, 64, 9, 33, 2]
-  batches = evaluate.decode_batches(lengths, 3, 16)
+  batches = evaluator_lib.decode_batches(lengths, 3, 16)
   assert [idx for idx, _ in batches] == [[6, 1, 4], [2, 0, 5], [3]]
   assert [n for _, n in batches] == [16, 48, 64]  # 9 -> 16, 33 -> 48, 64 (the longest)
-  assert evaluate.decode_batches(lengths, 3, 100) == [([6, 1, 4], 64), ([2, 0, 5], 64),
+  assert evaluator_lib.decode_batches(lengths, 3, 100) == [([6, 1, 4], 64), ([2, 0, 5], 64),
                                                       ([3], 64)]  # capped at the longest
   # 0: the given order, every batch padded to the longest prompt.
-  assert evaluate.decode_batches(lengths, 3, 0) == [([0, 1, 2], 64), ([3, 4, 5], 64),
+  assert evaluator_lib.decode_batches(lengths, 3, 0) == [([0, 1, 2], 64), ([3, 4, 5], 64),
                                                     ([6], 64)]
   # A longest prompt at a multiple of the bucket is not rounded up past it.
-  assert evaluate.decode_batches([32, 3, 40], 2, 16) == [([1, 0], 32), ([2], 40)]
-  assert evaluate.decode_batches([], 4, 16) == []
+  assert evaluator_lib.decode_batches([32, 3, 40], 2, 16) == [([1, 0], 32), ([2], 40)]
+  assert evaluator_lib.decode_batches([], 4, 16) == []
   # Ties keep their order (a stable sort): the batching is the same on every host.
-  assert [idx for idx, _ in evaluate.decode_batches([4, 4, 4, 1], 2, 8)] == [[3, 0], [1, 2]]
+  assert [idx for idx, _ in evaluator_lib.decode_batches([4, 4, 4, 1], 2, 8)] == [[3, 0], [1, 2]]
 
 
 @pytest.fixture(scope="module")
 def model_and_prompts():
-  cfg = M.model_config("tiny", vocab_size=64)
-  model = dec.Decoder(dec.from_model_config(cfg))
+  cfg = model_config.preset_config("tiny", vocab_size=64)
+  model = decoder.Decoder(model_config.from_model_config(cfg))
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   r = np.random.default_rng(0)
   prompts = [r.integers(3, 64, n).tolist() for n in (3, 21, 7, 12, 2, 30, 9, 5, 17)]
@@ -43,7 +43,7 @@ def model_and_prompts():
 def _generate(model_and_prompts, method, batch_size, bucket, seed=1):
   model, params, prompts = model_and_prompts
   mesh = sharding.make_mesh({"data": 1})
-  return evaluate.generate_all(
+  return evaluator_lib.generate_all(
       model, params, prompts, mesh, jax.random.key(seed), method=method,
       batch_size=batch_size, length_bucket=bucket, max_new_tokens=6, eos_ids=(1,),
       pad_id=0, banned_ids=(0, 2), top_p=0.95)
@@ -79,7 +79,7 @@ def test_a_rows_top_p_token_does_not_depend_on_the_other_rows():
   hundreds of tokens: the fallback) gets the token it gets alone, for its key. Fails
   when one flat row sends the whole batch to the fallback (different token order, so
   another token for the same uniform)."""
-  from pdl_jax import decode as D
+  from pdl_jax.eval import decode as decode_lib
   r = np.random.default_rng(0)
   peaked = r.normal(0.0, 4.0, 1000).astype(np.float32)
   flat = r.normal(0.0, 0.01, 1000).astype(np.float32)
@@ -88,9 +88,9 @@ def test_a_rows_top_p_token_does_not_depend_on_the_other_rows():
   @jax.jit
   def draw(key):
     keys = jax.random.split(key, 2)
-    together = D._top_p_sample(keys, both, 0.9, 1.0)
-    alone = D._top_p_sample(keys[:1], both[:1], 0.9, 1.0)
-    flat_alone = D._top_p_sample(keys[1:], both[1:], 0.9, 1.0)
+    together = decode_lib._top_p_sample(keys, both, 0.9, 1.0)
+    alone = decode_lib._top_p_sample(keys[:1], both[:1], 0.9, 1.0)
+    flat_alone = decode_lib._top_p_sample(keys[1:], both[1:], 0.9, 1.0)
     return together, alone[0], flat_alone[0]
 
   for k in range(50):
@@ -99,11 +99,11 @@ def test_a_rows_top_p_token_does_not_depend_on_the_other_rows():
 
 
 def test_raw_uint32_keys_still_decode(model_and_prompts):
-  from pdl_jax import decode as D
+  from pdl_jax.eval import decode as decode_lib
   model, params, prompts = model_and_prompts
-  tokens, mask = D.left_pad(prompts[:2], 8, 0)
-  typed = D.generate(model, params, tokens, mask, jax.random.key(3), max_new_tokens=4,
+  tokens, mask = decode_lib.left_pad(prompts[:2], 8, 0)
+  typed = decode_lib.generate(model, params, tokens, mask, jax.random.key(3), max_new_tokens=4,
                      method="top_p", row_ids_B=jnp.arange(2))
-  raw = D.generate(model, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=4,
+  raw = decode_lib.generate(model, params, tokens, mask, jax.random.PRNGKey(3), max_new_tokens=4,
                    method="top_p", row_ids_B=jnp.arange(2))
   np.testing.assert_array_equal(typed, raw)

@@ -19,12 +19,12 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import data as ip
-from pdl_jax import train
-from pdl_jax.datasets import shakespeare_dialogue as S
-from pdl_jax.losses import objective
-from pdl_jax.models import factory as models
+from pdl_jax.train import checkpoint as ckpt_lib
+from pdl_jax.data import batches as batches_lib
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.data.builders import shakespeare_dialogue
+from pdl_jax.models import factory
 
 from test_frequency import make_texts
 
@@ -52,10 +52,10 @@ def data_dir(tmp_path_factory):
     (src / f"{name}_gut.txt").write_text(synthetic_play(i))
   out = tmp_path_factory.mktemp("tfds")
   mp = pytest.MonkeyPatch()
-  mp.setattr(S, "MIN_PLAYS", 3)
-  mp.setattr(S, "MIN_PER_SPLIT", 10)
+  mp.setattr(shakespeare_dialogue, "MIN_PLAYS", 3)
+  mp.setattr(shakespeare_dialogue, "MIN_PER_SPLIT", 10)
   try:
-    import pdl_jax.datasets  # noqa: F401
+    import pdl_jax.data.builders  # noqa: F401
     builder = tfds.builder("shakespeare_dialogue", data_dir=str(out))
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(src)))
@@ -165,7 +165,7 @@ def test_nonfinite_step_stops_naming_it_and_keeps_last_good(mock_data, tmp_path)
   c = tiny(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 2,
               "checkpoint_every": 1, "log_every": 100, "num_steps": 8})
   with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
-    train.train_and_evaluate(c, str(tmp_path))
+    run_lib.train_and_evaluate(c, str(tmp_path))
   step, params = params_and_steps(tmp_path)
   assert step >= 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -175,7 +175,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(mock_data, tmp_path):
   # An infinite learning rate makes every update non-finite: all are skipped.
   c = tiny(**{"optimizer.learning_rate": float("inf"), "log_every": 2, "num_steps": 6,
               "skip_nonfinite_steps": True, "eval_every": 100})
-  train.train_and_evaluate(c, str(tmp_path))
+  run_lib.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "train/loss" in l]
   assert [l["train/nonfinite_steps"] for l in lines] == [2, 4, 6]
   _, params = params_and_steps(tmp_path)
@@ -191,23 +191,23 @@ def test_unknown_config_key_is_refused_by_the_cli(tmp_path):
 
 
 def test_bad_data_is_handled_as_documented(tmp_path):
-  from pdl_jax.tokenizers import sentencepiece as T
-  tok = T.train(make_texts(800, 0), str(tmp_path / "t.model"), 80)
+  from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
+  tok = sp_tokenizer.train(make_texts(800, 0), str(tmp_path / "t.model"), 80)
   # Characters the tokenizer cannot encode map to unk; empty targets are dropped
   # and counted; over-long inputs are truncated.
-  ex = ip.encode_examples(["\u2603\u2603 the man", "x", " ".join(["the"] * 500)],
+  ex = examples_lib.encode_examples(["\u2603\u2603 the man", "x", " ".join(["the"] * 500)],
                           ["\u0416\u0416 said", "", "no"], tok, seq_len=32, max_target_len=8)
   assert len(ex) == 2 and ex.dropped_empty == 1 and ex.truncated == 1
   assert tok.unk_id in ex.seqs[0].tolist()
   # Labels outside the vocabulary reaching the loss are masked, never NaN.
-  model = models.make_model(tiny(), vocab_size=tok.vocab_size)
+  model = factory.make_model(tiny(), vocab_size=tok.vocab_size)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   import flax.linen as nn
-  batch = ip.make_batch(ex, np.array([0, 1]))
+  batch = batches_lib.make_batch(ex, np.array([0, 1]))
   batch["labels"] = batch["labels"].copy()
   batch["labels"][0, -1] = tok.vocab_size + 7
   batch["labels"][1, 0] = -5
-  loss, (aux, _) = objective.loss_fn_of(tiny(), model)(
+  loss, (aux, _) = run_lib.make_loss_fn(tiny(), model)(
       nn.meta.unbox(params), batch, jnp.ones(tok.vocab_size), jnp.zeros(tok.vocab_size, jnp.int32))
   assert np.isfinite(float(loss)) and np.isfinite(float(aux.nll))
 
@@ -237,7 +237,7 @@ def test_bad_data_is_handled_as_documented(tmp_path):
 ])
 def test_bad_config_fails_before_work(mock_data, tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(tiny(**overrides), str(tmp_path))
+    run_lib.train_and_evaluate(tiny(**overrides), str(tmp_path))
   assert not os.path.exists(tmp_path / "tokenizer.model")
 
 
@@ -246,7 +246,7 @@ def finished_run(tmp_path_factory):
   """A 2-step run whose workdir the mismatch tests copy (one run for all of them)."""
   workdir = tmp_path_factory.mktemp("finished")
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(workdir))
+    run_lib.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(workdir))
   return workdir
 
 
@@ -270,29 +270,30 @@ def test_mismatched_workdir_is_refused(mock_data, finished_run, tmp_path, overri
   shutil.copytree(finished_run, tmp_path / "w")
   kwargs = {"num_steps": 2, "eval_every": 100, **overrides}
   with pytest.raises(ValueError, match=re.escape(what) + ".*resume=False"):
-    train.train_and_evaluate(tiny(**kwargs), str(tmp_path / "w"))
+    run_lib.train_and_evaluate(tiny(**kwargs), str(tmp_path / "w"))
 
 
 def test_changed_token_stats_are_refused_on_resume(mock_data, tmp_path):
   import dataclasses
 
-  from pdl_jax import frequency
-  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
-  path = str(tmp_path / "checkpoints" / frequency.STATS_FILENAME)
-  stats = frequency.TokenStats.load(path)
+  from pdl_jax.data import token_stats
+  run_lib.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  path = str(tmp_path / "checkpoints" / token_stats.STATS_FILENAME)
+  stats = token_stats.TokenStats.load(path)
   counts = stats.counts.copy()
   counts[5] += 3
   dataclasses.replace(stats, counts=counts, num_tokens=int(counts.sum())).save(path)
   with pytest.raises(ValueError, match="token stats of checksum.*counts changed"):
-    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+    run_lib.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
 
 
 def test_stored_weights_that_differ_from_the_config_are_refused_on_resume(mock_data, tmp_path):
-  from pdl_jax import frequency
-  train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
-  path = str(tmp_path / "checkpoints" / frequency.WEIGHTS_FILENAME)
-  weights, meta = frequency.load_weights(path)
-  stats = frequency.TokenStats.load(str(tmp_path / "checkpoints"))
-  frequency.save_weights(path, weights * 1.5, meta["settings"], stats)  # same settings
+  from pdl_jax.data import token_stats
+  from pdl_jax.losses import weights as loss_weights
+  run_lib.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+  path = str(tmp_path / "checkpoints" / loss_weights.WEIGHTS_FILENAME)
+  weights, meta = loss_weights.load_weights(path)
+  stats = token_stats.TokenStats.load(str(tmp_path / "checkpoints"))
+  loss_weights.save_weights(path, weights * 1.5, meta["settings"], stats)  # same settings
   with pytest.raises(ValueError, match="loss_weights.npz.*values: max"):
-    train.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))
+    run_lib.train_and_evaluate(tiny(num_steps=2, eval_every=100), str(tmp_path))

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import optimizer as opt_lib
+from pdl_jax.train import checkpoint as ckpt_lib
+from pdl_jax.train import provenance
+from pdl_jax.train import optimizer as opt_lib
 from pdl_jax import sharding
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.losses import batch_loss
 from pdl_jax.losses import registry
-from pdl_jax.models import factory as models
+from pdl_jax.models import factory
 from tests.test_train import assert_trees_close, tiny_config
 
 V, B, L = 96, 32, 16
@@ -46,8 +48,8 @@ WEIGHTS = jnp.asarray(np.geomspace(0.05, 20.0, V), jnp.float32)  # 400x spread
 def setup(mesh_shape, loss="pdl", **overrides):
   cfg = tiny_config(**{"model.preset": "tiny", "loss.name": loss, "loss.alpha": 1.0,
                        **overrides})
-  model = models.make_model(cfg, vocab_size=V)
-  tx = opt_lib.make_optimizer(cfg)
+  model = factory.make_model(cfg.model, vocab_size=V)
+  tx = opt_lib.make_optimizer(cfg.optimizer, cfg.num_steps)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
   state, shardings = state_lib.create_state(model, tx, mesh, seed=0, seq_len=L)
@@ -57,7 +59,7 @@ def setup(mesh_shape, loss="pdl", **overrides):
 def step_once(mesh_shape, batch, loss="pdl", accum=1, **overrides):
   """One jitted train step; returns (host state, host metrics, host grads)."""
   cfg, model, tx, mesh, state, shardings = setup(mesh_shape, loss, **overrides)
-  loss_fn = objective.loss_fn_of(cfg, model)
+  loss_fn = run_lib.make_loss_fn(cfg, model)
   reduction = registry.resolve_reduction(cfg.loss.name, cfg.loss.reduction)
   bs = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
@@ -66,11 +68,11 @@ def step_once(mesh_shape, batch, loss="pdl", accum=1, **overrides):
   def grads_of(params, b, w):
     if accum == 1:
       return jax.grad(lambda p: loss_fn(p, b, w, jnp.zeros(V, jnp.int32))[0])(params)
-    return train.accumulate_gradients(params, b, w, jnp.zeros(V, jnp.int32),
+    return step_lib.accumulate_gradients(params, b, w, jnp.zeros(V, jnp.int32),
                                       loss_fn=loss_fn, reduction=reduction, steps=accum)[3]
 
   def grads_and_step(s, b, w):  # one compilation for both
-    new_state, metrics = train.train_step(s, b, w, loss_fn=loss_fn, tx=tx,
+    new_state, metrics = step_lib.train_step(s, b, w, loss_fn=loss_fn, tx=tx,
                                           grad_accum_steps=accum, reduction=reduction)
     return grads_of(s.params, b, w), new_state, metrics
 
@@ -129,7 +131,7 @@ def test_averaging_micro_batch_losses_would_be_wrong():
   """The check above can fail: the naive mean of micro-batch PDL losses differs."""
   batch = make_batch(seed=1, uneven=True)
   cfg, model, _, _, state, _ = setup((1, 1, 1))
-  loss_fn = objective.loss_fn_of(cfg, model)
+  loss_fn = run_lib.make_loss_fn(cfg, model)
   counts = jnp.zeros(V, jnp.int32)
   fn = jax.jit(lambda b: loss_fn(state.params, b, WEIGHTS, counts)[0])
   full = float(fn(batch))
@@ -158,7 +160,7 @@ def test_grad_accum_steps_must_divide_the_batch_over_the_mesh():
   cfg = tiny_config(**{"optimizer.grad_accum_steps": 2, "mesh.data": 1, "mesh.fsdp": 4})
   with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by "
                      r"grad_accum_steps=2 x the mesh's data x fsdp axes \(1 x 4\)"):
-    train.make_mesh(cfg)
+    run_lib.make_mesh(cfg)
 
 
 def test_checkpoint_written_on_8_devices_restores_onto_4(tmp_path):
@@ -190,18 +192,18 @@ def test_runs_resume_with_another_accumulation_split():
     sha256, vocab_size = "t", 64
   a = tiny_config(**{"optimizer.grad_accum_steps": 1})
   b = tiny_config(**{"optimizer.grad_accum_steps": 4})
-  fa, fb = ckpt_lib.fingerprint(a, Tok, {}), ckpt_lib.fingerprint(b, Tok, {})
+  fa, fb = provenance.fingerprint(a, Tok, {}), provenance.fingerprint(b, Tok, {})
   assert fa == fb and "grad_accum_steps" not in fa["optimizer"]
-  ckpt_lib.check_fingerprint(fa, fb, "test")
+  provenance.check_fingerprint(fa, fb, "test")
   # FACE's counts advance per micro-batch: there the split is part of the run.
   face = [tiny_config(**{"loss.name": "face", "optimizer.grad_accum_steps": k})
           for k in (1, 4)]
   with pytest.raises(ValueError, match="optimizer.grad_accum_steps"):
-    ckpt_lib.check_fingerprint(ckpt_lib.fingerprint(face[0], Tok, {}),
-                               ckpt_lib.fingerprint(face[1], Tok, {}), "test")
+    provenance.check_fingerprint(provenance.fingerprint(face[0], Tok, {}),
+                               provenance.fingerprint(face[1], Tok, {}), "test")
   c = tiny_config(**{"optimizer.b2": 0.9})
   with pytest.raises(ValueError, match="optimizer.b2"):
-    ckpt_lib.check_fingerprint(fa, ckpt_lib.fingerprint(c, Tok, {}), "test")
+    provenance.check_fingerprint(fa, provenance.fingerprint(c, Tok, {}), "test")
 
 
 def test_fingerprint_holds_only_the_runs_own_loss_hyperparameters():
@@ -210,33 +212,33 @@ def test_fingerprint_holds_only_the_runs_own_loss_hyperparameters():
   class Tok:
     sha256, vocab_size = "t", 64
   def fp(**kw):
-    return ckpt_lib.fingerprint(tiny_config(**kw), Tok, {})
+    return provenance.fingerprint(tiny_config(**kw), Tok, {})
   ce = fp(**{"loss.name": "ce"})
   assert ce["loss"] == {"name": "ce"}
-  ckpt_lib.check_fingerprint(ce, fp(**{"loss.name": "ce", "loss.alpha": 0.25,
+  provenance.check_fingerprint(ce, fp(**{"loss.name": "ce", "loss.alpha": 0.25,
                                        "loss.gamma": 5.0}), "test")
   with pytest.raises(ValueError, match=r"loss.alpha: stored 0.5, now 0.25"):
-    ckpt_lib.check_fingerprint(fp(**{"loss.name": "pdl"}),
+    provenance.check_fingerprint(fp(**{"loss.name": "pdl"}),
                                fp(**{"loss.name": "pdl", "loss.alpha": 0.25}), "test")
   focal = fp(**{"loss.name": "focal"})
-  ckpt_lib.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.alpha": 0.1}), "t")
+  provenance.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.alpha": 0.1}), "t")
   with pytest.raises(ValueError, match=r"loss.gamma: stored 2.0, now 3.0"):
-    ckpt_lib.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.gamma": 3.0}), "t")
+    provenance.check_fingerprint(focal, fp(**{"loss.name": "focal", "loss.gamma": 3.0}), "t")
   with pytest.raises(ValueError, match=r"loss.name: stored 'ce', now 'pdl'"):
-    ckpt_lib.check_fingerprint(ce, fp(**{"loss.name": "pdl"}), "test")
+    provenance.check_fingerprint(ce, fp(**{"loss.name": "pdl"}), "test")
   # A fingerprint stored before (the whole loss section) still resumes, and still
   # refuses a change of the run's own loss hyperparameters.
   old = dict(fp(**{"loss.name": "pdl"}), loss={"name": "pdl", "alpha": 0.5, "gamma": 2.0,
                                                "itf_lambda": 0.4, **fp()["loss"]})
-  ckpt_lib.check_fingerprint(old, fp(**{"loss.name": "pdl"}), "test")
+  provenance.check_fingerprint(old, fp(**{"loss.name": "pdl"}), "test")
   with pytest.raises(ValueError, match=r"loss.alpha: stored 0.5, now 0.25"):
-    ckpt_lib.check_fingerprint(old, fp(**{"loss.name": "pdl", "loss.alpha": 0.25}), "t")
+    provenance.check_fingerprint(old, fp(**{"loss.name": "pdl", "loss.alpha": 0.25}), "t")
 
 
 def test_chunk_strategy_is_vocab_when_the_batch_is_split():
   """The tokens strategy all-reduces a [D, V] sum per row block on a split batch."""
   c = tiny_config()
-  assert objective.chunk_strategy(c, 1) == "tokens"
-  assert objective.chunk_strategy(c, 8) == "vocab"
+  assert batch_loss.chunk_strategy(c.loss, 1) == "tokens"
+  assert batch_loss.chunk_strategy(c.loss, 8) == "vocab"
   c.loss.chunk_strategy = "tokens"
-  assert objective.chunk_strategy(c, 8) == "tokens"
+  assert batch_loss.chunk_strategy(c.loss, 8) == "tokens"

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA (pdl_jax.lora, pdl_jax.models.quant): step 0 equals the base, only
+"""LoRA and QLoRA (pdl_jax.models.lora, pdl_jax.models.quant): step 0 equals the base, only
 the adapters train (no gradients or optimizer state for the base), the merge equals
 the adapter forward, adapter gradients against finite differences, quantisation
 against a numpy reference, resume and sharding exactness, PEFT names for every
@@ -22,15 +22,17 @@ import tensorflow_datasets as tfds
 from safetensors.numpy import load_file, save_file
 
 from pdl_jax import config_checks
-from pdl_jax import export as export_lib
-from pdl_jax import lora
-from pdl_jax import optimizer
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
+from pdl_jax.cli import export_hf
+from pdl_jax.models.hf import peft as hf_peft
+from pdl_jax.models import lora
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
 from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 from pdl_jax.models import quant
-from pdl_jax.models.hf import families
+from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
 
 from test_faults import ROOT, env, params_and_steps
@@ -41,14 +43,14 @@ LLAMA = os.path.join(FIXTURES, "llama")
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def lora_cfg(base: decoder.DecoderConfig, rank=4, quant_kind="none", **kw):
+def lora_cfg(base: model_config.DecoderConfig, rank=4, quant_kind="none", **kw):
   return dataclasses.replace(base, lora_rank=rank, lora_alpha=8.0, lora_targets=ALL,
                              base_quant=quant_kind, **kw)
 
 
 def small_cfg(**kw):
   """A decoder whose projections hold whole nf4 blocks (64 input rows)."""
-  return decoder.DecoderConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=4,
+  return model_config.DecoderConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=16, mlp_dim=128, **kw)
 
 
@@ -72,7 +74,7 @@ TOKENS = np.random.default_rng(0).integers(0, 97, (2, 12)).astype(np.int32)
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_step0_logits_equal_the_base(scan):
-  base_cfg = dataclasses.replace(families.read_config(LLAMA), scan_layers=scan)
+  base_cfg = dataclasses.replace(hf_families.read_config(LLAMA), scan_layers=scan)
   base = hf_weights.load_params(LLAMA, base_cfg)
   cfg = lora_cfg(base_cfg)
   model, params = init(cfg)
@@ -145,26 +147,27 @@ def test_train_step_updates_only_the_adapters():
   base_before = jax.tree.map(np.array, base)
   config = tiny_config(**{"loss.name": "ce", "optimizer.learning_rate": 1e-2,
                           "optimizer.warmup_steps": 0})
-  tx = optimizer.make_optimizer(config)
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
   state = state_lib.fresh_state(adapters, tx, cfg.vocab_size)
   # No optimizer state for the base: Adam's two moments of the adapters only.
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert moments == 2 * lora.count(adapters)
-  loss_fn = objective.loss_fn_of(config, model)
+  loss_fn = run_lib.make_loss_fn(config, model)
   batch = {"inputs": TOKENS, "labels": np.roll(TOKENS, -1, 1),
            "loss_mask": np.ones_like(TOKENS, np.float32)}
-  step = jax.jit(lambda s, b, w, base: train.train_step(s, b, w, base, loss_fn=loss_fn,
-                                                        tx=tx))
-  new, metrics = step(state, batch, jnp.ones(cfg.vocab_size), base)
+  # The trainable / frozen split: the base rides in the state, outside the gradient.
+  state = state.replace(frozen=base)
+  step = jax.jit(lambda s, b, w: step_lib.train_step(s, b, w, loss_fn=loss_fn, tx=tx))
+  new, metrics = step(state, batch, jnp.ones(cfg.vocab_size))
   assert np.isfinite(float(metrics["train/loss"]))
   assert jax.tree.structure(new.params) == jax.tree.structure(adapters)
   moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new.params),
                                                        jax.tree.leaves(adapters))]
   assert min(moved) > 0  # every adapter leaf trained (B from 0, A once B is not)
-  # The base is bit-identical by construction (an argument the step never returns);
-  # what the test can see is that nothing of it is in the state: above, the params and
-  # moments are the adapters' alone.
-  del base_before
+  # The base comes back bit-identical, and nothing of it trained: above, the params
+  # and moments are the adapters' alone.
+  for a, b in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(base_before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_grad_accumulation_and_chunked_loss_with_lora():
@@ -174,7 +177,8 @@ def test_grad_accumulation_and_chunked_loss_with_lora():
   model, params = init(cfg)
   adapters, base = lora.split(params)
   adapters = randomise_b(adapters)
-  tx = optimizer.make_optimizer(tiny_config(**{"optimizer.warmup_steps": 0}))
+  opt_config = tiny_config(**{"optimizer.warmup_steps": 0})
+  tx = opt_lib.make_optimizer(opt_config.optimizer, opt_config.num_steps)
   state = state_lib.fresh_state(adapters, tx, cfg.vocab_size)
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, 97, (4, 12)).astype(np.int32)
@@ -185,9 +189,9 @@ def test_grad_accumulation_and_chunked_loss_with_lora():
   for k, chunked in ((1, False), (2, False), (1, True)):
     config = tiny_config(**{"loss.name": "pdl", "loss.chunked": chunked,
                             "loss.chunk_size": 32})
-    fn = objective.loss_fn_of(config, model)
-    new, m = train.train_step(state, batch, weights, base, loss_fn=fn, tx=tx,
-                              grad_accum_steps=k)
+    fn = run_lib.make_loss_fn(config, model)
+    new, m = step_lib.train_step(state.replace(frozen=base), batch, weights, loss_fn=fn,
+                                 tx=tx, grad_accum_steps=k)
     outs.append((float(m["train/loss"]), new.params))
   for loss, p in outs[1:]:
     assert loss == pytest.approx(outs[0][0], rel=1e-5)
@@ -215,19 +219,20 @@ def test_dropout_reaches_the_train_step(mock_data, tmp_path):
   adapters, base = lora.split(params)
   adapters = randomise_b(adapters)
   config = tiny_config(**{"optimizer.warmup_steps": 0})
-  tx = optimizer.make_optimizer(config)
-  fn = objective.loss_fn_of(config, model)
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
+  fn = run_lib.make_loss_fn(config, model)
   batch = {"inputs": TOKENS, "labels": np.roll(TOKENS, -1, 1),
            "loss_mask": np.ones_like(TOKENS, np.float32)}
   w = jnp.ones(cfg.vocab_size)
-  loss = lambda seed, step=0: float(train.train_step(
-      state_lib.fresh_state(adapters, tx, cfg.vocab_size).replace(step=jnp.int32(step)),
-      batch, w, base, loss_fn=fn, tx=tx, dropout_seed=seed)[1]["train/loss"])
+  loss = lambda seed, step=0: float(step_lib.train_step(
+      state_lib.fresh_state(adapters, tx, cfg.vocab_size).replace(step=jnp.int32(step),
+                                                                  frozen=base),
+      batch, w, loss_fn=fn, tx=tx, dropout_seed=seed)[1]["train/loss"])
   assert loss(0) == loss(0) != loss(None)
   assert loss(0, step=1) != loss(0)
   runs = {}
   for name, rate in (("plain", 0.0), ("dropout", 0.5)):
-    train.train_and_evaluate(lora_run_config(num_steps=3, **{"model.lora.dropout": rate}),
+    run_lib.train_and_evaluate(lora_run_config(num_steps=3, **{"model.lora.dropout": rate}),
                              str(tmp_path / name))
     runs[name] = jax.tree.leaves(params_and_steps(tmp_path / name)[1])
   assert any(not np.array_equal(a, b) for a, b in zip(runs["plain"], runs["dropout"]))
@@ -298,11 +303,11 @@ def test_quantising_load_equals_quantize_params(kind, scan, tmp_path):
   own = dataclasses.replace(small_cfg(), model_type="pdl", tied_embeddings=False)
   _, params = init(own, seed=5)
   hf_export.export(params, own, tmp_path / "base")
-  plain = dataclasses.replace(families.read_config(tmp_path / "base"), scan_layers=scan)
+  plain = dataclasses.replace(hf_families.read_config(tmp_path / "base"), scan_layers=scan)
   cfg = lora_cfg(plain, quant_kind=kind)
   model = decoder.Decoder(cfg)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  _, shardings = state_lib.abstract_base(model, mesh, 8)
+  _, shardings = state_lib.abstract_base(model, mesh, 8)  # the state's `frozen` shardings
   got = state_lib.load_base(str(tmp_path / "base"), model, shardings)
   want = quant.quantize_params(hf_weights.load_params(tmp_path / "base", plain), cfg)
   flat_got, flat_want = (flax.traverse_util.flatten_dict(t) for t in (got, want))
@@ -320,10 +325,10 @@ def test_quantising_load_equals_quantize_params(kind, scan, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
 def test_peft_names_for_each_family(family, tmp_path):
   path = os.path.join(FIXTURES, family)
-  base_cfg = families.read_config(path)
+  base_cfg = hf_families.read_config(path)
   cfg = lora_cfg(base_cfg)
   _, params = init(cfg)
-  tensors = lora.peft_tensors(lora.split(params)[0], cfg)
+  tensors = hf_peft.peft_tensors(lora.split(params)[0], cfg)
   stored = {}
   for name in os.listdir(path):  # one file, or shards (mistral's fixture)
     if name.endswith(".safetensors"):
@@ -336,19 +341,19 @@ def test_peft_names_for_each_family(family, tmp_path):
     want = (cfg.lora_rank, weight.shape[1]) if kind == "lora_A" else (weight.shape[0],
                                                                         cfg.lora_rank)
     assert value.shape == want, (name, value.shape, want)
-  conf = lora.peft_config(cfg, "some/base")
+  conf = hf_peft.peft_config(cfg, "some/base")
   assert conf["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
                                            "gate_proj", "up_proj", "down_proj"])
   assert (conf["r"], conf["lora_alpha"], conf["peft_type"]) == (4, 8.0, "LORA")
   assert conf["base_model_name_or_path"] == "some/base"
   only_q = dataclasses.replace(cfg, lora_targets=("q", "v"))
-  assert lora.peft_config(only_q, "b")["target_modules"] == ["q_proj", "v_proj"]
+  assert hf_peft.peft_config(only_q, "b")["target_modules"] == ["q_proj", "v_proj"]
   # The values in PEFT's layout: W_hf + (alpha / r) B_peft @ A_peft is the merged
   # model's tensor in transformers' layout, for every module (head order included).
   from pdl_jax.models.hf import export as hf_export
   adapters = randomise_b(lora.split(params)[0], scale=0.5)
   base = hf_weights.load_params(path, base_cfg)
-  tensors = lora.peft_tensors(adapters, cfg)
+  tensors = hf_peft.peft_tensors(adapters, cfg)
   merged = lora.merge(lora.combine(base, adapters), cfg)
   out = tmp_path / "merged"
   hf_export.export(merged, base_cfg, out)
@@ -363,9 +368,9 @@ def test_peft_names_for_each_family(family, tmp_path):
 
 
 def test_peft_export_refused_for_fused_gpt2():
-  cfg = lora_cfg(families.read_config(os.path.join(FIXTURES, "gpt2")))
+  cfg = lora_cfg(hf_families.read_config(os.path.join(FIXTURES, "gpt2")))
   with pytest.raises(ValueError, match="c_attn.*--merge"):
-    lora.peft_config(cfg, "gpt2")
+    hf_peft.peft_config(cfg, "gpt2")
 
 
 # ------------------------------------------------------------------ runs
@@ -404,15 +409,15 @@ def test_config_errors():
 
 def test_resume_and_sharding_are_exact(mock_data, tmp_path):
   straight = tmp_path / "straight"
-  train.train_and_evaluate(lora_run_config(), str(straight))
+  run_lib.train_and_evaluate(lora_run_config(), str(straight))
   step, want = params_and_steps(straight)
   assert step == 6
   assert set(k[-1] for k in flax.traverse_util.flatten_dict(want)) == {"lora_a", "lora_b"}
   # Killed after 3 steps (steps_per_run), resumed: the same adapters.
   resumed = tmp_path / "resumed"
-  train.train_and_evaluate(lora_run_config(steps_per_run=3), str(resumed))
+  run_lib.train_and_evaluate(lora_run_config(steps_per_run=3), str(resumed))
   assert params_and_steps(resumed)[0] == 3
-  train.train_and_evaluate(lora_run_config(steps_per_run=3), str(resumed))
+  run_lib.train_and_evaluate(lora_run_config(steps_per_run=3), str(resumed))
   _, got = params_and_steps(resumed)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
@@ -420,7 +425,7 @@ def test_resume_and_sharding_are_exact(mock_data, tmp_path):
   # model draws its initial A per layer from other keys: not comparable here; the
   # scanned forward is checked in test_step0 / test_merged.)
   sharded = tmp_path / "sharded"
-  train.train_and_evaluate(lora_run_config(**{
+  run_lib.train_and_evaluate(lora_run_config(**{
       "mesh.fsdp": 2, "mesh.model": 2, "model.remat": "full"}), str(sharded))
   _, got = params_and_steps(sharded)
   flat_got, flat_want = (flax.traverse_util.flatten_dict(t) for t in (got, want))
@@ -430,7 +435,7 @@ def test_resume_and_sharding_are_exact(mock_data, tmp_path):
   # A quantised (int8) base sharded the same way: the one-device adapters too.
   got = {}
   for name, mesh in (("q1", {}), ("q4", {"mesh.fsdp": 2, "mesh.model": 2})):
-    train.train_and_evaluate(lora_run_config(num_steps=3, **{
+    run_lib.train_and_evaluate(lora_run_config(num_steps=3, **{
         "model.lora.base_quant": "int8", **mesh}), str(tmp_path / name))
     got[name] = flax.traverse_util.flatten_dict(params_and_steps(tmp_path / name)[1])
   for k in got["q1"]:
@@ -447,12 +452,12 @@ def test_init_from_and_resume_rules(mock_data, tmp_path):
     return c
 
   first = tmp_path / "first"
-  train.train_and_evaluate(config(), str(first))
+  run_lib.train_and_evaluate(config(), str(first))
   # A LoRA run continues another's adapters (step 0, its adapters).
   second = tmp_path / "second"
   c = config()
   c.init_from = str(first)
-  train.train_and_evaluate(c, str(second))
+  run_lib.train_and_evaluate(c, str(second))
   assert params_and_steps(second)[0] == 3
   # The base's weights change (same folder): its adapters neither carry over nor resume.
   t = load_file(os.path.join(mybase, "model.safetensors"))
@@ -461,26 +466,26 @@ def test_init_from_and_resume_rules(mock_data, tmp_path):
   c = config()
   c.init_from = str(first)
   with pytest.raises(ValueError, match="adapters do not carry over between bases"):
-    train.train_and_evaluate(c, str(tmp_path / "third"))
+    run_lib.train_and_evaluate(c, str(tmp_path / "third"))
   with pytest.raises(ValueError, match="lora_base_weights_sha256: stored"):
-    train.train_and_evaluate(config(), str(first))
+    run_lib.train_and_evaluate(config(), str(first))
   with pytest.raises(ValueError, match="export against the base the run used"):
-    export_lib.export_run(str(first), str(tmp_path / "export"), merge=True)
+    export_hf.export_run(str(first), str(tmp_path / "export"), merge=True)
   assert not (tmp_path / "export").exists()
   # Other adapters (rank) are not continued either, whatever the base.
   c = config(**{"model.lora.rank": 8})
   c.init_from = str(second)
   with pytest.raises(ValueError, match="has other adapters .lora_rank: 4 there, 8 here"):
-    train.train_and_evaluate(c, str(tmp_path / "fifth"))
+    run_lib.train_and_evaluate(c, str(tmp_path / "fifth"))
   # A full finetune is not a LoRA run to continue.
   full = tmp_path / "full"
   fc = tiny_config(**{"num_steps": 2, "eval_every": 100})
   fc.model.pretrained = str(mybase)
-  train.train_and_evaluate(fc, str(full))
+  run_lib.train_and_evaluate(fc, str(full))
   c = config()
   c.init_from = str(full)
   with pytest.raises(ValueError, match="is a full finetune, not a LoRA run"):
-    train.train_and_evaluate(c, str(tmp_path / "fourth"))
+    run_lib.train_and_evaluate(c, str(tmp_path / "fourth"))
 
 
 def test_cli_finetune_and_export(tmp_path):
@@ -502,7 +507,7 @@ def test_cli_finetune_and_export(tmp_path):
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   assert "trainable parameters" in done.stderr and "stored as int8" in done.stderr
   for out, extra in (("peft", []), ("merged", ["--merge"])):
-    exp = subprocess.run([sys.executable, "-m", "pdl_jax.export", f"--workdir={work}",
+    exp = subprocess.run([sys.executable, "-m", "pdl_jax.cli.export_hf", f"--workdir={work}",
                           f"--out={tmp_path / out}", *extra], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=300)
     assert exp.returncode == 0, exp.stderr[-3000:]
@@ -512,15 +517,15 @@ def test_cli_finetune_and_export(tmp_path):
   tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
   assert len(tensors) == 2 * 3 * 2  # A and B, three targets, two layers
   _, adapters = params_and_steps(work)
-  cfg = dataclasses.replace(families.read_config(LLAMA), lora_rank=4, lora_alpha=16.0,
+  cfg = dataclasses.replace(hf_families.read_config(LLAMA), lora_rank=4, lora_alpha=16.0,
                             lora_targets=("q", "v", "down"))
   assert float(np.abs(tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
                       ).max()) > 0  # trained
   np.testing.assert_array_equal(
       tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
       adapters["block_0"]["attn"]["query"]["lora_a"].T)
-  base = hf_weights.load_params(LLAMA, families.read_config(LLAMA))
+  base = hf_weights.load_params(LLAMA, hf_families.read_config(LLAMA))
   merged = lora.merge(lora.combine(base, adapters), cfg)
-  want = decoder.Decoder(families.read_config(LLAMA)).apply({"params": merged}, TOKENS % 300)[0]
+  want = decoder.Decoder(hf_families.read_config(LLAMA)).apply({"params": merged}, TOKENS % 300)[0]
   got = hf_weights.logits(str(tmp_path / "merged"), TOKENS % 300)
   np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from pdl_jax import losses
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import pdl
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +69,7 @@ CASES = [((4, 7), 11, 0.0), ((2, 3, 5), 64, 0.5), ((16,), 300, 1.0),
 def test_weights_match_formula_and_mean_one(alpha):
   counts = np.array([1000, 100, 10, 1, 0, 5000], np.int64)
   total = counts.sum()
-  w = L.power_law_weights(counts, alpha)
+  w = pdl.power_law_weights(counts, alpha)
   assert w.dtype == np.float32 and w.shape == (6,)
   np.testing.assert_allclose(w, np_weights(counts, alpha, 1.0 / total),
                              rtol=1e-6)
@@ -77,27 +77,27 @@ def test_weights_match_formula_and_mean_one(alpha):
 
 
 def test_alpha_zero_is_all_ones():
-  w = L.power_law_weights(np.array([3, 0, 7]), 0.0, frequency="count",
+  w = pdl.power_law_weights(np.array([3, 0, 7]), 0.0, frequency="count",
                           normalize=False)
   np.testing.assert_array_equal(w, np.ones(3, np.float32))
-  np.testing.assert_array_equal(L.power_law_weights(np.array([3, 0, 7]), 0.0),
+  np.testing.assert_array_equal(pdl.power_law_weights(np.array([3, 0, 7]), 0.0),
                                 np.ones(3, np.float32))
 
 
 def test_count_and_relative_agree_up_to_scale_with_default_eps():
   counts = np.array([50, 3, 1, 0, 900])
-  wr = L.power_law_weights(counts, 1.0, frequency="relative", normalize=False)
-  wc = L.power_law_weights(counts, 1.0, frequency="count", normalize=False)
+  wr = pdl.power_law_weights(counts, 1.0, frequency="relative", normalize=False)
+  wc = pdl.power_law_weights(counts, 1.0, frequency="count", normalize=False)
   np.testing.assert_allclose(wr / wr[0], wc / wc[0], rtol=1e-6)
   # Normalised, they are identical.
-  np.testing.assert_allclose(L.power_law_weights(counts, 1.0, frequency="count"),
-                             L.power_law_weights(counts, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(pdl.power_law_weights(counts, 1.0, frequency="count"),
+                             pdl.power_law_weights(counts, 1.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
 def test_default_eps_bounds_unseen_over_singleton(alpha):
   counts = np.array([0, 1, 10, 10000])
-  w = L.power_law_weights(counts, alpha)
+  w = pdl.power_law_weights(counts, alpha)
   assert w[0] / w[1] == pytest.approx(2.0 ** alpha, rel=1e-5)
   assert w[0] / w[1] <= 2.0 ** alpha * (1 + 1e-6)
 
@@ -111,24 +111,24 @@ def test_reference_setting_warns_and_collapses_ess():
   labels = rng.choice(vocab - 1, 4095, p=counts[:-1] / counts[:-1].sum())
   labels = np.append(labels, vocab - 1)  # one unseen label in a 4096-token batch
   with pytest.warns(UserWarning, match="unseen token weigh"):
-    w = L.power_law_weights(counts, 1.0, 1e-7, frequency="count")
+    w = pdl.power_law_weights(counts, 1.0, 1e-7, frequency="count")
   tw = w[labels].astype(np.float64)
   assert tw[-1] / tw.sum() > 0.9999
-  assert float(L.effective_sample_size(jnp.asarray(w[labels]))) < 1.01
+  assert float(pdl.effective_sample_size(jnp.asarray(w[labels]))) < 1.01
   # The safe default (add-one smoothing) keeps the batch informative, no warning.
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    w_safe = L.power_law_weights(counts, 1.0)
+    w_safe = pdl.power_law_weights(counts, 1.0)
   tw_safe = w_safe[labels].astype(np.float64)
   assert tw_safe[-1] / tw_safe.sum() < 0.2
-  assert float(L.effective_sample_size(jnp.asarray(w_safe[labels]))) > 40
+  assert float(pdl.effective_sample_size(jnp.asarray(w_safe[labels]))) > 40
 
 
 def test_max_weight_clips():
   counts = np.array([100000, 10, 1, 0])
-  w = L.power_law_weights(counts, 1.0, max_weight=5.0)
+  w = pdl.power_law_weights(counts, 1.0, max_weight=5.0)
   assert w.max() == pytest.approx(5.0)
-  unclipped = L.power_law_weights(counts, 1.0)
+  unclipped = pdl.power_law_weights(counts, 1.0)
   np.testing.assert_allclose(w, np.minimum(unclipped, 5.0), rtol=1e-6)
 
 
@@ -150,7 +150,7 @@ def test_weights_bad_input(kwargs, match):
   kwargs = dict(kwargs)
   counts = np.asarray(kwargs.pop("counts"))
   with pytest.raises(ValueError, match=match):
-    L.power_law_weights(counts, **kwargs)
+    pdl.power_law_weights(counts, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -161,8 +161,8 @@ def test_weights_bad_input(kwargs, match):
 @pytest.mark.parametrize("shape, vocab, alpha", CASES)
 def test_pdl_matches_numpy_reference(shape, vocab, alpha):
   logits, labels, mask, counts = random_case(1, shape, vocab)
-  weights = L.power_law_weights(counts, alpha)
-  got = L.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights),
+  weights = pdl.power_law_weights(counts, alpha)
+  got = pdl.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights),
                    mask=jnp.asarray(mask))
   want = np_pdl(logits, labels, weights, mask)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
@@ -171,8 +171,8 @@ def test_pdl_matches_numpy_reference(shape, vocab, alpha):
 @pytest.mark.parametrize("shape, vocab, alpha", CASES)
 def test_pdl_gradient_matches_analytic_reference(shape, vocab, alpha):
   logits, labels, mask, counts = random_case(2, shape, vocab)
-  weights = L.power_law_weights(counts, alpha)
-  grad = jax.grad(L.pdl_loss)(jnp.asarray(logits), jnp.asarray(labels),
+  weights = pdl.power_law_weights(counts, alpha)
+  grad = jax.grad(pdl.pdl_loss)(jnp.asarray(logits), jnp.asarray(labels),
                               jnp.asarray(weights), mask=jnp.asarray(mask))
   want = np_pdl_grad(logits, labels, weights, mask)
   np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5,
@@ -181,10 +181,10 @@ def test_pdl_gradient_matches_analytic_reference(shape, vocab, alpha):
 
 def test_pdl_gradient_matches_finite_differences_float64():
   logits, labels, mask, counts = random_case(3, (3, 4), 13)
-  weights = L.power_law_weights(counts, 1.0)
+  weights = pdl.power_law_weights(counts, 1.0)
   with jax.enable_x64(True):
     x = jnp.asarray(logits, jnp.float64)
-    f = lambda z: L.pdl_loss(z, jnp.asarray(labels), jnp.asarray(weights, jnp.float64),
+    f = lambda z: pdl.pdl_loss(z, jnp.asarray(labels), jnp.asarray(weights, jnp.float64),
                              mask=jnp.asarray(mask, jnp.float64))
     # The loss accumulates in float32 by design; compare its float64-input
     # gradient with central differences of the float64 reference.
@@ -203,41 +203,41 @@ def test_pdl_gradient_matches_finite_differences_float64():
 @pytest.mark.parametrize("shape, vocab, _", CASES)
 def test_alpha_zero_equals_optax_cross_entropy(shape, vocab, _):
   logits, labels, mask, counts = random_case(4, shape, vocab)
-  weights = L.power_law_weights(counts, 0.0)
-  pdl = L.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights),
-                   mask=jnp.asarray(mask))
-  ce = L.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels),
+  weights = pdl.power_law_weights(counts, 0.0)
+  pdl_value = pdl.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights),
+                           mask=jnp.asarray(mask))
+  ce = pdl.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels),
                             mask=jnp.asarray(mask))
   per_token = optax.softmax_cross_entropy_with_integer_labels(
       jnp.asarray(logits), jnp.asarray(labels))
   want = float((per_token * mask).sum() / mask.sum())
-  assert float(pdl) == pytest.approx(want, rel=1e-6)
+  assert float(pdl_value) == pytest.approx(want, rel=1e-6)
   assert float(ce) == pytest.approx(want, rel=1e-6)
-  g_pdl = jax.grad(L.pdl_loss)(jnp.asarray(logits), jnp.asarray(labels),
+  g_pdl = jax.grad(pdl.pdl_loss)(jnp.asarray(logits), jnp.asarray(labels),
                                jnp.asarray(weights), mask=jnp.asarray(mask))
-  g_ce = jax.grad(L.cross_entropy_loss)(jnp.asarray(logits), jnp.asarray(labels),
+  g_ce = jax.grad(pdl.cross_entropy_loss)(jnp.asarray(logits), jnp.asarray(labels),
                                         mask=jnp.asarray(mask))
   np.testing.assert_allclose(g_pdl, g_ce, rtol=1e-6, atol=1e-9)
 
 
 def test_default_mask_is_all_ones():
   logits, labels, _, counts = random_case(5, (5, 6), 20)
-  w = jnp.asarray(L.power_law_weights(counts, 1.0))
+  w = jnp.asarray(pdl.power_law_weights(counts, 1.0))
   np.testing.assert_allclose(
-      float(L.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), w)),
+      float(pdl.pdl_loss(jnp.asarray(logits), jnp.asarray(labels), w)),
       np_pdl(logits, labels, np.asarray(w), np.ones((5, 6))), rtol=1e-5)
 
 
 def test_bfloat16_logits_accumulate_in_float32():
   logits, labels, mask, counts = random_case(6, (8, 32), 512)
-  w = L.power_law_weights(counts, 1.0)
+  w = pdl.power_law_weights(counts, 1.0)
   bf = jnp.asarray(logits, jnp.bfloat16)
-  got = L.pdl_loss(bf, jnp.asarray(labels), jnp.asarray(w), mask=jnp.asarray(mask))
+  got = pdl.pdl_loss(bf, jnp.asarray(labels), jnp.asarray(w), mask=jnp.asarray(mask))
   assert got.dtype == jnp.float32
   # The reference sees exactly the bfloat16-rounded logits.
   want = np_pdl(np.asarray(bf.astype(jnp.float32)), labels, w, mask)
   assert float(got) == pytest.approx(want, rel=1e-5)
-  g = jax.grad(L.pdl_loss)(bf, jnp.asarray(labels), jnp.asarray(w),
+  g = jax.grad(pdl.pdl_loss)(bf, jnp.asarray(labels), jnp.asarray(w),
                            mask=jnp.asarray(mask))
   assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g)))
 
@@ -246,7 +246,7 @@ def test_bfloat16_logits_accumulate_in_float32():
 def test_all_masked_gives_exact_zero_and_zero_grads(fn):
   logits, labels, _, counts = random_case(7, (3, 4), 9)
   mask = jnp.zeros((3, 4))
-  w = jnp.asarray(L.power_law_weights(counts, 1.0))
+  w = jnp.asarray(pdl.power_law_weights(counts, 1.0))
   loss_fn = losses.get_loss(fn)
   f = lambda x: loss_fn(x, jnp.asarray(labels), w, mask=mask)[0]
   value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
@@ -258,14 +258,14 @@ def test_all_masked_gives_exact_zero_and_zero_grads(fn):
 
 def test_out_of_range_labels_are_ignored_without_nan():
   logits, labels, mask, counts = random_case(8, (4, 5), 10)
-  w = jnp.asarray(L.power_law_weights(counts, 1.0))
+  w = jnp.asarray(pdl.power_law_weights(counts, 1.0))
   bad = labels.copy()
   bad[0, :] = -100
   bad[1, 0] = 10  # == vocab
   keep = mask.copy()
   keep[0, :] = 0
   keep[1, 0] = 0
-  value, grad = jax.value_and_grad(L.pdl_loss)(
+  value, grad = jax.value_and_grad(pdl.pdl_loss)(
       jnp.asarray(logits), jnp.asarray(bad), w, mask=jnp.asarray(mask))
   assert float(value) == pytest.approx(np_pdl(logits, np.where(keep > 0, bad, 0),
                                               np.asarray(w), keep), rel=1e-5)
@@ -275,8 +275,8 @@ def test_out_of_range_labels_are_ignored_without_nan():
 
 def test_aux_reports_nll_and_ess():
   logits, labels, mask, counts = random_case(9, (6, 10), 50)
-  w = L.power_law_weights(counts, 1.0)
-  loss, aux = L.pdl_loss_and_aux(jnp.asarray(logits), jnp.asarray(labels),
+  w = pdl.power_law_weights(counts, 1.0)
+  loss, aux = pdl.pdl_loss_and_aux(jnp.asarray(logits), jnp.asarray(labels),
                                  jnp.asarray(w), mask=jnp.asarray(mask))
   ones = np.ones_like(w)
   assert float(aux.nll) == pytest.approx(np_pdl(logits, labels, ones, mask), rel=1e-5)
@@ -288,9 +288,9 @@ def test_aux_reports_nll_and_ess():
 
 
 def test_effective_sample_size_edge_cases():
-  assert float(L.effective_sample_size(jnp.ones(37))) == pytest.approx(37.0)
-  assert float(L.effective_sample_size(jnp.array([0.0, 5.0, 0.0]))) == pytest.approx(1.0)
-  assert float(L.effective_sample_size(jnp.zeros(4))) == 0.0
+  assert float(pdl.effective_sample_size(jnp.ones(37))) == pytest.approx(37.0)
+  assert float(pdl.effective_sample_size(jnp.array([0.0, 5.0, 0.0]))) == pytest.approx(1.0)
+  assert float(pdl.effective_sample_size(jnp.zeros(4))) == 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -313,15 +313,15 @@ def _ok():
 def test_pdl_bad_input(mutate, match):
   lg, lb, w = mutate(*_ok())
   with pytest.raises(ValueError, match=match):
-    L.pdl_loss(lg, lb, w)
+    pdl.pdl_loss(lg, lb, w)
 
 
 def test_bad_mask_shape_and_loss_name():
   lg, lb, w = _ok()
   with pytest.raises(ValueError, match=r"mask shape \(3,\)"):
-    L.pdl_loss(lg, lb, w, mask=jnp.ones(3))
+    pdl.pdl_loss(lg, lb, w, mask=jnp.ones(3))
   with pytest.raises(ValueError, match=r"labels shape \(2, 4\)"):
-    L.cross_entropy_loss(lg, jnp.zeros((2, 4), jnp.int32))
+    pdl.cross_entropy_loss(lg, jnp.zeros((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="'hinge'"):
     losses.get_loss("hinge")
 
@@ -331,7 +331,7 @@ def test_bad_input_is_caught_at_trace_time_inside_jit():
 
   @jax.jit
   def step(lg, lb, w):
-    return L.pdl_loss(lg, lb, w)
+    return pdl.pdl_loss(lg, lb, w)
 
   with pytest.raises(ValueError, match="len\\(weights\\) \\(4\\)"):
     step.trace(lg, lb, jnp.ones(4))

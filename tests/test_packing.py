@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from pdl_jax import data as data_lib
-from pdl_jax.losses import objective
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import batches as batches_lib
+from pdl_jax.data import packing
+from pdl_jax.losses import batch_loss
 from pdl_jax.losses import window
-from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 
 V, PAD, EOS = 50, 0, 1
 
 
-def _examples(n=13, total=25, seed=0) -> data_lib.Examples:
+def _examples(n=13, total=25, seed=0) -> examples_lib.Examples:
   """Prefix-LM rows of random lengths: prompt then target + EOS, padded."""
   r = np.random.default_rng(seed)
   seqs = np.full((n, total), PAD, np.int32)
@@ -25,15 +28,15 @@ def _examples(n=13, total=25, seed=0) -> data_lib.Examples:
     seqs[i, p + t] = EOS
     starts.append(p)
     lengths.append(p + t + 1)
-  return data_lib.Examples(seqs, np.array(starts, np.int32), np.array(lengths, np.int32),
+  return examples_lib.Examples(seqs, np.array(starts, np.int32), np.array(lengths, np.int32),
                            [""] * n, [""] * n, 0, 0)
 
 
 def test_pack_examples_first_fit_layout():
   ex = _examples()
-  packed = data_lib.pack_examples(ex, loss_capacity=12, pad_id=PAD)
+  packed = packing.pack_examples(ex, loss_capacity=12, pad_id=PAD)
   assert len(packed) < len(ex)
-  assert data_lib.padding_share(packed) < data_lib.padding_share(ex)
+  assert examples_lib.padding_share(packed) < examples_lib.padding_share(ex)
   seen = []
   for r in range(len(packed)):
     seg, pos = packed.segment_ids[r], packed.positions[r]
@@ -52,13 +55,13 @@ def test_pack_examples_first_fit_layout():
   # First fit: example 0 and 1 share row 0 when both fit.
   assert packed.segment_ids[0].max() >= 2
   with pytest.raises(ValueError, match="loss capacity 2"):
-    data_lib.pack_examples(ex, loss_capacity=2, pad_id=PAD)
+    packing.pack_examples(ex, loss_capacity=2, pad_id=PAD)
 
 
 def _model():
-  cfg = decoder_lib.DecoderConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4,
+  cfg = model_config.DecoderConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4,
                                   num_kv_heads=2, head_dim=8, mlp_dim=64)
-  model = decoder_lib.Decoder(cfg)
+  model = decoder.Decoder(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   return model, params
 
@@ -66,9 +69,9 @@ def _model():
 def test_packed_per_example_nll_equals_unpacked():
   model, params = _model()
   ex = _examples()
-  packed = data_lib.pack_examples(ex, loss_capacity=16, pad_id=PAD)
-  unpacked_b = data_lib.make_batch(ex, np.arange(len(ex)))
-  packed_b = data_lib.make_batch(packed, np.arange(len(packed)))
+  packed = packing.pack_examples(ex, loss_capacity=16, pad_id=PAD)
+  unpacked_b = batches_lib.make_batch(ex, np.arange(len(ex)))
+  packed_b = batches_lib.make_batch(packed, np.arange(len(packed)))
 
   def token_nll(batch):
     logits, _ = model.apply({"params": params}, jnp.asarray(batch["inputs"]),
@@ -101,19 +104,19 @@ def test_packed_batch_loss_and_gradient_equal_unpacked(chunked, capacity):
   gathers every segment's target), and its gradient."""
   model, params = _model()
   ex = _examples()
-  packed = data_lib.pack_examples(ex, loss_capacity=16, pad_id=PAD)
+  packed = packing.pack_examples(ex, loss_capacity=16, pad_id=PAD)
   weights_V = jnp.asarray(np.random.default_rng(1).uniform(0.2, 3.0, V), jnp.float32)
   kw = dict(model=model, loss_name="pdl", loss_params={}, chunked=chunked, chunk_size=16,
             eos_id=EOS, eos_weight=None, capacity=capacity)
   unpacked_capacity = None if capacity is None else window.capacity_for(6, 24)
 
   def loss(p, batch, cap):
-    return objective.compute_loss(p, {k: jnp.asarray(v) for k, v in batch.items()},
+    return batch_loss.compute_loss(p, {k: jnp.asarray(v) for k, v in batch.items()},
                                   weights_V, None, **{**kw, "capacity": cap})[0]
 
-  a, ga = jax.value_and_grad(loss)(params, data_lib.make_batch(ex, np.arange(len(ex))),
+  a, ga = jax.value_and_grad(loss)(params, batches_lib.make_batch(ex, np.arange(len(ex))),
                                    unpacked_capacity)
-  b, gb = jax.value_and_grad(loss)(params, data_lib.make_batch(packed, np.arange(len(packed))),
+  b, gb = jax.value_and_grad(loss)(params, batches_lib.make_batch(packed, np.arange(len(packed))),
                                    capacity)
   np.testing.assert_allclose(b, a, rtol=2e-5)
   for x, y in zip(jax.tree.leaves(gb), jax.tree.leaves(ga)):
@@ -129,7 +132,7 @@ def test_gather_loss_positions_keeps_every_span():
   np.testing.assert_array_equal(m[0], [1, 1, 1, 1])
   np.testing.assert_array_equal(m[1], [1, 0, 0, 0])
   assert l[1, 0] == 8 and h.shape == (2, 4, 1)
-  assert window.packed_capacity(31, 192) == 64 and window.packed_capacity(128, 256) == 256
+  assert packing.packed_capacity(31, 192) == 64 and packing.packed_capacity(128, 256) == 256
 
 
 def test_a_packed_run_trains(tmp_path, capfd):

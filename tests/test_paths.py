@@ -1,4 +1,4 @@
-"""Every file a run reads or writes goes through the one path layer (pdl_jax.utils.path).
+"""Every file a run reads or writes goes through the one path layer (pdl_jax.paths.path).
 
 The stand-in for a cloud filesystem: a `memfs://` scheme that only the path layer
 resolves (to a local folder; orbax's TensorStore needs real absolute paths, as it
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pdl_jax import frequency
-from pdl_jax import train
-from pdl_jax import utils
+from pdl_jax.cli import count_tokens
+from pdl_jax.data import token_stats
+from pdl_jax.train import run as run_lib
+from pdl_jax import paths
 
 from test_train import final_params, tiny_config
 
@@ -32,7 +33,7 @@ def memfs(tmp_path, monkeypatch):
   reaching open/os are an error."""
   store = tmp_path / "store"
   store.mkdir()
-  real_path = utils.path
+  real_path = paths.path
 
   def layer_path(p):
     text = os.fspath(p)
@@ -40,7 +41,7 @@ def memfs(tmp_path, monkeypatch):
       return real_path(str(store / text[len(SCHEME):]))
     return real_path(p)
 
-  monkeypatch.setattr(utils, "path", layer_path)
+  monkeypatch.setattr(paths, "path", layer_path)
 
   def guard(fn):
     def wrapped(p, *args, **kwargs):
@@ -66,9 +67,9 @@ def mock_data():
 def test_smoke_run_resume_and_init_from_on_a_non_local_filesystem(memfs, monkeypatch):
   monkeypatch.chdir(memfs.parent)  # a stray relative "memfs:/..." would land here
   work = SCHEME + "bucket/run"
-  train.train_and_evaluate(tiny_config(steps_per_run=3), work)
+  run_lib.train_and_evaluate(tiny_config(steps_per_run=3), work)
   assert final_params(memfs / "bucket" / "run")[0] == 3
-  result = train.train_and_evaluate(tiny_config(), work)  # resumes at 3
+  result = run_lib.train_and_evaluate(tiny_config(), work)  # resumes at 3
   local = memfs / "bucket" / "run"
   assert final_params(local)[0] == 6
   assert {"config.json", "checkpoints", "metrics.jsonl", "tokenizer.model", "samples",
@@ -81,11 +82,11 @@ def test_smoke_run_resume_and_init_from_on_a_non_local_filesystem(memfs, monkeyp
   ft = SCHEME + "bucket/ft"
   c = tiny_config(num_steps=1, eval_every=100)
   c.init_from = work
-  train.train_and_evaluate(c, ft)
+  run_lib.train_and_evaluate(c, ft)
   assert final_params(memfs / "bucket" / "ft")[0] == 1
-  stats, _ = frequency.run_pass(tiny_config(), SCHEME + "bucket/freq")
+  stats, _ = count_tokens.run_pass(tiny_config(), SCHEME + "bucket/freq")
   np.testing.assert_array_equal(
-      frequency.TokenStats.load(str(memfs / "bucket" / "freq" / "checkpoints")).counts,
+      token_stats.TokenStats.load(str(memfs / "bucket" / "freq" / "checkpoints")).counts,
       stats.counts)
   assert not os.path.exists(memfs.parent / "memfs:")  # nothing went around the layer
 

@@ -11,12 +11,13 @@ import optax
 import pytest
 
 from configs import dialogue
-from pdl_jax import frequency
-from pdl_jax import optimizer as opt_lib
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
-from pdl_jax.models import factory as models
+from pdl_jax.data import token_stats
+from pdl_jax.losses import weights as loss_weights
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.models import factory
 
 VOCAB, B, L = 64, 4, 16
 
@@ -46,19 +47,19 @@ def _setup(name: str, **loss):
            "labels": rng.integers(0, VOCAB, (B, L)).astype(np.int32),
            "loss_mask": (rng.random((B, L)) > 0.3).astype(np.float32)}
   counts = rng.integers(0, 50, VOCAB).astype(np.int64)
-  stats = frequency.TokenStats(counts=counts, num_tokens=int(counts.sum()), num_examples=10,
+  stats = token_stats.TokenStats(counts=counts, num_tokens=int(counts.sum()), num_examples=10,
                                vocab_size=VOCAB, tokenizer_sha256="x", dataset="d",
                                split="train", fields=("target",))
-  weights = frequency.loss_weights(c, stats, eos_id=1)
-  model = models.make_model(c, VOCAB)
+  weights = loss_weights.loss_weights(c.loss, stats, eos_id=1)
+  model = factory.make_model(c.model, VOCAB)
   return c, model, batch, weights
 
 
 def _value(name: str, **loss):
   c, model, batch, weights = _setup(name, **loss)
-  tx = opt_lib.make_optimizer(c)
-  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, L)
-  fn = objective.loss_fn_of(c, model)
+  tx = opt_lib.make_optimizer(c.optimizer, c.num_steps)
+  state, _ = state_lib.create_state(model, tx, run_lib.make_mesh(c), 0, L)
+  fn = run_lib.make_loss_fn(c, model)
   (value, (aux, face)), grads = jax.value_and_grad(fn, has_aux=True)(
       state.params, batch, weights, state.loss_state)
   return float(value), float(optax.tree.norm(grads)), int(face.sum()), float(aux.nll)
@@ -82,9 +83,9 @@ CHUNKED_PDL = [(6.457655906677246, 2.8647305965423584), (6.457655906677246, 2.86
 def test_three_chunked_pdl_steps_match_the_pinned_numbers():
   c, model, batch, weights = _setup("pdl", chunked=True, chunk_size=16, window=True)
   c.max_target_len = L - 2
-  tx = opt_lib.make_optimizer(c)
-  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, L)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
+  tx = opt_lib.make_optimizer(c.optimizer, c.num_steps)
+  state, _ = state_lib.create_state(model, tx, run_lib.make_mesh(c), 0, L)
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=run_lib.make_loss_fn(c, model),
                                    tx=tx))
   seen = []
   for _ in range(3):

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from pdl_jax import decode
+from pdl_jax.eval import decode as decode_lib
 import reference_transformer as model_lib
-from pdl_jax import sharding as sharding_lib
+from pdl_jax import sharding
 from pdl_jax.tokenizers.hf import HFTokenizer
-from pdl_jax.models import decoder as decoder_lib
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 from pdl_jax.models.hf import export as hf_export
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
@@ -66,7 +67,7 @@ def test_fixtures_catch_the_traps(name, change):
   cfg = hf_families.read_config(_dir(name))
   params = hf_weights.load_params(_dir(name), cfg)
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
-  wrong = decoder_lib.Decoder(dataclasses.replace(cfg, **change))
+  wrong = decoder.Decoder(dataclasses.replace(cfg, **change))
   out, _ = wrong.apply({"params": params}, jnp.asarray(ref["tokens"]))
   assert _rel_err(np.asarray(out), ref["logits"]) > 1e-3
 
@@ -123,7 +124,7 @@ def test_sliding_window_refused_only_when_in_use():
   assert cfg.sliding_window == 4096  # longer than any call here: full causal attention
   assert hf_families.read_config(_dir("qwen2")).sliding_window is None  # use_sliding_window off
   params = hf_weights.load_params(_dir("mistral"), cfg)
-  small = decoder_lib.Decoder(dataclasses.replace(cfg, sliding_window=8))
+  small = decoder.Decoder(dataclasses.replace(cfg, sliding_window=8))
   with pytest.raises(ValueError, match="sliding-window.*window 8.*16 positions"):
     small.apply({"params": params}, jnp.zeros((1, 16), jnp.int32))
 
@@ -131,12 +132,12 @@ def test_sliding_window_refused_only_when_in_use():
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])  # GQA 4/2, GQA 4/1, MHA+wpe
 def test_kv_cache_decoding_equals_full_forward(name):
   cfg = hf_families.read_config(_dir(name))
-  model, params = decoder_lib.Decoder(cfg), hf_weights.load_params(_dir(name), cfg)
+  model, params = decoder.Decoder(cfg), hf_weights.load_params(_dir(name), cfg)
   ref = np.load(os.path.join(_dir(name), "reference.npz"))
   prompts = [ref["tokens"][0, :5].tolist(), ref["tokens"][1, :9].tolist()]
-  tokens, mask = decode.left_pad(prompts, 9, pad_id=0)
+  tokens, mask = decode_lib.left_pad(prompts, 9, pad_id=0)
   new = 6
-  cached = np.asarray(decode.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
+  cached = np.asarray(decode_lib.generate(model, params, jnp.asarray(tokens), jnp.asarray(mask),
                                       jax.random.key(0), max_new_tokens=new, eos_id=-1,
                                       pad_id=0))
   # Repeated full forward passes, all at once: one pass without a cache over prompt +
@@ -147,9 +148,9 @@ def test_kv_cache_decoding_equals_full_forward(name):
   positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
   logits, _ = jax.jit(model.apply)({"params": params}, full_tokens, positions, full_mask)
   np.testing.assert_array_equal(np.asarray(logits)[:, 8:8 + new].argmax(-1), cached)
-  cache = decoder_lib.init_cache(cfg, 2, 15)  # one buffer per layer, KV heads only
+  cache = decoder.init_cache(cfg, 2, 15)  # one buffer per layer, KV heads only
   assert [k.shape for k in cache["k"]] == [(2, cfg.num_kv_heads, 15, cfg.head_dim)] * cfg.num_layers
-  scanned = decoder_lib.init_cache(dataclasses.replace(cfg, scan_layers=True), 2, 15)
+  scanned = decoder.init_cache(dataclasses.replace(cfg, scan_layers=True), 2, 15)
   assert scanned["k"].shape == (cfg.num_layers, 2, cfg.num_kv_heads, 15, cfg.head_dim)
 
 
@@ -203,14 +204,14 @@ def test_export_shards_bfloat16_and_refuses_existing_dir(tmp_path):
 
 
 def test_own_model_runs_in_decoder_and_exports_as_llama(tmp_path):
-  own_cfg = model_lib.model_config("tiny", vocab_size=96, num_layers=2)
+  own_cfg = model_lib.preset_config("tiny", vocab_size=96, num_layers=2)
   own = model_lib.Transformer(own_cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 7)), jnp.int32)
   params = nn.meta.unbox(jax.jit(own.init)(jax.random.key(1), tokens)["params"])
   own_logits, _ = jax.jit(own.apply)({"params": params}, tokens)
-  cfg = decoder_lib.from_model_config(own_cfg)
+  cfg = model_config.from_model_config(own_cfg)
   # Same param names and shapes: the own model's params run in the decoder.
-  dec_logits, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, tokens)
+  dec_logits, _ = jax.jit(decoder.Decoder(cfg).apply)({"params": params}, tokens)
   np.testing.assert_allclose(dec_logits, own_logits, rtol=1e-5, atol=1e-5)
   out = hf_export.export(params, cfg, tmp_path / "own")
   hf_cfg = hf_families.read_config(out)
@@ -268,7 +269,7 @@ def test_bfloat16_compute_stays_close():
   cfg = hf_families.read_config(_dir("gemma"), dtype="bfloat16")
   params = hf_weights.load_params(_dir("gemma"), cfg)
   ref = np.load(os.path.join(_dir("gemma"), "reference.npz"))
-  out, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": params}, ref["tokens"])
+  out, _ = jax.jit(decoder.Decoder(cfg).apply)({"params": params}, ref["tokens"])
   assert out.dtype == jnp.float32 and _rel_err(np.asarray(out), ref["logits"]) < 2e-2
 
 
@@ -278,7 +279,7 @@ def test_every_param_has_logical_axes():
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     for box in leaves:  # every name has a rule
-      sharding_lib.logical_to_spec(box.names)
+      sharding.logical_to_spec(box.names)
 
 
 @pytest.mark.parametrize("kind,shape,part", [
@@ -318,7 +319,7 @@ def test_all_checkpoint_mismatches_in_one_error(tmp_path):
 
 
 def test_sharded_load_on_4x2_mesh_equals_unsharded():
-  mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
   for name in ("gpt2", "llama"):
     cfg = hf_families.read_config(_dir(name))
     plain = hf_weights.load_params(_dir(name), cfg)
@@ -333,7 +334,7 @@ def test_sharded_load_on_4x2_mesh_equals_unsharded():
   # The sharded llama (last of the loop; GQA, KV heads replicated by the kv_heads rule)
   # computes the reference logits under jit.
   ref = np.load(os.path.join(_dir("llama"), "reference.npz"))
-  out, _ = jax.jit(decoder_lib.Decoder(cfg).apply)({"params": sharded}, ref["tokens"])
+  out, _ = jax.jit(decoder.Decoder(cfg).apply)({"params": sharded}, ref["tokens"])
   assert _rel_err(np.asarray(out), ref["logits"]) <= 1e-4
 
 

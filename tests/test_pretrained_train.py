@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pdl_jax import config_checks
-from pdl_jax import train
+from pdl_jax.train import run as run_lib
 from pdl_jax.models import decoder
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
@@ -40,7 +40,7 @@ def test_finetune_export_and_reload_through_the_cli(data_dir, tmp_path):  # noqa
   evals = [r["step"] for r in records if "eval/nll" in r]
   assert evals == [0, 4], evals
   assert "eval at step 0" in done.stderr
-  exp = subprocess.run([sys.executable, "-m", "pdl_jax.export", f"--workdir={work}",
+  exp = subprocess.run([sys.executable, "-m", "pdl_jax.cli.export_hf", f"--workdir={work}",
                         f"--out={out}"], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=300)
   assert exp.returncode == 0, exp.stderr[-3000:]
@@ -75,13 +75,13 @@ def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match="empty' has no config.json"):
-    train.train_and_evaluate(pretrained_config(empty), str(tmp_path / "w0"))
+    run_lib.train_and_evaluate(pretrained_config(empty), str(tmp_path / "w0"))
   moe = tmp_path / "moe"
   shutil.copytree(FIXTURE, moe)
   cfg = json.load(open(moe / "config.json"))
   json.dump({**cfg, "model_type": "mixtral"}, open(moe / "config.json", "w"))
   with pytest.raises(ValueError, match="mixtral"):
-    train.train_and_evaluate(pretrained_config(moe), str(tmp_path / "w1"))
+    run_lib.train_and_evaluate(pretrained_config(moe), str(tmp_path / "w1"))
   # Found by the config check, before any dataset is built or tokenizer loaded.
   with pytest.raises(ValueError, match=r"config.model.pretrained=.*moe.*'mixtral' is not"):
     config_checks.validate_config(pretrained_config(moe))
@@ -89,7 +89,7 @@ def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
   shutil.copytree(FIXTURE, small)
   json.dump({**cfg, "vocab_size": 50}, open(small / "config.json", "w"))
   with pytest.raises(ValueError, match="more than the 50 embedding rows"):
-    train.train_and_evaluate(pretrained_config(small), str(tmp_path / "w2"))
+    run_lib.train_and_evaluate(pretrained_config(small), str(tmp_path / "w2"))
   no_eos = tmp_path / "no_eos"  # no EOS anywhere: eos would be -1, the last row
   shutil.copytree(FIXTURE, no_eos)
   for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
@@ -98,6 +98,6 @@ def test_bad_pretrained_inputs_fail_before_training(mock_data, tmp_path):
     d.pop("eos_token_id", None)
     json.dump(d, open(no_eos / name, "w"))
   with pytest.raises(ValueError, match="no_eos.* has no EOS token"):
-    train.train_and_evaluate(pretrained_config(no_eos), str(tmp_path / "w3"))
+    run_lib.train_and_evaluate(pretrained_config(no_eos), str(tmp_path / "w3"))
   for w in ("w0", "w1", "w2", "w3"):
     assert not (tmp_path / w / "checkpoints").exists()  # refused before any training

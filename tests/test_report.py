@@ -160,13 +160,13 @@ def test_report_refuses_to_copy_runs_into_its_own_root(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["dialogue", "summarization", "style_transfer"])
-def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path):
-  """experiments/results/<task>: the runs are the points of the config's sweep (two seeds
-  each, same compute, one pretrained init), the tables regenerate from the committed run
-  logs, and the README links them."""
+def test_committed_results_trace_to_their_run_logs_and_the_docs(task, tmp_path):
+  """results/<task>: the runs are the points of the config's sweep (two seeds each, same
+  compute, one pretrained init), the tables regenerate from the committed run logs, and
+  docs/results.md links them."""
   from configs.common import load_config
   from experiments import sweep
-  results = os.path.join(ROOT, "experiments", "results", task)
+  results = os.path.join(ROOT, "results", task)
   runs = set(os.listdir(os.path.join(results, "runs")))
   points = report.collect(os.path.join(results, "runs"))
   # The comparison on the own 2.1 M model pretrained here (the task configs' own-model
@@ -185,10 +185,11 @@ def test_committed_results_trace_to_their_run_logs_and_the_readme(task, tmp_path
   report.write_tables(points, str(tmp_path))
   for name in ("summary.csv", "summary.md"):
     assert (tmp_path / name).read_text() == open(os.path.join(results, name)).read(), name
-  # The README keeps this comparison short (its conclusions) and links the tables.
-  readme = open(os.path.join(ROOT, "README.md")).read()
+  # docs/results.md keeps this comparison short (its conclusions) and links the tables.
+  with open(os.path.join(ROOT, "docs", "results.md")) as f:
+    page = f.read()
   for name in ("summary.md", "metrics_vs_alpha.png", "frequency_profile.png"):
-    assert f"](experiments/results/{task}/{name})" in readme, name
+    assert f"](../results/{task}/{name})" in page, name
     assert os.path.isfile(os.path.join(results, name)), name
 
 
@@ -336,7 +337,7 @@ def test_base_row_and_paired_intervals_from_the_samples(tmp_path):
   rows = dict(table["greedy"])
   assert list(rows) == [report.BASE, "alpha=0.5"]
   # PDL's generations equal the references: ROUGE-L 100 against CE's.
-  from pdl_jax import metrics as metrics_lib
+  from pdl_jax.eval import metrics as metrics_lib
   ce_rouge = metrics_lib.per_example(ce_gens, refs)["rougeL"].mean()
   d, lo, hi = rows["alpha=0.5"]["rougeL"]
   assert d == pytest.approx(100.0 - ce_rouge) and lo < d < hi
@@ -412,14 +413,14 @@ def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
 
 @pytest.mark.parametrize("task", ["summarization", "dialogue", "style_transfer"])
 def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
-  """experiments/results/real/<task>: every run is a point of the task config's
-  default sweep (SmolLM2-135M-Instruct) with that point's loss, seed, compute and
-  evaluation, all from the same base weights and code version, each with all its final
-  generations; the tables and paired intervals regenerate from the committed logs and
-  samples, and the README holds them verbatim."""
+  """results/real/<task>: every run is a point of the task config's default sweep
+  (SmolLM2-135M-Instruct) with that point's loss, seed, compute and evaluation, all from
+  the same base weights and code version, each with all its final generations; the
+  tables and paired intervals regenerate from the committed logs and samples, and
+  docs/results.md holds them verbatim, with its plots linked."""
   from configs.common import load_config
   from experiments import sweep
-  results = os.path.join(ROOT, "experiments", "results", "real", task)
+  results = os.path.join(ROOT, "results", "real", task)
   config_path = os.path.join(ROOT, "configs", f"{task}.py")
   specs = dict(sweep.points(load_config(config_path)))
   runs = set(os.listdir(os.path.join(results, "runs")))
@@ -461,10 +462,15 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   for name in ("summary.csv", "summary.md", "samples.md"):
     with open(os.path.join(results, name)) as f:
       assert (tmp_path / name).read_text() == f.read(), name
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = f.read()
+  with open(os.path.join(ROOT, "docs", "results.md")) as f:
+    page = f.read()
   for name in ("summary.md", "samples.md"):
-    assert (tmp_path / name).read_text().strip() in readme, name
+    block = (f"<!-- BEGIN results/real/{task}/{name} -->\n"
+             f"{(tmp_path / name).read_text()}<!-- END results/real/{task}/{name} -->")
+    assert block in page, name
+  for name in ("metrics_vs_alpha.png", "frequency_profile.png"):
+    assert f"](../results/real/{task}/{name})" in page, name
+    assert os.path.isfile(os.path.join(results, name)), name
 
 
 def test_sync_readme_copies_the_named_tables(tmp_path):
@@ -478,3 +484,107 @@ def test_sync_readme_copies_the_named_tables(tmp_path):
   assert sync_readme.sync(out, str(tmp_path)) == out
   with pytest.raises(FileNotFoundError, match="'b.md'"):
     sync_readme.sync("<!-- BEGIN b.md -->\n<!-- END b.md -->", str(tmp_path))
+
+
+def test_sync_readme_fills_the_readme_and_every_docs_page_or_none(tmp_path):
+  """One command fills the blocks of README.md and of every docs/*.md page; a block
+  naming a missing file stops it before any page is written."""
+  from tools import sync_readme
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "results").mkdir()
+  (tmp_path / "results" / "a.md").write_text("| x |\n")
+  block = "<!-- BEGIN results/a.md -->\n{}<!-- END results/a.md -->\n"
+  (tmp_path / "README.md").write_text(block.format("stale\n"))
+  (tmp_path / "docs" / "results.md").write_text("# R\n" + block.format(""))
+  (tmp_path / "docs" / "other.md").write_text("no blocks\n")
+  pages = sync_readme.pages(str(tmp_path))
+  assert [os.path.relpath(p, tmp_path) for p in pages] == [
+      "README.md", os.path.join("docs", "other.md"), os.path.join("docs", "results.md")]
+  done = sync_readme.sync_pages(pages, str(tmp_path))
+  assert [(os.path.basename(p), n, changed) for p, n, changed in done] == [
+      ("README.md", 1, True), ("other.md", 0, False), ("results.md", 1, True)]
+  assert (tmp_path / "README.md").read_text() == block.format("| x |\n")
+  assert (tmp_path / "docs" / "results.md").read_text() == "# R\n" + block.format("| x |\n")
+  (tmp_path / "README.md").write_text(block.format("stale\n"))
+  (tmp_path / "docs" / "results.md").write_text(block.replace("a.md", "b.md").format(""))
+  with pytest.raises(FileNotFoundError, match=r"results\.md: block names 'results/b\.md'"):
+    sync_readme.sync_pages(pages, str(tmp_path))
+  assert (tmp_path / "README.md").read_text() == block.format("stale\n")  # not written
+  assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_the_readme_and_docs_hold_the_committed_tables():
+  """Every marked block of README.md and docs/*.md is its file, verbatim: running
+  tools/sync_readme.py would change nothing."""
+  from tools import sync_readme
+  blocks = 0
+  for page in sync_readme.pages():
+    with open(page) as f:
+      text = f.read()
+    assert sync_readme.sync(text) == text, f"{page}: run python tools/sync_readme.py"
+    blocks += len(sync_readme.BLOCK.findall(text))
+  assert blocks >= 6  # the real model's summary.md and samples.md of each task
+
+
+def _markdown_rows(lines: list[str], start: int) -> list[list[str]]:
+  """The cells of a Markdown table's body rows; lines[start] is its header."""
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+  return rows
+
+
+def test_readme_headline_table_is_the_committed_summaries():
+  """Every number of the README's one results table is the mean, over the seeds, of its
+  point's greedy metric in results/real/<task>/summary.md (and the references' rare-token
+  share from its References line)."""
+  tasks = ("summarization", "dialogue", "style_transfer")
+  metrics = ("nll", "rougeL", "rare_token_share")
+  want = {}
+  for task in tasks:
+    with open(os.path.join(ROOT, "results", "real", task, "summary.md")) as f:
+      text = f.read()
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for row in _markdown_rows(lines, 0):  # the first table: the main (greedy) decoding
+      for metric in metrics:
+        want[(task, row[0], metric)] = row[header.index(metric)].split(" ± ")[0]
+    refs = dict(item.rsplit(" ", 1) for item in
+                text.split("References: ", 1)[1].split(".\n", 1)[0].split(", "))
+    for metric in metrics:
+      want[(task, "references", metric)] = refs.get(metric, "")
+  with open(os.path.join(ROOT, "README.md")) as f:
+    lines = f.read().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| point | summarization NLL"))
+  rows = _markdown_rows(lines, start)
+  assert [row[0] for row in rows][:3] == ["base (step 0)", "ce", "alpha=0.25"]
+  assert rows[-1][0] == "references" and len(rows) >= 5
+  for row in rows:
+    assert len(row) == 1 + len(tasks) * len(metrics), row
+    cells = iter(row[1:])
+    for task in tasks:
+      for metric in metrics:
+        assert next(cells) == want[(task, row[0], metric)], (row[0], task, metric)
+
+
+def test_the_config_reference_names_every_field():
+  """docs/experiments.md's config reference names every field of the configs."""
+  from configs.common import load_config
+  with open(os.path.join(ROOT, "docs", "experiments.md")) as f:
+    page = f.read()
+  reference = page[page.index("## The config reference"):]
+
+  def fields(d, prefix=""):
+    for key, value in d.items():
+      if isinstance(value, dict):
+        yield from fields(value, f"{prefix}{key}.")
+      else:
+        yield prefix + key
+
+  names = set()
+  for spec in ("dialogue.py", "dialogue.py:pretrained=none", "pretrain.py"):
+    names |= set(fields(load_config(os.path.join(ROOT, "configs", spec)).to_dict()))
+  missing = sorted(name for name in names if f"`{name}`" not in reference)
+  assert not missing and len(names) > 80, missing

@@ -20,18 +20,19 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import dialogue
-from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import decode
-from pdl_jax import sharding as sharding_lib
-from pdl_jax.models import decoder as dec
+from pdl_jax.train import checkpoint as ckpt_lib
+from pdl_jax.train import provenance
+from pdl_jax.eval import decode as decode_lib
+from pdl_jax import sharding
+from pdl_jax.models import decoder
+from pdl_jax.models import config as model_config
 from pdl_jax.models import factory
-from pdl_jax.models import transformer as M
 from pdl_jax.models.hf import export as hf_export
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-VARIANTS = [(scan, remat) for scan in (False, True) for remat in dec.REMATS]
+VARIANTS = [(scan, remat) for scan in (False, True) for remat in model_config.REMATS]
 
 
 def _fixture(name):
@@ -40,12 +41,12 @@ def _fixture(name):
 
 def _own_cfg():
   # Three layers: a scan of more than two steps, and an odd count.
-  return dec.from_model_config(M.model_config("tiny", vocab_size=50, num_layers=3))
+  return model_config.from_model_config(model_config.preset_config("tiny", vocab_size=50, num_layers=3))
 
 
 def _loss_logits_grads(cfg, params, tokens_BxL):
   """(loss, logits, grads) of next-token cross-entropy, jitted, float32 matmuls."""
-  model = dec.Decoder(cfg)
+  model = decoder.Decoder(cfg)
 
   def loss_fn(p):
     logits_BxLxV, _ = model.apply({"params": p}, tokens_BxL)
@@ -61,14 +62,14 @@ def _loss_logits_grads(cfg, params, tokens_BxL):
 def _check_variants_agree(cfg, params, tokens_BxL, variants=tuple(VARIANTS)):
   """The (scan, remat) variants equal the unrolled, non-rematerialised decoder."""
   base_loss, base_logits, base_grads = _loss_logits_grads(cfg, params, tokens_BxL)
-  stacked = dec.stack_layers(params, cfg.num_layers)
+  stacked = decoder.stack_layers(params, cfg.num_layers)
   for scan, remat in variants:
     variant = dataclasses.replace(cfg, scan_layers=scan, remat=remat)
     loss, logits, grads = _loss_logits_grads(variant, stacked if scan else params,
                                              tokens_BxL)
     if scan:
       assert set(grads) == set(stacked)  # the stacked layout: one "blocks" tree
-      grads = dec.unstack_layers(grads)
+      grads = decoder.unstack_layers(grads)
     where = f"scan_layers={scan}, remat={remat}"
     np.testing.assert_allclose(loss, base_loss, rtol=1e-6, err_msg=where)
     np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-5, err_msg=where)
@@ -79,7 +80,7 @@ def _check_variants_agree(cfg, params, tokens_BxL, variants=tuple(VARIANTS)):
 def test_own_model_variants_agree():
   cfg = _own_cfg()
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-  params = nn.meta.unbox(dec.Decoder(cfg).init(jax.random.key(0), tokens)["params"])
+  params = nn.meta.unbox(decoder.Decoder(cfg).init(jax.random.key(0), tokens)["params"])
   _check_variants_agree(cfg, jax.device_get(params), tokens)
 
 
@@ -98,21 +99,21 @@ def test_pretrained_variants_agree(name, variants):
 
 def test_scanned_params_are_stacked_with_a_layers_axis():
   cfg = dataclasses.replace(_own_cfg(), scan_layers=True)
-  boxed = dec.Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  boxed = decoder.Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   assert not any(k.startswith("block_") for k in boxed)
-  query = boxed[dec.SCANNED]["attn"]["query"]["kernel"]
+  query = boxed[decoder.SCANNED]["attn"]["query"]["kernel"]
   assert query.names == ("layers", "embed", "heads", "kv")
   assert query.value.shape == (3, 64, 2, 32)
-  leaves = jax.tree.leaves(boxed[dec.SCANNED],
+  leaves = jax.tree.leaves(boxed[decoder.SCANNED],
                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert all(x.names[0] == "layers" for x in leaves)
   unrolled = nn.meta.unbox(hf_weights.abstract_params(_own_cfg()))
-  want = jax.tree.map(lambda x: x.shape, dec.stack_layers(unrolled, 3))
+  want = jax.tree.map(lambda x: x.shape, decoder.stack_layers(unrolled, 3))
   assert jax.tree.map(lambda x: x.shape, nn.meta.unbox(boxed)) == want
   # Every name has a rule ("layers" included): param_shardings works scanned.
-  mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
   shardings = hf_weights.param_shardings(cfg, mesh)
-  assert shardings[dec.SCANNED]["attn"]["query"]["kernel"].spec == jax.sharding.PartitionSpec(
+  assert shardings[decoder.SCANNED]["attn"]["query"]["kernel"].spec == jax.sharding.PartitionSpec(
       None, None, "model", None)
 
 
@@ -120,25 +121,25 @@ def test_scanned_params_are_stacked_with_a_layers_axis():
 def test_greedy_decoding_with_cache_scanned_equals_unrolled(remat):
   cfg = _own_cfg()
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 3, cfg.vocab_size)
-  params = nn.meta.unbox(dec.Decoder(cfg).init(jax.random.key(0), tokens)["params"])
+  params = nn.meta.unbox(decoder.Decoder(cfg).init(jax.random.key(0), tokens)["params"])
   # Tiny random weights give near-ties; sharpen the logits so the argmax is stable.
   params["embed"]["embedding"] = params["embed"]["embedding"] * 4.0
-  prompts, mask = decode.left_pad([[5, 6, 7], [8, 9, 10, 11, 12]], 5, pad_id=0)
+  prompts, mask = decode_lib.left_pad([[5, 6, 7], [8, 9, 10, 11, 12]], 5, pad_id=0)
   outs = []
   for scan in (False, True):
     variant = dataclasses.replace(cfg, scan_layers=scan, remat=remat)
-    p = dec.stack_layers(params, cfg.num_layers) if scan else params
-    outs.append(np.asarray(decode.generate(
-        dec.Decoder(variant), p, jnp.asarray(prompts), jnp.asarray(mask), jax.random.key(0),
+    p = decoder.stack_layers(params, cfg.num_layers) if scan else params
+    outs.append(np.asarray(decode_lib.generate(
+        decoder.Decoder(variant), p, jnp.asarray(prompts), jnp.asarray(mask), jax.random.key(0),
         max_new_tokens=7, eos_id=-1, pad_id=0)))
   np.testing.assert_array_equal(outs[1], outs[0])
   # The cache written by a scanned prefill equals the unrolled one, layer by layer.
   caches = []
   for scan in (False, True):
     variant = dataclasses.replace(cfg, scan_layers=scan)
-    p = dec.stack_layers(params, cfg.num_layers) if scan else params
-    _, cache = dec.Decoder(variant).apply({"params": p}, jnp.asarray(prompts),
-                                          cache=dec.init_cache(variant, 2, 9), cache_index=0)
+    p = decoder.stack_layers(params, cfg.num_layers) if scan else params
+    _, cache = decoder.Decoder(variant).apply({"params": p}, jnp.asarray(prompts),
+                                          cache=decoder.init_cache(variant, 2, 9), cache_index=0)
     # Unrolled: one buffer per layer; scanned: one stacked buffer.
     assert isinstance(cache["k"], tuple) != scan
     caches.append(jax.tree.map(jnp.stack, cache, is_leaf=lambda x: isinstance(x, tuple))
@@ -152,12 +153,12 @@ def test_scanned_load_and_export_equal_unrolled(name, tmp_path):
   cfg = hf_families.read_config(_fixture(name))
   scfg = dataclasses.replace(cfg, scan_layers=True)
   params = jax.device_get(hf_weights.load_params(_fixture(name), cfg))
-  mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
   shardings = hf_weights.param_shardings(scfg, mesh)
   stacked = hf_weights.load_params(_fixture(name), scfg, shardings)
-  jax.tree.map(np.testing.assert_array_equal, dec.stack_layers(params, cfg.num_layers),
+  jax.tree.map(np.testing.assert_array_equal, decoder.stack_layers(params, cfg.num_layers),
                jax.device_get(stacked))
-  query = stacked[dec.SCANNED]["attn"]["query"]["kernel"]
+  query = stacked[decoder.SCANNED]["attn"]["query"]["kernel"]
   assert query.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
   assert query.addressable_shards[0].data.shape[0] == cfg.num_layers  # layers never split
   a = hf_export.export(stacked, scfg, tmp_path / "scanned")
@@ -174,7 +175,7 @@ def test_scanned_load_sharded_unsharded_and_layers_not_split_equal():
   cfg = hf_families.read_config(_fixture("gemma"))
   scfg = dataclasses.replace(cfg, scan_layers=True, remat="full")
   got = hf_weights.load_params(_fixture("gemma"), scfg)
-  want = dec.stack_layers(jax.device_get(hf_weights.load_params(_fixture("gemma"), cfg)),
+  want = decoder.stack_layers(jax.device_get(hf_weights.load_params(_fixture("gemma"), cfg)),
                           cfg.num_layers)
   jax.tree.map(np.testing.assert_array_equal, want, jax.device_get(got))
 
@@ -186,28 +187,28 @@ def test_stack_unstack_round_trip():
             **{f"block_{i}": {"attn": {"query": {"kernel": normal(4, 2, 2)}},
                               "mlp_norm": {"scale": normal(4)}}
                for i in range(3)}}
-  stacked = dec.stack_layers(params, 3)
+  stacked = decoder.stack_layers(params, 3)
   assert sorted(stacked) == ["blocks", "embed", "final_norm"]
   assert stacked["blocks"]["attn"]["query"]["kernel"].shape == (3, 4, 2, 2)
   assert isinstance(stacked["blocks"]["mlp_norm"]["scale"], np.ndarray)
   np.testing.assert_array_equal(stacked["blocks"]["mlp_norm"]["scale"][1],
                                 params["block_1"]["mlp_norm"]["scale"])
-  jax.tree.map(np.testing.assert_array_equal, dec.unstack_layers(stacked), params)
+  jax.tree.map(np.testing.assert_array_equal, decoder.unstack_layers(stacked), params)
   # jax arrays stay jax arrays.
   on_device = jax.tree.map(jnp.asarray, params)
-  back = dec.unstack_layers(dec.stack_layers(on_device, 3))
+  back = decoder.unstack_layers(decoder.stack_layers(on_device, 3))
   assert isinstance(back["block_2"]["mlp_norm"]["scale"], jax.Array)
   jax.tree.map(np.testing.assert_array_equal, back, params)
   # ShapeDtypeStructs: shapes only.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  s = dec.stack_layers(abstract, 3)
+  s = decoder.stack_layers(abstract, 3)
   assert s["blocks"]["attn"]["query"]["kernel"] == jax.ShapeDtypeStruct((3, 4, 2, 2),
                                                                          np.float32)
-  assert dec.unstack_layers(s) == abstract
+  assert decoder.unstack_layers(s) == abstract
   with pytest.raises(ValueError, match="block_0 ... block_3"):
-    dec.stack_layers(params, 4)
+    decoder.stack_layers(params, 4)
   with pytest.raises(ValueError, match="'blocks'"):
-    dec.unstack_layers(params)
+    decoder.unstack_layers(params)
 
 
 def test_bad_remat_is_a_clear_error():
@@ -224,12 +225,12 @@ def _config(**model):
 
 
 def test_factory_fills_scan_and_remat_for_own_and_pretrained_models():
-  own = factory.model_config(_config(scan_layers=True, remat="dots"), 64)
+  own = factory.decoder_config(_config(scan_layers=True, remat="dots"), 64)
   assert (own.scan_layers, own.remat, own.model_type) == (True, "dots", "pdl")
-  hf = factory.model_config(_config(pretrained=_fixture("qwen2"), scan_layers=True,
+  hf = factory.decoder_config(_config(pretrained=_fixture("qwen2"), scan_layers=True,
                                     remat="full"))
   assert (hf.scan_layers, hf.remat, hf.model_type) == (True, "full", "qwen2")
-  assert factory.model_config(_config(), 64).scan_layers is False
+  assert factory.decoder_config(_config(), 64).scan_layers is False
 
 
 def test_fingerprint_keeps_scan_layers_and_leaves_out_remat():
@@ -237,7 +238,7 @@ def test_fingerprint_keeps_scan_layers_and_leaves_out_remat():
 
   def fp(**model):
     c = _config(**model)
-    return ckpt_lib.fingerprint(c, tok, factory.describe(factory.make_model(c, 64)))
+    return provenance.fingerprint(c, tok, factory.describe(factory.make_model(c.model, 64)))
 
   assert fp(remat="full") == fp(remat="none") == fp(remat="dots")
   assert "remat" not in fp()["model"]
@@ -256,10 +257,10 @@ def _save_run(workdir, params):
 def test_init_from_a_run_of_the_other_layout_converts(tmp_path):
   cfg = hf_families.read_config(_fixture("llama"))
   params = jax.device_get(hf_weights.load_params(_fixture("llama"), cfg))
-  stacked = dec.stack_layers(params, cfg.num_layers)
+  stacked = decoder.stack_layers(params, cfg.num_layers)
   _save_run(tmp_path / "unrolled", params)
   _save_run(tmp_path / "scanned", stacked)
-  mesh = sharding_lib.make_mesh({"data": 4, "model": 2})
+  mesh = sharding.make_mesh({"data": 4, "model": 2})
   for scan, run, want in ((True, "unrolled", stacked), (False, "scanned", params)):
     variant = dataclasses.replace(cfg, scan_layers=scan)
     shardings = hf_weights.param_shardings(variant, mesh)

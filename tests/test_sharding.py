@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from pdl_jax import sharding
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import pdl
 
 
 def test_eight_forced_cpu_devices():
@@ -74,10 +74,10 @@ def test_pdl_sharded_equals_single_device(dtype):
   logits = jnp.asarray(rng.normal(0, 2, (b, l, v)), dtype)
   labels = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
   mask = jnp.asarray(rng.random((b, l)) > 0.3, jnp.float32)
-  weights = jnp.asarray(L.power_law_weights(rng.zipf(1.5, v), 1.0))
+  weights = jnp.asarray(pdl.power_law_weights(rng.zipf(1.5, v), 1.0))
 
   def value_and_grad(lg, lb, w, m):
-    return jax.value_and_grad(L.pdl_loss)(lg, lb, w, mask=m)
+    return jax.value_and_grad(pdl.pdl_loss)(lg, lb, w, mask=m)
 
   dev0 = jax.devices()[0]
   single = jax.jit(value_and_grad)(*jax.device_put((logits, labels, weights, mask), dev0))

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import tokenizers
 
-from pdl_jax import data as data_lib
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import pipeline
 from pdl_jax.models.hf import export as hf_export
 from pdl_jax.tokenizers import chat
 from pdl_jax.tokenizers.hf import HFTokenizer
@@ -63,10 +64,10 @@ def test_render_matches_transformers_for_smollm2():
 def test_chat_layout_equals_the_rendered_conversation(tmp_path, as_file):
   base = HFTokenizer.load(chat_fixture(tmp_path, as_file=as_file))
   assert base.chat_template == FIXTURE_TEMPLATE
-  tok = data_lib.with_prompt_format(base, None)  # None: chat, the model has a template
+  tok = pipeline.with_prompt_format(base, None)  # None: chat, the model has a template
   assert isinstance(tok, chat.ChatTokenizer)
   prompts, targets = ["the quick brown fox", "she sells shells"], ["jumps over", "by the sea"]
-  ex = data_lib.encode_examples(prompts, targets, tok, seq_len=48, max_target_len=16)
+  ex = examples_lib.encode_examples(prompts, targets, tok, seq_len=48, max_target_len=16)
   end_id = base.encode_markup(["</s>"])[0][0]
   assert tok.eos_id == end_id
   for i, (p, t) in enumerate(zip(prompts, targets)):
@@ -92,16 +93,16 @@ def test_chat_layout_equals_the_rendered_conversation(tmp_path, as_file):
 def test_prompt_format_choice_and_errors(tmp_path):
   plain = HFTokenizer.load(FIXTURE)
   assert plain.chat_template is None
-  assert data_lib.with_prompt_format(plain, None) is plain
+  assert pipeline.with_prompt_format(plain, None) is plain
   with pytest.raises(ValueError, match="'chat' but the tokenizer .* has no chat template"):
-    data_lib.with_prompt_format(plain, "chat")
+    pipeline.with_prompt_format(plain, "chat")
   with pytest.raises(ValueError, match=r"prompt_format='markdown'.*expected one of"):
-    data_lib.with_prompt_format(plain, "markdown")
+    pipeline.with_prompt_format(plain, "markdown")
   with_template = HFTokenizer.load(chat_fixture(tmp_path))
-  assert data_lib.with_prompt_format(with_template, "plain") is with_template
-  assert isinstance(data_lib.with_prompt_format(with_template, "chat"), chat.ChatTokenizer)
+  assert pipeline.with_prompt_format(with_template, "plain") is with_template
+  assert isinstance(pipeline.with_prompt_format(with_template, "chat"), chat.ChatTokenizer)
   # The chat format changes what is counted and trained: another identity.
-  assert data_lib.with_prompt_format(with_template, "chat").sha256 != with_template.sha256
+  assert pipeline.with_prompt_format(with_template, "chat").sha256 != with_template.sha256
 
 
 def test_template_that_rewrites_the_content_is_refused():
@@ -141,7 +142,7 @@ def test_bos_only_where_the_tokenizer_adds_one(tmp_path):
   # A post-processor that adds BOS (Llama 3's <|begin_of_text|>).
   adds = HFTokenizer.load(_with_post_processor(tmp_path))
   assert adds.prompt_prefix_ids == [adds.bos_id]
-  ex = data_lib.encode_examples(["a b"], ["c"], adds, seq_len=16, max_target_len=4)
+  ex = examples_lib.encode_examples(["a b"], ["c"], adds, seq_len=16, max_target_len=4)
   assert ex.seqs[0, 0] == adds.bos_id
   # tokenizer_config's add_bos_token decides when it is given.
   shutil.rmtree(tmp_path / "bos_model")
@@ -163,8 +164,8 @@ def test_export_keeps_the_chat_template_and_every_eos(tmp_path):
   end_id = HFTokenizer.load(src).encode_markup(["</s>"])[0][0]
   assert eos == [2, 3] and end_id in eos
   # The export reads back with the same template and layout.
-  back = data_lib.with_prompt_format(HFTokenizer.load(out), None)
-  orig = data_lib.with_prompt_format(HFTokenizer.load(src), None)
+  back = pipeline.with_prompt_format(HFTokenizer.load(out), None)
+  orig = pipeline.with_prompt_format(HFTokenizer.load(src), None)
   assert (back.prompt_prefix_ids, back.separator_ids, back.eos_id) == (
       orig.prompt_prefix_ids, orig.separator_ids, orig.eos_id)
 
@@ -196,7 +197,7 @@ def test_plain_layout_equals_the_joined_text_for_metaspace_tokenizers(tmp_path,
   raw = tokenizers.Tokenizer.from_file(str(tmp_path / ("meta_merge" if newline_merges
                                                        else "meta") / "tokenizer.json"))
   prompts, targets = ["the lazy fox", "she sells"], ["The quick dog", "sea shells"]
-  ex = data_lib.encode_examples(prompts, targets, tok, seq_len=40, max_target_len=16)
+  ex = examples_lib.encode_examples(prompts, targets, tok, seq_len=40, max_target_len=16)
   for i, (p, t) in enumerate(zip(prompts, targets)):
     joined = raw.encode(p + "\n" + t, add_special_tokens=False).ids
     n = int(ex.lengths[i])
@@ -226,10 +227,10 @@ def test_end_of_turn_is_the_special_token_after_the_content(tmp_path, template, 
   base = HFTokenizer.load(chat_fixture(tmp_path, template))
   head, tail, end = chat.split_template(template, base.special_tokens)
   assert tail.endswith(tail_end) and "PdlJax" not in end  # the text before the answer
-  tok = data_lib.with_prompt_format(base, None)
+  tok = pipeline.with_prompt_format(base, None)
   end_id = base.encode_markup(["</s>"])[0][0]
   assert tok.eos_id == end_id  # not a text piece of "ChatContent...", not the space
-  ex = data_lib.encode_examples(["the fox"], ["jumps over"], tok, seq_len=48,
+  ex = examples_lib.encode_examples(["the fox"], ["jumps over"], tok, seq_len=48,
                                 max_target_len=16)
   loss_ids = ex.seqs[0][ex.loss_positions()[0]].tolist()
   assert loss_ids == base.encode_batch(["jumps over"])[0] + [end_id]

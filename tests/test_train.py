@@ -5,21 +5,21 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import dialogue
-from pdl_jax import checkpoint as ckpt_lib
-from pdl_jax import optimizer as opt_lib
+from pdl_jax.train import checkpoint as ckpt_lib
+from pdl_jax.train import optimizer as opt_lib
 from pdl_jax import sharding
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
-from pdl_jax.models import factory as models
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.train import loop as loop_lib
+from pdl_jax.losses import batch_loss
+from pdl_jax.models import factory
 
-import pdl_jax.datasets  # noqa: F401
+import pdl_jax.data.builders  # noqa: F401
 
 
 def tiny_config(**overrides):
@@ -54,7 +54,7 @@ def mock_data():
 
 
 def run(workdir, **overrides):
-  return train.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  return run_lib.train_and_evaluate(tiny_config(**overrides), str(workdir))
 
 
 def final_params(workdir):
@@ -106,7 +106,7 @@ def test_run_writes_every_output(reference_run):
   samples = [json.loads(l) for l in open(workdir / "samples" / "step_0000006.jsonl")]
   assert len(samples) == 2 and set(samples[0]) == {"input", "reference", "generation"}
   # The final eval keeps every generation of every decoding, with ids and rare counts.
-  from pdl_jax import metrics as metrics_lib
+  from pdl_jax.eval import metrics as metrics_lib
   counts = np.load(workdir / "checkpoints" / "token_stats.npz")["counts"]
   frequent = metrics_lib.frequent_head(counts)
   for method, prefix in (("greedy", "eval/"), ("top_p", "eval/top_p/")):
@@ -157,7 +157,7 @@ def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
   # init_from: params from the other run, its tokenizer, fresh optimizer at step 0.
   c = tiny_config(num_steps=1, eval_every=100, seed=1)  # another seed: another init
   c.init_from = str(ref_dir)
-  train.train_and_evaluate(c, str(tmp_path / "ft"))
+  run_lib.train_and_evaluate(c, str(tmp_path / "ft"))
   assert os.path.getsize(tmp_path / "ft" / "checkpoints" / "token_stats.npz") > 0
   assert not os.path.exists(tmp_path / "ft" / "tokenizer.model")  # reused init_from's
   # One AdamW step (lr <= 3e-3) away from the reference's params, not a seed-1 init.
@@ -179,20 +179,22 @@ def test_init_from_and_mismatched_workdir(reference_run, tmp_path):
 
 
 def test_frequency_cli_pass_is_reused_by_training(tmp_path):
-  from pdl_jax import frequency
+  from pdl_jax.cli import count_tokens
+  from pdl_jax.data import token_stats
+  from pdl_jax.losses import weights as loss_weights
 
-  stats, report = frequency.run_pass(tiny_config(), str(tmp_path), top=3)
+  stats, report = count_tokens.run_pass(tiny_config(), str(tmp_path), top=3)
   assert "most frequent (down-weighted)" in report and "least frequent" in report
-  path = tmp_path / "checkpoints" / frequency.STATS_FILENAME
-  weights_path = tmp_path / "checkpoints" / frequency.WEIGHTS_FILENAME
-  weights, meta = frequency.load_weights(str(weights_path))  # the CLI writes them too
+  path = tmp_path / "checkpoints" / token_stats.STATS_FILENAME
+  weights_path = tmp_path / "checkpoints" / loss_weights.WEIGHTS_FILENAME
+  weights, meta = loss_weights.load_weights(str(weights_path))  # the CLI writes them too
   assert meta["settings"]["alpha"] == 0.5
   np.testing.assert_array_equal(weights, stats.weights(0.5))
   mtimes = os.path.getmtime(path), os.path.getmtime(weights_path)
   run(tmp_path, num_steps=2, eval_every=100)
   # Training reused the stored stats and found the stored weights its own.
   assert (os.path.getmtime(path), os.path.getmtime(weights_path)) == mtimes
-  again, _ = frequency.run_pass(tiny_config(), str(tmp_path))
+  again, _ = count_tokens.run_pass(tiny_config(), str(tmp_path))
   np.testing.assert_array_equal(again.counts, stats.counts)
 
 
@@ -218,22 +220,22 @@ def test_preempted_at_a_log_and_eval_step_keeps_its_records(tmp_path, monkeypatc
   the preemption save, and the resumed run (starting after step 4) writes its eval."""
   import signal
 
-  from pdl_jax import data as data_lib
+  from pdl_jax.data import batches as batches_lib
   overrides = {"num_steps": 6, "log_every": 2, "eval_every": 4, "checkpoint_every": 100}
   run(tmp_path / "ref", **overrides)
-  call = data_lib.TrainBatches.global_batch
+  call = batches_lib.TrainBatches.global_batch
 
   def preempting(self, step):
     if step == 3:  # the batch of step 4 (steps count from 1 after the update)
       os.kill(os.getpid(), signal.SIGTERM)
     return call(self, step)
 
-  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", preempting)
+  monkeypatch.setattr(batches_lib.TrainBatches, "global_batch", preempting)
   with pytest.raises(SystemExit) as stopped:
     run(tmp_path / "w", **overrides)
   assert stopped.value.code == 128 + signal.SIGTERM
   assert final_params(tmp_path / "w")[0] == 4
-  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", call)
+  monkeypatch.setattr(batches_lib.TrainBatches, "global_batch", call)
   run(tmp_path / "w", **overrides)
 
   def records(workdir):
@@ -270,7 +272,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
 
   import orbax.checkpoint as ocp
 
-  from pdl_jax import data as data_lib
+  from pdl_jax.data import batches as batches_lib
   _fail_the_save_of_step(monkeypatch, 2, "Error writing opt_state: No space left on device")
   finalize = ocp.CheckpointManager._finalize  # its whole body: clears the in-progress flag
   ended = threading.Event()
@@ -282,7 +284,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
       if step == 2:
         ended.set()
 
-  call = data_lib.TrainBatches.global_batch
+  call = batches_lib.TrainBatches.global_batch
 
   def after_the_failure(self, step):
     if step == 2:  # step 3's batch: let the failed save's thread end first
@@ -290,7 +292,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_log_step(tmp_path, m
     return call(self, step)
 
   monkeypatch.setattr(ocp.CheckpointManager, "_finalize", finalize_then_signal)
-  monkeypatch.setattr(data_lib.TrainBatches, "global_batch", after_the_failure)
+  monkeypatch.setattr(batches_lib.TrainBatches, "global_batch", after_the_failure)
   with pytest.raises(RuntimeError, match=r"saving a checkpoint failed \(ValueError: "
                      r"RESOURCE_EXHAUSTED.*run the same command"):
     run(tmp_path, **{"num_steps": 8, "log_every": 1, "checkpoint_every": 2, "eval_every": 100})
@@ -335,24 +337,24 @@ def test_eval_loss_is_the_runs_own_objective(tmp_path):
 
 
 def test_init_from_restores_params_only_into_the_current_shardings(reference_run):
-  from pdl_jax import checkpoint as ckpt
+  from pdl_jax.train import checkpoint as ckpt_lib
   mesh = sharding.make_mesh({"data": 4, "model": 2})
   cfg = tiny_config()
-  model = models.make_model(cfg, vocab_size=final_params(reference_run[0])[1]["embed"][
+  model = factory.make_model(cfg.model, vocab_size=final_params(reference_run[0])[1]["embed"][
       "embedding"].shape[0])
-  state, shardings = state_lib.create_state(model, opt_lib.make_optimizer(cfg), mesh, 0, 16)
-  params = ckpt.load_params(str(reference_run[0]),
-                            ckpt.abstract_like(state.params, shardings.params))
+  state, shardings = state_lib.create_state(model, opt_lib.make_optimizer(cfg.optimizer, cfg.num_steps), mesh, 0, 16)
+  params = ckpt_lib.load_params(str(reference_run[0]),
+                            ckpt_lib.abstract_like(state.params, shardings.params))
   emb = params["embed"]["embedding"]
   assert emb.sharding == shardings.params["embed"]["embedding"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("model", None)
   assert_trees_close(jax.tree.map(np.asarray, params), final_params(reference_run[0])[1],
                      rtol=0, atol=0)
-  small = models.make_model(tiny_config(**{"model.preset": "small"}), vocab_size=emb.shape[0])
+  small = factory.make_model(tiny_config(**{"model.preset": "small"}), vocab_size=emb.shape[0])
   one = sharding.make_mesh({"data": 1, "model": 1})  # 3 heads do not split over 2
-  other, other_sh = state_lib.create_state(small, opt_lib.make_optimizer(cfg), one, 0, 16)
+  other, other_sh = state_lib.create_state(small, opt_lib.make_optimizer(cfg.optimizer, cfg.num_steps), one, 0, 16)
   with pytest.raises(ValueError, match="do not match this model"):
-    ckpt.load_params(str(reference_run[0]), ckpt.abstract_like(other.params, other_sh.params))
+    ckpt_lib.load_params(str(reference_run[0]), ckpt_lib.abstract_like(other.params, other_sh.params))
 
 
 def test_face_counts_are_train_state_and_resume_exactly(tmp_path):
@@ -387,8 +389,8 @@ def test_loss_window_training_equals_full_logits(tmp_path):
 
 
 def test_stored_counts_of_other_data_settings_are_refused(tmp_path):
-  from pdl_jax import frequency
-  frequency.run_pass(tiny_config(), str(tmp_path))  # counted with max_target_len 8
+  from pdl_jax.cli import count_tokens
+  count_tokens.run_pass(tiny_config(), str(tmp_path))  # counted with max_target_len 8
   with pytest.raises(ValueError, match=r"other data settings \(max_target_len: stored 8, "
                                        r"now 3\)"):
     run(tmp_path, max_target_len=3)
@@ -407,22 +409,22 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   from pdl_jax.models import factory
   c = tiny_config()
   assert c.loss.chunked is None and c.model.dtype is None
-  assert not objective.use_chunked_loss(c, 4000) and objective.use_chunked_loss(c, 32_000)
+  assert not batch_loss.use_chunked_loss(c.loss, 4000) and batch_loss.use_chunked_loss(c.loss, 32_000)
   c.loss.name = "unlikelihood"  # needs the full logits: never chunked by default
-  assert not objective.use_chunked_loss(c, 151_936)
+  assert not batch_loss.use_chunked_loss(c.loss, 151_936)
   for name in ("focal", "label_smoothing", "face"):  # chunked by vocabulary chunks
     c.loss.name = name
-    assert objective.use_chunked_loss(c, 151_936)
+    assert batch_loss.use_chunked_loss(c.loss, 151_936)
   c.loss.chunked = False
   c.loss.name = "pdl"
-  assert not objective.use_chunked_loss(c, 151_936)
-  assert factory.compute_dtype(c) == "float32"  # CPU here; bfloat16 on accelerators
+  assert not batch_loss.use_chunked_loss(c.loss, 151_936)
+  assert factory.compute_dtype(c.model) == "float32"  # CPU here; bfloat16 on accelerators
   c.model.dtype = "bfloat16"
-  assert factory.compute_dtype(c) == "bfloat16"
+  assert factory.compute_dtype(c.model) == "bfloat16"
 
 
 def test_eval_log_line_names_extra_decodings():
-  line = train.eval_summary({"eval/nll": 4.25, "eval/top_p/rouge1": 7.0})
+  line = loop_lib.eval_summary({"eval/nll": 4.25, "eval/top_p/rouge1": 7.0})
   assert line == "nll 4.250  top_p/rouge1 7.000"
 
 
@@ -432,7 +434,7 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained, bucket
   (compile-once: the params keep their sharding across evals; a retrace would cost
   10-20 s per eval on a real model); with prompts bucketed by length, once per
   padded length."""
-  from pdl_jax import decode as decode_lib
+  from pdl_jax.eval import decode as decode_lib
   traced = []
   prefill = decode_lib._prefill
 

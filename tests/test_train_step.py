@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from configs import dialogue
-from pdl_jax import optimizer as opt_lib
-from pdl_jax import state as state_lib
-from pdl_jax import train
-from pdl_jax.losses import objective
-from pdl_jax.losses import pdl as loss_lib
-from pdl_jax.models import factory as models
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import step as step_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.losses import pdl
+from pdl_jax.models import factory
 
 
 def test_three_pdl_steps_match_the_pinned_numbers():
@@ -24,15 +24,15 @@ def test_three_pdl_steps_match_the_pinned_numbers():
   c.num_steps = 10
   c.optimizer.warmup_steps = 2
   vocab = 64
-  model = models.make_model(c, vocab)
-  tx = opt_lib.make_optimizer(c)
-  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, 16)
+  model = factory.make_model(c.model, vocab)
+  tx = opt_lib.make_optimizer(c.optimizer, c.num_steps)
+  state, _ = state_lib.create_state(model, tx, run_lib.make_mesh(c), 0, 16)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, vocab, (4, 16)).astype(np.int32),
            "labels": rng.integers(0, vocab, (4, 16)).astype(np.int32),
            "loss_mask": (rng.random((4, 16)) > 0.3).astype(np.float32)}
-  weights = loss_lib.power_law_weights(rng.integers(0, 50, vocab).astype(np.int64), 0.5)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
+  weights = pdl.power_law_weights(rng.integers(0, 50, vocab).astype(np.int64), 0.5)
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=run_lib.make_loss_fn(c, model),
                                    tx=tx))
   seen = []
   for _ in range(3):
@@ -56,22 +56,22 @@ def test_a_skipped_step_keeps_the_logged_learning_rate_the_one_used():
   c.mesh.data = 1
   c.num_steps, c.optimizer.warmup_steps = 10, 4
   vocab = 32
-  model = models.make_model(c, vocab)
-  tx = opt_lib.make_optimizer(c)
-  state, _ = state_lib.create_state(model, tx, train.make_mesh(c), 0, 8)
+  model = factory.make_model(c.model, vocab)
+  tx = opt_lib.make_optimizer(c.optimizer, c.num_steps)
+  state, _ = state_lib.create_state(model, tx, run_lib.make_mesh(c), 0, 8)
   rng = np.random.default_rng(1)
   batch = {"inputs": rng.integers(0, vocab, (2, 8)).astype(np.int32),
            "labels": rng.integers(0, vocab, (2, 8)).astype(np.int32),
            "loss_mask": np.ones((2, 8), np.float32)}
   good = np.ones(vocab, np.float32)
   bad = np.full(vocab, np.nan, np.float32)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn_of(c, model),
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=run_lib.make_loss_fn(c, model),
                                    tx=tx, skip_nonfinite=True))
   rates = []
   for w in (good, good, bad, bad, good):
     state, m = step(state, batch, w)
     rates.append(float(m["train/learning_rate"]))
-  sched = opt_lib.schedule(c)
+  sched = opt_lib.schedule(c.optimizer, c.num_steps)
   # Updates applied: 1, 2, (skipped), (skipped), 3: the third applied update uses the
   # schedule's third value, and the skipped steps report the last applied one.
   assert rates == pytest.approx([float(sched(0)), float(sched(1)), float(sched(1)),
@@ -80,12 +80,13 @@ def test_a_skipped_step_keeps_the_logged_learning_rate_the_one_used():
 
 
 def test_tokens_per_second_counts_real_tokens_only():
-  from pdl_jax import data
+  from pdl_jax.data import batches as batches_lib
+  from pdl_jax.data import examples as examples_lib
   seqs = np.zeros((4, 9), np.int32)
   lengths = np.array([9, 5, 3, 7], np.int32)
-  ex = data.Examples(seqs, np.array([2, 2, 1, 3], np.int32), lengths, [""] * 4, [""] * 4,
+  ex = examples_lib.Examples(seqs, np.array([2, 2, 1, 3], np.int32), lengths, [""] * 4, [""] * 4,
                      0, 0)
-  b = data.TrainBatches(ex, 2, seed=0, process_index=1, process_count=2)
+  b = batches_lib.TrainBatches(ex, 2, seed=0, process_index=1, process_count=2)
   idx = b.global_indices(0)
   assert b.real_tokens(0) == int((lengths[idx] - 1).sum())  # the global batch, no padding
   assert b.real_tokens(0) < 2 * 8

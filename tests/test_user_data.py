@@ -1,4 +1,4 @@
-"""Your own data (pdl_jax/user_data.py): JSONL, CSV and TSV files and chat records as a
+"""Your own data (pdl_jax/data/files.py): JSONL, CSV and TSV files and chat records as a
 task; field options, the held-out split, clear errors naming file and line, the files'
 checksum in the run fingerprint, and a CLI run on the example file."""
 
@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from configs import dialogue
-from pdl_jax import checkpoint as ckpt_lib
+from pdl_jax.train import checkpoint as ckpt_lib
+from pdl_jax.train import provenance
 from pdl_jax import config_checks
-from pdl_jax import data as data_lib
-from pdl_jax import train
-from pdl_jax import user_data
+from pdl_jax.data import examples as examples_lib
+from pdl_jax.data import pipeline
+from pdl_jax.data import sources
+from pdl_jax.train import run as run_lib
+from pdl_jax.data import files as data_files
 from pdl_jax.tokenizers import chat
 from pdl_jax.tokenizers.hf import HFTokenizer
 
@@ -62,7 +65,7 @@ def files_config(train_path, validation=None, **fields):
 
 def read(c, split="train", limit=None):
   lines = []
-  prompts, targets = user_data.load_split(c.dataset, split, limit, log=lines.append)
+  prompts, targets = data_files.load_split(c.dataset, split, limit, log=lines.append)
   return list(zip(prompts, targets)), lines
 
 
@@ -100,12 +103,12 @@ def test_each_format_reads_the_same_examples(tmp_path, fmt):
 
 
 def test_empty_targets_are_dropped_and_counted_by_encode_examples(tmp_path):
-  from pdl_jax.tokenizers import sentencepiece as sp
+  from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
   from test_frequency import make_texts
   c = files_config(write_jsonl(tmp_path / "d.jsonl", RECORDS), tmp_path / "d.jsonl")
   prompts, targets = zip(*read(c)[0])
-  tok = sp.train(make_texts(300, 0) + list(prompts), str(tmp_path / "t.model"), 60)
-  ex = data_lib.encode_examples(list(prompts), list(targets), tok, seq_len=48,
+  tok = sp_tokenizer.train(make_texts(300, 0) + list(prompts), str(tmp_path / "t.model"), 60)
+  ex = examples_lib.encode_examples(list(prompts), list(targets), tok, seq_len=48,
                                 max_target_len=16)
   assert len(ex) == 4 and ex.dropped_empty == 1
 
@@ -124,8 +127,8 @@ def test_context_field_joins_turns_as_the_dialogue_task(tmp_path):
   c.dataset.train = write_table(tmp_path / "d.csv", table)
   assert read(c)[0] == want
   # The hub dialogue dataset's joining, reused (tasks.DatasetSpec.format).
-  from pdl_jax import tasks
-  sgd = tasks.get_dataset("dialogue", "gem/schema_guided_dialog")
+  from pdl_jax.data import tasks as tasks_lib
+  sgd = tasks_lib.get_dataset("dialogue", "gem/schema_guided_dialog")
   assert sgd.format(records[0]) == want[0]
 
 
@@ -162,12 +165,12 @@ def test_messages_field_last_assistant_turn_is_the_target(tmp_path):
 
 def test_chat_records_in_a_models_chat_template(tmp_path):
   base = HFTokenizer.load(chat_fixture(tmp_path))
-  tok = data_lib.with_prompt_format(base, None)
+  tok = pipeline.with_prompt_format(base, None)
   assert isinstance(tok, chat.ChatTokenizer)
   c = files_config(write_jsonl(tmp_path / "chats.jsonl", CHATS), tmp_path / "chats.jsonl",
                    messages_field="messages")
   prompts, targets = map(list, zip(*read(c)[0]))
-  ex = data_lib.encode_examples(prompts, targets, tok, seq_len=160, max_target_len=32)
+  ex = examples_lib.encode_examples(prompts, targets, tok, seq_len=160, max_target_len=32)
   assert ex.truncated == 0
   for i, (p, t) in enumerate(zip(prompts, targets)):
     # The earlier messages are one user turn of the template, the target the reply.
@@ -201,8 +204,8 @@ def test_held_out_split_is_deterministic_and_disjoint(tmp_path):
   assert read(c, "train", limit=10)[0] == train_pairs[:10]  # the cap after the split
   c.dataset.validation_fraction = 0.2
   assert len(read(c, "validation")[0]) == 20
-  np.testing.assert_array_equal(user_data.held_out_mask(100, 0.05),
-                                user_data.held_out_mask(100, 0.05))
+  np.testing.assert_array_equal(data_files.held_out_mask(100, 0.05),
+                                data_files.held_out_mask(100, 0.05))
 
 
 def test_glob_reads_shards_in_sorted_order_and_reports_overlap(tmp_path):
@@ -221,7 +224,7 @@ def test_glob_reads_shards_in_sorted_order_and_reports_overlap(tmp_path):
   import hashlib
   want = hashlib.sha256(b"".join(open(tmp_path / "data" / f"train-{i}.jsonl", "rb").read()
                                  for i in (0, 1))).hexdigest()
-  assert user_data.files_sha256(c.dataset.train) == want
+  assert data_files.files_sha256(c.dataset.train) == want
 
 
 # ---------------------------------------------------------------------------
@@ -278,8 +281,8 @@ def test_bad_files_are_clear_errors(tmp_path, name, text, fields, message):
   val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "a", "target": "b"}])
   c = files_config(tmp_path / name, None if name == "one.jsonl" else val, **fields)
   config_checks.validate_config(c)  # files exist: records are checked when read
-  with pytest.raises(user_data.DataFileError, match=message):
-    data_lib.load_split_texts(c, "train")
+  with pytest.raises(data_files.DataFileError, match=message):
+    sources.load_split_texts(c.task, c.dataset, "train")
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
@@ -329,17 +332,17 @@ class _Tok:
 
 
 def test_fingerprint_has_the_files_checksum_only_for_files(tmp_path):
-  plain = ckpt_lib.fingerprint(dialogue.get_config("smoke"), _Tok, {})
+  plain = provenance.fingerprint(dialogue.get_config("smoke"), _Tok, {})
   assert not any(k.startswith("dataset_files") for k in plain)  # old runs resume
   path = tmp_path / "d.jsonl"
   write_jsonl(path, RECORDS)
-  fp = ckpt_lib.fingerprint(files_config(path), _Tok, {})
-  assert fp["dataset_files_sha256"] == user_data.files_sha256(str(path))
+  fp = provenance.fingerprint(files_config(path), _Tok, {})
+  assert fp["dataset_files_sha256"] == data_files.files_sha256(str(path))
   assert fp["dataset_files"]["prompt_field"] == "prompt"
   write_jsonl(path, RECORDS[:-1])
   with pytest.raises(ValueError, match=r"dataset_files_sha256: stored '[0-9a-f]{64}', now "
                                        r"'[0-9a-f]{64}'"):
-    ckpt_lib.check_fingerprint(fp, ckpt_lib.fingerprint(files_config(path), _Tok, {}), "w")
+    provenance.check_fingerprint(fp, provenance.fingerprint(files_config(path), _Tok, {}), "w")
 
 
 def test_a_changed_training_file_refuses_the_resume(tmp_path):
@@ -353,13 +356,13 @@ def test_a_changed_training_file_refuses_the_resume(tmp_path):
     c.dataset.name, c.dataset.train = "files", str(path)
     return c
 
-  train.train_and_evaluate(config(), str(tmp_path / "w"))
+  run_lib.train_and_evaluate(config(), str(tmp_path / "w"))
   assert ckpt_lib.manager(str(tmp_path / "w")).latest_step() == 2
   write_jsonl(path, [{"prompt": a, "target": b} for a, b in zip(texts[:40], texts[41:])])
   # The token stats, counted from the file as it was, are the first to refuse.
   with pytest.raises(ValueError, match=r"\(dataset_files_sha256: stored '[0-9a-f]+', now "
                                        r"'[0-9a-f]+'\).*resume=False"):
-    train.train_and_evaluate(config(), str(tmp_path / "w"))
+    run_lib.train_and_evaluate(config(), str(tmp_path / "w"))
 
 
 def test_cli_finetunes_on_the_example_file(tmp_path):
@@ -382,7 +385,7 @@ def test_cli_finetunes_on_the_example_file(tmp_path):
   records = [json.loads(line) for line in open(work / "metrics.jsonl")]
   assert [r["step"] for r in records if "eval/nll" in r] == [4]
   meta = json.load(open(work / "checkpoints" / "4" / "meta" / "metadata"))
-  assert meta["fingerprint"]["dataset_files_sha256"] == user_data.files_sha256(
+  assert meta["fingerprint"]["dataset_files_sha256"] == data_files.files_sha256(
       os.path.join(ROOT, "examples", "support_summaries.jsonl"))
   print("\n".join(line for line in log.splitlines() if line.startswith(("data:", "step",
                                                                          "eval"))))
@@ -391,11 +394,11 @@ def test_cli_finetunes_on_the_example_file(tmp_path):
 def test_token_stats_of_an_earlier_version_of_the_file_are_refused(tmp_path):
   """A workdir with token stats but no checkpoint (a frequency pass): its counts were
   made from the file as it was; the stats' settings carry the file's checksum."""
-  from pdl_jax import frequency
+  from pdl_jax.data import token_stats
   path = tmp_path / "d.jsonl"
   write_jsonl(path, RECORDS)
-  before = frequency.count_settings(files_config(path))
-  assert before["dataset_files_sha256"] == user_data.files_sha256(str(path))
+  before = token_stats.count_settings(files_config(path))
+  assert before["dataset_files_sha256"] == data_files.files_sha256(str(path))
   write_jsonl(path, RECORDS[:-1])
-  assert frequency.count_settings(files_config(path)) != before
-  assert "dataset_files_sha256" not in frequency.count_settings(dialogue.get_config("smoke"))
+  assert token_stats.count_settings(files_config(path)) != before
+  assert "dataset_files_sha256" not in token_stats.count_settings(dialogue.get_config("smoke"))

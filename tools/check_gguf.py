@@ -269,10 +269,10 @@ def _id_diff(name: str, texts, mine, want, piece, n_tokens: int, no_digits=None
 def compare(gguf_file: str, ref_file: str) -> int:
   import time  # pylint: disable=import-outside-toplevel
   import tokenizers  # pylint: disable=import-outside-toplevel
-  from pdl_jax.tokenizers import hf as hf_tokenizer  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models.hf import families  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models.hf import gguf as gguf_lib  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models.hf import weights  # pylint: disable=import-outside-toplevel
+  from pdl_jax.tokenizers import hf as hf_tokenizer
+  from pdl_jax.models.hf import families as hf_families
+  from pdl_jax.models.hf import gguf as gguf_lib
+  from pdl_jax.models.hf import weights as hf_weights
   ref = np.load(ref_file)
   info = json.loads(str(ref["info"]))
   texts = [str(t) for t in ref["texts"]]
@@ -331,9 +331,9 @@ def compare(gguf_file: str, ref_file: str) -> int:
                     for i in dec_differ[:3]))
     # Logits on transformers' own padded batch of ids, so that a tokenizer difference
     # does not hide the model comparison.
-    cfg = families.read_config(folder)
+    cfg = hf_families.read_config(folder)
     t2 = time.time()
-    logits = weights.logits(folder, ref["tokens"])
+    logits = hf_weights.logits(folder, ref["tokens"])
     t3 = time.time()
     want = ref["logits"]
     if logits.shape != want.shape:
@@ -367,7 +367,7 @@ def compare(gguf_file: str, ref_file: str) -> int:
       print(f"  chat_template.jinja == GGUF's == tokenizer_config's == transformers': "
             f"{same}; rendered (jinja2 here) identically: {rendered == str(ref['chat'])}")
       try:  # the project's own renderer, where it has one
-        from pdl_jax.tokenizers import chat  # pylint: disable=import-outside-toplevel
+        from pdl_jax.tokenizers import chat
       except ImportError:
         chat = None
       if chat is not None and getattr(tok, "chat_template", None) is not None:

@@ -28,8 +28,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 def export(out: str) -> None:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models import decoder as decoder_lib  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models import transformer as model_lib  # pylint: disable=import-outside-toplevel
+  from pdl_jax.models import decoder
+  from pdl_jax.models import config as model_config
   # pylint: disable=import-outside-toplevel
   from pdl_jax.models.hf import export as hf_export
   from pdl_jax.models.hf import families as hf_families
@@ -42,13 +42,13 @@ def export(out: str) -> None:
                       max_shard_bytes=60_000 if name == "gpt2" else 5e9)
     hf_export.export(params, cfg, os.path.join(out, name + "_bf16"), dtype="bfloat16")
     np.savez(os.path.join(out, name + ".npz"), **np.load(os.path.join(src, "reference.npz")))
-  own_cfg = model_lib.model_config("tiny", vocab_size=96, num_layers=2)
-  own = decoder_lib.Decoder(decoder_lib.from_model_config(own_cfg))
+  own_cfg = model_config.preset_config("tiny", vocab_size=96, num_layers=2)
+  own = decoder.Decoder(model_config.from_model_config(own_cfg))
   tokens = np.random.default_rng(0).integers(0, 96, (2, 7)).astype(np.int32)
   params = nn.meta.unbox(own.init(jax.random.key(1), tokens)["params"])
   logits, _ = own.apply({"params": params}, tokens)
   np.savez(os.path.join(out, "own.npz"), tokens=tokens, logits=np.asarray(logits))
-  hf_export.export(params, decoder_lib.from_model_config(own_cfg), os.path.join(out, "own"))
+  hf_export.export(params, model_config.from_model_config(own_cfg), os.path.join(out, "own"))
 
 
 def check(out: str) -> int:

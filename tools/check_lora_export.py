@@ -12,8 +12,7 @@ make_hf_fixtures.py for the side venv, then `/work/hfvenv/bin/pip install peft`)
     /work/hfvenv/bin/python tools/check_lora_export.py check /tmp/lora_export
 
 Step 2 prints the max absolute logit difference per export and exits non-zero above
-1e-4. Last run (transformers 5.24.0, peft 0.21.2, torch 2.13.0): see the README's
-LoRA section.
+1e-4. Last run (transformers 5.24.0, peft 0.21.2, torch 2.13.0): see docs/lora.md.
 """
 
 from __future__ import annotations
@@ -36,32 +35,34 @@ def export(out: str) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, ROOT)
-  from pdl_jax import export as export_lib  # pylint: disable=import-outside-toplevel
-  from pdl_jax import lora  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models import decoder  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models.hf import export as hf_export  # pylint: disable=import-outside-toplevel
-  from pdl_jax.models.hf import families, weights  # pylint: disable=import-outside-toplevel
+  from pdl_jax.models.hf import peft as hf_peft
+  from pdl_jax.models import lora
+  from pdl_jax.models import decoder
+  from pdl_jax.models import config as model_config
+  from pdl_jax.models.hf import export as hf_export
+  from pdl_jax.models.hf import families as hf_families
+  from pdl_jax.models.hf import weights as hf_weights
 
   os.makedirs(out, exist_ok=True)
   tokens = np.random.default_rng(0).integers(0, 250, (2, 16)).astype(np.int32)
   for family in FAMILIES:
     path = os.path.join(FIXTURES, family)
-    base_cfg = families.read_config(path)
+    base_cfg = hf_families.read_config(path)
     cfg = dataclasses.replace(base_cfg, lora_rank=4, lora_alpha=8.0,
-                              lora_targets=tuple(decoder.LORA_TARGETS))
+                              lora_targets=tuple(model_config.LORA_TARGETS))
     model = decoder.Decoder(cfg)
     adapters = lora.split(nn.meta.unbox(model.init(
         jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))[0]
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     adapters = jax.tree.map(lambda x: x if not np.all(np.asarray(x) == 0)
                             else 0.3 * jax.random.normal(next(keys), x.shape), adapters)
-    params = lora.combine(weights.load_params(path, base_cfg), adapters)
+    params = lora.combine(hf_weights.load_params(path, base_cfg), adapters)
     logits = np.asarray(model.apply({"params": params}, tokens)[0])
     base_logits = np.asarray(decoder.Decoder(base_cfg).apply(
-        {"params": weights.load_params(path, base_cfg)}, tokens)[0])
+        {"params": hf_weights.load_params(path, base_cfg)}, tokens)[0])
     effect = float(np.abs(logits - base_logits).max())
     assert effect > 0.1, f"{family}: the adapters barely move the logits ({effect})"
-    export_lib.write_peft(adapters, cfg, os.path.join(out, f"{family}_peft"),
+    hf_peft.write_peft(adapters, cfg, os.path.join(out, f"{family}_peft"),
                           base_name=path, tokenizer_dir=path)
     hf_export.export(lora.merge(params, cfg), base_cfg, os.path.join(out, f"{family}_merged"),
                      tokenizer_dir=path)

@@ -1,19 +1,26 @@
-"""Copies committed result tables into the README, verbatim.
+"""Copies committed result tables into the README and docs/, verbatim.
 
-Each block of the README between the lines
+Each block of README.md or of a docs/*.md page between the lines
 
-    <!-- BEGIN experiments/results/real/summarization/summary.md -->
-    <!-- END experiments/results/real/summarization/summary.md -->
+    <!-- BEGIN results/real/summarization/summary.md -->
+    <!-- END results/real/summarization/summary.md -->
 
-is replaced by that file's content (relative to the repository root), so the README
-shows each committed `summary.md` as `report.py` wrote it (tests/test_report.py checks
-it does). Run after committing new runs with `report.py --copy_runs`:
+is replaced by that file's content (the path is relative to the repository root), so the
+pages show each committed `summary.md` and `samples.md` as `report.py` wrote it
+(tests/experiments/test_report.py checks they do). Run after committing new runs with
+`report.py --copy_runs`:
 
-    python tools/sync_readme.py [README.md]
+    python tools/sync_readme.py              # README.md and every docs/*.md
+    python tools/sync_readme.py docs/results.md   # only the pages named
+
+Every page is read and filled before any is written (a block naming a missing file
+stops it with nothing changed), and each changed page is written to a temporary name
+and renamed: never a half-written page.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
@@ -23,11 +30,11 @@ BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 
 def sync(text: str, root: str = ROOT) -> str:
-  """The README text with every marked block replaced by its file's content."""
+  """The page's text with every marked block replaced by its file's content."""
   def fill(m: re.Match) -> str:
     path = os.path.join(root, m.group(2))
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"README block names {m.group(2)!r}, which is not a file "
+      raise FileNotFoundError(f"block names {m.group(2)!r}, which is not a file "
                               f"under {root}")
     with open(path) as f:
       body = f.read()
@@ -35,19 +42,37 @@ def sync(text: str, root: str = ROOT) -> str:
   return BLOCK.sub(fill, text)
 
 
-def main() -> None:
-  readme = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "README.md")
-  with open(readme) as f:
-    text = f.read()
-  new = sync(text)
-  if new != text:
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(new)
-    os.replace(tmp, readme)  # never a half-written README
-  print(f"{readme}: {len(BLOCK.findall(text))} blocks, "
-        f"{'updated' if new != text else 'already up to date'}")
+def pages(root: str = ROOT) -> list[str]:
+  """README.md and every docs/*.md under root: the pages that may hold blocks."""
+  docs = sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+  return [os.path.join(root, "README.md")] + docs
+
+
+def sync_pages(paths: list[str], root: str = ROOT) -> list[tuple[str, int, bool]]:
+  """Fills the blocks of every page; returns (page, blocks, changed) per page."""
+  todo = []
+  for page in paths:  # every page filled before any is written
+    with open(page) as f:
+      text = f.read()
+    try:
+      new = sync(text, root)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{page}: {e}") from None
+    todo.append((page, text, new))
+  for page, text, new in todo:
+    if new != text:
+      tmp = page + ".tmp"
+      with open(tmp, "w") as f:
+        f.write(new)
+      os.replace(tmp, page)  # never a half-written page
+  return [(page, len(BLOCK.findall(text)), new != text) for page, text, new in todo]
+
+
+def main(argv: list[str]) -> None:
+  for page, blocks, changed in sync_pages(argv or pages()):
+    print(f"{os.path.relpath(page)}: {blocks} blocks, "
+          f"{'updated' if changed else 'already up to date'}")
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

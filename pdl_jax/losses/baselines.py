@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import pdl
 
 TLAT_KINDS = ("exp", "chi2")
 
@@ -90,7 +90,7 @@ def itf_weights(counts_V, lam: float) -> np.ndarray:
     ValueError: naming the bad value (counts as in `loss.power_law_weights`; lam
       negative or not finite).
   """
-  counts_V = L.check_counts(counts_V)
+  counts_V = pdl.check_counts(counts_V)
   lam = _check_nonneg("lam (itf_lambda)", lam)
   # log-space: large counts and lambdas neither overflow nor underflow to 0 early.
   return np.exp(-lam * np.log(np.maximum(counts_V, 1.0))).astype(np.float32)
@@ -130,7 +130,7 @@ def tlat_weights(counts_V, kind: str, A: float | None = None,
     ValueError: naming the bad value (counts as in `loss.power_law_weights`; an
       unknown kind; A negative or not finite; T <= 0 or not finite).
   """
-  counts_V = L.check_counts(counts_V)
+  counts_V = pdl.check_counts(counts_V)
   if kind not in TLAT_KINDS:
     raise ValueError(f"kind must be one of {TLAT_KINDS}; got {kind!r}.")
   if A is not None:
@@ -187,11 +187,11 @@ def face_count_update(pred_counts_V: jax.Array, logits: jax.Array, labels: jax.A
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  L._check_logits_labels(logits, labels, mask)
+  pdl._check_logits_labels(logits, labels, mask)
   vocab = logits.shape[-1]
   if pred_counts_V.dtype != jnp.int32:
     raise ValueError(f"pred_counts must be int32; got dtype {pred_counts_V.dtype}.")
-  L.check_weights(pred_counts_V, vocab, "logits' last axis")
+  pdl.check_weights(pred_counts_V, vocab, "logits' last axis")
   preds = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
   return face_count_update_from_preds(pred_counts_V, preds, labels, mask)
 
@@ -202,7 +202,7 @@ def face_count_update_from_preds(pred_counts_V: jax.Array, preds: jax.Array,
   """`face_count_update` from the argmax predictions [...] themselves (the chunked
   path's `chunked_argmax` of the hidden states): the same counts, no logits."""
   vocab = pred_counts_V.shape[0]
-  mask, _ = L.effective_mask(labels, vocab, mask)
+  mask, _ = pdl.effective_mask(labels, vocab, mask)
   batch_V = jnp.zeros((vocab,), jnp.int32).at[preds.reshape(-1)].add(
       (mask > 0).astype(jnp.int32).reshape(-1))
   return pred_counts_V + jnp.minimum(batch_V, _INT32_MAX - pred_counts_V)
@@ -244,9 +244,9 @@ def face_weights(pred_counts_V: jax.Array) -> jax.Array:
 
 def _unweighted(logits, labels, mask):
   """Checks, float32 log-softmax, NLL, effective mask and safe labels."""
-  L._check_logits_labels(logits, labels, mask)
+  pdl._check_logits_labels(logits, labels, mask)
   vocab = logits.shape[-1]
-  mask, safe = L.effective_mask(labels, vocab, mask)
+  mask, safe = pdl.effective_mask(labels, vocab, mask)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
   return logp, nll, mask, safe
@@ -259,7 +259,7 @@ def unlikelihood_loss_and_aux(
     *,
     mask: jax.Array | None = None,
     ul_alpha: float = 1.0,
-) -> tuple[jax.Array, L.LossAux]:
+) -> tuple[jax.Array, pdl.LossAux]:
   """Token-level unlikelihood (Welleck et al. 2019), mean over target tokens.
 
     loss_t = nll_t - ul_alpha * sum_{c in C_t} log(1 - p_t(c)),
@@ -302,7 +302,7 @@ def unlikelihood_loss_and_aux(
   one_minus_p = jnp.maximum(-jnp.expm1(logp_cand), _UL_MIN_ONE_MINUS_P)
   ul = -jnp.sum(jnp.where(cand, jnp.log(one_minus_p), 0.0), axis=-1)
   token_loss = nll + ul_alpha * ul
-  return L.reduce_token_losses(nll, mask, mask, reduction="tokens",
+  return pdl.reduce_token_losses(nll, mask, mask, reduction="tokens",
                                token_loss=jnp.where(on, token_loss, 0.0))
 
 
@@ -313,7 +313,7 @@ def focal_loss_and_aux(
     *,
     mask: jax.Array | None = None,
     gamma: float = 2.0,
-) -> tuple[jax.Array, L.LossAux]:
+) -> tuple[jax.Array, pdl.LossAux]:
   """Focal loss over the vocabulary softmax, mean over target tokens.
 
     loss_t = -(1 - p_t)**gamma * log p_t      (Lin et al. 2017)
@@ -325,7 +325,7 @@ def focal_loss_and_aux(
   """
   gamma = _check_nonneg("gamma", gamma)
   _, nll, mask, _ = _unweighted(logits, labels, mask)
-  return L.reduce_token_losses(nll, mask, mask, reduction="tokens",
+  return pdl.reduce_token_losses(nll, mask, mask, reduction="tokens",
                                token_loss=focal_token_loss(nll, gamma))
 
 
@@ -355,7 +355,7 @@ def label_smoothing_loss_and_aux(
     *,
     mask: jax.Array | None = None,
     smoothing: float = 0.1,
-) -> tuple[jax.Array, L.LossAux]:
+) -> tuple[jax.Array, pdl.LossAux]:
   """Label-smoothed cross-entropy, mean over target tokens:
 
     (1 - smoothing) * nll_t + smoothing * mean_c(-log p_t(c)),
@@ -371,7 +371,7 @@ def label_smoothing_loss_and_aux(
   targets = optax.smooth_labels(
       jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32), smoothing)
   token_loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-  return L.reduce_token_losses(nll, mask, mask, reduction="tokens",
+  return pdl.reduce_token_losses(nll, mask, mask, reduction="tokens",
                                token_loss=jnp.where(mask > 0, token_loss, 0.0))
 
 
@@ -379,7 +379,7 @@ def unweighted(fn, key: str, default: float):
   """Factory of a loss without frequency weights: make(**{key: value}) -> fn(logits,
   labels, weights_V=None, *, mask) -> (loss, LossAux), `value` checked at once (a clear
   error at config time, not at the first step's trace); None means `default`."""
-  def make(**params) -> L.LossFn:
+  def make(**params) -> pdl.LossFn:
     value = params.get(key)
     value = default if value is None else float(value)
     if key == "smoothing":

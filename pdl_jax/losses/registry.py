@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pdl_jax.losses import baselines
-from pdl_jax.losses import pdl as L
+from pdl_jax.losses import pdl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class LossSpec:
   """
 
   name: str
-  make: Callable[..., L.LossFn]
+  make: Callable[..., pdl.LossFn]
   params: tuple[str, ...] = ()
   default_reduction: str | None = None
   weight_params: tuple[str, ...] = ()
@@ -70,21 +70,21 @@ class LossSpec:
     return self.state_weights is not None
 
 
-def _ce(**params) -> L.LossFn:
+def _ce(**params) -> pdl.LossFn:
   del params
   def ce(logits, labels, weights=None, *, mask=None):
     del weights  # CE is PDL with all weights 1.
-    return L.cross_entropy_loss_and_aux(logits, labels, mask=mask)
+    return pdl.cross_entropy_loss_and_aux(logits, labels, mask=mask)
   return ce
 
 
-def _weighted(name: str) -> Callable[..., L.LossFn]:
+def _weighted(name: str) -> Callable[..., pdl.LossFn]:
   """Factory of a frequency-weighted loss: sum(mask w[y] nll) / its reduction."""
-  def make(reduction: str | None = None) -> L.LossFn:
+  def make(reduction: str | None = None) -> pdl.LossFn:
     reduction = resolve_reduction(name, reduction)
 
     def weighted(logits, labels, weights, *, mask=None):
-      return L.weighted_loss_and_aux(logits, labels, weights, mask=mask,
+      return pdl.weighted_loss_and_aux(logits, labels, weights, mask=mask,
                                      reduction=reduction)
     return weighted
   return make
@@ -157,7 +157,7 @@ def spec(name: str) -> LossSpec:
   return SPECS[name]
 
 
-def get_loss(name: str, **params) -> L.LossFn:
+def get_loss(name: str, **params) -> pdl.LossFn:
   """Loss by config name, as fn(logits, labels, weights_V, *, mask) -> (loss, aux).
 
   Every loss takes the same arguments, so one train step serves all; losses without
@@ -196,7 +196,7 @@ def resolve_reduction(name: str, reduction: str | None = None) -> str:
   """
   s = spec(name)
   if reduction is not None:
-    L.check_reduction(reduction)
+    pdl.check_reduction(reduction)
   if not s.weighted:
     return "tokens"
   return s.default_reduction if reduction is None else reduction
@@ -237,5 +237,5 @@ def static_weights(settings: Mapping[str, Any], stats: Any, eos_id: int) -> np.n
   else:
     w = s.weights_from_counts(settings, stats.counts, stats)
   if settings.get("eos_weight") is not None:
-    w = L.fix_token_weight(w, eos_id, settings["eos_weight"], counts_V=stats.counts)
+    w = pdl.fix_token_weight(w, eos_id, settings["eos_weight"], counts_V=stats.counts)
   return np.asarray(w, np.float32)

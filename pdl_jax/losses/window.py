@@ -50,13 +50,6 @@ def capacity_for(max_target_len: int, seq_len: int, multiple: int = 1) -> int:
   return min(seq_len, -(-(max_target_len + 1) // multiple) * multiple)
 
 
-def packed_capacity(max_target_len: int, seq_len: int) -> int:
-  """Window of packed rows (pdl_jax.data.pack_examples), which hold several target
-  spans: two examples' longest targets with EOS, rounded up to 8, at most seq_len.
-  The packer keeps every row's loss tokens within it."""
-  return min(seq_len, -(-2 * (max_target_len + 1) // 8) * 8)
-
-
 def gather_loss_positions(hidden_BxLxD: jax.Array, labels_BxL: jax.Array,
                           mask_BxL: jax.Array, capacity: int
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -119,7 +119,7 @@ def param_specs(kind: str, n_in: int, n_out: int, flat_init: Callable
 
 def num_in_axes(module: str) -> int:
   """Input axes of a projection's kernel: 2 for the attention output ([H, K] -> D),
-  1 for the others ([D] -> ...). The one rule the decoder, pdl_jax.lora and the
+  1 for the others ([D] -> ...). The one rule the decoder, pdl_jax.models.lora and the
   quantisation here use (defined here, below the decoder, which imports this module)."""
   return 2 if module == "out" else 1
 

@@ -65,21 +65,22 @@ class Tokenizer(Protocol):
 
 def load(path: str) -> Tokenizer:
   """The tokenizer stored at `path`: a SentencePiece `.model`, a Hugging Face
-  `tokenizer.json`, a model directory holding a tokenizer.json, or the name of an
-  offline model (models.hf.offline).
+  `tokenizer.json`, or a model directory holding a tokenizer.json: a local (or
+  gs://) path; an offline model's name is resolved to its folder by the caller
+  (models.hf.offline.local_dir), so tokenizers/ imports nothing of models/.
 
   Raises:
     ValueError: a file of a kind no implementation reads.
     FileNotFoundError: nothing at `path`.
   """
-  from pdl_jax import utils
-  from pdl_jax.models.hf import offline
-  from pdl_jax.tokenizers import hf, sentencepiece
+  from pdl_jax import paths
+  from pdl_jax.tokenizers import hf as hf_tokenizer
+  from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
 
-  text = offline.local_dir(str(path))
+  text = str(path)
   if text.endswith(".model"):
-    return sentencepiece.SentencePieceTokenizer.load(text)
-  if text.endswith(".json") or (utils.path(text) / "tokenizer.json").exists():
-    return hf.HFTokenizer.load(text)
+    return sp_tokenizer.SentencePieceTokenizer.load(text)
+  if text.endswith(".json") or (paths.path(text) / "tokenizer.json").exists():
+    return hf_tokenizer.HFTokenizer.load(text)
   raise ValueError(f"tokenizer {text!r}: expected a SentencePiece .model file, a "
                    "tokenizer.json, or a model directory with a tokenizer.json.")

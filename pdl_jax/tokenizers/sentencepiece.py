@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from pdl_jax import utils
+from pdl_jax import paths
 
 # Ids fixed at training time. pad = 0 so zero-padded batches are padding.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -40,7 +40,7 @@ class SentencePieceTokenizer:
   def load(cls, path: str) -> "SentencePieceTokenizer":
     """Loads a SentencePiece .model file (local or gs://); a clear error if missing
     or invalid."""
-    p = utils.path(path)
+    p = paths.path(path)
     if not p.is_file():
       raise FileNotFoundError(
           f"SentencePiece model {path!r} does not exist; give an existing .model "
@@ -134,14 +134,14 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int, *, seed: int =
       input_sentence_size=max_sentences, shuffle_input_sentence=False,
       character_coverage=0.9995, num_threads=num_threads or os.cpu_count() or 1,
       hard_vocab_limit=False, minloglevel=2)
-  utils.atomic_write_bytes(model_path, proto.getvalue())
+  paths.atomic_write_bytes(model_path, proto.getvalue())
   return SentencePieceTokenizer(proto.getvalue(), model_path)
 
 
 def load_or_train(model_path: str, texts: Iterable[str] | None, vocab_size: int,
                   **train_kwargs) -> SentencePieceTokenizer:
   """Loads model_path if it exists (train once per workdir, then reuse), else trains."""
-  if utils.path(model_path).exists():
+  if paths.path(model_path).exists():
     return SentencePieceTokenizer.load(model_path)
   if texts is None:
     raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist.")

@@ -1,5 +1,5 @@
 """Decoder params -> a Hugging Face checkpoint folder (transformers-loadable).
-A run's workdir is exported by `python -m pdl_jax.export` (pdl_jax/export.py).
+A run's workdir is exported by `python -m pdl_jax.cli.export_hf` (pdl_jax/cli/export_hf.py).
 
 Writes DIR/config.json, safetensors shards of at most 5 GB (with an index when there
 are several) and the tokenizer files, into a temporary folder next to the target
@@ -29,10 +29,10 @@ from safetensors.numpy import save_file
 from pdl_jax.tokenizers import chat
 from pdl_jax.tokenizers import hf as hf_tokenizer
 from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
-from pdl_jax import utils
-from pdl_jax.models import decoder as decoder_lib
-from pdl_jax.models.decoder import DecoderConfig
-from pdl_jax.models.hf import families
+from pdl_jax import multihost
+from pdl_jax.models import decoder
+from pdl_jax.models.config import DecoderConfig
+from pdl_jax.models.hf import families as hf_families
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -72,7 +72,7 @@ def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, out: epath.Path) -> N
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def to_hf(t: families.Tensor, value: np.ndarray) -> np.ndarray:
+def to_hf(t: hf_families.Tensor, value: np.ndarray) -> np.ndarray:
   """Inverse of _read on a whole param (export)."""
   if t.kind == "T":
     return value.T
@@ -133,11 +133,11 @@ class _Layer:
 def _per_layer_flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   """Flat {path: value} of params in either layout, keyed by the unrolled paths
   (block_i/...) the tensor table uses; a scanned tree's leaves become _Layer views."""
-  if decoder_lib.SCANNED not in params:
+  if decoder.SCANNED not in params:
     return flax.traverse_util.flatten_dict(params)
   flat = flax.traverse_util.flatten_dict(
-      {k: v for k, v in params.items() if k != decoder_lib.SCANNED})
-  for rest, stacked in flax.traverse_util.flatten_dict(params[decoder_lib.SCANNED]).items():
+      {k: v for k, v in params.items() if k != decoder.SCANNED})
+  for rest, stacked in flax.traverse_util.flatten_dict(params[decoder.SCANNED]).items():
     for i in range(np.shape(stacked)[0]):
       flat[(f"block_{i}",) + rest] = _Layer(stacked, i)
   return flat
@@ -153,6 +153,101 @@ def _gather(x: Any) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+def _hf_config(cfg_or_hf_config: DecoderConfig | Mapping[str, Any], dtype: str
+               ) -> tuple[DecoderConfig, dict[str, Any]]:
+  """(DecoderConfig, config.json dict) of export's config argument; the dict is a
+  copy with its dtype entry set to `dtype`."""
+  if isinstance(cfg_or_hf_config, DecoderConfig):
+    cfg = cfg_or_hf_config
+    if cfg.model_type == "pdl":
+      hf = own_model_hf_config(cfg)
+    elif cfg.source_config_json is not None:
+      hf = json.loads(cfg.source_config_json)
+    else:
+      raise ValueError("export needs the config.json of a pretrained DecoderConfig; pass "
+                       "the config read by read_config or the config.json dict.")
+  else:
+    hf = dict(cfg_or_hf_config)
+    cfg = hf_families.config_from_hf(hf)
+  hf = dict(hf)
+  # v5 configs name it "dtype", v4 ones "torch_dtype": update the one the config has.
+  hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype
+  return cfg, hf
+
+
+def _tensor_thunks(flat: Mapping[tuple[str, ...], Any], cfg: DecoderConfig,
+                   out_cfg: DecoderConfig, untie_scaled: bool
+                   ) -> dict[str, Callable[[], np.ndarray]]:
+  """name -> thunk producing the transformers tensor, in table order, fused c_attn
+  once. Thunks, so each tensor is gathered only when its shard is written."""
+  tensors: dict[str, Callable[[], np.ndarray]] = {}
+  for t in hf_families.tensor_table(out_cfg):
+    if t.name in tensors:
+      continue
+    if t.kind in ("conv_in_heads", "conv_bias_heads"):
+      parts = [tt for tt in hf_families.tensor_table(out_cfg) if tt.name == t.name]
+      def fused(parts=parts):
+        vals = [_gather(flat[p.path]) for p in parts]
+        if parts[0].kind == "conv_in_heads":
+          return np.concatenate([v.reshape(v.shape[0], -1) for v in vals], axis=1)
+        return np.concatenate([v.reshape(-1) for v in vals])
+      tensors[t.name] = fused
+    elif untie_scaled and t.path == ("unembed",):
+      tensors[t.name] = lambda: _gather(flat[("embed", "embedding")]) * np.float32(
+          cfg.unembed_scale)
+    else:
+      tensors[t.name] = lambda t=t: to_hf(t, _gather(flat[t.path]))
+  return tensors
+
+
+def _plan_shards(flat: Mapping[tuple[str, ...], Any], out_cfg: DecoderConfig,
+                 untie_scaled: bool, itemsize: int, max_shard_bytes: float
+                 ) -> tuple[dict[str, int], list[list[str]]]:
+  """({name: bytes}, shards as lists of names, in table order), planned from the
+  shapes alone (no values needed): a new shard is started before a tensor would
+  exceed max_shard_bytes."""
+  flat_shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
+  sizes = {}
+  for t in hf_families.tensor_table(out_cfg):
+    shape = (flat_shapes[("embed", "embedding")] if untie_scaled and t.path == ("unembed",)
+             else hf_families.source_shape(t, flat_shapes[t.path]))
+    sizes[t.name] = int(np.prod(shape)) * itemsize
+  shards: list[list[str]] = [[]]
+  used = 0
+  for name, size in sizes.items():
+    if shards[-1] and used + size > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(name)
+    used += size
+  return sizes, shards
+
+
+def _write_files(folder: epath.Path, tensors: Mapping[str, Callable[[], np.ndarray]],
+                 sizes: Mapping[str, int], shards: list[list[str]], np_dtype: Any,
+                 hf: Mapping[str, Any], tokenizer_dir: str | os.PathLike | None,
+                 is_writer: bool) -> None:
+  """Writes the safetensors shards (with the index when there are several),
+  config.json and the tokenizer files into folder. Every process gathers each
+  tensor (collective); only the writer writes."""
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map = {}
+  for fname, shard in zip(names, shards):
+    values = {n: np.ascontiguousarray(tensors[n]().astype(np_dtype)) for n in shard}
+    if is_writer:
+      save_safetensors(values, folder / fname)
+    weight_map.update({n: fname for n in shard})
+  if is_writer:
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": int(sum(sizes.values()))},
+               "weight_map": dict(sorted(weight_map.items()))}
+      (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+      copy_tokenizer_files(tokenizer_dir, folder)
 
 
 def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[str, Any],
@@ -177,63 +272,17 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"export dtype must be 'float32' or 'bfloat16'; got {dtype!r}.")
-  if isinstance(cfg_or_hf_config, DecoderConfig):
-    cfg = cfg_or_hf_config
-    if cfg.model_type == "pdl":
-      hf = own_model_hf_config(cfg)
-    elif cfg.source_config_json is not None:
-      hf = json.loads(cfg.source_config_json)
-    else:
-      raise ValueError("export needs the config.json of a pretrained DecoderConfig; pass "
-                       "the config read by read_config or the config.json dict.")
-  else:
-    hf = dict(cfg_or_hf_config)
-    cfg = families.config_from_hf(hf)
-  hf = dict(hf)
+  cfg, hf = _hf_config(cfg_or_hf_config, dtype)
   untie_scaled = cfg.tied_embeddings and cfg.unembed_scale not in (None, 1, 1.0)
-  # v5 configs name it "dtype", v4 ones "torch_dtype": update the one the config has.
-  hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype
   out_cfg = dataclasses.replace(cfg, tied_embeddings=False, unembed_scale=None) \
       if untie_scaled else cfg
   np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
 
   flat = _per_layer_flat(flax.core.unfreeze(nn.meta.unbox(params)))
-  # name -> thunk producing the transformers tensor, in table order, fused c_attn once.
-  tensors: dict[str, Callable[[], np.ndarray]] = {}
-  for t in families.tensor_table(out_cfg):
-    if t.name in tensors:
-      continue
-    if t.kind in ("conv_in_heads", "conv_bias_heads"):
-      parts = [tt for tt in families.tensor_table(out_cfg) if tt.name == t.name]
-      def fused(parts=parts):
-        vals = [_gather(flat[p.path]) for p in parts]
-        if parts[0].kind == "conv_in_heads":
-          return np.concatenate([v.reshape(v.shape[0], -1) for v in vals], axis=1)
-        return np.concatenate([v.reshape(-1) for v in vals])
-      tensors[t.name] = fused
-    elif untie_scaled and t.path == ("unembed",):
-      tensors[t.name] = lambda: _gather(flat[("embed", "embedding")]) * np.float32(
-          cfg.unembed_scale)
-    else:
-      tensors[t.name] = lambda t=t: to_hf(t, _gather(flat[t.path]))
+  tensors = _tensor_thunks(flat, cfg, out_cfg, untie_scaled)
   hf["tie_word_embeddings"] = out_cfg.tied_embeddings
-
-  # Plan shards from the shapes (no values needed).
-  itemsize = np.dtype(np_dtype).itemsize
-  flat_shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
-  sizes = {}
-  for t in families.tensor_table(out_cfg):
-    shape = (flat_shapes[("embed", "embedding")] if untie_scaled and t.path == ("unembed",)
-             else families.source_shape(t, flat_shapes[t.path]))
-    sizes[t.name] = int(np.prod(shape)) * itemsize
-  shards: list[list[str]] = [[]]
-  used = 0
-  for name, size in sizes.items():
-    if shards[-1] and used + size > max_shard_bytes:
-      shards.append([])
-      used = 0
-    shards[-1].append(name)
-    used += size
+  sizes, shards = _plan_shards(flat, out_cfg, untie_scaled, np.dtype(np_dtype).itemsize,
+                               max_shard_bytes)
 
   out_dir = epath.Path(out_dir)
   if out_dir.exists():
@@ -243,28 +292,14 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
   if is_writer:
     tmp.mkdir(parents=True, exist_ok=False)
   try:
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-      values = {n: np.ascontiguousarray(tensors[n]().astype(np_dtype)) for n in shard}
-      if is_writer:
-        save_safetensors(values, tmp / fname)
-      weight_map.update({n: fname for n in shard})
+    _write_files(tmp, tensors, sizes, shards, np_dtype, hf, tokenizer_dir, is_writer)
     if is_writer:
-      if len(shards) > 1:
-        index = {"metadata": {"total_size": int(sum(sizes.values()))},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-      (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-      if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, tmp)
       tmp.rename(out_dir)
   except BaseException:
     if is_writer and tmp.exists():
       tmp.rmtree()
     raise
-  utils.sync(f"pdl_jax.models.hf.export {os.fspath(out_dir)}")  # folder exists for all
+  multihost.sync(f"pdl_jax.models.hf.export {os.fspath(out_dir)}")  # folder exists for all
   return out_dir
 
 

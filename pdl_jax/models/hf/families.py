@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
-from pdl_jax.models import decoder as decoder_lib
-from pdl_jax.models.decoder import DecoderConfig
+from pdl_jax.models import config as model_config
+from pdl_jax.models.config import DecoderConfig
 from pdl_jax.models.hf import offline
 
 # Activation names of transformers' ACT2FN -> the decoder's.
@@ -38,9 +38,9 @@ def _rope(hf: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
   if merged.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"partial_rotary_factor={merged['partial_rotary_factor']} is not "
                      "supported (RoPE over the full head_dim only).")
-  if rope_type not in decoder_lib.ROPE_TYPES:
+  if rope_type not in model_config.ROPE_TYPES:
     raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
-                     f"{decoder_lib.ROPE_TYPES}.")
+                     f"{model_config.ROPE_TYPES}.")
   out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
   if rope_type in ("linear", "llama3"):
     out["rope_factor"] = float(merged["factor"])

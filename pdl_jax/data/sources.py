@@ -1,0 +1,69 @@
+"""Where a split's texts come from: a TFDS dataset (the offline builders or a hub
+dataset by name) or the user's own files, as (prompts, targets) lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import jax
+from pdl_jax.data import tasks as tasks_lib
+from pdl_jax.data import files as data_files
+from pdl_jax import multihost
+
+
+def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
+               limit: int | None = None, log=multihost.log) -> tuple[list[str], list[str]]:
+  """(prompts, targets) of a TFDS split (its first `limit` examples if given).
+
+  Builds the dataset first if needed (the offline builders fetch their sources):
+  process 0 builds, the others wait for it, so that several processes never write
+  one data_dir at once.
+  """
+  import tensorflow_datasets as tfds
+
+  import pdl_jax.data.builders  # noqa: F401  registers the offline builders
+
+  start = time.perf_counter()
+  if jax.process_index() == 0:
+    tfds.builder(spec.tfds_name, data_dir=data_dir).download_and_prepare()  # no-op once built
+  multihost.sync(f"prepare {spec.tfds_name}")
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)  # sees process 0's build
+  tfds_split = spec.splits[split]
+  if limit is not None:
+    try:  # a slice past the end is an error in TFDS: a limit above the size means all
+      size = builder.info.splits[tfds_split].num_examples
+    except (KeyError, TypeError):
+      size = None
+    if not size or limit < size:
+      tfds_split = f"{tfds_split}[:{limit}]"
+  ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+  prompts, targets = [], []
+  for ex in tfds.as_numpy(ds):
+    p, t = spec.format(ex)
+    prompts.append(p)
+    targets.append(t)
+  log(f"data: {spec.tfds_name} {tfds_split}: {len(prompts)} examples "
+      f"({time.perf_counter() - start:.1f} s)")
+  return prompts, targets
+
+
+def load_split_texts(task: str, dataset_cfg, split: str, limit: int | None = None
+                     ) -> tuple[list[str], list[str]]:
+  """(prompts, targets) of a split of `task`: of its TFDS dataset, or of the user's
+  files (dataset settings `dataset_cfg`, config.dataset; name "files":
+  pdl_jax.data.files); for pretraining, whole documents of every default corpus as
+  targets."""
+  # Every process reads the whole (small, offline) split and takes its rows of each
+  # global batch (TrainBatches).
+  if dataset_cfg.name == tasks_lib.FILES:
+    return data_files.load_split(dataset_cfg, split, limit)
+  kwargs = dict(data_dir=dataset_cfg.data_dir, limit=limit)
+  if task != tasks_lib.PRETRAIN:
+    return load_texts(tasks_lib.get_dataset(task, dataset_cfg.name), split, **kwargs)
+  prompts, targets = [], []
+  for name in sorted(tasks_lib.DEFAULT_DATASET):
+    raw = dataclasses.replace(tasks_lib.get_dataset(name), prompt="{inputs}")
+    p, t = load_texts(raw, split, **kwargs)
+    prompts.extend([""] * len(p))
+    targets.extend(f"{a}\n{b}" for a, b in zip(p, t))
+  return prompts, targets
