@@ -69,7 +69,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
-  # Your own data: dataset.name = "files" (pdl_jax/data/files.py; README "Your own data").
+  # Your own data: dataset.name = "files" (pdl_jax/data/files.py; docs/data.md).
   c.dataset.train = ml_collections.FieldReference(None, field_type=str)  # Training file or glob of shards (local or gs://), e.g. "data/train-*.jsonl"; dataset.name="files" only.
   c.dataset.validation = ml_collections.FieldReference(None, field_type=str)  # Validation file or glob; None: validation_fraction of train held out.
   c.dataset.validation_fraction = 0.05  # Share of train records held out (fixed seed) when there is no validation file.
@@ -86,7 +86,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()  # The decoder (pdl_jax/models/).
   c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # Hugging Face model directory (local or gs://): shape, weights and tokenizer from there; None: the own model below.
-  c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/transformer.py PRESETS).
+  c.model.preset = "small"  # Own model: "tiny", "small" or "base" (pdl_jax/models/config.py PRESETS).
   c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # Compute dtype "float32" or "bfloat16"; None: bfloat16 on accelerators, float32 on CPU.
   c.model.param_dtype = "float32"  # Parameter dtype: float32 (master weights; "bfloat16" is refused for full finetuning: AdamW's small updates would be lost; with LoRA it is the frozen base's storage, the adapters stay float32).
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
@@ -173,7 +173,7 @@ def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED)
   tokenizer and chat format, a finetuning learning rate, an evaluation of the base
   model at step 0, and a run sized to about 15 minutes on a 2-core CPU."""
   c.model.pretrained = name  # Weights, tokenizer and chat template from there.
-  c.optimizer.learning_rate = 2e-4  # Finetuning rate (README: a CE sweep; 3e-3 wrecks the model).
+  c.optimizer.learning_rate = 2e-4  # Finetuning rate (docs/pretrained.md: a CE sweep; 3e-3 wrecks the model).
   c.optimizer.warmup_steps = 10  # Short: the model is trained already.
   c.batch_size = 8  # Sequences per step: 135 M params at about 200 real tokens/s on 2 CPU cores.
   c.num_steps = 60  # About 15 minutes here with the two evaluations (dialogue: ~7.7 s a step).
@@ -181,7 +181,7 @@ def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED)
   c.eval_every = 60  # Step 0 (the base model, eval.at_start) and the end.
   c.checkpoint_every = 30  # Steps between checkpoints.
   c.eval.num_examples = 256  # Evaluation prompts: the paired intervals of the comparison are over them (decoding costs ~0.1 s a token at batch 64 on 2 CPU cores).
-  # The comparison on the real model (README "Results"): every point from the same base
+  # The comparison on the real model (docs/results.md): every point from the same base
   # at the same compute; summarization and style transfer run the full set (their configs).
   c.sweep.alphas = (0.25, 0.5)  # PDL alphas.
   c.sweep.seeds = (0, 1)  # Two seeds for every trained point.

@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
   c.seq_len = 128  # Three turns of context; long ones lose their start.
   c.max_target_len = 40  # Turns are short; long speeches are cut.
   c.sweep.alphas = (0.25, 0.5, 1.0)  # The dialogue sweep (alpha 0 is CE: the `ce` point).
-  c.sweep.seeds = (0, 1)  # Two seeds here: the seed-to-seed spread the README reports.
+  c.sweep.seeds = (0, 1)  # Two seeds here: the seed-to-seed spread docs/results.md reports.
   c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
   c.sweep.baselines = common.BASELINES  # The frequency-aware and anti-dullness baselines.
   if common.wants_pretrained(arg):  # The default: finetune SmolLM2-135M-Instruct.

@@ -146,3 +146,15 @@ def pack_split(data: DataSettings, tokenizer: Tokenizer, examples: examples_lib.
             f"padding {examples_lib.padding_share(examples):.0%} -> {examples_lib.padding_share(packed):.0%} of the "
             "positions")
   return packed
+
+
+def check_layout(layout, pretrained: str | None) -> None:
+  """The layout settings (config.data) against the base (config.model.pretrained):
+  raises ValueError naming the bad key."""
+  prompt_format = layout.prompt_format
+  if prompt_format not in ("plain", "chat", None):
+    raise ValueError(f"config.data.prompt_format={prompt_format!r}; expected 'plain', "
+                     "'chat' or None (chat when the model has a chat template).")
+  if prompt_format == "chat" and pretrained is None:
+    raise ValueError("config.data.prompt_format='chat' needs a pretrained model with a chat "
+                     "template (config.model.pretrained); the own model has none.")

@@ -226,3 +226,15 @@ class Evaluator:
     paths.atomic_write_text(
         paths.path(self.workdir) / "samples" / f"{prefix}step_{step:07d}.jsonl",
                             "\n".join(lines) + "\n")
+
+
+def check(e) -> None:
+  """The eval settings (config.eval): raises ValueError naming the bad key."""
+  for method in (e.decode, *e.extra_decodes):
+    if method not in decode_lib.METHODS:
+      raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
+                       f"eval.extra_decodes); expected one of {decode_lib.METHODS}.")
+  bucket = e.length_bucket
+  if not (isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0):
+    raise ValueError(f"config.eval.length_bucket={bucket!r}; expected an integer >= 0 "
+                     "(0: decode prompts in order, all padded to the longest).")

@@ -132,3 +132,43 @@ def loss_fn_of(loss_cfg, model, *, capacity: int | None, eos_id: int = 1,
                            chunk_strategy=chunk_strategy(loss_cfg, batch_shards),
                            row_chunk_size=loss_cfg.row_chunk_size, eos_id=eos_id,
                            capacity=capacity, eos_weight=loss_cfg.eos_weight, **kwargs)
+
+
+def check(c) -> None:
+  """The loss settings (config.loss): raises ValueError naming the first bad key and
+  what is allowed."""
+  if c.name not in registry.LOSS_NAMES:
+    raise ValueError(f"config.loss.name={c.name!r}; expected one of {registry.LOSS_NAMES}.")
+  if c.chunked and not registry.supports_chunked(c.name):
+    raise ValueError(f"config.loss.chunked=True with config.loss.name={c.name!r}: this loss "
+                     "needs the full logits; chunked losses are "
+                     f"{sorted(registry.CHUNKABLE)}.")
+  if c.chunk_strategy is not None and c.chunk_strategy not in chunked_loss.STRATEGIES:
+    raise ValueError(f"config.loss.chunk_strategy={c.chunk_strategy!r}; expected one of "
+                     f"{chunked_loss.STRATEGIES} or None.")
+  if c.row_chunk_size is not None and c.row_chunk_size < 1:
+    raise ValueError(f"config.loss.row_chunk_size={c.row_chunk_size}; expected >= 1 or "
+                     "None.")
+  if c.reduction is not None and c.reduction not in pdl.REDUCTIONS:
+    raise ValueError(f"config.loss.reduction={c.reduction!r}; expected one of "
+                     f"{pdl.REDUCTIONS} or None.")
+  if c.eos_weight is not None and (c.name not in registry.WEIGHTED_LOSSES
+                                   or not c.eos_weight >= 0):
+    raise ValueError(f"config.loss.eos_weight={c.eos_weight} with loss {c.name!r}; expected "
+                     f"None, or a number >= 0 with a weighted loss {registry.WEIGHTED_LOSSES}.")
+  for key, ok, want in (("itf_lambda", c.itf_lambda >= 0, ">= 0"),
+                        ("tlat_T", c.tlat_T > 0, "> 0"),
+                        ("tlat_A", c.tlat_A is None or c.tlat_A >= 0, "None or >= 0")):
+    if not ok:
+      raise ValueError(f"config.loss.{key}={c[key]}; expected {want}.")
+  try:  # gamma, smoothing, ul_alpha: the loss checks its own ranges
+    registry.get_loss(c.name, **loss_params(c))
+  except ValueError as e:
+    raise ValueError(f"config.loss ({c.name}): {e}") from None
+  if not c.alpha >= 0:
+    raise ValueError(f"config.loss.alpha={c.alpha}; expected >= 0.")
+  if c.epsilon is not None and not c.epsilon > 0:
+    raise ValueError(f"config.loss.epsilon={c.epsilon}; expected > 0 or None.")
+  if c.frequency not in pdl.FREQUENCY_KINDS:
+    raise ValueError(f"c.frequency={c.frequency!r}; expected one of "
+                     f"{pdl.FREQUENCY_KINDS}.")
