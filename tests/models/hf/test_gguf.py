@@ -26,7 +26,10 @@ except ImportError:  # before the loader's move
 from pdl_jax.models.hf import gguf as gguf_lib
 from pdl_jax.models.hf import offline
 
-_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+# The tests/ folder (this file is 2 levels below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_FIXTURE = os.path.join(TESTS, "fixtures", "hf", "llama")
 _TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
              "{% endfor %}")
 _Q = gguf.GGMLQuantizationType

@@ -15,7 +15,10 @@ from pdl_jax.models.hf import export as hf_export
 from pdl_jax.tokenizers import chat
 from pdl_jax.tokenizers.hf import HFTokenizer
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FIXTURE = os.path.join(TESTS, "fixtures", "hf", "llama")
 
 # SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), as its
 # GGUF carries it.

@@ -28,7 +28,10 @@ from pdl_jax.models import factory
 
 from test_frequency import make_texts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = os.path.dirname(TESTS)
 
 
 def synthetic_play(seed: int, scenes: int = 4, turns: int = 40) -> str:

@@ -21,6 +21,9 @@ from pdl_jax.models import factory
 
 import pdl_jax.data.builders  # noqa: F401
 
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_config(**overrides):
   c = dialogue.get_config("smoke")
@@ -449,7 +452,7 @@ def test_decoders_compile_once_per_run(tmp_path, monkeypatch, pretrained, bucket
   overrides.update({"eval.batch_size": 8, "eval.length_bucket": 4} if bucketed
                    else {"eval.length_bucket": 0})
   if pretrained:  # step 0 evaluates the loaded params, later evals the trained ones
-    overrides["model.pretrained"] = os.path.join(os.path.dirname(__file__), "fixtures", "hf",
+    overrides["model.pretrained"] = os.path.join(TESTS, "fixtures", "hf",
                                                  "llama")
   run(tmp_path, eval_every=2, **overrides)
   evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")

@@ -12,7 +12,10 @@ import pytest
 
 from experiments import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = os.path.dirname(TESTS)
 
 
 def fake_run(root, name, loss, alpha, seed, nll, rouge1, num_steps=20, eos_weight=None):

@@ -15,7 +15,10 @@ from pdl_jax.data.builders import common
 from pdl_jax.data.builders import debian_descriptions
 from pdl_jax.data.builders import shakespeare_dialogue
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FIXTURES = os.path.join(TESTS, "fixtures")
 
 
 def read(name):

@@ -31,7 +31,10 @@ from pdl_jax.models.hf import export as hf_export
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import weights as hf_weights
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+# The tests/ folder (this file is 1 level below it): shared fixtures live there.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FIXTURES = os.path.join(TESTS, "fixtures", "hf")
 VARIANTS = [(scan, remat) for scan in (False, True) for remat in model_config.REMATS]
 
 
