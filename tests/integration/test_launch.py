@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+# The tests/ folder (this file is 1 level below it) and the repository.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
 TPU_ENV = {"TPU_NAME": "pdl-v4", "ZONE": "us-central2-b", "PROJECT": "my-proj",
            "ACCELERATOR_TYPE": "v4-16"}
@@ -380,8 +382,6 @@ def test_start_installs_one_reboot_crontab_entry(tmp_path):
 
 from test_faults import data_dir, env as subprocess_env, train_lines  # noqa: E402,F401
 
-# The tests/ folder (this file is 1 level below it): shared fixtures live there.
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke(workdir, data):

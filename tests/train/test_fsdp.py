@@ -17,7 +17,7 @@ from pdl_jax.train import run as run_lib
 from pdl_jax.losses import batch_loss
 from pdl_jax.losses import registry
 from pdl_jax.models import factory
-from tests.test_train import assert_trees_close, tiny_config
+from test_train import assert_trees_close, tiny_config
 
 V, B, L = 96, 32, 16
 
