@@ -213,7 +213,7 @@ def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
   stats = token_stats.count_examples(examples(tokenizer, 60), tokenizer, dataset_name="toy",
                            split="train")
   path = str(tmp_path / loss_weights.WEIGHTS_FILENAME)
-  w = loss_weights.load_or_save_weights(path, _Cfg(), stats, eos_id=1)
+  w = loss_weights.load_or_save_weights(path, _Cfg().loss, stats, eos_id=1)
   stored, meta = loss_weights.load_weights(path)
   # The exact float32 array the run trains with, and what made it.
   assert stored.dtype == np.float32
@@ -223,17 +223,17 @@ def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
                               "frequency": "relative", "normalize": True, "max_weight": None,
                               "eos_weight": None}
   assert meta["counts_sha256"] == stats.metadata()["counts_sha256"]
-  np.testing.assert_array_equal(loss_weights.load_or_save_weights(path, _Cfg(), stats, eos_id=1), w)
+  np.testing.assert_array_equal(loss_weights.load_or_save_weights(path, _Cfg().loss, stats, eos_id=1), w)
   # Other settings, or other counts: refused, every difference listed.
   with pytest.raises(ValueError, match="alpha: stored 0.5, now 1.0.*max_weight: stored "
                                        "None, now 3.0"):
-    loss_weights.load_or_save_weights(path, _Cfg(alpha=1.0, max_weight=3.0), stats, eos_id=1)
+    loss_weights.load_or_save_weights(path, _Cfg(alpha=1.0, max_weight=3.0).loss, stats, eos_id=1)
   other = token_stats.count_examples(examples(tokenizer, 61), tokenizer, dataset_name="toy",
                            split="train")
   with pytest.raises(ValueError, match="other token counts"):
-    loss_weights.load_or_save_weights(path, _Cfg(), other, eos_id=1)
+    loss_weights.load_or_save_weights(path, _Cfg().loss, other, eos_id=1)
   # A file whose weights were altered fails its checksum.
-  loss_weights.save_weights(path, w, loss_weights.weight_settings(_Cfg()), stats)
+  loss_weights.save_weights(path, w, loss_weights.weight_settings(_Cfg().loss), stats)
   raw = bytearray(open(path, "rb").read())
   data = np.load(path)
   assert data["weights"].size == w.size
@@ -254,19 +254,19 @@ def test_weights_per_loss_and_eos_weight(tokenizer):
   from pdl_jax.losses import baselines
   stats = token_stats.count_examples(examples(tokenizer, 60), tokenizer)
   eos = tokenizer.eos_id
-  np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name="itf"), stats, eos),
+  np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name="itf").loss, stats, eos),
                                 baselines.itf_weights(stats.counts, 0.4))
-  np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name="tlat_chi2"), stats, eos),
+  np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name="tlat_chi2").loss, stats, eos),
                                 baselines.tlat_weights(stats.counts, "chi2", None, 1.0))
   for name in ("ce", "face", "focal", "unlikelihood", "label_smoothing"):
-    np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name=name), stats, eos),
+    np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name=name).loss, stats, eos),
                                   np.ones(stats.vocab_size, np.float32))
-  assert loss_weights.weight_settings(_Cfg(name="itf")) == {"loss": "itf", "itf_lambda": 0.4,
+  assert loss_weights.weight_settings(_Cfg(name="itf").loss) == {"loss": "itf", "itf_lambda": 0.4,
                                                  "eos_weight": None}
   # EOS at the weight of an average corpus token: mean over tokens of w is 1 after
   # normalisation, so EOS gets 1, and every other token keeps its weight.
-  w = loss_weights.loss_weights(_Cfg(eos_weight=1.0), stats, eos)
-  base = loss_weights.loss_weights(_Cfg(), stats, eos)
+  w = loss_weights.loss_weights(_Cfg(eos_weight=1.0).loss, stats, eos)
+  base = loss_weights.loss_weights(_Cfg().loss, stats, eos)
   assert w[eos] == pytest.approx(1.0, rel=1e-6)
   np.testing.assert_array_equal(np.delete(w, eos), np.delete(base, eos))
   assert base[eos] < 0.9  # EOS is frequent: PDL down-weights it by default

@@ -397,8 +397,8 @@ def test_token_stats_of_an_earlier_version_of_the_file_are_refused(tmp_path):
   from pdl_jax.data import token_stats
   path = tmp_path / "d.jsonl"
   write_jsonl(path, RECORDS)
-  before = token_stats.count_settings(files_config(path))
+  before = token_stats.count_settings(run_lib.data_settings(files_config(path)))
   assert before["dataset_files_sha256"] == data_files.files_sha256(str(path))
   write_jsonl(path, RECORDS[:-1])
-  assert token_stats.count_settings(files_config(path)) != before
-  assert "dataset_files_sha256" not in token_stats.count_settings(dialogue.get_config("smoke"))
+  assert token_stats.count_settings(run_lib.data_settings(files_config(path))) != before
+  assert "dataset_files_sha256" not in token_stats.count_settings(run_lib.data_settings(dialogue.get_config("smoke")))

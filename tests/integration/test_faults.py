@@ -203,7 +203,7 @@ def test_bad_data_is_handled_as_documented(tmp_path):
   assert len(ex) == 2 and ex.dropped_empty == 1 and ex.truncated == 1
   assert tok.unk_id in ex.seqs[0].tolist()
   # Labels outside the vocabulary reaching the loss are masked, never NaN.
-  model = factory.make_model(tiny(), vocab_size=tok.vocab_size)
+  model = factory.make_model(tiny().model, vocab_size=tok.vocab_size)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   import flax.linen as nn
   batch = batches_lib.make_batch(ex, np.array([0, 1]))

@@ -228,12 +228,12 @@ def _config(**model):
 
 
 def test_factory_fills_scan_and_remat_for_own_and_pretrained_models():
-  own = factory.decoder_config(_config(scan_layers=True, remat="dots"), 64)
+  own = factory.decoder_config(_config(scan_layers=True, remat="dots").model, 64)
   assert (own.scan_layers, own.remat, own.model_type) == (True, "dots", "pdl")
   hf = factory.decoder_config(_config(pretrained=_fixture("qwen2"), scan_layers=True,
-                                    remat="full"))
+                                    remat="full").model)
   assert (hf.scan_layers, hf.remat, hf.model_type) == (True, "full", "qwen2")
-  assert factory.decoder_config(_config(), 64).scan_layers is False
+  assert factory.decoder_config(_config().model, 64).scan_layers is False
 
 
 def test_fingerprint_keeps_scan_layers_and_leaves_out_remat():

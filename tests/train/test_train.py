@@ -353,7 +353,7 @@ def test_init_from_restores_params_only_into_the_current_shardings(reference_run
   assert emb.sharding.spec == jax.sharding.PartitionSpec("model", None)
   assert_trees_close(jax.tree.map(np.asarray, params), final_params(reference_run[0])[1],
                      rtol=0, atol=0)
-  small = factory.make_model(tiny_config(**{"model.preset": "small"}), vocab_size=emb.shape[0])
+  small = factory.make_model(tiny_config(**{"model.preset": "small"}).model, vocab_size=emb.shape[0])
   one = sharding.make_mesh({"data": 1, "model": 1})  # 3 heads do not split over 2
   other, other_sh = state_lib.create_state(small, opt_lib.make_optimizer(cfg.optimizer, cfg.num_steps), one, 0, 16)
   with pytest.raises(ValueError, match="do not match this model"):
