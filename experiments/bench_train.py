@@ -158,7 +158,7 @@ def main() -> None:
           "(target <= 1.03)")
   gemm_flops = 2 * 2048 ** 3 / statistics.median(gemm_times)
   step_flops = train_flops(models_by_remat[remats[0]].cfg, b, l,
-                           run_lib.window_capacity(config))
+                           run_lib.loss_window(config))
   for remat in remats:
     for name in ("ce", "pdl"):
       achieved = step_flops * tps[remat, name] / (b * l)

@@ -20,17 +20,11 @@ from pdl_jax.data import token_stats
 WEIGHTS_FILENAME = "loss_weights.npz"
 
 
-def weight_settings(loss_cfg) -> dict[str, Any]:
-  """The loss settings (config.loss) that make weights_V from the counts (per loss:
-  its spec's weight_params, registry.weight_settings)."""
-  return registry.weight_settings(loss_cfg)
-
-
 def loss_weights(loss_cfg, stats: token_stats.TokenStats, eos_id: int) -> np.ndarray:
   """float32 weights [V] of the loss settings' loss (config.loss) from the token
   stats (the loss spec's function of the counts; registry.static_weights), EOS's
   fixed by loss.eos_weight."""
-  return registry.static_weights(weight_settings(loss_cfg), stats, eos_id)
+  return registry.static_weights(registry.weight_settings(loss_cfg), stats, eos_id)
 
 
 def save_weights(path: str, weights_V: np.ndarray, settings: Mapping[str, Any],
@@ -71,7 +65,7 @@ def load_or_save_weights(path: str, loss_cfg, stats: token_stats.TokenStats, *, 
       differ from what these settings give (listing every difference).
   """
   weights_V = loss_weights(loss_cfg, stats, eos_id)
-  settings = weight_settings(loss_cfg)
+  settings = registry.weight_settings(loss_cfg)
   if not paths.path(path).exists():
     if write:
       save_weights(path, weights_V, settings, stats)

@@ -9,8 +9,7 @@ The KV cache (`init_cache`: {"k", "v"}, [layers, B, KV, S, K] scanned, a tuple o
 [B, KV, S, K] buffer per layer unrolled; head-major) holds the KV heads only; each KV
 head serves num_heads / num_kv_heads query heads. Parameter names: embed,
 block_i/attn/{query,key,value,out}, block_i/{attn_norm,mlp_norm},
-block_i/mlp/{gate,up,down}, final_norm, unembed (the tests' reference Transformer,
-tests/models/reference_transformer.py, has the same names).
+block_i/mlp/{gate,up,down}, final_norm, unembed.
 
 Layers (DecoderConfig.scan_layers, .remat): unrolled, the blocks are block_0 ...
 block_{n-1}; scanned, one `nn.scan` runs them over params stacked on a leading

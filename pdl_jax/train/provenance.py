@@ -116,7 +116,7 @@ def code_version() -> str:
   return sha + ("-dirty" if dirty.strip() else "")
 
 
-def base_weights_sha256(pretrained: str) -> str:
+def base_checksum(pretrained: str) -> str:
   """Checksum of the pretrained base's weight files (config.model.pretrained; of the
   per-host copy loading made when the base is on gs://)."""
   return hf_weights.base_weights_sha256(offline.local_dir(pretrained))
@@ -130,5 +130,5 @@ def record(pretrained: str | None, fingerprint: dict, base_sha256: str | None = 
   out = {"code_version": code_version(), "model": fingerprint["model"]}
   if pretrained is not None:
     out["base"] = pretrained
-    out["base_weights_sha256"] = base_sha256 or base_weights_sha256(pretrained)
+    out["base_weights_sha256"] = base_sha256 or base_checksum(pretrained)
   return out

@@ -86,7 +86,7 @@ def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettin
       reduction=registry.resolve_reduction(config.loss.name, config.loss.reduction))
 
 
-def window_capacity(config: ml_collections.ConfigDict) -> int | None:
+def loss_window(config: ml_collections.ConfigDict) -> int | None:
   """The loss window of the config's loss and lengths (None: full logits)."""
   return batch_loss.window_capacity(
       config.loss, max_target_len=config.max_target_len, seq_len=config.seq_len,
@@ -97,7 +97,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, *, eos_id: int = 1,
                  batch_shards: int = 1, **kwargs):
   """The loss of a batch (batch_loss.loss_fn_of) with the config's loss settings
   and loss window."""
-  return batch_loss.loss_fn_of(config.loss, model, capacity=window_capacity(config),
+  return batch_loss.loss_fn_of(config.loss, model, capacity=loss_window(config),
                                eos_id=eos_id, batch_shards=batch_shards, **kwargs)
 
 
@@ -144,7 +144,7 @@ def _data(config: ml_collections.ConfigDict, workdir: str):
   tokenizer, train_ex, vocab_size = pipeline.prepare_train(data, workdir)
   stats = token_stats.prepare_stats(data, workdir, tokenizer, train_ex, vocab_size)
   eval_ex = pipeline.load_split(data, tokenizer, "validation", config.eval.num_examples)
-  capacity = window_capacity(config)
+  capacity = loss_window(config)
   if capacity is not None:  # every target span fits the loss window (clear error if not)
     for name, ex in (("train", train_ex), ("validation", eval_ex)):
       window.check_capacity(ex.loss_positions()[:, 1:], capacity, name=f"{name} loss mask")
@@ -186,7 +186,7 @@ def _state(config: ml_collections.ConfigDict, workdir: str, model, tx, mesh, tok
   is_lora = lora.enabled(model.cfg)
   base_sha256 = None
   if config.model.pretrained is not None and (is_lora or jax.process_index() == 0):
-    base_sha256 = provenance.base_weights_sha256(config.model.pretrained)
+    base_sha256 = provenance.base_checksum(config.model.pretrained)
   # A LoRA run's checkpoints hold adapters only: the base they adapt is identified by
   # its weights' checksum (a resume or init_from on another base is refused).
   fingerprint = provenance.fingerprint(config, tokenizer, factory.describe(model),

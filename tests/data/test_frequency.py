@@ -13,6 +13,7 @@ from pdl_jax.data import token_stats
 from pdl_jax.losses import weights as loss_weights
 from pdl_jax.tokenizers import sentencepiece as sp_tokenizer
 from pdl_jax.losses import pdl
+from pdl_jax.losses import registry
 
 WORDS = ("the a of and to in is was he for it with as his on be at by i this had not "
          "are but from or have an they which one you were her all she there would "
@@ -233,7 +234,7 @@ def test_weights_file_roundtrip_and_resume_checks(tokenizer, tmp_path):
   with pytest.raises(ValueError, match="other token counts"):
     loss_weights.load_or_save_weights(path, _Cfg().loss, other, eos_id=1)
   # A file whose weights were altered fails its checksum.
-  loss_weights.save_weights(path, w, loss_weights.weight_settings(_Cfg().loss), stats)
+  loss_weights.save_weights(path, w, registry.weight_settings(_Cfg().loss), stats)
   raw = bytearray(open(path, "rb").read())
   data = np.load(path)
   assert data["weights"].size == w.size
@@ -261,7 +262,7 @@ def test_weights_per_loss_and_eos_weight(tokenizer):
   for name in ("ce", "face", "focal", "unlikelihood", "label_smoothing"):
     np.testing.assert_array_equal(loss_weights.loss_weights(_Cfg(name=name).loss, stats, eos),
                                   np.ones(stats.vocab_size, np.float32))
-  assert loss_weights.weight_settings(_Cfg(name="itf").loss) == {"loss": "itf", "itf_lambda": 0.4,
+  assert registry.weight_settings(_Cfg(name="itf").loss) == {"loss": "itf", "itf_lambda": 0.4,
                                                  "eos_weight": None}
   # EOS at the weight of an average corpus token: mean over tokens of w is 1 after
   # normalisation, so EOS gets 1, and every other token keeps its weight.
