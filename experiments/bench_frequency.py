@@ -8,7 +8,7 @@ what the default experiments use):
   (A) the authors' reference approach: encode one example (prompt, target) at a time,
       collections.Counter.update, then a Python loop over the vocabulary to fill
       the weight table;
-  (B) what a run does: `pdl_jax.data.encode_examples` (batched encoding of the
+  (B) what a run does: `pdl_jax.data.examples.encode_examples` (batched encoding of the
       prompts and targets, then the prefix-LM layout of every example) and
       `pdl_jax.data.token_stats.count_examples` (one np.bincount over the loss tokens),
       then power_law_weights;

@@ -2,7 +2,7 @@
 
 For each task's default config (the pretrained base, its tokenizer in the chat
 format, its seq_len and batch), encodes the train split, packs it
-(`pdl_jax.data.pack_examples`) and prints the share of padding positions before and
+(`pdl_jax.data.packing.pack_examples`) and prints the share of padding positions before and
 after and the examples per row. Then times the real train step (the config's loss,
 model and optimizer; each layout with its own loss window) on random unpacked and
 packed batches of the same shape, interleaved step by step, and prints the useful

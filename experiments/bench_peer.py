@@ -77,7 +77,7 @@ def make_batch(seed: int, batch: int, seq_len: int, vocab: int, target_frac: flo
   """Prefix-LM batch: tokens [B, L+1]; loss on one contiguous span per row.
 
   Each row's span (target tokens + EOS) covers about target_frac of the positions,
-  at a random place after a prompt of random length, like `pdl_jax.data.make_batch`.
+  at a random place after a prompt of random length, like `pdl_jax.data.batches.make_batch`.
   Returns (tokens_Bx(L+1), mask_BxL) with mask_BxL[b, j] = 1 when the label
   tokens[b, j + 1] is a target.
   """

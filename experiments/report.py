@@ -90,7 +90,7 @@ def read_config(run: str) -> dict[str, Any]:
 
 
 def extra_methods(row: dict[str, Any]) -> list[str]:
-  """The extra decodings (config.eval.extra_decodes) whose metrics a row holds: evaluate.py
+  """The extra decodings (config.eval.extra_decodes) whose metrics a row holds: eval/evaluator.py
   logs them as eval/<method>/<metric>, the main decoding's as eval/<metric>."""
   return sorted({k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2})
 
@@ -220,7 +220,7 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
 
 
 def sample_name(label: str, method: str) -> str:
-  """evaluate.py's file of every generation: the base model's at step 0, else the final."""
+  """eval/evaluator.py's file of every generation: the base model's at step 0, else the final."""
   return f"samples/{'base' if label == BASE else 'final'}_{method}.jsonl"
 
 
@@ -522,7 +522,7 @@ def copy_runs(points, root: str, out: str) -> list[str]:
     for run in p["runs"]:
       src = paths.path(run)
       dest = paths.path(out) / "runs" / src.relative_to(paths.path(root))
-      # evaluate.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
+      # eval/evaluator.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
       # method, the largest name is the last eval.
       last: dict[str, str] = {}
       for name in sorted(p.name for p in (src / "samples").glob("*step_*.jsonl")):

@@ -65,7 +65,7 @@ def check_files_dataset(d, task: str) -> None:
 
   Raises:
     ValueError: a bad key, naming it, its value and what is allowed; files fields set
-      without dataset.name "files"; no file for a path or glob (user_data.DataFileError).
+      without dataset.name "files"; no file for a path or glob (data_files.DataFileError).
   """
   if d.name != tasks_lib.FILES:
     for key in _FILES_KEYS:

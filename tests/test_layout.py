@@ -20,7 +20,7 @@ FORBIDDEN = {
     "models": ("train", "data", "eval", "cli"),
     "tokenizers": ("models", "train", "data", "eval", "cli"),
     "losses": ("train", "eval", "cli"),
-    "data": ("train", "eval", "cli"),
+    "data": ("losses", "train", "eval", "cli"),
     "eval": ("train", "cli"),
     "train": ("cli",),
 }

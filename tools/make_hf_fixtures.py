@@ -1,4 +1,4 @@
-"""Writes the golden Hugging Face fixtures of tests/test_pretrained.py (needs torch).
+"""Writes the golden Hugging Face fixtures of tests/models/hf/test_pretrained.py (needs torch).
 
 Tiny random models of each supported family, made and saved by PyTorch transformers
 (`save_pretrained`), with a byte-level BPE tokenizer trained on the repo's fixture

@@ -25,7 +25,7 @@ def pack_examples(examples: examples_lib.Examples, *, loss_capacity: int, pad_id
   Rows get segment ids (1, 2, ... per example, 0 on padding), positions restarting
   at each example and the loss positions of every example: with them the model
   (`Decoder(..., segment_ids_BxL=)`, attention within a segment) and the loss see
-  each example as they would alone in a row (tests/test_packing.py). Prompts and
+  each example as they would alone in a row (tests/data/test_packing.py). Prompts and
   targets stay the examples' (evaluation never packs).
 
   Raises:

@@ -111,7 +111,7 @@ def get_dataset(task: str, name: str | None = None) -> DatasetSpec:
 
   `name` "files" (the user's own files) is offered by every task; its spec here has
   the default field names, and the run's come from its config
-  (user_data.load_split reads them).
+  (data_files.load_split reads them).
 
   Raises:
     ValueError: unknown task, or a dataset the task does not offer; the message

@@ -23,7 +23,6 @@ from pdl_jax.data import tasks as tasks_lib
 from pdl_jax.data import files as data_files
 from pdl_jax import multihost
 from pdl_jax import paths
-from pdl_jax.losses import pdl
 from pdl_jax.tokenizers import Tokenizer
 
 
@@ -93,10 +92,6 @@ class TokenStats:
     if int(counts.sum()) != self.num_tokens:
       raise ValueError(
           f"counts sum to {int(counts.sum())} but num_tokens is {self.num_tokens}.")
-
-  def weights(self, alpha: float, epsilon: float | None = None, **kwargs) -> np.ndarray:
-    """PDL weights [V] from these counts; see loss.power_law_weights."""
-    return pdl.power_law_weights(self.counts, alpha, epsilon, **kwargs)
 
   def merge(self, other: "TokenStats") -> "TokenStats":
     """Sum of two shards' stats (same tokenizer, dataset, split and fields)."""

@@ -201,7 +201,7 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
   sample from all V. Neither sorts the vocabulary (the previous sampler did, at
   every step: 0.5 s a step at batch 64, V 49152), and sampling is by inverse CDF,
   not V Gumbel draws. The distribution is the one of a full sort
-  (tests/test_model_decode.py); the tokens drawn for a given key differ from it.
+  (tests/eval/test_model_decode.py); the tokens drawn for a given key differ from it.
   rng: one key for the batch, or [B] keys, one per row.
   """
   logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)

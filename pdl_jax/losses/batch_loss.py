@@ -1,7 +1,7 @@
 """The loss of a batch from the model's output, with the config's loss: full logits,
 the loss window (logits only on the target span) or the chunked path (no [B, L, V]
 logits), and the state a loss carries (FACE's counts). Training and evaluation both
-call `loss_fn_of(config, model)`."""
+call `loss_fn_of(config.loss, model, capacity=...)`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pdl_jax.losses import chunked as chunked_loss
 from pdl_jax.losses import pdl
 from pdl_jax.losses import registry
 from pdl_jax.losses import window
-from pdl_jax.data import packing
 from pdl_jax.models import decoder
 
 
@@ -89,18 +88,6 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
   return loss, (aux, loss_state_V)
 
 
-def window_capacity(loss_cfg, *, max_target_len: int, seq_len: int,
-                    packed: bool) -> int | None:
-  """Positions per row the loss window keeps (None: logits at every position, or
-  loss.window off). A target span is at most max_target_len tokens plus EOS; a
-  packed row holds several."""
-  if not loss_cfg.window:
-    return None
-  if packed:  # several target spans per row
-    return packing.packed_capacity(max_target_len, seq_len)
-  return window.capacity_for(max_target_len, seq_len)
-
-
 def use_chunked_loss(loss_cfg, vocab_size: int) -> bool:
   """loss.chunked, or for None: chunked for vocabularies of 32,000 and more
   (pretrained models), where the [B, L, V] logits dominate memory, if the loss can."""
@@ -170,5 +157,5 @@ def check(c) -> None:
   if c.epsilon is not None and not c.epsilon > 0:
     raise ValueError(f"config.loss.epsilon={c.epsilon}; expected > 0 or None.")
   if c.frequency not in pdl.FREQUENCY_KINDS:
-    raise ValueError(f"c.frequency={c.frequency!r}; expected one of "
+    raise ValueError(f"config.loss.frequency={c.frequency!r}; expected one of "
                      f"{pdl.FREQUENCY_KINDS}.")

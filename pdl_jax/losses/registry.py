@@ -6,7 +6,7 @@ mask) -> (loss, LossAux), so one train step serves CE, PDL and the baselines), t
 config.loss fields it takes, its default reduction, how its per-vocabulary weights
 come from the token counts (stored beside the checkpoints) or from state carried in
 the train state (FACE's running prediction counts), and whether the chunked path
-(no [B, L, V] logits) serves it. frequency.py, checkpoint.py, the objective and
+(no [B, L, V] logits) serves it. losses/weights.py, train/provenance.py, batch_loss.py and
 config_checks.py read the spec: adding a loss is one spec here plus its function in
 pdl.py or baselines.py (and a config.loss field for each new hyperparameter).
 """
@@ -92,7 +92,7 @@ def _weighted(name: str) -> Callable[..., pdl.LossFn]:
 
 def _pdl_weights(s: Mapping[str, Any], counts_V: np.ndarray, stats: Any) -> np.ndarray:
   del counts_V
-  return stats.weights(s["alpha"], s["epsilon"], frequency=s["frequency"],
+  return pdl.power_law_weights(stats.counts, s["alpha"], s["epsilon"], frequency=s["frequency"],
                        normalize=s["normalize"], max_weight=s["max_weight"])
 
 

@@ -1,6 +1,6 @@
 """Logits only where the loss is: a static window per row over the prefix-LM target span.
 
-In the prefix-LM layout (`pdl_jax.data.make_batch`) each row's loss mask is 1 on one
+In the prefix-LM layout (`pdl_jax.data.batches.make_batch`) each row's loss mask is 1 on one
 contiguous span, the target tokens + EOS, which is at most max_target_len + 1 long
 and often a fifth of the row. The logits (and their gradient, the biggest tensors
 of a small model's step) are only needed there. So before the unembedding take,

@@ -159,7 +159,7 @@ class DecoderConfig:
 
 
 def from_model_config(model_cfg: Any) -> DecoderConfig:
-  """The project's own `pdl_jax.models.transformer.ModelConfig` as a DecoderConfig.
+  """The project's own `ModelConfig` (above) as a DecoderConfig.
 
   RMSNorm eps 1e-6, SwiGLU, RoPE, no biases; a tied unembedding is scaled by
   d_model**-0.5 (the own model's convention; Hugging Face models have no scale).

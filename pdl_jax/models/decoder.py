@@ -61,7 +61,7 @@ def _remat_block(cfg: model_config.DecoderConfig) -> type[nn.Module]:
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM with the call interface of `tests/reference_transformer.Transformer` (the first own model).
+  """Decoder-only LM with the call interface of `tests/models/reference_transformer.Transformer` (the first own model).
 
   key_mask_BxS marks real (non-padding) keys; attention is causal by buffer index.
   segment_ids_BxL (packed rows, no cache): attention stays within equal ids.
@@ -157,7 +157,7 @@ class Decoder(nn.Module):
     if key_mask_BxS is not None:
       allowed_1xLxS = allowed_1xLxS & key_mask_BxS[:, None, :].astype(bool)
     if segment_ids_BxL is not None:
-      # Packed rows (pdl_jax.data.pack_examples): a token attends within its own
+      # Packed rows (pdl_jax.data.packing.pack_examples): a token attends within its own
       # segment only; with positions restarting per segment, each example sees what
       # it would alone in a row.
       allowed_1xLxS = allowed_1xLxS & (segment_ids_BxL[:, :, None]

@@ -283,7 +283,7 @@ class Attention(nn.Module):
     # With a cache, the matmuls read the updated [B, G, S, K] buffers as they are
     # (batch axes B and G): reshaping them to [B * G, S, K] makes XLA:CPU duplicate
     # each cache update into the reshape's fusion, every duplicate starting from a
-    # copy of the whole cache (tests/test_decoder_speed.py, in place).
+    # copy of the whole cache (tests/models/test_decoder_speed.py, in place).
     if kv is not None:
       attend = lambda spec, x, y, **kw: jnp.einsum(spec.replace("n", "bg"), x, y, **kw)
       k_xSxK, v_xSxK = k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype)

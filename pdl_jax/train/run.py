@@ -8,7 +8,9 @@ that reads the config: it hands each part its own settings (the model
 `config.model`, the optimizer `config.optimizer`, the loss `config.loss`, the data
 pipeline a `DataSettings`, the evaluator an `EvalSettings`, the loop a `Cadence`);
 nothing below it takes the whole config but the run fingerprint (provenance), which
-records it.
+records it. Its settings builders (`data_settings`, `make_loss_fn`, `loss_window`,
+`eval_settings`, `cadence`, `make_mesh`) are also what the CLIs, the benchmarks and
+the tests call to get a part's settings from a config.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pdl_jax import multihost
 from pdl_jax import paths
 from pdl_jax import sharding
 from pdl_jax.data import batches as batches_lib
+from pdl_jax.data import packing
 from pdl_jax.data import pipeline
 from pdl_jax.data import tasks as tasks_lib
 from pdl_jax.data import token_stats
@@ -87,10 +90,14 @@ def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettin
 
 
 def loss_window(config: ml_collections.ConfigDict) -> int | None:
-  """The loss window of the config's loss and lengths (None: full logits)."""
-  return batch_loss.window_capacity(
-      config.loss, max_target_len=config.max_target_len, seq_len=config.seq_len,
-      packed=bool(config.data.get("packing")))
+  """Positions per row the loss window keeps (None: loss.window off, logits at every
+  position). A target span is at most max_target_len tokens plus EOS; a packed row
+  holds several."""
+  if not config.loss.window:
+    return None
+  if config.data.get("packing"):  # several target spans per row
+    return packing.packed_capacity(config.max_target_len, config.seq_len)
+  return window.capacity_for(config.max_target_len, config.seq_len)
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, *, eos_id: int = 1,

@@ -97,7 +97,7 @@ def test_counts_are_the_loss_tokens(tokenizer, max_target_len):
   assert stats.counts.dtype == np.int64
   assert stats.num_tokens == want.sum() and stats.num_examples == n
   assert (stats.dataset, stats.split, stats.fields) == ("toy", "train", ("targets",))
-  np.testing.assert_allclose(stats.weights(0.5), pdl.power_law_weights(want, 0.5))
+  np.testing.assert_allclose(pdl.power_law_weights(stats.counts, 0.5), pdl.power_law_weights(want, 0.5))
   # The same tokens as the loss mask of the batches.
   b = batches_lib.make_batch(ex, np.arange(n))
   np.testing.assert_array_equal(
@@ -192,7 +192,7 @@ def test_load_or_count_reuses_and_checks(tokenizer, tmp_path):
 
 def test_most_and_least_frequent_table(tokenizer):
   stats = token_stats.count_examples(examples(tokenizer, 100), tokenizer)
-  w = stats.weights(1.0)
+  w = pdl.power_law_weights(stats.counts, 1.0)
   table = token_stats.most_and_least_frequent(stats, tokenizer, 3, w)
   top = int(np.argmax(stats.counts))
   assert tokenizer.id_to_piece([top])[0] in table.splitlines()[2]

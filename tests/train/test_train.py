@@ -1,5 +1,5 @@
 """End-to-end training on a tiny config with tfds mock data: outputs, resume,
-alpha 0 == CE, chunked == unchunked, init_from, refusals (meshes: tests/test_fsdp.py)."""
+alpha 0 == CE, chunked == unchunked, init_from, refusals (meshes: tests/train/test_fsdp.py)."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from pdl_jax.train import state as state_lib
 from pdl_jax.train import run as run_lib
 from pdl_jax.train import loop as loop_lib
 from pdl_jax.losses import batch_loss
+from pdl_jax.losses import pdl
 from pdl_jax.models import factory
 
 import pdl_jax.data.builders  # noqa: F401
@@ -192,7 +193,7 @@ def test_frequency_cli_pass_is_reused_by_training(tmp_path):
   weights_path = tmp_path / "checkpoints" / loss_weights.WEIGHTS_FILENAME
   weights, meta = loss_weights.load_weights(str(weights_path))  # the CLI writes them too
   assert meta["settings"]["alpha"] == 0.5
-  np.testing.assert_array_equal(weights, stats.weights(0.5))
+  np.testing.assert_array_equal(weights, pdl.power_law_weights(stats.counts, 0.5))
   mtimes = os.path.getmtime(path), os.path.getmtime(weights_path)
   run(tmp_path, num_steps=2, eval_every=100)
   # Training reused the stored stats and found the stored weights its own.

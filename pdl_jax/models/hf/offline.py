@@ -145,9 +145,9 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
 
   With several processes the first call is collective: the primary one (default:
   jax.process_index() == 0) prepares the folder while the others wait at `wait` (a
-  barrier, default utils.sync); a process that still does not see it (a host-local
+  barrier, default multihost.sync); a process that still does not see it (a host-local
   cache on another host) then prepares its own copy. Each step's failure is agreed
-  (`agree`, default utils.together): a failed download on the primary stops every
+  (`agree`, default multihost.together): a failed download on the primary stops every
   process with an error instead of leaving them at the barrier. Later calls return
   the path. The cache is a local folder (the GGUF reader memory-maps files).
 
@@ -161,7 +161,7 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   key = (name, cache)
   if key in _RESOLVED:
     return _RESOLVED[key]
-  if agree is None:  # the primary's failure is every process's (utils.together)
+  if agree is None:  # the primary's failure is every process's (multihost.together)
     agree = multihost.together if is_primary is None else (lambda fn, *args: fn(*args))
   out = epath.Path(cache) / "models" / name / "hf"
   if is_primary is None:
