@@ -22,7 +22,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task={config.task!r}; expected one of {allowed_tasks}.")
   if config.task != tasks_lib.PRETRAIN:
     tasks_lib.get_dataset(config.task, config.dataset.name)
-  check_files_dataset(config.dataset, config.task)
+  data_files.check(config.dataset, config.task)
   batch_loss.check(config.loss)
   if config.data.get("packing") and config.loss.name == "unlikelihood":
     # Its negative candidates are the row's earlier targets: in a packed row they would
@@ -52,48 +52,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       paths.path(config.init_from) / "checkpoints").is_dir():
     raise ValueError(f"config.init_from={config.init_from!r} has no checkpoints/ folder; "
                      "expected the workdir of a finished run.")
-
-
-# The dataset fields only the user's own files read (dataset.name "files").
-_FILES_KEYS = ("train", "validation", "format", "context_field", "messages_field")
-
-
-def check_files_dataset(d, task: str) -> None:
-  """The dataset fields of the user's own files (dataset.name "files"): their values,
-  and that the files exist and have a known format (nothing is read yet: a bad
-  record is reported when the split is read, still before training).
-
-  Raises:
-    ValueError: a bad key, naming it, its value and what is allowed; files fields set
-      without dataset.name "files"; no file for a path or glob (data_files.DataFileError).
-  """
-  if d.name != tasks_lib.FILES:
-    for key in _FILES_KEYS:
-      if d.get(key) is not None:
-        raise ValueError(f"config.dataset.{key}={d[key]!r} is only read with "
-                         f"config.dataset.name='files' (now {d.name!r}); set "
-                         "config.dataset.name='files' (or the config argument dataset=files).")
-    return
-  if task == tasks_lib.PRETRAIN:
-    raise ValueError("config.dataset.name='files' with config.task='pretrain'; the user's files "
-                     "are finetuning tasks (summarization, dialogue, style_transfer).")
-  if not d.get("train"):
-    raise ValueError("config.dataset.name='files' needs config.dataset.train: a file or glob "
-                     "(local or gs://), e.g. examples/support_summaries.jsonl.")
-  if d.format not in data_files.FORMATS + (None,):
-    raise ValueError(f"config.dataset.format={d.format!r}; expected one of "
-                     f"{data_files.FORMATS} or None (from each file's suffix).")
-  for key in ("prompt_field", "target_field", "context_field", "messages_field"):
-    if d[key] is not None and not (isinstance(d[key], str) and d[key]):
-      raise ValueError(f"config.dataset.{key}={d[key]!r}; expected a field name.")
-  if d.messages_field is not None and d.context_field is not None:
-    raise ValueError(f"config.dataset.context_field={d.context_field!r} with messages_field="
-                     f"{d.messages_field!r}; a chat record's messages are its context: set "
-                     "one of them.")
-  if d.validation is None and not 0 < d.validation_fraction < 1:
-    raise ValueError(f"config.dataset.validation_fraction={d.validation_fraction}; expected "
-                     "a fraction in (0, 1) of train to hold out (or config.dataset.validation).")
-  for key in ("train", "validation"):
-    if d[key] is not None:
-      for p in data_files.resolve(d[key], f"dataset.{key}"):
-        data_files.file_format(p, d.format)

@@ -395,3 +395,49 @@ def load_split(dataset_cfg: Any, split: str, limit: int | None = None,
   log(f"data: files {split}: {len(pairs)} examples from {source} "
       f"({time.perf_counter() - start:.1f} s)")
   return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+# The dataset fields only the user's own files read (dataset.name "files").
+_FILES_KEYS = ("train", "validation", "format", "context_field", "messages_field")
+
+
+def check(d, task: str) -> None:
+  """The dataset settings (config.dataset) of the user's own files (dataset.name
+  "files") for `task`: their values,
+  and that the files exist and have a known format (nothing is read yet: a bad
+  record is reported when the split is read, still before training).
+
+  Raises:
+    ValueError: a bad key, naming it, its value and what is allowed; files fields set
+      without dataset.name "files"; no file for a path or glob (DataFileError).
+  """
+  if d.name != tasks_lib.FILES:
+    for key in _FILES_KEYS:
+      if d.get(key) is not None:
+        raise ValueError(f"config.dataset.{key}={d[key]!r} is only read with "
+                         f"config.dataset.name='files' (now {d.name!r}); set "
+                         "config.dataset.name='files' (or the config argument dataset=files).")
+    return
+  if task == tasks_lib.PRETRAIN:
+    raise ValueError("config.dataset.name='files' with config.task='pretrain'; the user's files "
+                     "are finetuning tasks (summarization, dialogue, style_transfer).")
+  if not d.get("train"):
+    raise ValueError("config.dataset.name='files' needs config.dataset.train: a file or glob "
+                     "(local or gs://), e.g. examples/support_summaries.jsonl.")
+  if d.format not in FORMATS + (None,):
+    raise ValueError(f"config.dataset.format={d.format!r}; expected one of "
+                     f"{FORMATS} or None (from each file's suffix).")
+  for key in ("prompt_field", "target_field", "context_field", "messages_field"):
+    if d[key] is not None and not (isinstance(d[key], str) and d[key]):
+      raise ValueError(f"config.dataset.{key}={d[key]!r}; expected a field name.")
+  if d.messages_field is not None and d.context_field is not None:
+    raise ValueError(f"config.dataset.context_field={d.context_field!r} with messages_field="
+                     f"{d.messages_field!r}; a chat record's messages are its context: set "
+                     "one of them.")
+  if d.validation is None and not 0 < d.validation_fraction < 1:
+    raise ValueError(f"config.dataset.validation_fraction={d.validation_fraction}; expected "
+                     "a fraction in (0, 1) of train to hold out (or config.dataset.validation).")
+  for key in ("train", "validation"):
+    if d[key] is not None:
+      for p in resolve(d[key], f"dataset.{key}"):
+        file_format(p, d.format)
