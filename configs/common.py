@@ -14,6 +14,13 @@ import ml_collections
 # The losses PDL is compared with in the task sweeps (pdl_jax/losses/baselines.py).
 BASELINES = ("itf", "face", "tlat_exp", "tlat_chi2", "unlikelihood", "focal",
              "label_smoothing")
+# The model-weighted SFT losses since 2024 (pdl_jax/losses/self_weighted.py): the
+# real-model comparison runs them in every task.
+RECENT_BASELINES = ("dft", "gem", "mile")
+# PDL's free control: the CE runs' logit-adjusted decodes (beta = PDL's alpha is its
+# population optimum; docs/losses.md), greedy at four strengths and top-p at two.
+CE_CONTROL_DECODES = ("greedy_bias0.1", "greedy_bias0.25", "greedy_bias0.5", "greedy_bias1",
+                      "top_p_bias0.25", "top_p_bias0.5")
 
 # Values a `get_config(arg)` string may set, with the config path each one sets.
 ARG_KEYS = {
@@ -28,7 +35,7 @@ ARG_KEYS = {
 def get_loss_config() -> ml_collections.ConfigDict:
   """The loss section: which loss, and how PDL weights are made from counts."""
   c = ml_collections.ConfigDict()
-  c.name = "pdl"  # "ce", "pdl", or a baseline: itf, face, tlat_exp, tlat_chi2, unlikelihood, focal, label_smoothing.
+  c.name = "pdl"  # "ce", "pdl", or a baseline: itf, face, tlat_exp, tlat_chi2, unlikelihood, focal, label_smoothing, dft, gem, mile.
   c.alpha = 0.5  # Decay exponent of w(t) = 1 / (freq(t) + eps) ** alpha; 0 = CE.
   c.epsilon = ml_collections.FieldReference(None, field_type=float)  # None: add-one smoothing.
   c.frequency = "relative"  # "relative" (count / total) or "count" (raw counts).
@@ -47,6 +54,8 @@ def get_loss_config() -> ml_collections.ConfigDict:
   c.ul_alpha = 1.0  # Unlikelihood (Welleck et al. 2019) weight of the candidate penalty.
   c.gamma = 2.0  # Focal loss exponent: -(1 - p) ** gamma * log p.
   c.smoothing = 0.1  # Label smoothing mass.
+  c.gem_beta = 0.7  # GEM (Li et al. 2025) temperature of q = stopgrad(softmax(z / beta)).
+  c.mile_gamma = 1.0  # MiLe (Su et al. 2024) exponent of the token weight (1 + entropy) ** gamma.
   return c
 
 
@@ -149,6 +158,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.sweep.include_ce = True  # Also run loss=ce (alpha is then ignored).
   c.sweep.eos_weight_alphas = ()  # PDL points with loss.eos_weight=1 at these alphas.
   c.sweep.baselines = ()  # Baseline losses, one point each (loss names, see pdl_jax/losses/registry.py).
+  c.sweep.ce_decodes = ()  # Extra decodes of the CE points only, e.g. "greedy_bias0.25" (CE + a decoding-time frequency bias: PDL's free control).
   return c
 
 
@@ -186,7 +196,8 @@ def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED)
   c.sweep.alphas = (0.25, 0.5)  # PDL alphas.
   c.sweep.seeds = (0, 1)  # Two seeds for every trained point.
   c.sweep.eos_weight_alphas = (0.5,)  # PDL 0.5 with EOS weight 1: word choice vs length.
-  c.sweep.baselines = ("itf", "tlat_exp", "label_smoothing")  # The baselines every task runs.
+  c.sweep.baselines = ("itf", "tlat_exp", "label_smoothing") + RECENT_BASELINES  # The baselines every task runs.
+  c.sweep.ce_decodes = CE_CONTROL_DECODES  # CE + frequency bias at four strengths: the control.
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:

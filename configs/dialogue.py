@@ -26,4 +26,6 @@ def get_config(arg: str | None = None):
     c.seq_len = 256  # 30 of them are the chat template's (system prompt, turn markers).
     c.max_target_len = 128  # Replies up to 128 tokens (+ end of turn).
     c.eval.max_new_tokens = 48  # Generations longer than that are cut for the metrics.
+    c.sweep.alphas = (0.25, 0.5, 1.0)  # The full set on the real model, as the other tasks:
+    c.sweep.baselines = common.BASELINES + common.RECENT_BASELINES  # alpha 1, all baselines.
   return common.parse_arg(c, arg)

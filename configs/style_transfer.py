@@ -27,5 +27,5 @@ def get_config(arg: str | None = None):
     c.max_target_len = 72  # Whole verses but the longest (+ end of turn).
     c.eval.max_new_tokens = 72  # Whole verses but the longest.
     c.sweep.alphas = (0.25, 0.5, 1.0)  # The full set on the real model, as summarization's:
-    c.sweep.baselines = common.BASELINES  # alpha 1 too, and FACE, TLAT-chi2, unlikelihood, focal.
+    c.sweep.baselines = common.BASELINES + common.RECENT_BASELINES  # alpha 1 too, and FACE, TLAT-chi2, unlikelihood, focal, DFT, GEM, MiLe.
   return common.parse_arg(c, arg)

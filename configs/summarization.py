@@ -26,5 +26,5 @@ def get_config(arg: str | None = None):
     c.max_target_len = 32  # Synopses up to 32 tokens (+ end of turn).
     c.eval.max_new_tokens = 32  # Synopses are short.
     c.sweep.alphas = (0.25, 0.5, 1.0)  # The full set on the real model: alpha 1 too,
-    c.sweep.baselines = common.BASELINES  # and FACE, TLAT-chi2, unlikelihood, focal.
+    c.sweep.baselines = common.BASELINES + common.RECENT_BASELINES  # and FACE, TLAT-chi2, unlikelihood, focal, DFT, GEM, MiLe.
   return common.parse_arg(c, arg)

@@ -2,7 +2,7 @@
 one run after another.
 
     python experiments/sweep.py --config=configs/dialogue.py[:args] --root=workdirs/dialogue \
-        [--init_from=workdirs/pretrain] [--shard=I/N] [--print]
+        [--only=ce,alpha0.25] [--init_from=workdirs/pretrain] [--shard=I/N] [--print]
 
 Points come from the config's own `sweep` section (alphas, seeds, include_ce); every
 point gets the same config (same steps, batch, model: the same compute) apart from
@@ -10,7 +10,15 @@ the loss, alpha and seed. Each point is `python -m pdl_jax.main` in ROOT/<point>
 (ROOT may be gs://): finished points (their final eval, at num_steps, is in
 metrics.jsonl) are skipped and interrupted ones resume, since running the same
 command again resumes (and writes a final eval a killed run missed). --print only prints the commands (for
-TPU VMs, `./launch.sh tpu sweep` runs them there).
+TPU VMs, `./launch.sh tpu sweep` runs them there). --only=NAME,... runs only the named
+points (their folder names without -seedS: ce, alpha0.25, alpha0.5-eos1, itf, ...; an
+unknown name is an error listing the sweep's points), every seed of each. The CE
+points also decode with the config's sweep.ce_decodes (logit-adjusted decodings such
+as greedy_bias0.25: PDL's free control) as extra decodes.
+
+Flags after the known ones go to every point (e.g. --config.num_steps=30); flags that
+would change the sweep itself (--config.sweep.*) are refused: the points come from
+the config file and its argument, and use --only to pick some.
 
 --shard=I/N runs only points I, I+N, I+2N, ... (0 <= I < N): N independent machines (or
 processes, each on its own cores) given the same command and ROOT (same --config and
@@ -52,6 +60,49 @@ def points(config) -> list[tuple[str, str]]:
   return out
 
 
+def point_name(folder: str) -> str:
+  """A point's name: its folder name without the seed ("alpha0.25-seed1" ->
+  "alpha0.25")."""
+  return folder.rpartition("-seed")[0]
+
+
+def select(every: list[tuple[str, list[str]]], only: str | None
+           ) -> list[tuple[str, list[str]]]:
+  """The commands of the points named in `only` (comma-separated point names; an
+  "alpha=0.25" form is read as "alpha0.25"), all of them for None.
+
+  Raises:
+    ValueError: an unknown name, listing the sweep's point names.
+  """
+  if not only:
+    return every
+  names = list(dict.fromkeys(point_name(w.rstrip("/").rpartition("/")[2]) for w, _ in every))
+  wanted = [n.strip().replace("=", "") for n in only.split(",") if n.strip()]
+  unknown = [n for n in wanted if n not in names]
+  if unknown or not wanted:
+    raise ValueError(f"--only={only!r}: unknown point(s) {unknown}; this sweep's points "
+                     f"are {names}.")
+  return [(w, a) for w, a in every
+          if point_name(w.rstrip("/").rpartition("/")[2]) in wanted]
+
+
+def check_extra(extra: list[str]) -> None:
+  """Refuses flags a point cannot apply: --config.sweep.* (the sweep is the config
+  file's; forwarded to each point they would change nothing) and stray words.
+
+  Raises:
+    ValueError: naming the flag.
+  """
+  for flag in extra:
+    if flag.startswith("--config.sweep."):
+      raise ValueError(f"{flag!r} would be passed to every point, where it changes "
+                       "nothing: the sweep's points come from the config file and its "
+                       "argument; pick points with --only=NAME,... .")
+    if not flag.startswith("--"):
+      raise ValueError(f"unexpected argument {flag!r}; sweep.py passes only --flags "
+                       "(e.g. --config.num_steps=30) to its points.")
+
+
 def point_num_steps(point_spec: str, extra: list[str]) -> int:
   """num_steps of one point: its own config (the base model, and so the defaults,
   depend on its arguments: init_from= picks the own model) or a --config.num_steps
@@ -78,6 +129,11 @@ def commands(spec: str, root: str, init_from: str | None, extra: list[str]) -> l
     base_eval = ["--config.eval.at_start=False"] if (
         config.model.pretrained is not None and config.eval.get("at_start") is None
         and not name.startswith("ce-")) else []
+    # CE's logit-adjusted decodes: the control points come from the CE runs.
+    ce_decodes = config.sweep.get("ce_decodes", ())
+    if ce_decodes and name.startswith("ce-"):
+      decodes = tuple(config.eval.extra_decodes) + tuple(ce_decodes)
+      base_eval.append(f"--config.eval.extra_decodes={decodes!r}")
     out.append((workdir, [sys.executable, "-m", "pdl_jax.main", f"--config={path}:{base}{items}",
                           f"--workdir={workdir}", *base_eval, *extra]))
   return out
@@ -110,12 +166,18 @@ def main() -> None:
   p.add_argument("--shard", default="0/1",
                  help="I/N: run only points I, I+N, ... (split a sweep over N machines)")
   p.add_argument("--print", action="store_true", help="only print the commands")
+  p.add_argument("--only", default=None,
+                 help="comma-separated point names (ce, alpha0.25, itf, ...): run only these")
   args, extra = p.parse_known_args()
   try:
     shard, num_shards = parse_shard(args.shard)
+    check_extra(extra)
   except ValueError as e:
     p.error(str(e))  # before the config is even loaded
-  every = commands(args.config, args.root, args.init_from, extra)
+  try:
+    every = select(commands(args.config, args.root, args.init_from, extra), args.only)
+  except ValueError as e:
+    p.error(str(e))
   todo = every[shard::num_shards]
   if not todo:  # more shards than points: say so rather than "done"
     print(f"--shard={args.shard}: the sweep has only {len(every)} points; nothing for "

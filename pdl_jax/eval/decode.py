@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,30 @@ from pdl_jax.models import decoder
 from pdl_jax.models import quant
 
 METHODS = ("greedy", "beam", "top_p")
+# A decoding name: a method, optionally with a logit-adjustment strength beta
+# ("greedy_bias0.25": greedy on logits - 0.25 * log(freq + eps); see parse_method).
+_NAME = re.compile(r"^(greedy|beam|top_p)(?:_bias([0-9]+(?:\.[0-9]+)?))?$")
+
+
+def parse_method(name: str) -> tuple[str, float | None]:
+  """(method, beta) of a decoding name: "greedy" -> ("greedy", None),
+  "top_p_bias0.5" -> ("top_p", 0.5): nucleus sampling from the logits plus the
+  frequency bias -0.5 * log(freq + eps) (losses/logit_adjustment.py).
+
+  Raises:
+    ValueError: naming the bad name and the accepted forms.
+  """
+  match = _NAME.match(str(name))
+  if match is None:
+    raise ValueError(f"decode method {name!r} is unknown; expected one of {METHODS}, "
+                     "optionally followed by _bias<beta> (e.g. 'greedy_bias0.25': "
+                     "logit-adjusted decoding).")
+  return match.group(1), None if match.group(2) is None else float(match.group(2))
+
+
+def method_name(method: str, beta: float | None) -> str:
+  """The decoding name of (method, beta): parse_method's inverse."""
+  return method if beta is None else f"{method}_bias{beta:g}"
 
 
 def left_pad(prompts: list[list[int]], length: int, pad_id: int
@@ -119,6 +144,15 @@ def _ban(logits_BxV: jax.Array, banned: tuple[int, ...]) -> jax.Array:
   if not banned:
     return logits_BxV
   return logits_BxV.at[:, jnp.asarray(banned)].set(-jnp.inf)
+
+
+def _adjust(logits_BxV: jax.Array, bias_V: jax.Array | None,
+            banned: tuple[int, ...]) -> jax.Array:
+  """The logits a decoder chooses from: plus the frequency bias (logit-adjusted
+  decoding; None: the logits as they are, bit for bit), banned ids at -inf."""
+  if bias_V is not None:
+    logits_BxV = logits_BxV + bias_V.astype(logits_BxV.dtype)[None, :]
+  return _ban(logits_BxV, banned)
 
 
 TOP_P_CANDIDATES = 64  # the sampler's first try: the nucleus within the top 64 logits
@@ -240,9 +274,12 @@ def _top_p_sample(rng, logits_BxV, top_p, temperature):
 def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
              method: str = "greedy", eos_id: int | tuple[int, ...] = 1, pad_id: int = 0,
              top_p: float = 0.9, temperature: float = 1.0,
-             banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None
-             ) -> jax.Array:
+             banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None,
+             bias_V: jax.Array | None = None) -> jax.Array:
   """Greedy or top-p continuations [B, max_new_tokens] of left-padded prompts.
+
+  bias_V: [V] added to the logits before every choice (logit-adjusted decoding,
+  losses/logit_adjustment.frequency_bias); None: the plain logits.
 
   Top-p's draws at step t come from fold_in(rng, t) for the whole batch or, with
   row_ids_B (e.g. each prompt's index in the evaluation set), from
@@ -258,7 +295,7 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
                                                 p + max_new_tokens)
 
   def choose(logits_BxV, t):
-    logits_BxV = _ban(logits_BxV, banned_ids)
+    logits_BxV = _adjust(logits_BxV, bias_V, banned_ids)
     if method == "greedy":
       return first_argmax(logits_BxV)
     if row_ids_B is None:
@@ -294,8 +331,10 @@ def generate(model, params, tokens_BxP, mask_BxP, rng, *, max_new_tokens: int,
 def beam_search(model, params, tokens_BxP, mask_BxP, *, max_new_tokens: int,
                 beam_size: int = 4, eos_id: int | tuple[int, ...] = 1,
                 pad_id: int = 0, length_penalty: float = 0.6,
-                banned_ids: tuple[int, ...] = ()) -> jax.Array:
-  """Best beam [B, max_new_tokens] by log-prob / length ** length_penalty."""
+                banned_ids: tuple[int, ...] = (), bias_V: jax.Array | None = None
+                ) -> jax.Array:
+  """Best beam [B, max_new_tokens] by log-prob / length ** length_penalty; with
+  bias_V, the log-probs are those of the adjusted logits (logits + bias_V)."""
   model, params = decoding_model(model, params)
   b, p = tokens_BxP.shape
   w = beam_size
@@ -314,8 +353,8 @@ def beam_search(model, params, tokens_BxP, mask_BxP, *, max_new_tokens: int,
 
   def body(carry, t):
     logits, cache, scores_BxW, seqs_BxWxT, done_BxW, lengths_BxW = carry
-    logp_BxWxV = jax.nn.log_softmax(_ban(logits.astype(jnp.float32), banned_ids)
-                                    ).reshape(b, w, vocab)
+    logp_BxWxV = jax.nn.log_softmax(_adjust(logits.astype(jnp.float32), bias_V,
+                                            banned_ids)).reshape(b, w, vocab)
     # A finished beam continues only with padding, at no cost.
     finished_V = jnp.full((vocab,), -jnp.inf).at[pad_id].set(0.0)
     logp_BxWxV = jnp.where(done_BxW[..., None], finished_V, logp_BxWxV)
@@ -364,23 +403,25 @@ def generate_without_cache(model, params, tokens_BxP, mask_BxP, *, max_new_token
 def decode(model, params, tokens_BxP, mask_BxP, rng, *, method: str, max_new_tokens: int,
            eos_id: int | tuple[int, ...], pad_id: int, beam_size: int = 4,
            top_p: float = 0.9, temperature: float = 1.0,
-           banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None
-           ) -> jax.Array:
+           banned_ids: tuple[int, ...] = (), row_ids_B: jax.Array | None = None,
+           bias_V: jax.Array | None = None) -> jax.Array:
   """Dispatch by method name ("greedy", "beam", "top_p").
 
   eos_id: the id, or a tuple of ids, that end a generation (any of them).
   banned_ids: ids never generated (the caller passes pad, bos and the separator).
   row_ids_B: top-p's per-row keys (see generate).
+  bias_V: [V] added to the logits before each choice (logit-adjusted decoding).
   """
   if method not in METHODS:
     raise ValueError(f"decode method {method!r} is unknown; expected one of {METHODS}.")
   if method == "beam":
     return beam_search(model, params, tokens_BxP, mask_BxP, max_new_tokens=max_new_tokens,
                        beam_size=beam_size, eos_id=eos_id, pad_id=pad_id,
-                       banned_ids=banned_ids)
+                       banned_ids=banned_ids, bias_V=bias_V)
   return generate(model, params, tokens_BxP, mask_BxP, rng, max_new_tokens=max_new_tokens,
                   method=method, eos_id=eos_id, pad_id=pad_id, top_p=top_p,
-                  temperature=temperature, banned_ids=banned_ids, row_ids_B=row_ids_B)
+                  temperature=temperature, banned_ids=banned_ids, row_ids_B=row_ids_B,
+                  bias_V=bias_V)
 
 
 def strip_after_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...], pad_id: int

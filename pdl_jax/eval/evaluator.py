@@ -18,6 +18,7 @@ from pdl_jax.eval import decode as decode_lib
 from pdl_jax.eval import metrics as metrics_lib
 from pdl_jax import multihost
 from pdl_jax import paths
+from pdl_jax.losses import logit_adjustment
 from pdl_jax.losses import pdl
 
 
@@ -88,14 +89,17 @@ def decode_batches(lengths: list[int], batch_size: int, length_bucket: int
 def generate_all(model, params, prompts: list[list[int]], mesh, rng, *, method: str,
                  batch_size: int, length_bucket: int, max_new_tokens: int,
                  eos_ids: tuple[int, ...], pad_id: int, banned_ids: tuple[int, ...],
-                 beam_size: int = 4, top_p: float = 0.9, temperature: float = 1.0
-                 ) -> list[list[int]]:
+                 beam_size: int = 4, top_p: float = 0.9, temperature: float = 1.0,
+                 bias_V: np.ndarray | None = None) -> list[list[int]]:
   """Generated ids (cut at the first EOS, no padding) for every prompt, in the
   prompts' order, decoded in the batches of decode_batches (the last one filled with
   copies of its last prompt). Top-p's draws for prompt k come from
   fold_in(rng, k) (pdl_jax.eval.decode.generate's row_ids_B): the same whatever the
-  batching, batch size or padded length."""
+  batching, batch size or padded length. bias_V: [V] added to the logits before each
+  choice (logit-adjusted decoding); None: plain decoding."""
   hyp_ids: list[list[int] | None] = [None] * len(prompts)
+  if bias_V is not None:
+    bias_V = multihost.replicate(mesh, np.asarray(bias_V, np.float32))
   for idx, size in decode_batches([len(p) for p in prompts], batch_size, length_bucket):
     rows = idx + [idx[-1]] * (batch_size - len(idx))
     tokens, mask = decode_lib.left_pad([prompts[i] for i in rows], size, pad_id)
@@ -104,7 +108,7 @@ def generate_all(model, params, prompts: list[list[int]], mesh, rng, *, method: 
     out = decode_lib.decode(model, params, tokens, mask, rng, method=method,
                             max_new_tokens=max_new_tokens, eos_id=eos_ids, pad_id=pad_id,
                             beam_size=beam_size, top_p=top_p, temperature=temperature,
-                            banned_ids=banned_ids, row_ids_B=row_ids)
+                            banned_ids=banned_ids, row_ids_B=row_ids, bias_V=bias_V)
     for i, ids in zip(idx, decode_lib.strip_after_eos(multihost.to_host(out), eos_ids, pad_id)):
       hyp_ids[i] = ids
   return hyp_ids
@@ -119,6 +123,10 @@ class EvalSettings:
   final_step: int  # the run's last step: its generations are all kept
   seed: int  # the run's seed (decoding samples with seed + 1)
   reduction: str  # the loss's reduction (registry.resolve_reduction)
+  # How logit-adjusted decodings ("greedy_bias0.25") make their bias from the counts:
+  # config.loss's frequency and epsilon, as the run's PDL weights would.
+  bias_frequency: str = "relative"
+  bias_epsilon: float | None = None
 
 
 class Evaluator:
@@ -130,6 +138,10 @@ class Evaluator:
   generation the metrics of pdl_jax.eval.metrics on the outputs of config.eval.decode
   (greedy by default) under eval/<metric>, and of each of config.eval.extra_decodes
   (nucleus sampling, top-p, with a fixed seed by default) under eval/<method>/<metric>.
+  A decoding named <method>_bias<beta> (e.g. greedy_bias0.25) adds
+  -beta * log(freq + eps) to the logits before each choice, freq and eps from the
+  run's token stats as its PDL weights would be (losses/logit_adjustment.py): beta =
+  alpha is PDL's population optimum, decoded from this model.
   """
 
   def __init__(self, settings: EvalSettings, workdir: str, model, tokenizer,
@@ -185,11 +197,21 @@ class Evaluator:
         self._write_all(step, method, hyps, hyp_ids)
     return result
 
-  def _generate(self, params, method: str) -> tuple[list[str], list[list[int]]]:
+  def bias(self, beta: float | None) -> np.ndarray | None:
+    """The logit bias of strength beta over the model's vocabulary (None: none)."""
+    if beta is None:
+      return None
     c = self.settings
+    return logit_adjustment.frequency_bias(
+        self.counts_V, beta, c.bias_epsilon, frequency=c.bias_frequency,
+        vocab_size=self.model.cfg.vocab_size)
+
+  def _generate(self, params, name: str) -> tuple[list[str], list[list[int]]]:
+    c = self.settings
+    method, beta = decode_lib.parse_method(name)
     hyp_ids = generate_all(
         self.model, params, self.prompts, self.mesh, jax.random.key(c.seed + 1),
-        method=method, batch_size=c.eval.batch_size, length_bucket=c.eval.length_bucket,
+        bias_V=self.bias(beta), method=method, batch_size=c.eval.batch_size, length_bucket=c.eval.length_bucket,
         max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos_ids,
         pad_id=self.tok.pad_id, banned_ids=self.banned, beam_size=c.eval.beam_size,
         top_p=c.eval.top_p, temperature=c.eval.temperature)
@@ -230,10 +252,17 @@ class Evaluator:
 
 def check(e) -> None:
   """The eval settings (config.eval): raises ValueError naming the bad key."""
-  for method in (e.decode, *e.extra_decodes):
-    if method not in decode_lib.METHODS:
+  names = (e.decode, *e.extra_decodes)
+  for method in names:
+    try:
+      decode_lib.parse_method(method)
+    except ValueError as err:
       raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
-                       f"eval.extra_decodes); expected one of {decode_lib.METHODS}.")
+                       f"eval.extra_decodes): {err}") from None
+  twice = sorted({m for m in names if names.count(m) > 1})
+  if twice:
+    raise ValueError(f"config.eval decodes {twice} appear twice in eval.decode / "
+                     "eval.extra_decodes; their metrics and samples would collide.")
   bucket = e.length_bucket
   if not (isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0):
     raise ValueError(f"config.eval.length_bucket={bucket!r}; expected an integer >= 0 "

@@ -20,6 +20,7 @@ import numpy as np
 
 from pdl_jax.losses import baselines
 from pdl_jax.losses import pdl
+from pdl_jax.losses import self_weighted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class LossSpec:
   # A stateful loss's update from argmax predictions (chunked.chunked_argmax) instead
   # of logits: update(state_V, preds, labels, mask) -> state_V.
   state_update_from_preds: Callable[..., Any] | None = None
+  # The reduction of a loss without frequency weights that weighs tokens itself
+  # (MiLe: "weights", sum f nll / sum f, so accumulation sums f); None: "tokens".
+  own_reduction: str | None = None
 
   @property
   def weighted(self) -> bool:
@@ -139,6 +143,13 @@ _SPECS = (
         baselines.label_smoothing_loss_and_aux, "smoothing", 0.1), ("smoothing",),
              chunkable=True, token_loss_from_stats=_from_stats(
                  "smoothing", 0.1, baselines.label_smoothing_token_loss)),
+    # The model-weighted SFT losses (losses/self_weighted.py).
+    LossSpec("dft", self_weighted.factory(self_weighted.dft_loss_and_aux), chunkable=True,
+             token_loss_from_stats=lambda: lambda nll, unif: self_weighted.dft_token_loss(nll)),
+    LossSpec("gem", self_weighted.factory(self_weighted.gem_loss_and_aux, "gem_beta", 0.7,
+                                          positive=True), ("gem_beta",)),
+    LossSpec("mile", self_weighted.factory(self_weighted.mile_loss_and_aux, "mile_gamma",
+                                           1.0), ("mile_gamma",), own_reduction="weights"),
 )
 SPECS: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 
@@ -176,6 +187,10 @@ def get_loss(name: str, **params) -> pdl.LossFn:
     "unlikelihood": Welleck et al. 2019, token level; `ul_alpha` (default 1.0).
     "focal": Lin et al. 2017 over the vocabulary softmax; `gamma` (default 2.0).
     "label_smoothing": `smoothing` (default 0.1).
+    "dft": Wu et al. 2025, stopgrad(p) * nll; no parameter.
+    "gem": Li et al. 2025, entropy-regularised; `gem_beta` (default 0.7).
+    "mile": Su et al. 2024, (1 + entropy)^gamma token weights normalised by their
+      batch sum; `mile_gamma` (default 1.0).
 
   Raises:
     ValueError: naming the bad value, for an unknown name, a parameter the loss
@@ -191,14 +206,15 @@ def get_loss(name: str, **params) -> pdl.LossFn:
 def resolve_reduction(name: str, reduction: str | None = None) -> str:
   """The reduction loss `name` uses: `reduction`, or the paper's when None.
 
-  Losses without frequency weights (ce, unlikelihood, focal, label_smoothing) have
-  all token weights 1, where both reductions are the same; they report "tokens".
+  Losses without frequency weights (ce, unlikelihood, focal, label_smoothing, dft,
+  gem) have all token weights 1, where both reductions are the same; they report
+  "tokens". MiLe weighs tokens by the model's entropy and reports "weights".
   """
   s = spec(name)
   if reduction is not None:
     pdl.check_reduction(reduction)
   if not s.weighted:
-    return "tokens"
+    return s.own_reduction or "tokens"
   return s.default_reduction if reduction is None else reduction
 
 

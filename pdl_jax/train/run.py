@@ -86,7 +86,8 @@ def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettin
   return evaluator_lib.EvalSettings(
       eval=config.eval, generate=config.task != tasks_lib.PRETRAIN,
       final_step=config.num_steps, seed=config.seed,
-      reduction=registry.resolve_reduction(config.loss.name, config.loss.reduction))
+      reduction=registry.resolve_reduction(config.loss.name, config.loss.reduction),
+      bias_frequency=config.loss.frequency, bias_epsilon=config.loss.epsilon)
 
 
 def loss_window(config: ml_collections.ConfigDict) -> int | None:

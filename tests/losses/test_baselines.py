@@ -443,7 +443,8 @@ def test_registry_bad_input(call, match):
 def test_every_loss_has_params_and_chunk_flag():
   assert set(registry.LOSS_PARAMS) == set(registry.LOSS_NAMES)
   assert {n for n in registry.LOSS_NAMES if registry.supports_chunked(n)} == {
-      "ce", "pdl", "itf", "tlat_exp", "tlat_chi2", "face", "focal", "label_smoothing"}
+      "ce", "pdl", "itf", "tlat_exp", "tlat_chi2", "face", "focal", "label_smoothing",
+      "dft"}
   for name in registry.LOSS_NAMES:
     assert callable(losses.get_loss(name))
 

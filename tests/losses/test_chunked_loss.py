@@ -277,7 +277,8 @@ def test_default_row_chunk_size_is_512_rows_with_blocks_under_512_mib():
 
 @pytest.mark.parametrize("name, params", [
     ("focal", {"gamma": 2.0}), ("focal", {"gamma": 0.0}), ("focal", {"gamma": 0.5}),
-    ("label_smoothing", {"smoothing": 0.1}), ("label_smoothing", {"smoothing": 0.0})])
+    ("label_smoothing", {"smoothing": 0.1}), ("label_smoothing", {"smoothing": 0.0}),
+    ("dft", {})])
 @pytest.mark.parametrize("chunk_size", [16, 70, 1000])  # clamped last chunk, one, wider
 def test_stats_losses_match_unchunked(name, params, chunk_size):
   hidden, unembed, labels, weights, mask = make_case(6, 45, 12, 70, 1.0)
@@ -368,7 +369,8 @@ def _shapes(jaxpr) -> set:
 
 
 @pytest.mark.parametrize("name, params", [("focal", {"gamma": 2.0}),
-                                          ("label_smoothing", {"smoothing": 0.1})])
+                                          ("label_smoothing", {"smoothing": 0.1}),
+                                          ("dft", {})])
 def test_stats_losses_never_make_the_full_logits(name, params):
   n, v, chunk = 40, 300, 64
   hidden, unembed, labels, _, mask = make_case(9, n, 8, v, 1.0)

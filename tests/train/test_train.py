@@ -82,6 +82,23 @@ def reference_run(tmp_path_factory):
   return workdir, result
 
 
+def test_logit_adjusted_decodes_of_a_ce_run(tmp_path):
+  """A CE run's extra decodes greedy_bias<beta>: beta 0 generates what plain greedy
+  does, a large beta other tokens, each with its metrics and every final generation."""
+  run(tmp_path, **{"loss.name": "ce",
+                   "eval.extra_decodes": ("greedy_bias0", "greedy_bias3", "top_p_bias0.5")})
+  final = {m: [json.loads(l)["generation_ids"] for l in open(
+      tmp_path / "samples" / f"final_{m}.jsonl")]
+      for m in ("greedy", "greedy_bias0", "greedy_bias3", "top_p_bias0.5")}
+  assert final["greedy_bias0"] == final["greedy"]
+  assert final["greedy_bias3"] != final["greedy"]
+  evals = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  last = [l for l in evals if "eval/nll" in l][-1]
+  for m in ("greedy_bias0", "greedy_bias3", "top_p_bias0.5"):
+    assert np.isfinite(last[f"eval/{m}/rare_token_share"]), m
+  assert last["eval/greedy_bias0/rougeL"] == last["eval/rougeL"]
+
+
 def test_run_writes_every_output(reference_run):
   workdir, result = reference_run
   names = set(os.listdir(workdir))
