@@ -52,7 +52,9 @@ from typing import Any
 
 import numpy as np
 
+from experiments import measures
 from pdl_jax.train import metric_writer
+from pdl_jax.eval import informativeness
 from pdl_jax.eval import metrics as metrics_lib
 from pdl_jax import paths
 from pdl_jax.paths import atomic_write_bytes
@@ -92,7 +94,8 @@ def read_config(run: str) -> dict[str, Any]:
 def extra_methods(row: dict[str, Any]) -> list[str]:
   """The extra decodings (config.eval.extra_decodes) whose metrics a row holds: eval/evaluator.py
   logs them as eval/<method>/<metric>, the main decoding's as eval/<metric>."""
-  return sorted({k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2})
+  return sorted({k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2
+                 and measures.split_bias(k.split("/")[1])[1] is None})
 
 
 def eval_row(run: str, step: int) -> dict[str, float] | None:
@@ -134,21 +137,31 @@ def _order(label: str, alpha: float) -> tuple:
     return (-1, 0.0, "")
   if label == "ce":
     return (0, 0.0, "")
+  if measures.bias_of(label) is not None:  # CE + a decoding bias, by strength
+    return (0.5, measures.bias_of(label), "")
   if not math.isnan(alpha):
     return (1, alpha, "")
   return (2 if label.startswith("alpha=") else 3, 0.0, label)
 
 
-def check_provenance(runs: list[str], strict: bool = False) -> None:
+def check_provenance(runs: list[str], strict: bool = False,
+                     reproduced: frozenset[str] = frozenset()) -> None:
   """Warns (strict: fails) when the runs' provenance.json disagree on the code version
-  or the base model's weights: a comparison's points must share both."""
+  or the base model's weights: a comparison's points must share both. Code versions
+  in `reproduced` (reruns that gave the committed generations bit for bit:
+  reproduction.json) count as the same code."""
   seen: dict[str, dict[str, list[str]]] = {"code_version": {}, "base_weights_sha256": {}}
   for run in runs:
     path = paths.path(run) / "provenance.json"
     if path.exists():
       prov = json.loads(path.read_text())
       for key in seen:
-        seen[key].setdefault(str(prov.get(key)), []).append(run)
+        value = str(prov.get(key))
+        if key == "code_version" and value in reproduced:
+          value = "reproduced"
+        seen[key].setdefault(value, []).append(run)
+  if len(seen["code_version"]) > 1:  # reruns that reproduced: the same as any one
+    seen["code_version"].pop("reproduced", None)
   for key, values in seen.items():
     if len(values) > 1:
       message = f"the runs differ in {key}: " + "; ".join(
@@ -158,10 +171,13 @@ def check_provenance(runs: list[str], strict: bool = False) -> None:
       print(f"warning: {message}", file=sys.stderr)
 
 
-def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
+def collect(root: str, strict: bool = False, out: str | None = None
+            ) -> dict[str, dict[str, Any]]:
   """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}.
 
   Runs without a final eval are listed on stderr and left out (an error with strict).
+  The CE runs' logit-adjusted decodes become points `ce+bias<beta>`
+  (experiments/measures.py). out: where reproduction.json is (default ROOT).
   """
   points: dict[str, dict[str, Any]] = {}
   unfinished = []
@@ -176,7 +192,8 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
     for name, value in row.items():
       if name.startswith("eval/"):
         p["metrics"].setdefault(name, []).append(float(value))
-  check_provenance([run for p in points.values() for run in p["runs"]], strict)
+  check_provenance([run for p in points.values() for run in p["runs"]], strict,
+                   frozenset(measures.reproduced_versions(out or root)))
   # The base model's row: the step-0 evals (eval.at_start, on when finetuning a
   # pretrained model) of the CE runs, which every point starts from.
   base = [(run, eval_row(run, 0)) for run in points.get("ce", {}).get("runs", [])]
@@ -197,6 +214,9 @@ def collect(root: str, strict: bool = False) -> dict[str, dict[str, Any]]:
   if not points:
     raise SystemExit(f"no finished runs (config.json + metrics.jsonl with an eval at "
                      f"num_steps) under {root}")
+  if "ce" in points:
+    main = read_config(points["ce"]["runs"][0]).get("eval", {}).get("decode", "greedy")
+    points.update(measures.bias_points(points, main))
   return dict(sorted(points.items(), key=lambda kv: _order(kv[0], kv[1]["alpha"])))
 
 
@@ -220,8 +240,9 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
 
 
 def sample_name(label: str, method: str) -> str:
-  """eval/evaluator.py's file of every generation: the base model's at step 0, else the final."""
-  return f"samples/{'base' if label == BASE else 'final'}_{method}.jsonl"
+  """eval/evaluator.py's file of every generation: the base model's at step 0, else the
+  final (a `ce+bias<beta>` point: the CE run's <method>_bias<beta> decoding)."""
+  return measures.sample_file(label, method, BASE)
 
 
 def read_samples(run: str, label: str, method: str) -> list[dict[str, Any]] | None:
@@ -234,11 +255,12 @@ def read_samples(run: str, label: str, method: str) -> list[dict[str, Any]] | No
                 key=lambda line: line["index"])
 
 
-def example_stats(run: str, label: str, method: str
+def example_stats(run: str, label: str, method: str, word_stats=None
                   ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
   """(the evaluation prompts, {metric: (numerator [N], denominator [N])}) of one run's
   generations, or None without the file. Mean metrics have denominator 1; the
-  rare-token share is pooled over tokens, as eval/rare_token_share."""
+  rare-token share is pooled over tokens, as eval/rare_token_share. With word stats
+  (measures.word_stats), also the informativeness measures."""
   lines = read_samples(run, label, method)
   if lines is None:
     return None
@@ -248,15 +270,17 @@ def example_stats(run: str, label: str, method: str
   stats = {k: (v, ones) for k, v in per.items()}
   stats["rare_token_share"] = (np.array([l["rare_tokens"] for l in lines], np.float64),
                                np.array([len(l["generation_ids"]) for l in lines], np.float64))
+  if word_stats is not None:
+    stats.update(measures.line_stats(lines, word_stats))
   return [l["input"] for l in lines], stats
 
 
-def pooled_stats(point: dict[str, Any], label: str, method: str):
+def pooled_stats(point: dict[str, Any], label: str, method: str, word_stats=None):
   """Per-example numerators and denominators summed over the point's seeds (the
   examples are the same prompts in every run), or None where a run lacks samples."""
   out, inputs = None, None
   for run in point["runs"]:
-    got = example_stats(run, label, method)
+    got = example_stats(run, label, method, word_stats)
     if got is None:
       return None
     if inputs is not None and got[0] != inputs:
@@ -268,38 +292,41 @@ def pooled_stats(point: dict[str, Any], label: str, method: str):
   return inputs, out
 
 
-def intervals(points) -> dict[str, list[tuple[str, dict[str, tuple[float, float, float]]]]]:
+def intervals(points, word_stats=None
+              ) -> dict[str, list[tuple[str, dict[str, tuple[float, float, float]]]]]:
   """{method: [(point, {metric: (difference from CE, 95% lower, upper)})]} for every
-  decoding whose samples the CE runs kept (samples/final_<method>.jsonl)."""
+  plain decoding whose samples the CE runs kept (samples/final_<method>.jsonl); with
+  word stats, the informativeness measures too."""
   if "ce" not in points:
     return {}
-  methods = sorted(n.name[len("final_"):-len(".jsonl")] for n in
-                   (paths.path(points["ce"]["runs"][0]) / "samples").glob("final_*.jsonl"))
+  methods = intervals_methods(points)
+  metrics = INTERVAL_METRICS + (informativeness.PER_EXAMPLE if word_stats else ())
   out = {}
   for method in methods:
-    ce = pooled_stats(points["ce"], "ce", method)
+    ce = pooled_stats(points["ce"], "ce", method, word_stats)
     if ce is None:
       continue
     rows = []
     for label, p in points.items():
-      got = None if label == "ce" else pooled_stats(p, label, method)
+      got = None if label == "ce" else pooled_stats(p, label, method, word_stats)
       if got is None:
-        if label != "ce":
+        if label != "ce" and measures.bias_of(label) is None:
           print(f"warning: point {label} has no {sample_name(label, method)} in every run "
                 "(runs from before every generation was kept): no interval", file=sys.stderr)
         continue
       if got[0] != ce[0]:
         raise SystemExit(f"point {label} evaluated other prompts than CE.")
-      rows.append((label, {m: paired_bootstrap(*got[1][m], *ce[1][m])
-                           for m in INTERVAL_METRICS}))
+      rows.append((label, {m: paired_bootstrap(*got[1][m], *ce[1][m]) for m in metrics}))
     out[method] = rows
   return out
 
 
 def interval_lines(table) -> list[str]:
-  """Markdown: one table per decoding, each cell `difference [lower, upper]`."""
+  """Markdown: one table per decoding, each cell `difference [lower, upper]`; where the
+  rows hold the informativeness measures, a second table of them per decoding."""
   lines = []
   for method, rows in table.items():
+    measured = [m for m in informativeness.PER_EXAMPLE if rows and m in rows[0][1]]
     lines += ["", f"Difference from CE per example, {method} (mean over the evaluation "
               "examples, seeds pooled; 95% paired bootstrap interval over the examples, "
               "2000 resamples, so it covers which prompts were drawn, not which seeds; "
@@ -310,14 +337,60 @@ def interval_lines(table) -> list[str]:
       lines.append(f"| {label} | " + " | ".join(
           f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
           (cells[m] for m in INTERVAL_METRICS)) + " |")
+    if measured:
+      lines += ["", f"Difference from CE per example, {method}, on measures that do not use "
+                "the loss's token counts (docs/results.md: definitions; nidf and loop, rep_3, "
+                "prompt_copy are means over outputs, content recall and precision pooled "
+                "over examples; same bootstrap):", "",
+                "| point | " + " | ".join(measured) + " |", "|---|" + "---|" * len(measured)]
+      for label, cells in rows:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+            (cells[m] for m in measured)) + " |")
   return lines
+
+
+def measure_lines(points, word_stats) -> list[str]:
+  """Markdown: per plain decoding, each point's informativeness measures (mean ± std
+  over seeds, each run's value over its prompts) and the references' own."""
+  if word_stats is None or "ce" not in points:
+    return []
+  lines = []
+  cols = informativeness.PER_EXAMPLE + ("ead_1", "ead_2")
+  for method in intervals_methods(points):
+    rows, refs = [], None
+    for label, p in points.items():
+      per_run = [read_samples(run, label, method) for run in p["runs"]]
+      if any(r is None for r in per_run):
+        continue
+      refs = refs or measures.reference_row(per_run[0], word_stats)
+      row = measures.point_row(per_run, word_stats)
+      rows.append(f"| {label} | {len(per_run)} | " + " | ".join(
+          f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if len(per_run) > 1 else f"{row[c][0]:.3f}"
+          for c in cols) + " |")
+    if not rows:
+      continue
+    lines += ["", f"Measures that do not use the loss's token counts, {method}:", "",
+              "| point | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
+              *rows, "| references | - | " + " | ".join(
+                  "-" if c.startswith("content_") else f"{refs[c]:.3f}" for c in cols) + " |"]
+  return lines
+
+
+def intervals_methods(points) -> list[str]:
+  """The plain decodings whose every generation the CE runs kept."""
+  return sorted(m for m in (n.name[len("final_"):-len(".jsonl")] for n in (
+      paths.path(points["ce"]["runs"][0]) / "samples").glob("final_*.jsonl"))
+                if measures.split_bias(m)[1] is None)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_tables(points, out: str) -> None:
+def write_tables(points, out: str, word_stats=None) -> None:
+  """summary.csv and summary.md (module docstring); with word stats
+  (measures.word_stats), the informativeness measures' tables and intervals too."""
   names = sorted({n for p in points.values() for n in p["metrics"]})
   table = io.StringIO(newline="")
   w = csv.writer(table)
@@ -342,7 +415,8 @@ def write_tables(points, out: str) -> None:
     sampled = [c for c in sampled if any(c in p["metrics"] for p in points.values())]
     if sampled:  # the same generation metrics, of this decoding method
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
-  lines += interval_lines(intervals(points))
+  lines += measure_lines(points, word_stats)
+  lines += interval_lines(intervals(points, word_stats))
   atomic_write_bytes(paths.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -545,14 +619,18 @@ def main() -> None:
   p.add_argument("--out", default=None, help="where the tables and plots go (default ROOT)")
   p.add_argument("--copy_runs", action="store_true",
                  help="also copy each run's config, metrics and last samples to OUT/runs/")
+  p.add_argument("--measures", action="store_true",
+                 help="also the informativeness measures (NIDF's document frequencies from "
+                      "OUT/word_stats.json, or counted from the task's train split there)")
   p.add_argument("--strict", action="store_true",
                  help="fail when a run has no eval at its num_steps (instead of leaving it out)")
   args = p.parse_args()
   out = args.out or args.root
   if args.copy_runs:
     check_copy_target(args.root, out)  # Before any work.
-  points = collect(args.root, strict=args.strict)
-  write_tables(points, out)
+  points = collect(args.root, strict=args.strict, out=out)
+  word_stats = measures.word_stats(out, points) if args.measures else None
+  write_tables(points, out, word_stats)
   write_samples(points, out)
   write_plots(points, out)
   if args.copy_runs:

@@ -52,15 +52,14 @@ def test_sweeps_are_defined_next_to_task_configs():
     own = importlib.import_module(f"configs.{name}").get_config("pretrained=none")
     assert len(own.sweep.alphas) >= 3 and own.sweep.include_ce and tuple(own.sweep.seeds) == (0, 1)
     assert len(own.sweep.baselines) == len(common.BASELINES)
-    # The real model's comparison: summarization and style transfer the full set,
-    # dialogue a core set.
+    # The real model's comparison: every task the full set, with the recent baselines
+    # (DFT, GEM, MiLe) of the control issue.
     real = importlib.import_module(f"configs.{name}").get_config()
     assert real.sweep.include_ce and tuple(real.sweep.seeds) == (0, 1)
     assert tuple(real.sweep.eos_weight_alphas) == (0.5,)
-    full = name in ("summarization", "style_transfer")
-    assert tuple(real.sweep.alphas) == ((0.25, 0.5, 1.0) if full else (0.25, 0.5))
-    assert set(real.sweep.baselines) == (set(common.BASELINES) if full else
-                                         {"itf", "tlat_exp", "label_smoothing"})
+    assert tuple(real.sweep.alphas) == (0.25, 0.5, 1.0)
+    assert set(real.sweep.baselines) == set(common.BASELINES) | set(common.RECENT_BASELINES)
+    assert tuple(real.sweep.ce_decodes) == common.CE_CONTROL_DECODES
   assert set(common.ARG_KEYS) >= {"loss", "alpha", "dataset"}
 
 

@@ -10,7 +10,18 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import measures
 from experiments import report
+
+# Configured points of the real-model comparison whose runs are not committed yet
+# (the control issue's runs, in progress): a name per point, "ce-control" for the CE
+# reruns with the logit-adjusted decodes. Each is removed as its runs land.
+PENDING = {
+    "summarization": {"dft", "gem", "mile", "ce-control"},
+    "dialogue": {"dft", "gem", "mile", "ce-control", "alpha1", "face", "tlat_chi2",
+                 "unlikelihood", "focal"},
+    "style_transfer": {"dft", "gem", "mile", "ce-control"},
+}
 
 # The tests/ folder (this file is 1 level below it): shared fixtures live there.
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +124,28 @@ def test_sweep_expands_the_config_sweep_and_skips_finished(tmp_path):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  # The real-model comparison: CE, PDL 0.25 and 0.5, PDL 0.5 with EOS weight 1, ITF,
-  # TLAT-exp and label smoothing, two seeds; only the CE points evaluate the base model
-  # at step 0.
+  # The real-model comparison: CE, PDL 0.25, 0.5 and 1, PDL 0.5 with EOS weight 1, the
+  # ten baselines, two seeds; only the CE points evaluate the base model at step 0, and
+  # they decode with the logit-adjusted control decodes too.
   lines = out.stdout.strip().splitlines()
-  assert out.returncode == 0 and len(lines) == 14, out.stderr
+  assert out.returncode == 0 and len(lines) == 30, out.stderr
   assert [("at_start=False" in l, "loss=ce," in l) for l in lines].count((False, True)) == 2
   assert all(("at_start=False" in l) != ("loss=ce," in l) for l in lines)
+  assert all(("greedy_bias0.25" in l) == ("loss=ce," in l) for l in lines)
+  # --only picks points by name (all seeds); unknown names list the sweep's points.
+  only = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                         "--config=configs/dialogue.py", f"--root={tmp_path}", "--print",
+                         "--only=ce,alpha=0.25"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert [l.split("--workdir=")[1].split()[0].rsplit("/", 1)[1]
+          for l in only.stdout.splitlines()] == ["ce-seed0", "alpha0.25-seed0", "ce-seed1",
+                                                 "alpha0.25-seed1"], only.stderr
+  for flag, message in (("--only=ce,alpah0.25", "unknown point(s) ['alpah0.25']"),
+                        ("--config.sweep.alphas=(0.5,)", "would be passed to every point")):
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                          "--config=configs/dialogue.py", f"--root={tmp_path}", "--print",
+                          flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and message in bad.stderr and not bad.stdout, bad.stderr
   # Finished = the final eval is logged; a checkpoint at num_steps alone is not enough
   # (a run killed after it, before its final eval).
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0, num_steps=20)
@@ -414,6 +440,49 @@ def test_samples_side_by_side_from_the_lowest_seed(tmp_path):
     report.sample_lines(points, count=3)
 
 
+def test_bias_points_measures_and_reproduced_versions(tmp_path):
+  """A CE run's logit-adjusted decodes are points ce+bias<beta> with their own
+  generations and intervals; the informativeness measures get their tables; a rerun's
+  code version recorded as reproduced counts as the same code."""
+  from pdl_jax.eval import informativeness
+  refs = ["the old king is dead", "a dog ran far away", "birds sing at dawn"] * 4
+  for seed in (0, 1):
+    fake_run(tmp_path, f"ce-seed{seed}", "ce", 0.5, seed, 4.0, 10.0)
+    lines = [json.loads(l) for l in open(tmp_path / f"ce-seed{seed}" / "metrics.jsonl")]
+    lines[-1].update({"eval/greedy_bias0.5/rouge1": 20.0 + seed,
+                      "eval/top_p/rouge1": 3.0, "eval/top_p_bias0.5/rouge1": 4.0})
+    (tmp_path / f"ce-seed{seed}" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(l) for l in lines) + "\n")
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl", ["the cat"] * 12, refs,
+             [0] * 12)
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias0.5.jsonl",
+             ["king king king dead"] * 12, refs, [1] * 12)
+    (tmp_path / f"ce-seed{seed}" / "provenance.json").write_text(json.dumps(
+        {"code_version": ["abc", "def"][seed], "base_weights_sha256": "x"}))
+  with pytest.raises(SystemExit, match="differ in code_version"):
+    report.collect(str(tmp_path), strict=True)
+  (tmp_path / "reproduction.json").write_text(json.dumps(
+      {"reruns": [{"rerun_code_version": "def", "equal": True}]}))
+  points = report.collect(str(tmp_path), strict=True)
+  assert list(points) == ["ce", "ce+bias0.5"]
+  bias = points["ce+bias0.5"]
+  assert bias["metrics"]["eval/rouge1"] == [20.0, 21.0]  # greedy: the main decoding
+  assert bias["metrics"]["eval/top_p/rouge1"] == [4.0, 4.0]
+  assert bias["metrics"]["eval/nll"] == points["ce"]["metrics"]["eval/nll"]
+  stats = informativeness.WordStats.from_texts(refs + ["the cat"])
+  rows = dict(report.intervals(points, stats)["greedy"])
+  assert list(rows) == ["ce+bias0.5"]  # no top_p samples: no top_p rows at all
+  # Every output loops ("king" x3) against none of CE's: +1 exactly.
+  assert rows["ce+bias0.5"]["loop"] == (1.0, 1.0, 1.0)
+  recall = rows["ce+bias0.5"]["content_recall"][0]
+  assert recall == pytest.approx(8 / 40)  # king, dead in 4 refs; 40 content words in all
+  report.write_tables(points, str(tmp_path), stats)
+  md = open(tmp_path / "summary.md").read()
+  assert "Measures that do not use the loss's token counts, greedy:" in md
+  assert "| ce+bias0.5 | 2 | " in md and "| references | - | " in md
+  assert "Decoded with greedy_bias0.5" not in md  # a point, not a decoding table
+
+
 @pytest.mark.parametrize("task", ["summarization", "dialogue", "style_transfer"])
 def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   """results/real/<task>: every run is a point of the task config's default sweep
@@ -425,11 +494,18 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
   from experiments import sweep
   results = os.path.join(ROOT, "results", "real", task)
   config_path = os.path.join(ROOT, "configs", f"{task}.py")
-  specs = dict(sweep.points(load_config(config_path)))
+  config = load_config(config_path)
+  specs = dict(sweep.points(config))
   runs = set(os.listdir(os.path.join(results, "runs")))
-  # Exactly the configured points: none missing (every task's comparison is complete),
-  # none extra.
-  assert runs == set(specs), (sorted(set(specs) - runs), sorted(runs - set(specs)))
+  # Exactly the configured points, but for those whose runs are in progress (PENDING,
+  # the control issue's): none missing, none extra.
+  pending = {f"{p}-seed{s}" for p in PENDING[task] for s in config.sweep.seeds}
+  assert runs == set(specs) - pending, (sorted(set(specs) - pending - runs),
+                                        sorted(runs - set(specs)))
+  # The CE points decode with the control's logit-adjusted decodes too (sweep.py adds
+  # them), once their reruns are in.
+  ce_control = tuple(config.eval.extra_decodes) + tuple(
+      config.sweep.ce_decodes if "ce-control" not in PENDING[task] else ())
 
   def setting(c):  # what a point's config fixes (ml_collections dict or config.json)
     e, loss = c["eval"], c["loss"]
@@ -451,6 +527,8 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
     with open(os.path.join(d, "config.json")) as f:
       c = json.load(f)
     want = load_config(f"{config_path}:{specs[run]}")
+    if run.startswith("ce-"):
+      want.eval.extra_decodes = ce_control
     assert prov["base"] == want.model.pretrained, run
     assert setting(c) == setting(want.to_dict()), run
     for method in (c["eval"]["decode"], *c["eval"]["extra_decodes"]):
@@ -458,9 +536,12 @@ def test_committed_real_model_results_trace_to_their_runs(task, tmp_path):
         lines = [json.loads(line) for line in f]
       assert [x["index"] for x in lines] == list(range(c["eval"]["num_examples"])), (
           run, method)
-  assert len(versions) == 1 and len(shas) == 1, (versions, shas)
-  points = report.collect(os.path.join(results, "runs"), strict=True)
-  report.write_tables(points, str(tmp_path))
+  # One code version, or later ones whose reruns reproduced the committed generations.
+  reproduced = measures.reproduced_versions(results)
+  assert len(versions - reproduced) == 1 and len(shas) == 1, (versions, shas)
+  points = report.collect(os.path.join(results, "runs"), strict=True, out=results)
+  stats = measures.word_stats(results, points)  # the committed word_stats.json
+  report.write_tables(points, str(tmp_path), stats)
   report.write_samples(points, str(tmp_path))
   for name in ("summary.csv", "summary.md", "samples.md"):
     with open(os.path.join(results, name)) as f:
