@@ -6,6 +6,7 @@ Task configs (summarization.py, dialogue.py, style_transfer.py, pretrain.py) cal
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
@@ -22,6 +23,8 @@ RECENT_BASELINES = ("dft", "gem", "mile")
 CE_CONTROL_DECODES = ("greedy_bias0.1", "greedy_bias0.25", "greedy_bias0.5", "greedy_bias1",
                       "top_p_bias0.25", "top_p_bias0.5")
 
+# Words a `get_config(arg)` string may hold besides key=value items.
+ARG_WORDS = ["smoke", "quick"]
 # Values a `get_config(arg)` string may set, with the config path each one sets.
 ARG_KEYS = {
     "loss": "loss.name", "alpha": "loss.alpha", "epsilon": "loss.epsilon",
@@ -132,7 +135,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.log_every = 25  # Steps between train metric lines.
   c.eval_every = 400  # Steps between evaluations (and one at the end).
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
-  c.keep_checkpoints = 2  # Checkpoints kept.
+  c.keep_checkpoints = 1  # Checkpoints kept: the latest, all that resuming and export need (orbax deletes the older one only once the new one is complete); more for going back to earlier steps.
 
   c.eval = ml_collections.ConfigDict()  # Evaluation on a fixed validation subset.
   c.eval.num_examples = 256  # Fixed validation subset: its first N examples.
@@ -200,6 +203,31 @@ def use_pretrained(c: ml_collections.ConfigDict, name: str = DEFAULT_PRETRAINED)
   c.sweep.ce_decodes = CE_CONTROL_DECODES  # CE + frequency bias at four strengths: the control.
 
 
+def apply_quick(c: ml_collections.ConfigDict) -> None:
+  """The quick real-model comparison (experiments/compare.py): CE, CE decoded with the
+  frequency bias, and PDL at alpha 0.25 on the pretrained base, each a few minutes on 2
+  CPU cores: fewer steps and prompts, greedy decoding only, one seed.
+
+  Raises:
+    ValueError: the config does not finetune a pretrained model (`smoke`, `model=`,
+      `pretrained=none`: the quick comparison is of the real base).
+  """
+  if c.model.pretrained is None:
+    raise ValueError("config argument 'quick' compares losses on the pretrained base; "
+                     "it does not combine with 'smoke', 'model=' or 'pretrained=none'.")
+  c.num_steps = 30  # Half the comparison's budget (and its learning rate, warm-up, batch).
+  c.log_every = 5  # Steps between train metric lines.
+  c.eval_every = 30  # Step 0 (the base model, CE point only) and the end.
+  c.checkpoint_every = 30  # One checkpoint, at the end.
+  c.eval.num_examples = 64  # Prompts: enough to read generations, too few for small differences.
+  c.eval.extra_decodes = ()  # Greedy only (the CE point adds its biased greedy decode).
+  c.sweep.alphas = (0.25,)  # PDL at alpha 0.25.
+  c.sweep.seeds = (0,)  # One seed.
+  c.sweep.eos_weight_alphas = ()  # No EOS variant.
+  c.sweep.baselines = ()  # No baselines.
+  c.sweep.ce_decodes = ("greedy_bias0.25",)  # CE + the frequency bias of PDL 0.25's optimum.
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """Shrink everything so a run finishes in about a minute on a laptop CPU."""
   c.model.preset = "tiny"
@@ -235,10 +263,16 @@ def parse_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     if item == "smoke":
       apply_smoke(c)
       continue
+    if item == "quick":
+      apply_quick(c)
+      continue
     key, sep, value = item.partition("=")
     if not sep or key not in ARG_KEYS:
-      raise ValueError(f"config argument {item!r} is unknown; expected 'smoke' or "
-                       f"key=value with key one of {sorted(ARG_KEYS)}.")
+      near = difflib.get_close_matches(key, sorted(ARG_KEYS) + ARG_WORDS, n=1)
+      raise ValueError(f"config argument {item!r} is unknown"
+                       + (f" (did you mean {near[0]!r}?)" if near else "")
+                       + f"; expected one of {ARG_WORDS} or key=value with key one of "
+                       f"{sorted(ARG_KEYS)}.")
     path = ARG_KEYS[key].split(".")
     node = c
     for part in path[:-1]:

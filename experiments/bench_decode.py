@@ -54,10 +54,10 @@ def jax_worker(args):
   import jax
   import numpy as np
   from pdl_jax.eval import decode as decode_lib
-  from pdl_jax.models.hf import offline
+  from pdl_jax.models.hf import locate
   from pdl_jax.models.hf import weights as hf_weights
 
-  model_dir = offline.local_dir(args.pretrained)
+  model_dir = locate.local_dir(args.pretrained)
   model, params = hf_weights.load(model_dir)
   tokens = prompts(args, model.cfg.vocab_size)
   mask = np.ones_like(tokens)
@@ -154,8 +154,8 @@ def main() -> None:
   if args.worker:
     run_worker(args)
     return
-  from pdl_jax.models.hf import offline
-  args.model_dir = offline.local_dir(args.pretrained)
+  from pdl_jax.models.hf import locate
+  args.model_dir = locate.local_dir(args.pretrained)
 
   workers = [start("jax", sys.executable, "jax", args)]
   if args.baseline_root:

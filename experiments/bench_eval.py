@@ -32,7 +32,7 @@ from pdl_jax.data import pipeline
 from pdl_jax.data import sources
 from pdl_jax.eval import evaluator as evaluator_lib
 from pdl_jax.train import run as run_lib
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import weights as hf_weights
 
 
@@ -60,7 +60,7 @@ def main() -> None:
   ex = pipeline.encode_split(run_lib.data_settings(config), tok, sources.load_split_texts(
       config, "validation", config.eval.num_examples))
   prompts = evaluator_lib.prompt_ids(ex)
-  model, params = hf_weights.load(offline.local_dir(config.model.pretrained))
+  model, params = hf_weights.load(locate.local_dir(config.model.pretrained))
   mesh = run_lib.make_mesh(config)
   lengths = [len(p) for p in prompts]
   eos_ids, banned = evaluator_lib.stop_and_banned_ids(tok, model.cfg.vocab_size)

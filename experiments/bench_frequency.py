@@ -105,8 +105,8 @@ def _tokenize_only(tokenizer, prompts, targets) -> int:
 def make_tokenizer(args, prompts, targets, tmp: str):
   if args.pretrained:
     from pdl_jax import tokenizers as tok_lib
-    from pdl_jax.models.hf import offline
-    return pipeline.with_prompt_format(tok_lib.load(offline.local_dir(args.pretrained)), "chat")
+    from pdl_jax.models.hf import locate
+    return pipeline.with_prompt_format(tok_lib.load(locate.local_dir(args.pretrained)), "chat")
   texts = [t for pair in zip(prompts, targets) for t in pair]
   return sp_tokenizer.train(texts[::4], os.path.join(tmp, "bench.model"), args.vocab_size,
                       max_sentences=200_000)

@@ -37,7 +37,7 @@ from pdl_jax.models import decoder
 from pdl_jax.models import config as model_config
 from pdl_jax.models import factory
 from pdl_jax.models import quant
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import weights as hf_weights
 
 
@@ -54,7 +54,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
   args = p.parse_args()
   config = load_config(f"configs/dialogue.py:pretrained={args.pretrained}")
-  config.model.pretrained = offline.local_dir(config.model.pretrained)
+  config.model.pretrained = locate.local_dir(config.model.pretrained)
   config.batch_size, config.seq_len = args.batch_size, args.seq_len
   config.max_target_len = min(config.max_target_len, args.seq_len // 2)
   config.loss.name = "pdl"

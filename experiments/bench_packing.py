@@ -35,7 +35,7 @@ from pdl_jax.train import step as step_lib
 from pdl_jax.train import run as run_lib
 from pdl_jax.losses import pdl
 from pdl_jax.models import factory
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
   rows = []
   for task in args.tasks.split(","):
     config = load_config(f"configs/{task}.py")
-    config.model.pretrained = offline.local_dir(config.model.pretrained)
+    config.model.pretrained = locate.local_dir(config.model.pretrained)
     texts = sources.load_split_texts(config.task, config.dataset, "train", args.examples)
     tokenizer = pipeline.get_tokenizer(run_lib.data_settings(config), "/tmp", lambda: texts)
     examples = pipeline.encode_split(run_lib.data_settings(config), tokenizer, texts)

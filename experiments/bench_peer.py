@@ -347,8 +347,8 @@ def main() -> None:
     return
   if args.pretrained:  # the real model's shape (random weights: timing only)
     from pdl_jax.models.hf import families as hf_families
-    from pdl_jax.models.hf import offline
-    cfg = hf_families.read_config(offline.local_dir(args.pretrained))
+    from pdl_jax.models.hf import locate
+    cfg = hf_families.read_config(locate.local_dir(args.pretrained))
     if not (cfg.tied_embeddings and cfg.norm == "rms" and cfg.mlp == "gated"):
       raise SystemExit(f"--pretrained={args.pretrained}: the peer is a tied Llama; "
                        f"{cfg.model_type} is not that shape.")

@@ -85,8 +85,8 @@ def main() -> None:
     config.max_target_len = min(config.max_target_len, args.seq_len // 2)
   config.model.scan_layers = args.scan_layers
   if config.model.pretrained is not None:  # a name: fetched and converted once
-    from pdl_jax.models.hf import offline
-    config.model.pretrained = offline.local_dir(config.model.pretrained)
+    from pdl_jax.models.hf import locate
+    config.model.pretrained = locate.local_dir(config.model.pretrained)
     vocab = factory.decoder_config(config.model).vocab_size
   else:
     vocab = args.vocab_size or config.tokenizer.vocab_size

@@ -467,7 +467,8 @@ def sample_lines(points: dict[str, dict[str, Any]], count: int = SAMPLE_COUNT) -
     return []
   indices = sorted(gens["ce"])[:count]
   out = [f"The first {len(indices)} evaluation prompts, {method} decoding, seed {seed} "
-         f"(`runs/*-seed{seed}/{sample_name('ce', method)}`; the base: the CE run's "
+         f"(`<point>-seed{seed}/{sample_name('ce', method)}` in the runs' folder; the base: "
+         f"the CE run's "
          f"`{sample_name(BASE, method)}`; inputs cut in the middle to "
          f"{SAMPLE_INPUT_CHARS} characters, "
          f"generations to {SAMPLE_OUTPUT_CHARS}):",
@@ -587,8 +588,26 @@ def check_copy_target(root: str, out: str) -> None:
                      "report on ROOT would count every run twice; pass --out outside ROOT.")
 
 
+def copy_run(src: paths.PathLike, dest: paths.PathLike) -> None:
+  """Copies what the committed results keep of one run: config.json, metrics.jsonl,
+  provenance.json, the last samples file of each decoding and every generation of the
+  base and final evals (the paired intervals' input)."""
+  src, dest = paths.path(src), paths.path(dest)
+  # eval/evaluator.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
+  # method, the largest name is the last eval.
+  last: dict[str, str] = {}
+  for name in sorted(p.name for p in (src / "samples").glob("*step_*.jsonl")):
+    last[name.split("step_")[0]] = name
+  every = sorted(f"samples/{n.name}" for pattern in ("final_*.jsonl", "base_*.jsonl")
+                 for n in (src / "samples").glob(pattern))
+  files = (["config.json", "metrics.jsonl"] + [f"samples/{n}" for n in last.values()]
+           + every + [n for n in ("provenance.json",) if (src / n).exists()])
+  for name in files:
+    atomic_write_bytes(dest / name, (src / name).read_bytes())
+
+
 def copy_runs(points, root: str, out: str) -> list[str]:
-  """Copies config.json, metrics.jsonl and the last samples file of every run; returns the folders."""
+  """copy_run of every run into OUT/runs/<its path under ROOT>; returns the folders."""
   copied = []
   for label, p in points.items():
     if label == BASE:  # the CE runs' own step-0 evals: copied with them
@@ -596,19 +615,7 @@ def copy_runs(points, root: str, out: str) -> list[str]:
     for run in p["runs"]:
       src = paths.path(run)
       dest = paths.path(out) / "runs" / src.relative_to(paths.path(root))
-      # eval/evaluator.py names them [<method>_]step_<7-digit step>.jsonl: per decoding
-      # method, the largest name is the last eval.
-      last: dict[str, str] = {}
-      for name in sorted(p.name for p in (src / "samples").glob("*step_*.jsonl")):
-        last[name.split("step_")[0]] = name
-      # Every generation of the base and final evals (the paired intervals' input),
-      # and what the run came from.
-      every = sorted(f"samples/{n.name}" for pattern in ("final_*.jsonl", "base_*.jsonl")
-                     for n in (src / "samples").glob(pattern))
-      files = (["config.json", "metrics.jsonl"] + [f"samples/{n}" for n in last.values()]
-               + every + [n for n in ("provenance.json",) if (src / n).exists()])
-      for name in files:
-        atomic_write_bytes(dest / name, (src / name).read_bytes())
+      copy_run(src, dest)
       copied.append(str(dest))
   return copied
 

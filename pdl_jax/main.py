@@ -13,6 +13,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pdl_jax.cli import errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:args]")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "output folder; default workdirs/<config>-<date-time>")
@@ -73,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

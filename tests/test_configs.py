@@ -157,3 +157,13 @@ def test_bad_eval_length_bucket_is_refused(bucket):
   with pytest.raises(ValueError, match=rf"eval.length_bucket={bucket!r}; expected an "
                                        r"integer >= 0"):
     config_checks.validate_config(c)
+
+
+def test_the_gpu_requirements_are_the_cpu_set_plus_the_cuda_plugin_at_the_jax_pin():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "requirements.txt")) as f:
+    cpu = dict(l.strip().split("==") for l in f if "==" in l and not l.startswith("#"))
+  with open(os.path.join(root, "requirements-gpu.txt")) as f:
+    gpu = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+  assert gpu == ["-r requirements.txt", f"jax[cuda12]=={cpu['jax']}"]
+  assert cpu["jaxlib"] == cpu["jax"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
 from pdl_jax.models.hf import gguf as gguf_lib
 from pdl_jax.models.hf import offline
+from pdl_jax.cli import errors
 
 _GGUF = flags.DEFINE_string("gguf", None, "a GGUF file, or a name of "
                             f"{sorted(offline.OFFLINE_MODELS)}", required=True)
@@ -35,4 +36,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -11,6 +11,7 @@ from pdl_jax import paths
 from pdl_jax.data import token_stats
 from pdl_jax.losses import weights as loss_weights
 from pdl_jax.train import run as run_lib
+from pdl_jax.cli import errors
 
 
 def run_pass(cfg, workdir: str, top: int = 0) -> tuple[token_stats.TokenStats, str]:
@@ -44,11 +45,11 @@ def main(argv) -> None:
   print(run_pass(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.top)[1])
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:args]")
   flags.DEFINE_string("workdir", None, "the run's workdir (stats go to its checkpoints/)")
   flags.DEFINE_integer("top", 0, "print the N most and least frequent tokens")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  errors.run(main)

@@ -29,9 +29,10 @@ from pdl_jax.models import lora
 from pdl_jax import paths
 from pdl_jax.models import factory
 from pdl_jax.models.hf import export as hf_export
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax.models.hf import peft as hf_peft
+from pdl_jax.cli import errors
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
@@ -61,7 +62,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
       nn.meta.unbox(hf_weights.abstract_params(cfg)))
   params = ckpt_lib.load_params(workdir, abstract, step=step)
   if config.model.pretrained is not None:
-    tokenizer_dir = offline.local_dir(config.model.pretrained)
+    tokenizer_dir = locate.local_dir(config.model.pretrained)
   elif config.tokenizer.path is not None:
     tokenizer_dir = str(paths.path(config.tokenizer.path).parent)
   else:
@@ -78,11 +79,13 @@ def _export_lora(config, cfg, workdir: str, out: str, *, step, dtype: str,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
       nn.meta.unbox(lora.split(hf_weights.abstract_params(cfg))[0]))
   adapters = ckpt_lib.load_params(workdir, abstract, step=step)
-  tokenizer_dir = offline.local_dir(config.model.pretrained)
+  tokenizer_dir = locate.local_dir(config.model.pretrained)
   check_base(workdir, tokenizer_dir, step)
-  # An offline model's name means nothing to transformers: the folder it was converted
-  # to is the exact base (SmolLM2's is the GGUF's Q4_1 weights, not the hub's).
-  base_name = (str(tokenizer_dir) if offline.is_offline_name(config.model.pretrained)
+  # An offline model's name or a GGUF file means nothing to transformers: the folder it
+  # was converted to is the exact base (SmolLM2's is the GGUF's Q4_1 weights, not the
+  # Hub's). A Hub id or a folder is what transformers reads too.
+  base_name = (str(tokenizer_dir)
+               if locate.kind(config.model.pretrained) in ("name", "gguf")
                else config.model.pretrained)
   if merge:
     # Folded into the float base, not the quantised one the run computed with: the
@@ -119,14 +122,15 @@ def check_base(workdir: str, model_dir: str, step: int | None) -> None:
 def main(argv) -> None:
   """CLI: --workdir, --out, --step, --dtype (see export_run)."""
   del argv
-  from absl import flags
+  from absl import flags, logging
 
+  logging.set_verbosity(logging.WARNING)  # orbax logs each restore step at INFO
   f = flags.FLAGS
   path = export_run(f.workdir, f.out, step=f.step, dtype=f.dtype, merge=f.merge)
   print(f"exported {f.workdir} to {path}")
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
   flags.DEFINE_string("workdir", None, "the run's workdir")
   flags.DEFINE_string("out", None, "the Hugging Face checkpoint folder to write (new)")
@@ -135,4 +139,4 @@ if __name__ == "__main__":
   flags.DEFINE_bool("merge", False, "LoRA run: write the merged full checkpoint, not a "
                     "PEFT adapter folder")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  errors.run(main)

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from pdl_jax.data import builders  # noqa: F401  (registers the builders)
 from pdl_jax.data.builders import common
+from pdl_jax.cli import errors
 
 NAMES = ("debian_descriptions", "shakespeare_dialogue", "bible_style",
          "bible_style/kjv_to_web", "bible_style/web_to_kjv")
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

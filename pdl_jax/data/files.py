@@ -191,7 +191,7 @@ def read_records(path: epath.Path, fmt: str) -> Iterator[tuple[int, dict[str, An
       except json.JSONDecodeError as e:
         hint = (" (a JSON array file? expected JSON Lines)"
                 if count == 0 and line.strip() in ("[", "[{") else "")
-        raise DataFileError(f"{path}: line {number}: malformed JSON ({e.msg} at column "
+        raise DataFileError(f"{path}: line {number}: malformed JSON ({e.msg}: column "
                             f"{e.colno}){hint}; expected one JSON object per line.") from None
       if not isinstance(record, dict):
         raise DataFileError(f"{path}: line {number}: a JSON {_kind(record)}; expected a "

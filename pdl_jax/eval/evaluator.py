@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -15,7 +15,9 @@ import numpy as np
 from pdl_jax.data import batches as batches_lib
 from pdl_jax.data import examples as examples_lib
 from pdl_jax.eval import decode as decode_lib
+from pdl_jax.eval import informativeness
 from pdl_jax.eval import metrics as metrics_lib
+from pdl_jax.eval import progress
 from pdl_jax import multihost
 from pdl_jax import paths
 from pdl_jax.losses import logit_adjustment
@@ -90,14 +92,17 @@ def generate_all(model, params, prompts: list[list[int]], mesh, rng, *, method: 
                  batch_size: int, length_bucket: int, max_new_tokens: int,
                  eos_ids: tuple[int, ...], pad_id: int, banned_ids: tuple[int, ...],
                  beam_size: int = 4, top_p: float = 0.9, temperature: float = 1.0,
-                 bias_V: np.ndarray | None = None) -> list[list[int]]:
+                 bias_V: np.ndarray | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[list[int]]:
   """Generated ids (cut at the first EOS, no padding) for every prompt, in the
   prompts' order, decoded in the batches of decode_batches (the last one filled with
   copies of its last prompt). Top-p's draws for prompt k come from
   fold_in(rng, k) (pdl_jax.eval.decode.generate's row_ids_B): the same whatever the
   batching, batch size or padded length. bias_V: [V] added to the logits before each
-  choice (logit-adjusted decoding); None: plain decoding."""
+  choice (logit-adjusted decoding); None: plain decoding. progress: called with the
+  number of prompts decoded so far after each batch."""
   hyp_ids: list[list[int] | None] = [None] * len(prompts)
+  done = 0
   if bias_V is not None:
     bias_V = multihost.replicate(mesh, np.asarray(bias_V, np.float32))
   for idx, size in decode_batches([len(p) for p in prompts], batch_size, length_bucket):
@@ -111,7 +116,20 @@ def generate_all(model, params, prompts: list[list[int]], mesh, rng, *, method: 
                             banned_ids=banned_ids, row_ids_B=row_ids, bias_V=bias_V)
     for i, ids in zip(idx, decode_lib.strip_after_eos(multihost.to_host(out), eos_ids, pad_id)):
       hyp_ids[i] = ids
+    done += len(idx)
+    if progress is not None:
+      progress(done)
   return hyp_ids
+
+
+def text_measures(hyps: list[str], refs: list[str], prompts: list[str]) -> dict[str, float]:
+  """The informativeness measures that need no counts (eval/informativeness.py): the
+  share of the references' content words an output recalls and of its own that are in
+  the reference, outputs that loop or copy a 4-gram of the prompt, repeated
+  trigrams. (NIDF needs the task's word statistics: experiments/report.py --measures.)"""
+  sums = informativeness.per_example(hyps, refs, prompts, stats=None)
+  return {name: informativeness.ratio(*sums[name])
+          for name in ("content_recall", "content_precision", "loop", "prompt_copy", "rep_3")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +199,10 @@ class Evaluator:
     if not c.generate:
       return result
     for i, method in enumerate((c.eval.decode, *c.eval.extra_decodes)):
-      hyps, hyp_ids = self._generate(params, method)
+      hyps, hyp_ids = self._generate(params, method, step)
       gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
                                            self.ref_ids, self.counts_V)
+      gen.update(text_measures(hyps, self.examples.targets, self.examples.prompts))
       # Share of tokens per train-frequency decile (0 = most frequent), for the plots
       # of what each loss generates against the references.
       for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
@@ -206,15 +225,18 @@ class Evaluator:
         self.counts_V, beta, c.bias_epsilon, frequency=c.bias_frequency,
         vocab_size=self.model.cfg.vocab_size)
 
-  def _generate(self, params, name: str) -> tuple[list[str], list[list[int]]]:
+  def _generate(self, params, name: str, step: int) -> tuple[list[str], list[list[int]]]:
     c = self.settings
     method, beta = decode_lib.parse_method(name)
+    meter = progress.Progress(f"eval at step {step}: {name}", len(self.prompts),
+                              multihost.log)
     hyp_ids = generate_all(
         self.model, params, self.prompts, self.mesh, jax.random.key(c.seed + 1),
-        bias_V=self.bias(beta), method=method, batch_size=c.eval.batch_size, length_bucket=c.eval.length_bucket,
-        max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos_ids,
-        pad_id=self.tok.pad_id, banned_ids=self.banned, beam_size=c.eval.beam_size,
-        top_p=c.eval.top_p, temperature=c.eval.temperature)
+        bias_V=self.bias(beta), method=method, batch_size=c.eval.batch_size,
+        length_bucket=c.eval.length_bucket, max_new_tokens=c.eval.max_new_tokens,
+        eos_ids=self.eos_ids, pad_id=self.tok.pad_id, banned_ids=self.banned,
+        beam_size=c.eval.beam_size, top_p=c.eval.top_p, temperature=c.eval.temperature,
+        progress=meter)
     return self.tok.decode_batch(hyp_ids), hyp_ids
 
   def _write_all(self, step: int, method: str, hyps: list[str],

@@ -129,8 +129,9 @@ def copies_prompt(ws: Sequence[str], prompt_ws: Sequence[str], n: int = COPY_N) 
 
 
 def per_example(outputs: Sequence[str], references: Sequence[str], prompts: Sequence[str],
-                stats: WordStats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{measure: (numerator [N], denominator [N])} of PER_EXAMPLE (module docstring)."""
+                stats: WordStats | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{measure: (numerator [N], denominator [N])} of PER_EXAMPLE (module docstring);
+  without stats NIDF's denominators stay 0 (its ratio is nan)."""
   if not len(outputs) == len(references) == len(prompts):
     raise ValueError(f"outputs, references and prompts must have one entry per example; "
                      f"got {len(outputs)}, {len(references)}, {len(prompts)}.")
@@ -138,7 +139,7 @@ def per_example(outputs: Sequence[str], references: Sequence[str], prompts: Sequ
   for i, (hyp, ref, prompt) in enumerate(zip(outputs, references, prompts)):
     ws, ref_content = words(hyp), content_words(words(ref))
     hyp_content = content_words(ws)
-    if ws:
+    if ws and stats is not None:
       out["nidf"][0][i] = sum(stats.nidf(w) for w in ws) / len(ws)
       out["nidf"][1][i] = 1
     shared = len(hyp_content & ref_content)

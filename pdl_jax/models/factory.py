@@ -12,6 +12,7 @@ from pdl_jax.models import decoder
 from pdl_jax.models import config as model_config
 from pdl_jax import paths
 from pdl_jax.models.hf import families as hf_families
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import offline
 
 
@@ -64,12 +65,13 @@ def describe(model: decoder.Decoder) -> dict[str, Any]:
 def check(m) -> None:
   """The model settings (config.model): raises ValueError naming the first bad key
   and what is allowed."""
-  if m.pretrained is not None and not offline.is_offline_name(
-      m.pretrained):  # a named model is prepared at the start of the run
+  # A named model, a GGUF file or a Hub id is prepared at the start of the run.
+  if m.pretrained is not None and not locate.is_prepared_at_start(m.pretrained):
     if not (paths.path(m.pretrained) / "config.json").exists():
       raise ValueError(f"config.model.pretrained={m.pretrained!r} has no "
                        "config.json; expected a Hugging Face model directory (config.json, "
-                       "*.safetensors, tokenizer files) or an offline model name of "
+                       "*.safetensors, tokenizer files), a .gguf file, a Hugging Face Hub "
+                       "id (org/name) or an offline model name of "
                        f"{sorted(offline.OFFLINE_MODELS)}.")
     try:  # an unsupported family or option: now, not after the dataset build
       hf_families.read_config(m.pretrained)

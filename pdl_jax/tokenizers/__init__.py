@@ -67,7 +67,7 @@ def load(path: str) -> Tokenizer:
   """The tokenizer stored at `path`: a SentencePiece `.model`, a Hugging Face
   `tokenizer.json`, or a model directory holding a tokenizer.json: a local (or
   gs://) path; an offline model's name is resolved to its folder by the caller
-  (models.hf.offline.local_dir), so tokenizers/ imports nothing of models/.
+  (models.hf.locate.local_dir), so tokenizers/ imports nothing of models/.
 
   Raises:
     ValueError: a file of a kind no implementation reads.

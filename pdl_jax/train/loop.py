@@ -45,10 +45,18 @@ class Cadence:
   skip_nonfinite_steps: bool  # skip non-finite steps instead of stopping
 
 
+# The eval line's metrics of the main decoding (the rest: metrics.jsonl, report.py).
+HEADLINE = ("loss", "nll", "rougeL", "chrf", "content_recall", "loop", "length")
+
+
 def eval_summary(result: dict[str, float]) -> str:
-  """One log line of eval scalars, named without their "eval/" prefix (an extra
-  decoding's keys keep their own: "top_p/rouge1")."""
-  return "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in result.items())
+  """One short log line: HEADLINE's metrics without their "eval/" prefix, then each
+  extra decoding's ROUGE-L ("top_p/rougeL"); every metric is in metrics.jsonl."""
+  parts = [f"{k} {result[f'eval/{k}']:.3f}" for k in HEADLINE if f"eval/{k}" in result]
+  extras = dict.fromkeys(k.split("/")[1] for k in result if k.count("/") == 2)
+  parts += [f"{m}/rougeL {result[f'eval/{m}/rougeL']:.3f}" for m in extras
+            if f"eval/{m}/rougeL" in result]
+  return "  ".join(parts)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from typing import Any
 from pdl_jax.data import tasks as tasks_lib
 from pdl_jax.data import files as data_files
 from pdl_jax.losses import registry
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import weights as hf_weights
 import os
 
@@ -119,7 +119,7 @@ def code_version() -> str:
 def base_checksum(pretrained: str) -> str:
   """Checksum of the pretrained base's weight files (config.model.pretrained; of the
   per-host copy loading made when the base is on gs://)."""
-  return hf_weights.base_weights_sha256(offline.local_dir(pretrained))
+  return hf_weights.base_weights_sha256(locate.local_dir(pretrained))
 
 
 def record(pretrained: str | None, fingerprint: dict, base_sha256: str | None = None) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 
 import jax
 import ml_collections
@@ -39,7 +40,7 @@ from pdl_jax.losses import window
 from pdl_jax.models import factory
 from pdl_jax.models import lora
 from pdl_jax.models import quant
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax.train import checkpoint as ckpt_lib
 from pdl_jax.train import loop as loop_lib
@@ -48,6 +49,7 @@ from pdl_jax.train import optimizer as opt_lib
 from pdl_jax.train import provenance
 from pdl_jax.train import state as state_lib
 from pdl_jax.train import step as step_lib
+from pdl_jax.train import summary
 
 
 # ---------------------------------------------------------------------------
@@ -62,7 +64,7 @@ def data_settings(config: ml_collections.ConfigDict) -> pipeline.DataSettings:
       task=config.task, dataset=config.dataset, tokenizer=config.tokenizer,
       layout=config.data, seq_len=config.seq_len, max_target_len=config.max_target_len,
       seed=config.seed, pretrained=pretrained, init_from=config.init_from,
-      pretrained_dir=None if pretrained is None else offline.local_dir(pretrained))
+      pretrained_dir=None if pretrained is None else locate.local_dir(pretrained))
 
 
 def eval_at_start(config: ml_collections.ConfigDict) -> bool:
@@ -135,7 +137,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mes
   see) stops them all, rather than leaving the others at the next collective."""
   multihost.together(config_checks.validate_config, config)
   if config.model.pretrained is not None:
-    model_dir = multihost.together(offline.local_dir, config.model.pretrained)
+    model_dir = multihost.together(locate.local_dir, config.model.pretrained)
     multihost.log(f"pretrained: {config.model.pretrained} in {model_dir}")
   mesh = make_mesh(config)
   multihost.check_shared_dir(workdir)  # several processes: one workdir, or a hang later
@@ -223,6 +225,7 @@ def _state(config: ml_collections.ConfigDict, workdir: str, model, tx, mesh, tok
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) one experiment in `workdir`; returns the last eval metrics of this
   invocation (the final eval once `num_steps` is reached, logged or run now)."""
+  start = time.perf_counter()
   # --- Set-up: checks before any long work; a named base model fetched and converted.
   mesh = _set_up(config, workdir)
 
@@ -257,6 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       mesh, shardings, make_loss_fn(config, model, eos_id=tokenizer.eos_id,
                                     batch_shards=shards, update_loss_state=False))
 
-  # --- The loop: steps, logs, checkpoints, evals.
-  return loop_lib.Loop(cadence(config), workdir, mesh, state, step_fn, weights_V, batches,
-                       evaluator, writer, mngr, meta).run()
+  # --- The loop: steps, logs, checkpoints, evals; a summary once the run is done.
+  result = loop_lib.Loop(cadence(config), workdir, mesh, state, step_fn, weights_V, batches,
+                         evaluator, writer, mngr, meta).run()
+  if jax.process_index() == 0 and metric_writer.eval_at(workdir, config.num_steps):
+    print(summary.closing_summary(workdir, config.num_steps, time.perf_counter() - start),
+          flush=True)
+  return result

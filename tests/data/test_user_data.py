@@ -234,7 +234,7 @@ def test_glob_reads_shards_in_sorted_order_and_reports_overlap(tmp_path):
 GOOD = '{"prompt": "a", "target": "b"}\n'
 BAD_FILES = [
     ("malformed.jsonl", GOOD + '{"prompt": "a", "target": }\n', {},
-     r"malformed\.jsonl: line 2: malformed JSON \(Expecting value at column 27\); expected "
+     r"malformed\.jsonl: line 2: malformed JSON \(Expecting value: column 27\); expected "
      r"one JSON object per line"),
     ("array.jsonl", '[\n  {"prompt": "a"}\n]\n', {},
      r"array\.jsonl: line 1: malformed JSON .*a JSON array file\? expected JSON Lines"),

@@ -106,7 +106,8 @@ def test_run_writes_every_output(reference_run):
           "tokenizer.model"} <= names
   assert json.load(open(workdir / "config.json"))["loss"]["name"] == "pdl"
   ckpts = os.listdir(workdir / "checkpoints")
-  assert {"3", "6", "token_stats.npz", "loss_weights.npz"} <= set(ckpts)
+  # keep_checkpoints=1: the latest step only (step 3's was deleted once 6's was complete).
+  assert {"6", "token_stats.npz", "loss_weights.npz"} <= set(ckpts) and "3" not in ckpts
   lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_keys = {"train/loss", "train/nll", "train/weight_ess", "train/grad_norm",
                 "train/learning_rate", "train/tokens_per_s"}
@@ -337,8 +338,9 @@ def test_killed_before_the_first_checkpoint_logs_each_step_once(reference_run, t
   shutil.copytree(reference_run[0], tmp_path / "w")
   w = tmp_path / "w"
   # The state of a run killed after logging steps 2 and 4 but before any checkpoint.
-  for step in ("3", "6"):
-    shutil.rmtree(w / "checkpoints" / step)
+  for step in os.listdir(w / "checkpoints"):
+    if step.isdigit():
+      shutil.rmtree(w / "checkpoints" / step)
   lines = [l for l in open(w / "metrics.jsonl") if json.loads(l)["step"] <= 4]
   (w / "metrics.jsonl").write_text("".join(lines))
   run(w)
@@ -444,9 +446,11 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   assert factory.compute_dtype(c.model) == "bfloat16"
 
 
-def test_eval_log_line_names_extra_decodings():
-  line = loop_lib.eval_summary({"eval/nll": 4.25, "eval/top_p/rouge1": 7.0})
-  assert line == "nll 4.250  top_p/rouge1 7.000"
+def test_eval_log_line_is_the_headline_and_extra_decodings_rouge():
+  line = loop_lib.eval_summary({"eval/nll": 4.25, "eval/distinct_1": 0.5, "eval/rougeL": 9.0,
+                                "eval/top_p/rouge1": 7.0, "eval/top_p/rougeL": 6.0,
+                                "eval/greedy_bias0.25/rougeL": 5.0})
+  assert line == "nll 4.250  rougeL 9.000  top_p/rougeL 6.000  greedy_bias0.25/rougeL 5.000"
 
 
 @pytest.mark.parametrize("pretrained,bucketed", [(False, False), (True, False), (False, True)])

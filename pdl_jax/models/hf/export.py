@@ -303,13 +303,23 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
   return out_dir
 
 
+def _readable(local: str) -> None:
+  """The file's mode as any file written here (0666 less the umask): safetensors
+  writes 0600, which other users of a shared model folder could not read."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(local, 0o666 & ~umask)
+
+
 def save_safetensors(values: dict[str, np.ndarray], path: epath.Path) -> None:
   """safetensors file with transformers' metadata (format=pt), via a local file."""
   if os.path.isdir(os.fspath(path.parent)):
     save_file(values, os.fspath(path), metadata={"format": "pt"})
+    _readable(os.fspath(path))
     return
   with tempfile.TemporaryDirectory(prefix="pdl_hf_") as tmp:
     local = os.path.join(tmp, path.name)
     save_file(values, local, metadata={"format": "pt"})
+    _readable(local)
     epath.Path(local).copy(path)
 

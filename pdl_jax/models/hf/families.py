@@ -18,7 +18,7 @@ from etils import epath
 
 from pdl_jax.models import config as model_config
 from pdl_jax.models.config import DecoderConfig
-from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 
 # Activation names of transformers' ACT2FN -> the decoder's.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
@@ -240,7 +240,7 @@ def read_config(model_dir: str | os.PathLike, *, dtype: str = "float32",
     FileNotFoundError: model_dir has no config.json.
     ValueError: unsupported model_type or option (names it and lists what is supported).
   """
-  model_dir = offline.local_dir(os.fspath(model_dir))
+  model_dir = locate.local_dir(os.fspath(model_dir))
   path = epath.Path(model_dir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(

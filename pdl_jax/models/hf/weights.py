@@ -36,6 +36,7 @@ from pdl_jax.models.decoder import Decoder
 from pdl_jax.models.config import DecoderConfig
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import offline
+from pdl_jax.models.hf import locate
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
@@ -268,7 +269,7 @@ def load_params(model_dir: str | os.PathLike, cfg: DecoderConfig, shardings: Any
     ValueError: listing every missing, unexpected and mis-shaped tensor and every
       missing shard file at once.
   """
-  model_dir = epath.Path(offline.local_dir(os.fspath(model_dir)))
+  model_dir = epath.Path(locate.local_dir(os.fspath(model_dir)))
   # The table and every check speak of per-layer params (block_i): their shapes come
   # from the unrolled layout whatever cfg.scan_layers is.
   abstract = nn.meta.unbox(abstract_params(dataclasses.replace(cfg, scan_layers=False)))

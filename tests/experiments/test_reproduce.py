@@ -1,0 +1,64 @@
+"""experiments/reproduce.py: reruns compared with committed runs, generation by
+generation, and adopted only when equal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import os
+
+from experiments import measures
+from experiments import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_run(folder, version: str, generations: dict[str, list[str]], num_steps: int = 4):
+  (folder / "samples").mkdir(parents=True)
+  (folder / "config.json").write_text(json.dumps({"num_steps": num_steps, "seed": 0,
+                                                  "loss": {"name": "ce"}}))
+  (folder / "metrics.jsonl").write_text(json.dumps({"step": num_steps, "eval/nll": 1.0}) + "\n")
+  (folder / "provenance.json").write_text(json.dumps({"code_version": version}))
+  for name, gens in generations.items():
+    (folder / "samples" / name).write_text("".join(
+        json.dumps({"index": i, "generation": g, "generation_ids": [len(g)]}) + "\n"
+        for i, g in enumerate(gens)))
+
+
+def test_equal_reruns_are_recorded_and_adopted_and_different_ones_are_not(tmp_path):
+  results, reruns = tmp_path / "results", tmp_path / "reruns"
+  same = {"final_greedy.jsonl": ["a b", "c"], "base_greedy.jsonl": ["x", "y"]}
+  write_run(results / "runs" / "ce-seed0", "old", same)
+  write_run(results / "runs" / "ce-seed1", "old", same)
+  write_run(reruns / "ce-seed0", "new", {**same, "final_greedy_bias0.25.jsonl": ["q", "r"]})
+  write_run(reruns / "ce-seed1", "new", {**same, "final_greedy.jsonl": ["a b", "d"]})
+  write_run(reruns / "dft-seed0", "new", {"final_greedy.jsonl": ["z", "w"]})
+  write_run(reruns / "gem-seed0", "new", {"final_greedy.jsonl": ["z"]}, num_steps=8)
+  (reruns / "gem-seed0" / "metrics.jsonl").write_text("")  # unfinished: ignored
+  done = subprocess.run([sys.executable, "experiments/reproduce.py", f"--reruns={reruns}",
+                         f"--results={results}", "--adopt"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 1 and "not reproduced (left out): ['ce-seed1']" in done.stderr
+  assert done.stdout.splitlines() == [
+      "ce-seed0: reproduced (2 generation files)", "ce-seed1: DIFFERS (2 generation files)",
+      "dft-seed0: new"]
+  record = measures.read_reproduction(str(results))
+  by_run = {e["run"]: e for e in record["reruns"]}
+  assert by_run["ce-seed0"]["equal"] and not by_run["ce-seed1"]["equal"]
+  assert by_run["ce-seed1"]["files"]["final_greedy.jsonl"]["committed"] != (
+      by_run["ce-seed1"]["files"]["final_greedy.jsonl"]["rerun"])
+  assert measures.reproduced_versions(str(results)) == {"new"}
+  # Adopted: the reproduced rerun (with its extra decode) and the new run; not the other.
+  assert (results / "runs" / "ce-seed0" / "samples" / "final_greedy_bias0.25.jsonl").exists()
+  assert json.loads((results / "runs" / "ce-seed1" / "provenance.json").read_text()) == {
+      "code_version": "old"}
+  assert (results / "runs" / "dft-seed0" / "config.json").exists()
+  assert not (results / "runs" / "gem-seed0").exists()
+
+
+def test_a_missing_file_in_the_rerun_is_not_equal(tmp_path):
+  write_run(tmp_path / "a", "old", {"final_greedy.jsonl": ["a"], "final_top_p.jsonl": ["b"]})
+  write_run(tmp_path / "b", "new", {"final_greedy.jsonl": ["a"]})
+  entry = reproduce.compare_run(tmp_path / "a", tmp_path / "b")
+  assert entry["files"]["final_top_p.jsonl"]["rerun"] is None and not entry["equal"]
