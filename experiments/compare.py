@@ -27,6 +27,7 @@ import textwrap
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS's TensorFlow: no start-up notices
 from experiments import measures
 from experiments import sweep
 from pdl_jax import paths

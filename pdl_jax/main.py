@@ -10,6 +10,10 @@
 import os
 import time
 
+# TensorFlow (TFDS's reader) logs its oneDNN notice at start-up: keep the console to the
+# run's own lines (before TensorFlow is imported anywhere).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -10,6 +10,24 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the session, its subprocesses included: many
+# tests compile the same tiny programs (a train step, a decoder) from new jit objects,
+# which the in-memory cache does not share. A fresh folder per session keeps the tests
+# independent of earlier runs (measured: tests/train/test_train.py and
+# tests/models/test_lora.py 369 s -> 295 s on 2 cores, cold cache).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _cache = tempfile.mkdtemp(prefix="pdl_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size limit turns on the cache's file lock around every read and write: the
+  # multi-process tests' processes compile the same programs at the same moment.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 # tests/ mirrors the package (tests/losses, tests/models/hf, ...); test modules share
 # helpers across those folders (tiny configs, fixture readers, the reference
