@@ -2,11 +2,11 @@
 same data, then prints them side by side (the base model, CE, CE decoded with PDL's
 frequency bias, PDL) with a few generations for the same prompts.
 
-    python experiments/compare.py                       # summarization, ~10 min on 2 cores
+    python experiments/compare.py                       # summarization, 9 min on 2 cores
     python experiments/compare.py --config=configs/dialogue.py:quick --root=workdirs/quick-dialogue
 
 The points are the `quick` config argument's sweep (configs/common.py: CE and PDL at
-alpha 0.25, 30 steps, 64 prompts, greedy decoding; CE also decodes with the bias
+alpha 0.25, 24 steps, 64 prompts, greedy decoding; CE also decodes with the bias
 -0.25 log(freq + eps)). They run one after the other through experiments/sweep.py's
 commands (a finished point is skipped, an interrupted one resumes), then the table:
 eval NLL, ROUGE-L, chrF, and the informativeness measures of
@@ -132,7 +132,8 @@ def main() -> None:
   p.add_argument("--only", default=None, help="point names to run and show (default all)")
   args = p.parse_args()
   task = os.path.basename(args.config.split(":", 1)[0]).removesuffix(".py")
-  root = args.root or os.path.join("workdirs", f"quick-{task}")
+  # Absolute: the points run with the repository as their working directory.
+  root = os.path.abspath(args.root or os.path.join("workdirs", f"quick-{task}"))
   try:
     todo = sweep.select(sweep.commands(args.config, root, None, []), args.only)
   except ValueError as e:

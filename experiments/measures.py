@@ -15,24 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from typing import Any
 
 import numpy as np
 
 from pdl_jax import paths
+from pdl_jax.eval import decode as decode_lib
 from pdl_jax.eval import informativeness
 
 WORD_STATS = "word_stats.json"
 REPRODUCTION = "reproduction.json"
-_BIAS = re.compile(r"^(greedy|beam|top_p)_bias([0-9.]+)$")
 BIAS_PREFIX = "ce+bias"
 
 
 def split_bias(method: str) -> tuple[str, float | None]:
-  """("greedy", 0.25) of "greedy_bias0.25"; (method, None) of a plain decoding."""
-  m = _BIAS.match(method)
-  return (method, None) if m is None else (m.group(1), float(m.group(2)))
+  """("greedy", 0.25) of "greedy_bias0.25"; (method, None) of a plain decoding (or
+  any name the decoder does not read: the evaluator's own parse_method)."""
+  try:
+    return decode_lib.parse_method(method)
+  except ValueError:
+    return method, None
 
 
 def bias_of(label: str) -> float | None:
@@ -149,6 +151,8 @@ def read_reproduction(root: str) -> dict[str, Any]:
 
 def reproduced_versions(root: str) -> set[str]:
   """Code versions whose reruns reproduced the committed generations bit for bit
-  (every decoding compared equal), per ROOT/reproduction.json."""
-  return {r["rerun_code_version"] for r in read_reproduction(root).get("reruns", [])
-          if r.get("equal")}
+  (every decoding of every rerun of that version compared equal), per
+  ROOT/reproduction.json: one rerun that differs disqualifies its version."""
+  reruns = read_reproduction(root).get("reruns", [])
+  differs = {r["rerun_code_version"] for r in reruns if not r.get("equal")}
+  return {r["rerun_code_version"] for r in reruns} - differs

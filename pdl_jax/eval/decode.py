@@ -149,7 +149,9 @@ def _ban(logits_BxV: jax.Array, banned: tuple[int, ...]) -> jax.Array:
 def _adjust(logits_BxV: jax.Array, bias_V: jax.Array | None,
             banned: tuple[int, ...]) -> jax.Array:
   """The logits a decoder chooses from: plus the frequency bias (logit-adjusted
-  decoding; None: the logits as they are, bit for bit), banned ids at -inf."""
+  decoding; None: the logits as they are, bit for bit), banned ids at -inf. Top-p
+  divides these by its temperature: with a temperature T the bias's strength is
+  beta / T (the evaluation's top-p uses T = 1)."""
   if bias_V is not None:
     logits_BxV = logits_BxV + bias_V.astype(logits_BxV.dtype)[None, :]
   return _ban(logits_BxV, banned)

@@ -277,10 +277,13 @@ def check(e) -> None:
   names = (e.decode, *e.extra_decodes)
   for method in names:
     try:
-      decode_lib.parse_method(method)
+      canonical = decode_lib.method_name(*decode_lib.parse_method(method))
     except ValueError as err:
       raise ValueError(f"config.eval decode method {method!r} (eval.decode / "
                        f"eval.extra_decodes): {err}") from None
+    if canonical != method:  # metric keys and sample files are named by it: one spelling
+      raise ValueError(f"config.eval decode method {method!r}: write it as {canonical!r} "
+                       "(the name its metrics, samples and report points are found by).")
   twice = sorted({m for m in names if names.count(m) > 1})
   if twice:
     raise ValueError(f"config.eval decodes {twice} appear twice in eval.decode / "

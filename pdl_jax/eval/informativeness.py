@@ -74,6 +74,7 @@ def content_words(ws: Iterable[str]) -> set[str]:
 
 
 def ngrams(ws: Sequence[str], n: int) -> list[tuple[str, ...]]:
+  """The word n-grams of ws, in order."""
   return [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
 
 
@@ -106,10 +107,12 @@ class WordStats:
     return (math.log(self.num_docs / count) - self.min_idf) / (self.max_idf - self.min_idf)
 
   def to_json(self) -> dict:
+    """The document frequencies and count, for word_stats.json."""
     return {"num_docs": self.num_docs, "df": dict(sorted(self.df.items()))}
 
   @classmethod
   def from_json(cls, data: Mapping) -> "WordStats":
+    """The WordStats of to_json's dict."""
     return cls(data["df"], data["num_docs"])
 
 

@@ -75,7 +75,10 @@ def closing_summary(workdir: str, last_step: int, seconds: float) -> str:
   if "://" in str(workdir):  # a bucket: one listing request per folder, not worth it
     size = "size: see the bucket"
   else:
-    sizes = folder_bytes(workdir)
+    try:
+      sizes = folder_bytes(workdir)
+    except OSError:  # a file removed while walking: the summary is not worth an error
+      sizes = {}
     size = f"{size_text(sum(sizes.values()))}: " + ", ".join(
         f"{name} {size_text(n)}" for name, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
   lines = [f"run finished: step {last_step} ({progress.duration(seconds)} in this process)"]

@@ -90,8 +90,11 @@ def test_a_bug_keeps_its_traceback():
 
 
 def test_an_input_error_exits_with_one_line(capsys):
-  def main(argv):
+  def check_settings():  # the project's checks are functions named check*/validate*
     raise ValueError("config.x=3; expected one of ['a', 'b'].\n  second line")
+
+  def main(argv):
+    check_settings()
 
   with pytest.raises(SystemExit) as exit_info:
     errors.run(main, argv=["prog"])
@@ -99,6 +102,59 @@ def test_an_input_error_exits_with_one_line(capsys):
   err = capsys.readouterr().err
   assert err == ("error: config.x=3; expected one of ['a', 'b']. second line\n"
                  "(add --debug for the traceback)\n")
+
+
+def test_a_value_error_outside_the_checks_is_a_bug_with_its_place_and_traceback(capsys):
+  """A ValueError deep in a run (a shape bug) is not called bad input: the message
+  names its type and where it was raised, and the traceback is kept in a file."""
+  def main(argv):
+    import numpy as np
+    np.zeros(3) + np.zeros(4)
+
+  with pytest.raises(SystemExit) as exit_info:
+    errors.run(main, argv=["prog"])
+  assert exit_info.value.code == errors.INPUT_EXIT
+  first, hint = capsys.readouterr().err.splitlines()
+  assert first.startswith(f"error: ValueError at {__file__}:") and "broadcast" in first
+  path = hint.removeprefix("(the traceback: ").split(";")[0]
+  with open(path) as f:
+    text = f.read()
+  os.unlink(path)
+  assert "Traceback (most recent call last)" in text and "np.zeros(3) + np.zeros(4)" in text
+
+
+def test_an_error_in_a_config_file_names_its_type_and_line(tmp_path):
+  config = tmp_path / "bad_config.py"
+  config.write_text("def get_config(arg=None):\n  return undefined_name\n")
+  done = run_main(f"--config={config}", f"--workdir={tmp_path / 'w'}")
+  assert the_error(done) == (f"error: NameError at {config}:2: name 'undefined_name' is "
+                            "not defined")
+
+
+@pytest.mark.parametrize("argv,debug", [
+    (["--debug"], True), (["--debug=True"], True), (["--debug=1"], True),
+    (["--debug=false"], False), (["--nodebug"], False), ([], False)])
+def test_wants_debug(argv, debug):
+  assert errors.wants_debug(["prog", *argv]) == debug
+
+
+def test_a_message_less_error_is_named_by_its_type():
+  assert errors.describe(ValueError(), []) == "ValueError"
+
+
+def test_a_missing_field_is_read_only_while_parsing():
+  """A run's error raised while handling a KeyError named like an overridden field is
+  not reported as a misspelled field."""
+  try:
+    try:
+      raise KeyError("alpha")
+    except KeyError:
+      raise ValueError("bad batch")
+  except ValueError as e:
+    error = e
+  argv = ["prog", "--config.loss.alpha=0.3"]
+  assert errors.describe(error, argv) == "bad batch"
+  assert "has no field" in errors.describe(error, argv, parsing=True)
 
 
 @pytest.mark.parametrize("message,expected", [

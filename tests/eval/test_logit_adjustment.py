@@ -130,3 +130,19 @@ def test_parse_method(name, want):
 def test_parse_method_refuses(name):
   with pytest.raises(ValueError, match=f"decode method '{name}' is unknown"):
     decode_lib.parse_method(name)
+
+
+@pytest.mark.parametrize("name,canonical", [("greedy_bias0.50", "greedy_bias0.5"),
+                                            ("top_p_bias1.0", "top_p_bias1")])
+def test_a_decode_name_has_one_spelling(name, canonical):
+  """Metrics and sample files are named by the decode name and the report rebuilds it
+  from beta: another spelling of the same beta is refused, naming the canonical one."""
+  from configs.common import load_config
+  from pdl_jax.eval import evaluator as evaluator_lib
+
+  e = load_config("configs/dialogue.py:smoke").eval
+  e.extra_decodes = (name,)
+  with pytest.raises(ValueError, match=f"write it as '{canonical}'"):
+    evaluator_lib.check(e)
+  e.extra_decodes = (canonical,)
+  evaluator_lib.check(e)

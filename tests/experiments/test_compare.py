@@ -77,7 +77,7 @@ def test_the_quick_sweep_is_ce_with_its_biased_decode_and_pdl(tmp_path):
   assert "--config.eval.extra_decodes=('greedy_bias0.25',)" in todo[0][1]
   assert "--config.eval.at_start=False" in todo[1][1]
   c = load_config("configs/summarization.py:quick")
-  assert (c.num_steps, c.eval.num_examples, tuple(c.eval.extra_decodes)) == (30, 64, ())
+  assert (c.num_steps, c.eval.num_examples, tuple(c.eval.extra_decodes)) == (24, 64, ())
   assert c.model.pretrained == "smollm2-135m-instruct"
 
 

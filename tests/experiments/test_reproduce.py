@@ -48,6 +48,10 @@ def test_equal_reruns_are_recorded_and_adopted_and_different_ones_are_not(tmp_pa
   assert by_run["ce-seed0"]["equal"] and not by_run["ce-seed1"]["equal"]
   assert by_run["ce-seed1"]["files"]["final_greedy.jsonl"]["committed"] != (
       by_run["ce-seed1"]["files"]["final_greedy.jsonl"]["rerun"])
+  # One rerun of version "new" differs: "new" does not count as reproduced.
+  assert measures.reproduced_versions(str(results)) == set()
+  record["reruns"] = [by_run["ce-seed0"]]
+  (results / measures.REPRODUCTION).write_text(json.dumps(record))
   assert measures.reproduced_versions(str(results)) == {"new"}
   # Adopted: the reproduced rerun (with its extra decode) and the new run; not the other.
   assert (results / "runs" / "ce-seed0" / "samples" / "final_greedy_bias0.25.jsonl").exists()

@@ -304,11 +304,10 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
 
 
 def _readable(local: str) -> None:
-  """The file's mode as any file written here (0666 less the umask): safetensors
-  writes 0600, which other users of a shared model folder could not read."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(local, 0o666 & ~umask)
+  """Mode 0644: safetensors writes 0600, which other users of a shared model folder
+  could not read. (Not 0666 less the umask: reading the umask means setting it, which
+  races with other threads' files.)"""
+  os.chmod(local, 0o644)
 
 
 def save_safetensors(values: dict[str, np.ndarray], path: epath.Path) -> None:

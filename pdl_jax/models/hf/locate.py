@@ -57,16 +57,28 @@ def is_prepared_at_start(pretrained: str) -> bool:
   return kind(pretrained) != "folder"
 
 
+# (path, size, mtime) -> the file's sha256: a file seen unchanged is not read again
+# (a gs:// one not downloaded again) by this process's later calls.
+_DIGESTS: dict[tuple[str, int, float], str] = {}
+
+
 def _convert_once(path: str, cache: str) -> str:
   """The cache folder of GGUF file `path` (converted now unless it is there)."""
+  source = epath.Path(path)
+  if not source.exists():
+    raise FileNotFoundError(f"config.model.pretrained={path!r}: no such GGUF file.")
+  stat = source.stat()
+  key = (path, stat.length, stat.mtime)
+  if key in _DIGESTS:
+    out = epath.Path(cache) / "models" / f"gguf-{_DIGESTS[key][:16]}" / "hf"
+    if out.exists():
+      return os.fspath(out)
   with tempfile.TemporaryDirectory(prefix="pdl_gguf_") as tmp:
     local = path
     if "://" in path:  # the reader memory-maps a local file
       local = os.path.join(tmp, os.path.basename(path))
-      epath.Path(path).copy(local)
-    if not os.path.isfile(local):
-      raise FileNotFoundError(f"config.model.pretrained={path!r}: no such GGUF file.")
-    digest = offline.sha256_file(local)
+      source.copy(local)
+    digest = _DIGESTS[key] = offline.sha256_file(local)
     out = epath.Path(cache) / "models" / f"gguf-{digest[:16]}" / "hf"
     if out.exists():
       return os.fspath(out)
@@ -94,14 +106,14 @@ def _snapshot(repo_id: str) -> str:
   try:
     return snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS))
   except hub_errors.LocalEntryNotFoundError as e:
-    raise RuntimeError(
+    raise FileNotFoundError(
         f"config.model.pretrained={repo_id!r}: not a folder here and not in the Hugging Face "
         f"cache, and the Hub cannot be reached ({type(e).__name__}). On a machine with the "
         f"network it is downloaded on first use; here, fill the cache first (`hf download "
         f"{repo_id}` elsewhere, then copy the cache and set HF_HUB_CACHE to it) or give a "
         "local Hugging Face folder.") from None
   except hub_errors.GatedRepoError:
-    raise RuntimeError(
+    raise ValueError(
         f"config.model.pretrained={repo_id!r} is a gated repository: accept its terms on "
         "huggingface.co, then set HF_TOKEN (or run `hf auth login`).") from None
   except hub_errors.RepositoryNotFoundError:

