@@ -20,13 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS's TensorFlow: no start-up notices
 from experiments import measures
 from experiments import sweep
@@ -45,10 +41,6 @@ MEASURE_ROWS = (("NIDF", "nidf", ".3f"), ("content recall", "content_recall", ".
 NUM_EXAMPLES = 3  # generations shown
 
 
-def read_lines(path: paths.PathLike) -> list[dict[str, Any]]:
-  return [json.loads(l) for l in paths.path(path).read_text().splitlines() if l.strip()]
-
-
 def columns(done: list[tuple[str, str]], num_steps: dict[str, int], method: str
             ) -> list[tuple[str, dict[str, float], list[dict[str, Any]]]]:
   """[(column label, eval metrics, kept generations)]: the base model (the CE run's
@@ -60,8 +52,8 @@ def columns(done: list[tuple[str, str]], num_steps: dict[str, int], method: str
     if name == "ce":
       base = metric_writer.eval_at(workdir, 0)
       if base is not None and (samples / f"base_{method}.jsonl").exists():
-        out.append(("base model", base, read_lines(samples / f"base_{method}.jsonl")))
-    out.append((name, final, read_lines(samples / f"final_{method}.jsonl")))
+        out.append(("base model", base, measures.read_jsonl(samples / f"base_{method}.jsonl")))
+    out.append((name, final, measures.read_jsonl(samples / f"final_{method}.jsonl")))
     for key in sorted({k.split("/")[1] for k in final if k.count("/") == 2}):
       plain, beta = measures.split_bias(key)
       if beta is not None and plain == method:
@@ -69,7 +61,7 @@ def columns(done: list[tuple[str, str]], num_steps: dict[str, int], method: str
                    if k.startswith(f"eval/{key}/")}
         renamed["eval/nll"] = final.get("eval/nll")
         out.append((f"{name}+bias{beta:g}", renamed,
-                    read_lines(samples / f"final_{key}.jsonl")))
+                    measures.read_jsonl(samples / f"final_{key}.jsonl")))
   return out
 
 
@@ -107,22 +99,6 @@ def examples(cols, count: int = NUM_EXAMPLES) -> list[str]:
   return out
 
 
-def run_points(todo: list[tuple[str, list[str]]]) -> dict[str, int]:
-  """Runs each unfinished point (sweep.py's way); {workdir: num_steps}."""
-  num_steps = {}
-  for i, (workdir, argv) in enumerate(todo):
-    spec = next(a for a in argv if a.startswith("--config="))[len("--config="):]
-    num_steps[workdir] = sweep.point_num_steps(spec, [])
-    if sweep.is_finished(workdir, num_steps[workdir]):
-      print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
-      continue
-    print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
-    rc = subprocess.run(argv, cwd=ROOT).returncode
-    if rc:
-      sys.exit(f"{workdir}: exited with status {rc}; run the same command to resume.")
-  return num_steps
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/summarization.py:quick",
@@ -138,7 +114,10 @@ def main() -> None:
     todo = sweep.select(sweep.commands(args.config, root, None, []), args.only)
   except ValueError as e:
     p.error(str(e))
-  num_steps = run_points(todo)
+  sweep.run_points(todo, [])
+  num_steps = {w: sweep.point_num_steps(
+      next(a for a in argv if a.startswith("--config="))[len("--config="):], [])
+      for w, argv in todo}
   done = [(w, sweep.point_name(w.rstrip("/").rpartition("/")[2])) for w, _ in todo]
   config = json.loads((paths.path(done[0][0]) / "config.json").read_text())
   method = config["eval"]["decode"]

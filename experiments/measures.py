@@ -135,6 +135,11 @@ def point_row(per_run: list[list[dict[str, Any]]], stats: informativeness.WordSt
           for k, v in values.items()}
 
 
+def read_jsonl(path: paths.PathLike) -> list[dict[str, Any]]:
+  """The records of a JSON Lines file (a run's samples), blank lines skipped."""
+  return [json.loads(l) for l in paths.path(path).read_text().splitlines() if l.strip()]
+
+
 def generations_sha256(lines: list[dict[str, Any]]) -> str:
   """sha256 of a run's generations (ids and texts, in prompt order): what the
   reproduction check compares."""

@@ -28,10 +28,6 @@ from experiments import sweep
 from pdl_jax import paths
 
 
-def read_lines(path) -> list[dict[str, Any]]:
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
 def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, Any]:
   """The reproduction entry of one rerun: each shared generation file's two digests,
   both code versions, and whether every digest is equal."""
@@ -41,8 +37,8 @@ def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, A
     if not f.name.startswith(("base_", "final_")):
       continue
     other = rerun / "samples" / f.name
-    files[f.name] = {"committed": measures.generations_sha256(read_lines(f)),
-                     "rerun": (measures.generations_sha256(read_lines(other))
+    files[f.name] = {"committed": measures.generations_sha256(measures.read_jsonl(f)),
+                     "rerun": (measures.generations_sha256(measures.read_jsonl(other))
                                if other.exists() else None)}
   version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
   return {"run": committed.name, "committed_code_version": version(committed),

@@ -158,6 +158,25 @@ def is_finished(workdir: str, num_steps: int) -> bool:
   return metric_writer.eval_at(workdir, num_steps) is not None
 
 
+def run_points(todo: list[tuple[str, list[str]]], extra: list[str]) -> None:
+  """Runs each point of `todo` ([(workdir, argv)]) one after the other, skipping
+  finished ones (an interrupted one resumes); a point that fails ends the process with
+  its status."""
+  for i, (workdir, argv) in enumerate(todo):
+    point_spec = next(a for a in argv if a.startswith("--config="))[len("--config="):]
+    if is_finished(workdir, point_num_steps(point_spec, extra)):
+      print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
+      continue
+    print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
+    rc = subprocess.run(argv, cwd=ROOT).returncode
+    if rc:
+      # The point's own status: 143 (preempted, SIGTERM: checkpoint saved) lets a
+      # wrapper such as `./launch.sh job` rerun the sweep, which resumes this point.
+      print(f"[{i + 1}/{len(todo)}] {workdir}: exited with status {rc}; run the same "
+            "command to resume", file=sys.stderr, flush=True)
+      sys.exit(rc if 0 < rc < 256 else 128 + (-rc if rc < 0 else 1))
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True, help="configs/<task>.py[:args]")
@@ -187,19 +206,7 @@ def main() -> None:
     for _, argv in todo:
       print(shlex.join(argv))
     return
-  for i, (workdir, argv) in enumerate(todo):
-    point_spec = next(a for a in argv if a.startswith("--config="))[len("--config="):]
-    if is_finished(workdir, point_num_steps(point_spec, extra)):
-      print(f"[{i + 1}/{len(todo)}] {workdir}: finished, skipped", flush=True)
-      continue
-    print(f"[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
-    rc = subprocess.run(argv, cwd=ROOT).returncode
-    if rc:
-      # The point's own status: 143 (preempted, SIGTERM: checkpoint saved) lets a
-      # wrapper such as `./launch.sh job` rerun the sweep, which resumes this point.
-      print(f"[{i + 1}/{len(todo)}] {workdir}: exited with status {rc}; run the same "
-            "command to resume", file=sys.stderr, flush=True)
-      sys.exit(rc if 0 < rc < 256 else 128 + (-rc if rc < 0 else 1))
+  run_points(todo, extra)
   print(f"done; report: python experiments/report.py {args.root}")
 
 
