@@ -156,8 +156,9 @@ def read_reproduction(root: str) -> dict[str, Any]:
 
 def reproduced_versions(root: str) -> set[str]:
   """Code versions whose reruns reproduced the committed generations bit for bit
-  (every decoding of every rerun of that version compared equal), per
-  ROOT/reproduction.json: one rerun that differs disqualifies its version."""
+  (every deterministic decoding of every rerun of that version compared equal:
+  experiments/reproduce.py), per ROOT/reproduction.json: one rerun that differs
+  disqualifies its version."""
   reruns = read_reproduction(root).get("reruns", [])
   differs = {r["rerun_code_version"] for r in reruns if not r.get("equal")}
   return {r["rerun_code_version"] for r in reruns} - differs

@@ -9,8 +9,17 @@ sha256 of each kept generation file they share (samples/base_*.jsonl and
 final_*.jsonl: indices, texts and token ids, experiments/measures.py) is compared and
 recorded in RESULTS/reproduction.json (one entry per run, replaced on a new check),
 which report.py's provenance check reads: a later code version whose reruns reproduced
-every committed generation counts as the committed one. With --adopt, a rerun that
-reproduced its run replaces it (its extra decodings, e.g. the control's biased ones,
+every committed deterministic generation counts as the committed one.
+
+What "reproduced" means: the deterministic decodings (greedy, beam, and their
+logit-adjusted forms) are equal bit for bit, which pins the trained weights and the
+decoder. Sampled decodings (top-p) are compared and recorded too (`sampled_equal`),
+but do not decide: they also depend on the sampler's random stream, which the project
+changed once on purpose (87c351a keys a prompt's draws by the prompt, not by its
+batch), so a rerun of a run from before it draws new, equally valid samples.
+
+With --adopt, a rerun that reproduced its run replaces it (its extra decodings, e.g.
+the control's biased ones, and its sampled decodings, new draws where they differ,
 come with it), and a finished run RESULTS does not have yet is copied in; a rerun that
 differs is reported and left out. Regenerate the tables afterwards with report.py.
 """
@@ -28,9 +37,18 @@ from experiments import sweep
 from pdl_jax import paths
 
 
+def is_sampled(file_name: str) -> bool:
+  """Whether a kept generation file (base_<method>.jsonl, final_<method>.jsonl) holds
+  a sampled decoding, whose draws depend on the sampler's random stream."""
+  method = file_name.removesuffix(".jsonl").split("_", 1)[1]
+  return measures.split_bias(method)[0] == "top_p"
+
+
 def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, Any]:
-  """The reproduction entry of one rerun: each shared generation file's two digests,
-  both code versions, and whether every digest is equal."""
+  """The reproduction entry of one rerun: each shared generation file's two digests
+  (and whether it is sampled), both code versions, `equal` (every deterministic file
+  equal: the reproduction) and `sampled_equal` (every sampled file equal; None
+  without one)."""
   committed, rerun = paths.path(committed), paths.path(rerun)
   files = {}
   for f in sorted((committed / "samples").glob("*.jsonl")):
@@ -39,11 +57,29 @@ def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, A
     other = rerun / "samples" / f.name
     files[f.name] = {"committed": measures.generations_sha256(measures.read_jsonl(f)),
                      "rerun": (measures.generations_sha256(measures.read_jsonl(other))
-                               if other.exists() else None)}
+                               if other.exists() else None),
+                     "sampled": is_sampled(f.name)}
   version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
+  same = lambda sampled: [v["committed"] == v["rerun"] for v in files.values()
+                          if v["sampled"] == sampled]
   return {"run": committed.name, "committed_code_version": version(committed),
           "rerun_code_version": version(rerun), "files": files,
-          "equal": bool(files) and all(v["committed"] == v["rerun"] for v in files.values())}
+          "equal": bool(same(False)) and all(same(False)),
+          "sampled_equal": all(same(True)) if same(True) else None}
+
+
+def describe(entry: dict[str, Any]) -> str:
+  """One line on a reproduction entry: deterministic files equal, sampled ones."""
+  files = entry["files"].values()
+  det = sum(not v["sampled"] for v in files)
+  sampled = [v for v in files if v["sampled"]]
+  differ = sum(v["committed"] != v["rerun"] for v in sampled)
+  text = (f"{'reproduced' if entry['equal'] else 'DIFFERS'} ({det} deterministic "
+          f"generation files")
+  if sampled:
+    text += (f"; sampled: {len(sampled) - differ} of {len(sampled)} equal"
+             + (", new draws" if differ else ""))
+  return text + ")"
 
 
 def finished_runs(root: str) -> list[paths.PathLike]:
@@ -72,8 +108,7 @@ def main() -> None:
     if committed.exists():
       entry = compare_run(committed, run)
       entries[run.name] = entry
-      print(f"{run.name}: {'reproduced' if entry['equal'] else 'DIFFERS'} "
-            f"({len(entry['files'])} generation files)")
+      print(f"{run.name}: {describe(entry)}")
       if not entry["equal"]:
         differs.append(run.name)
         continue

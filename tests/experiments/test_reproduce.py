@@ -41,7 +41,8 @@ def test_equal_reruns_are_recorded_and_adopted_and_different_ones_are_not(tmp_pa
                         text=True, timeout=120)
   assert done.returncode == 1 and "not reproduced (left out): ['ce-seed1']" in done.stderr
   assert done.stdout.splitlines() == [
-      "ce-seed0: reproduced (2 generation files)", "ce-seed1: DIFFERS (2 generation files)",
+      "ce-seed0: reproduced (2 deterministic generation files)",
+      "ce-seed1: DIFFERS (2 deterministic generation files)",
       "dft-seed0: new"]
   record = measures.read_reproduction(str(results))
   by_run = {e["run"]: e for e in record["reruns"]}
@@ -62,7 +63,45 @@ def test_equal_reruns_are_recorded_and_adopted_and_different_ones_are_not(tmp_pa
 
 
 def test_a_missing_file_in_the_rerun_is_not_equal(tmp_path):
-  write_run(tmp_path / "a", "old", {"final_greedy.jsonl": ["a"], "final_top_p.jsonl": ["b"]})
+  write_run(tmp_path / "a", "old", {"final_greedy.jsonl": ["a"], "final_beam.jsonl": ["b"],
+                                     "final_top_p.jsonl": ["c"]})
   write_run(tmp_path / "b", "new", {"final_greedy.jsonl": ["a"]})
   entry = reproduce.compare_run(tmp_path / "a", tmp_path / "b")
-  assert entry["files"]["final_top_p.jsonl"]["rerun"] is None and not entry["equal"]
+  assert entry["files"]["final_beam.jsonl"]["rerun"] is None and not entry["equal"]
+  assert entry["files"]["final_top_p.jsonl"]["rerun"] is None
+  assert entry["sampled_equal"] is False
+
+
+def test_sampled_decodings_are_recorded_but_do_not_decide(tmp_path):
+  """Greedy equal and top-p new draws (a sampler stream changed on purpose): the rerun
+  reproduces its run and is adopted with its new draws; a greedy difference still
+  fails it, whatever top-p does."""
+  results, reruns = tmp_path / "results", tmp_path / "reruns"
+  write_run(results / "runs" / "ce-seed0", "old",
+            {"final_greedy.jsonl": ["a"], "final_top_p.jsonl": ["b"],
+             "base_top_p_bias0.5.jsonl": ["c"]})
+  write_run(reruns / "ce-seed0", "new",
+            {"final_greedy.jsonl": ["a"], "final_top_p.jsonl": ["B"],
+             "base_top_p_bias0.5.jsonl": ["c"], "final_greedy_bias0.25.jsonl": ["q"]})
+  done = subprocess.run([sys.executable, "experiments/reproduce.py", f"--reruns={reruns}",
+                         f"--results={results}", "--adopt"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == [
+      "ce-seed0: reproduced (1 deterministic generation files; sampled: 1 of 2 equal, "
+      "new draws)"]
+  entry = measures.read_reproduction(str(results))["reruns"][0]
+  assert entry["equal"] and entry["sampled_equal"] is False
+  assert {k for k, v in entry["files"].items() if v["sampled"]} == {
+      "final_top_p.jsonl", "base_top_p_bias0.5.jsonl"}
+  assert measures.reproduced_versions(str(results)) == {"new"}
+  adopted = results / "runs" / "ce-seed0" / "samples"
+  assert json.loads((adopted / "final_top_p.jsonl").read_text())["generation"] == "B"
+  assert (adopted / "final_greedy_bias0.25.jsonl").exists()
+
+
+def test_only_sampled_files_cannot_reproduce(tmp_path):
+  write_run(tmp_path / "a", "old", {"final_top_p.jsonl": ["b"]})
+  write_run(tmp_path / "b", "new", {"final_top_p.jsonl": ["b"]})
+  entry = reproduce.compare_run(tmp_path / "a", tmp_path / "b")
+  assert not entry["equal"] and entry["sampled_equal"] is True
