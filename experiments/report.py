@@ -22,6 +22,9 @@ to --out (default ROOT):
   CE as a dashed line);
 - frequency_profile.png: share of generated tokens per train-frequency decile for
   each point and for the references;
+- frontier.png (with --measures, when the CE runs have logit-adjusted decodes and
+  PDL points kept their generations): ROUGE-L and chrF against NIDF and content
+  recall, PDL's alphas beside CE + bias's betas (experiments/frontier.py);
 - samples.md (when the runs kept every generation of their final eval): the first
   evaluation prompts with the reference and the generations of the base, CE and
   PDL alpha 0.25 / 0.5 side by side;
@@ -52,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments import frontier
 from experiments import measures
 from pdl_jax.train import metric_writer
 from pdl_jax.eval import informativeness
@@ -128,6 +132,14 @@ def point_of(config: dict[str, Any]) -> tuple[str, float]:
   if loss.get("eos_weight") is not None:
     return f"alpha={alpha:g},eos={float(loss['eos_weight']):g}", math.nan
   return f"alpha={alpha:g}", alpha
+
+
+def main_method(points) -> str:
+  """The main decoding (config.eval.decode) of the CE runs: the one whose metrics are
+  logged as eval/<metric>."""
+  ce = points.get("ce")
+  return ("greedy" if ce is None else
+          read_config(ce["runs"][0]).get("eval", {}).get("decode", "greedy"))
 
 
 def _order(label: str, alpha: float) -> tuple:
@@ -215,8 +227,7 @@ def collect(root: str, strict: bool = False, out: str | None = None
     raise SystemExit(f"no finished runs (config.json + metrics.jsonl with an eval at "
                      f"num_steps) under {root}")
   if "ce" in points:
-    main = read_config(points["ce"]["runs"][0]).get("eval", {}).get("decode", "greedy")
-    points.update(measures.bias_points(points, main))
+    points.update(measures.bias_points(points, main_method(points)))
   return dict(sorted(points.items(), key=lambda kv: _order(kv[0], kv[1]["alpha"])))
 
 
@@ -350,30 +361,44 @@ def interval_lines(table) -> list[str]:
   return lines
 
 
-def measure_lines(points, word_stats) -> list[str]:
-  """Markdown: per plain decoding, each point's informativeness measures (mean ± std
-  over seeds, each run's value over its prompts) and the references' own."""
+def measure_table(points, word_stats) -> dict[str, tuple[dict[str, dict[str, tuple[float, float]]],
+                                                         dict[str, float]]]:
+  """{plain decoding: ({point: {measure: (mean, std over seeds)}}, the references'
+  measures)}: the informativeness measures of every point whose runs kept all their
+  generations of that decoding ({} without word stats or CE runs)."""
   if word_stats is None or "ce" not in points:
-    return []
-  lines = []
-  cols = informativeness.PER_EXAMPLE + ("ead_1", "ead_2")
+    return {}
+  out = {}
   for method in intervals_methods(points):
-    rows, refs = [], None
+    rows, refs = {}, None
     for label, p in points.items():
       per_run = [read_samples(run, label, method) for run in p["runs"]]
       if any(r is None for r in per_run):
         continue
       refs = refs or measures.reference_row(per_run[0], word_stats)
-      row = measures.point_row(per_run, word_stats)
-      rows.append(f"| {label} | {len(per_run)} | " + " | ".join(
-          f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if len(per_run) > 1 else f"{row[c][0]:.3f}"
-          for c in cols) + " |")
-    if not rows:
-      continue
+      rows[label] = measures.point_row(per_run, word_stats)
+    if rows:
+      out[method] = (rows, refs)
+  return out
+
+
+def measure_lines(points, word_stats, measured=None) -> list[str]:
+  """Markdown: per plain decoding, each point's informativeness measures (mean ± std
+  over seeds, each run's value over its prompts) and the references' own. measured:
+  measure_table's result when the caller has it."""
+  measured = measure_table(points, word_stats) if measured is None else measured
+  lines = []
+  cols = informativeness.PER_EXAMPLE + ("ead_1", "ead_2")
+  for method, (rows, refs) in measured.items():
     lines += ["", f"Measures that do not use the loss's token counts, {method}:", "",
-              "| point | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
-              *rows, "| references | - | " + " | ".join(
-                  "-" if c.startswith("content_") else f"{refs[c]:.3f}" for c in cols) + " |"]
+              "| point | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for label, row in rows.items():
+      seeds = len(points[label]["runs"])
+      lines.append(f"| {label} | {seeds} | " + " | ".join(
+          f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if seeds > 1 else f"{row[c][0]:.3f}"
+          for c in cols) + " |")
+    lines.append("| references | - | " + " | ".join(
+        "-" if c.startswith("content_") else f"{refs[c]:.3f}" for c in cols) + " |")
   return lines
 
 
@@ -388,9 +413,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_tables(points, out: str, word_stats=None) -> None:
+def write_tables(points, out: str, word_stats=None, measured=None) -> None:
   """summary.csv and summary.md (module docstring); with word stats
-  (measures.word_stats), the informativeness measures' tables and intervals too."""
+  (measures.word_stats), the informativeness measures' tables and intervals too
+  (measured: their measure_table when the caller has it)."""
   names = sorted({n for p in points.values() for n in p["metrics"]})
   table = io.StringIO(newline="")
   w = csv.writer(table)
@@ -415,7 +441,7 @@ def write_tables(points, out: str, word_stats=None) -> None:
     sampled = [c for c in sampled if any(c in p["metrics"] for p in points.values())]
     if sampled:  # the same generation metrics, of this decoding method
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
-  lines += measure_lines(points, word_stats)
+  lines += measure_lines(points, word_stats, measured)
   lines += interval_lines(intervals(points, word_stats))
   atomic_write_bytes(paths.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
@@ -637,9 +663,13 @@ def main() -> None:
     check_copy_target(args.root, out)  # Before any work.
   points = collect(args.root, strict=args.strict, out=out)
   word_stats = measures.word_stats(out, points) if args.measures else None
-  write_tables(points, out, word_stats)
+  measured = measure_table(points, word_stats)
+  write_tables(points, out, word_stats, measured)
   write_samples(points, out)
   write_plots(points, out)
+  if measured and frontier.write_frontier(points, measured, main_method(points),
+                                          paths.path(out) / "frontier.png", save_png):
+    print(f"wrote {paths.path(out) / 'frontier.png'}")
   if args.copy_runs:
     print(f"copied {len(copy_runs(points, args.root, out))} runs to {paths.path(out) / 'runs'}")
   print((paths.path(out) / "summary.md").read_text())

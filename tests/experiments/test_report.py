@@ -672,3 +672,48 @@ def test_the_config_reference_names_every_field():
     names |= set(fields(load_config(os.path.join(ROOT, "configs", spec)).to_dict()))
   missing = sorted(name for name in names if f"`{name}`" not in reference)
   assert not missing and len(names) > 80, missing
+
+
+def test_frontier_puts_pdl_beside_ce_plus_bias(tmp_path):
+  """frontier.curves: PDL by alpha and CE + bias by beta, both starting at CE, with x the
+  measure of the point's own generations and y its mean metric over seeds; the
+  baselines apart; frontier.png is drawn from report's measure table."""
+  from experiments import frontier
+  from pdl_jax.eval import informativeness
+  refs = ["the old king is dead", "a dog ran far away", "birds sing at dawn"] * 4
+  gens = {"ce": ["the cat"] * 12, "alpha0.5": ["old king dead"] * 12,
+          "itf": ["a dog"] * 12}
+  for name, loss, rouge in (("ce", "ce", 10.0), ("alpha0.5", "pdl", 12.0), ("itf", "itf", 9.0)):
+    fake_run(tmp_path, f"{name}-seed0", loss, 0.5, 0, 4.0, 0.0)
+    lines = [json.loads(l) for l in open(tmp_path / f"{name}-seed0" / "metrics.jsonl")]
+    lines[-1]["eval/rougeL"] = rouge
+    if name == "ce":
+      lines[-1].update({"eval/greedy_bias0.5/rougeL": 11.0, "eval/greedy_bias1/rougeL": 8.0})
+      _samples(tmp_path / "ce-seed0", "final_greedy_bias0.5.jsonl", ["king king"] * 12, refs,
+               [1] * 12)
+      _samples(tmp_path / "ce-seed0", "final_greedy_bias1.jsonl", ["dawn dog"] * 12, refs,
+               [1] * 12)
+    (tmp_path / f"{name}-seed0" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(l) for l in lines) + "\n")
+    _samples(tmp_path / f"{name}-seed0", "final_greedy.jsonl", gens[name], refs, [0] * 12)
+  points = report.collect(str(tmp_path))
+  stats = informativeness.WordStats.from_texts(refs + ["the cat"])
+  measured = report.measure_table(points, stats)
+  rows, _ = measured["greedy"]
+  got = frontier.curves(points, rows, "eval/rougeL", "content_recall")
+  assert [i[0] for i in got["pdl"]] == ["ce", "alpha=0.5"]
+  assert [i[0] for i in got["bias"]] == ["ce", "ce+bias0.5", "ce+bias1"]
+  assert [i[0] for i in got["other"]] == ["itf"]
+  assert [i[2] for i in got["bias"]] == [10.0, 11.0, 8.0]
+  # "old king dead" recalls old, king and dead of the 4 "the old king is dead" refs:
+  # 12 of the references' 40 content words; "the cat" recalls none.
+  assert dict((i[0], i[1]) for i in got["pdl"]) == {"ce": 0.0, "alpha=0.5": pytest.approx(12 / 40)}
+  assert frontier.write_frontier(points, measured, "greedy", tmp_path / "frontier.png",
+                                 report.save_png)
+  assert os.path.getsize(tmp_path / "frontier.png") > 1000
+  # No biased decodes: nothing to compare, no plot.
+  assert not frontier.write_frontier({k: v for k, v in points.items() if "bias" not in k},
+                                     {"greedy": ({k: v for k, v in rows.items()
+                                                  if "bias" not in k}, {})},
+                                     "greedy", tmp_path / "none.png", report.save_png)
+  assert not (tmp_path / "none.png").exists()
