@@ -199,6 +199,11 @@ class Evaluator:
     if not c.generate:
       return result
     for i, method in enumerate((c.eval.decode, *c.eval.extra_decodes)):
+      if i > 0 and step != c.final_step and decode_lib.parse_method(method)[1] is not None:
+        # A logit-adjusted decode is the control of the trained model: the base model
+        # (step 0) or a mid-run model with the bias is no point of the comparison, and
+        # its decodes would double the time of every eval.
+        continue
       hyps, hyp_ids = self._generate(params, method, step)
       gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
                                            self.ref_ids, self.counts_V)

@@ -84,9 +84,11 @@ def reference_run(tmp_path_factory):
 
 def test_logit_adjusted_decodes_of_a_ce_run(tmp_path):
   """A CE run's extra decodes greedy_bias<beta>: beta 0 generates what plain greedy
-  does, a large beta other tokens, each with its metrics and every final generation."""
-  run(tmp_path, **{"loss.name": "ce",
-                   "eval.extra_decodes": ("greedy_bias0", "greedy_bias3", "top_p_bias0.5")})
+  does, a large beta other tokens, each with its metrics and every final generation;
+  the evals before the final one (step 0, mid-run) skip them."""
+  run(tmp_path, **{"loss.name": "ce", "eval_every": 3, "eval.at_start": True,
+                   "eval.extra_decodes": ("top_p", "greedy_bias0", "greedy_bias3",
+                                          "top_p_bias0.5")})
   final = {m: [json.loads(l)["generation_ids"] for l in open(
       tmp_path / "samples" / f"final_{m}.jsonl")]
       for m in ("greedy", "greedy_bias0", "greedy_bias3", "top_p_bias0.5")}
@@ -97,6 +99,13 @@ def test_logit_adjusted_decodes_of_a_ce_run(tmp_path):
   for m in ("greedy_bias0", "greedy_bias3", "top_p_bias0.5"):
     assert np.isfinite(last[f"eval/{m}/rare_token_share"]), m
   assert last["eval/greedy_bias0/rougeL"] == last["eval/rougeL"]
+  earlier = [l for l in evals if "eval/nll" in l][:-1]
+  assert [l["step"] for l in earlier] == [0, 3]
+  for l in earlier:  # plain decodes only
+    assert "eval/top_p/rougeL" in l and not any("_bias" in k for k in l), l["step"]
+  biased = [n for n in os.listdir(tmp_path / "samples") if "_bias" in n]
+  assert biased and all(n.startswith("final_") or n.endswith("_step_0000006.jsonl")
+                        for n in biased), biased
 
 
 def test_run_writes_every_output(reference_run):
