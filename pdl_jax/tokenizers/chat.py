@@ -176,9 +176,13 @@ class ChatTokenizer:
     self.path = base.path
     # The template, the date it was rendered with and what it rendered to: a change of
     # any is another tokenizer (a run resumed with it is refused).
+    # (A template that neither dates nor trims keeps the checksum it always had.)
+    extra = ""
+    if "strftime_now" in template or self.trim:
+      extra = (f"\n{date.isoformat() if 'strftime_now' in template else ''}\n"
+               f"{self.prefix_ids}\n{self.tail_ids}\ntrim={self.trim}")
     self.sha256 = hashlib.sha256(
-        f"{base.sha256}\nchat\n{template}\n{date.isoformat()}\n{self.prefix_ids}\n"
-        f"{self.tail_ids}\ntrim={self.trim}".encode()).hexdigest()
+        f"{base.sha256}\nchat\n{template}{extra}".encode()).hexdigest()
 
   def content(self, text: str) -> str:
     """A message's content as the template places it (trimmed when it trims)."""
