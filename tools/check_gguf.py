@@ -41,6 +41,8 @@ Last run (transformers 5.24.0, torch 2.13.0+cpu, gguf 0.19.0; CPU, 2 threads), 2
                    texts (the 22 above and 200 unseen paragraphs of Python's docs),
                    decode identical; logits max rel err 2.3e-6, argmax 100% over 238
                    positions; no chat template in the file, none in the folder.
+                   CHECK_GGUF_LONG_TOKENS=700 (one text longer than its 512-token
+                   sliding window): logits max rel err 6.2e-6, argmax 100%.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def reference(gguf_file: str, out: str) -> None:
   with torch.no_grad():
     logits = model(torch.from_numpy(tokens).long(),
                    attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+  long_tokens, long_logits = _long_reference(tok, model, torch)
   t2 = time.time()
   template = getattr(tok, "chat_template", None)
   chat = (tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
@@ -227,12 +230,26 @@ def reference(gguf_file: str, out: str) -> None:
            ids_split=np.array([json.dumps(x) for x in ids_split]),
            tokens=tokens, lengths=lengths, logits=logits.astype(np.float32),
            chat_template=np.array(template or ""), chat=np.array(chat),
-           decoded=np.array(decoded), info=np.array(json.dumps(info)))
+           decoded=np.array(decoded), info=np.array(json.dumps(info)),
+           long_tokens=long_tokens, long_logits=long_logits)
   print(f"{gguf_file}: {type(model).__name__} + {type(tok).__name__} "
         f"(transformers {transformers.__version__}, torch {torch.__version__}); "
         f"load {t1 - t0:.1f}s, forward {t2 - t1:.1f}s; logits {logits.shape} -> {out}")
   if chat:
     print(f"chat template rendered by transformers: {chat!r}")
+
+
+def _long_reference(tok, model, torch):
+  """CHECK_GGUF_LONG_TOKENS=N: one text of N tokens (unseen paragraphs joined) and its
+  logits, for models whose sliding window is shorter than N; else empty arrays."""
+  n = int(os.environ.get("CHECK_GGUF_LONG_TOKENS", "0"))
+  if not n:
+    return np.zeros((1, 0), np.int32), np.zeros((1, 0, 0), np.float32)
+  ids = tok("\n\n".join(unseen_paragraphs(200)), add_special_tokens=True)["input_ids"][:n]
+  tokens = np.asarray([ids], np.int32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
+  return tokens, logits.astype(np.float32)
 
 
 # --------------------------------------------------------------------- compare
@@ -367,6 +384,15 @@ def compare(gguf_file: str, ref_file: str) -> int:
             f"{err:.3g}, argmax agreement {agree:.2%}")
       if not err <= TOL:
         bad.append(f"logits max rel err {err:.3g} > {TOL}")
+    if "long_tokens" in ref and ref["long_tokens"].size:
+      long = hf_weights.logits(folder, ref["long_tokens"])
+      want = ref["long_logits"]
+      err = float(np.abs(long - want).max() / np.abs(want).max())
+      window = cfg.sliding_window
+      print(f"  logits of one {want.shape[1]}-token text (sliding window {window}): max rel "
+            f"err {err:.3g}, argmax agreement {np.mean(long.argmax(-1) == want.argmax(-1)):.2%}")
+      if not err <= TOL:
+        bad.append(f"long text logits max rel err {err:.3g} > {TOL}")
     # Chat template: the file equals the GGUF's, and renders as transformers renders it.
     reader_template = gguf_lib.metadata(gguf_lib.open_gguf(gguf_file),
                                         "tokenizer.chat_template", None)
