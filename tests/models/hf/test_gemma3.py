@@ -38,7 +38,8 @@ def _hf(name):
     return json.load(f)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+# Scanned layers: test_pretrained's parity test (1e-4) and the packed test below (1e-5).
+@pytest.mark.parametrize("scan_layers", [False])
 @pytest.mark.parametrize("name", WINDOWED)
 def test_logits_within_1e5_of_transformers(name, scan_layers):
   ref = _ref(name)
