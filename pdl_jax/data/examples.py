@@ -64,7 +64,9 @@ class Examples:
     if self.loss_mask is not None:
       return self.loss_mask
     pos = np.arange(self.seqs.shape[1])[None, :]
-    return (pos >= self.target_start[:, None]) & (pos < self.lengths[:, None])
+    # Position 0 is no label (nothing before it predicts it), whatever target_start.
+    first = np.maximum(self.target_start, 1)
+    return (pos >= first[:, None]) & (pos < self.lengths[:, None])
 
 
 def _lengths(seqs: Sequence[Sequence[int]]) -> np.ndarray:
