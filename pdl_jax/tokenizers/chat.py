@@ -171,6 +171,9 @@ class ChatTokenizer:
         n = next((k for k, (a, b) in enumerate(zip(self.prefix_ids, stable)) if a != b),
                  min(len(self.prefix_ids), len(stable)))
         self.prefix_ids = self.prefix_ids[:n]
+    # The head's tokens past the prefix start every prompt's ids (merged or not with
+    # its first characters): a prompt cut for length keeps them (examples._layout).
+    self.prompt_head_len = len(self.head_ids) - len(self.prefix_ids)
     if not end_ids:
       raise ValueError(f"the chat template ends an assistant turn with nothing ({end!r}); "
                        "no end-of-turn token to learn.")

@@ -75,3 +75,17 @@ def test_layout_equals_apply_chat_template(template_name, tokenizer_name):
     target = base.decode_batch([ex.seqs[i, ex.target_start[i]:n - 1].tolist()])[0]
     assert target.strip() == c["target"].strip()
   assert crossing.count(False) >= 4  # the generation prompt is checked on most cases
+
+
+def test_a_cut_prompt_keeps_the_head():
+  """A prompt cut for length keeps the head's tokens past the constant prefix (the
+  newline after "user", which some contents merge with) and the end of the text."""
+  base, tok = _tokenizers("smollm2", "metaspace")
+  assert tok.prompt_head_len >= 1 and tok.prefix_ids == tok.head_ids[:len(tok.prefix_ids)]
+  prompt = " ".join(["word"] * 150) + " the end"
+  ex = examples_lib.encode_examples([prompt], ["Paris."], tok, seq_len=48, max_target_len=8)
+  assert int(ex.truncated) == 1
+  assert ex.seqs[0, :len(tok.head_ids)].tolist() == tok.head_ids
+  gen = ex.seqs[0, :ex.target_start[0]].tolist()
+  assert gen[-len(tok.tail_ids):] == tok.tail_ids
+  assert base.decode_batch([gen[len(tok.head_ids):-len(tok.tail_ids)]])[0].endswith("the end")
