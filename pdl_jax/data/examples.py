@@ -64,7 +64,9 @@ class Examples:
     if self.loss_mask is not None:
       return self.loss_mask
     pos = np.arange(self.seqs.shape[1])[None, :]
-    return (pos >= self.target_start[:, None]) & (pos < self.lengths[:, None])
+    # Position 0 is no label (nothing before it predicts it), whatever target_start.
+    first = np.maximum(self.target_start, 1)
+    return (pos >= first[:, None]) & (pos < self.lengths[:, None])
 
 
 def _lengths(seqs: Sequence[Sequence[int]]) -> np.ndarray:
@@ -72,7 +74,7 @@ def _lengths(seqs: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, total: int,
-            max_target_len: int):
+            max_target_len: int, head: int = 0):
   """The example layout of encode_examples, vectorised over examples (numpy): a
   per-example Python loop cost more than the tokenizer on the frequency pass.
 
@@ -80,7 +82,9 @@ def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, tot
   (each example's prompt end, separator and target start, concatenated by C-level
   iteration into one np.fromiter), go into the row positions between the prefix and
   each row's end with one boolean-mask assignment; EOS and the prefix are written
-  after. Only kept tokens are ever copied (long prompts keep their end).
+  after. Only kept tokens are ever copied (long prompts keep their end, and their
+  first `head` tokens: a chat template's head tokens past the constant prefix,
+  ChatTokenizer.prompt_head_len).
   """
   lp, ls, lt = _lengths(p_ids), _lengths(sep_ids), _lengths(t_ids)
   n = len(lp)
@@ -96,7 +100,8 @@ def _layout(p_ids, sep_ids, t_ids, *, prefix: list[int], eos: int, pad: int, tot
   prompts = list(p_ids)  # the prompt's end where it does not fit
   cut_p = np.flatnonzero(kept_p < lp)
   for i, k in zip(cut_p.tolist(), kept_p[cut_p].tolist()):
-    prompts[i] = prompts[i][len(prompts[i]) - k:]
+    h = min(head, k - 1)
+    prompts[i] = prompts[i][:h] + prompts[i][len(prompts[i]) - (k - h):]
   targets = list(t_ids)  # the target's start where it does not fit
   for i in np.flatnonzero(target_cut).tolist():
     targets[i] = targets[i][:int(kept_t[i])]
@@ -175,7 +180,7 @@ def _encode_examples(prompts, targets, tokenizer, *, seq_len, max_target_len) ->
                      f"{prefix} and separator {sep}.")
   seqs, target_start, lengths, truncated, targets_truncated = _layout(
       p_ids, sep_ids, t_ids, prefix=prefix, eos=eos, pad=tokenizer.pad_id, total=total,
-      max_target_len=max_target_len)
+      max_target_len=max_target_len, head=int(getattr(tokenizer, "prompt_head_len", 0)))
   return Examples(seqs, target_start, lengths, prompts, targets, dropped, truncated,
                   targets_truncated)
 

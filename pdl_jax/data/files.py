@@ -16,10 +16,11 @@ record gives one example:
     "chat") that prompt is then the one user turn of the template; messages after
     the last assistant one are ignored.
 
-Formats: jsonl (one JSON object per line; blank lines skipped), csv and tsv (a
-header row naming the fields; the stdlib csv quoting rules; a context or messages
-cell holds its list as JSON text). dataset.format None infers each file's format
-from its suffix (SUFFIXES). Files are UTF-8 (a byte-order mark is allowed).
+Formats: jsonl (one JSON object per line; blank lines skipped), csv (a header row
+naming the fields; the stdlib csv quoting rules) and tsv (a header row; cells are
+their text as written, quotes included: no quoting, so no tabs or newlines in a
+value); a context or messages cell holds its list as JSON text. dataset.format
+None infers each file's format from its suffix (SUFFIXES). Files are UTF-8 (a byte-order mark is allowed).
 
 Without a validation file, a fixed fraction of the train records is held out
 (dataset.validation_fraction, drawn with SPLIT_SEED: the same records for every
@@ -199,8 +200,13 @@ def read_records(path: epath.Path, fmt: str) -> Iterator[tuple[int, dict[str, An
       count += 1
       yield number, record
   else:
+    # TSV cells are their text as written (text/tab-separated-values has no quoting):
+    # read with CSV's quoting rules, a cell that is entirely quoted ('"Hi," she said'
+    # whole, or '"yes"') would lose its quotes.
+    quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
     delimiter = "," if fmt == "csv" else "\t"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+                        quoting=quoting)
     header, start = None, 1
     try:
       for row in reader:
@@ -211,8 +217,11 @@ def read_records(path: epath.Path, fmt: str) -> Iterator[tuple[int, dict[str, An
           header = row
           continue
         if len(row) != len(header):
+          hint = _TSV_HINT if fmt == "tsv" else ""
           raise DataFileError(f"{path}: line {number}: {len(row)} values; expected "
-                              f"{len(header)}, one per header column {header}.")
+                              f"{len(header)}, one per header column {header}{hint}.")
+        if fmt == "tsv":
+          _refuse_csv_quoted(row, header, path, number)
         count += 1
         yield number, dict(zip(header, row))
     except csv.Error as e:
@@ -221,6 +230,23 @@ def read_records(path: epath.Path, fmt: str) -> Iterator[tuple[int, dict[str, An
   if count == 0:
     want = "one JSON object per line" if fmt == "jsonl" else "a header row and data rows"
     raise DataFileError(f"{path}: empty: no records; expected {want}.")
+
+
+_TSV_HINT = (" (TSV cells are read as written, without quoting: a value with a tab or a "
+             "newline needs a CSV or JSONL file)")
+
+
+def _refuse_csv_quoted(row: Sequence[str], header: Sequence[str], path: epath.Path,
+                       number: int) -> None:
+  # A TSV written with CSV quoting (csv.writer or pandas with a tab delimiter) quotes a
+  # cell holding quotes and doubles them: read as written it would keep both, so it
+  # is refused rather than read silently changed.
+  for name, cell in zip(header, row):
+    if len(cell) >= 2 and cell[0] == cell[-1] == '"' and '""' in cell[1:-1]:
+      raise DataFileError(f"{path}: line {number}: the {name!r} cell {cell[:60]!r} looks "
+                          "CSV-quoted (quotes doubled inside); TSV cells are read as "
+                          "written, without quoting: save the file as CSV (.csv) or write "
+                          "the text unquoted.")
 
 
 def _kind(value: Any) -> str:

@@ -32,7 +32,12 @@ def pack_examples(examples: examples_lib.Examples, *, loss_capacity: int, pad_id
     ValueError: an example with more loss tokens than `loss_capacity`.
   """
   total = examples.seqs.shape[1]
-  n_loss = examples.lengths - examples.target_start
+  # A segment's first token is never a loss position, even when target_start is 0
+  # (an empty prompt without BOS): nothing in its segment predicts it, and in a
+  # packed row the label before it is the previous example's EOS (as unpacked,
+  # where make_batch's labels start at position 1).
+  first_loss = np.maximum(examples.target_start, 1)
+  n_loss = np.maximum(examples.lengths - first_loss, 0)
   if len(examples) and n_loss.max() > loss_capacity:
     raise ValueError(f"an example has {int(n_loss.max())} loss tokens, more than the packed "
                      f"loss capacity {loss_capacity}.")
@@ -61,7 +66,7 @@ def pack_examples(examples: examples_lib.Examples, *, loss_capacity: int, pad_id
     seqs[r, start:start + n] = examples.seqs[i, :n]
     segment_ids[r, start:start + n] = count[r]
     positions[r, start:start + n] = np.arange(n)
-    loss_mask[r, start + examples.target_start[i]:start + n] = True
+    loss_mask[r, start + first_loss[i]:start + n] = True
     fill[r] += n
   return dataclasses.replace(
       examples, seqs=seqs, target_start=np.zeros(rows, np.int32),

@@ -49,6 +49,10 @@ _SENTINEL = "PdlJaxChatContentSentinel"
 _PADDED = " \n" + _SENTINEL + "\n "
 # The date strftime_now gives while a ChatTokenizer renders (transformers gives today's).
 CHAT_DATE = datetime.date(2026, 1, 1)
+# Contents whose first characters merge differently with the head's last tokens:
+# letters of each case, a space, newlines, digits, punctuation, markup-like text.
+_PROBES = ("x", "line", "What", "a b", " x", "  x", "\nx", "\n\nx", "\n", "0", "1.", ".",
+           "?", "-", "<", "[", "(", '"', "'", "\t", "é", "ΩΩ", "\u2581x")
 
 
 def _raise(message: str):
@@ -156,10 +160,20 @@ class ChatTokenizer:
     # The constant prefix of every example: the head's tokens that end inside it when a
     # content follows (Metaspace tokenizers merge a head's trailing space into the
     # content's first word: Mistral's "[INST] " + "The" is '▁[INST]', '▁The').
+    # Which head tokens merge depends on the content's first characters (a Metaspace
+    # "user\n" + "line" is '▁user', '\nline' but + "x" '▁user', '\n', '▁x'): the
+    # prefix is what the head tokenizes to before every probe of _PROBES.
     self.prefix_ids = list(self.head_ids)
     if hasattr(base, "encode_markup_offsets"):
-      probe_ids, probe_ends = base.encode_markup_offsets([head + "x" + tail])[0]
-      self.prefix_ids = [i for i, e in zip(probe_ids, probe_ends) if e <= len(head)]
+      probes = base.encode_markup_offsets([head + c + tail for c in _PROBES])
+      for probe_ids, probe_ends in probes:
+        stable = [i for i, e in zip(probe_ids, probe_ends) if e <= len(head)]
+        n = next((k for k, (a, b) in enumerate(zip(self.prefix_ids, stable)) if a != b),
+                 min(len(self.prefix_ids), len(stable)))
+        self.prefix_ids = self.prefix_ids[:n]
+    # The head's tokens past the prefix start every prompt's ids (merged or not with
+    # its first characters): a prompt cut for length keeps them (examples._layout).
+    self.prompt_head_len = len(self.head_ids) - len(self.prefix_ids)
     if not end_ids:
       raise ValueError(f"the chat template ends an assistant turn with nothing ({end!r}); "
                        "no end-of-turn token to learn.")

@@ -58,6 +58,27 @@ def test_pack_examples_first_fit_layout():
     packing.pack_examples(ex, loss_capacity=2, pad_id=PAD)
 
 
+def test_target_start_zero_predicts_no_label_across_examples():
+  """An example whose target starts at position 0 (an empty prompt, no BOS): packed,
+  its first token is no loss label (it would be predicted from the previous
+  example's EOS); every loss label's input is in the label's own segment, and each
+  example's (input, label) loss pairs are those of the example unpacked."""
+  ex = _examples()
+  ex.target_start[::2] = 0
+  packed = packing.pack_examples(ex, loss_capacity=16, pad_id=PAD)
+  assert len(packed) < len(ex) and packed.segment_ids.max() >= 2
+  b = batches_lib.make_batch(packed, np.arange(len(packed)))
+  on = b["loss_mask"] > 0
+  np.testing.assert_array_equal(b["segment_ids"][on], packed.segment_ids[:, 1:][on])
+  u = batches_lib.make_batch(ex, np.arange(len(ex)))
+  pairs = lambda bb: sorted(zip(bb["inputs"][bb["loss_mask"] > 0].tolist(),
+                                bb["labels"][bb["loss_mask"] > 0].tolist()))
+  assert pairs(b) == pairs(u)
+  assert packed.loss_mask.sum() == ex.loss_positions()[:, 1:].sum()
+  # Position 0 is no loss position of an unpacked example either.
+  assert not ex.loss_positions()[:, 0].any()
+
+
 def _model():
   cfg = model_config.DecoderConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4,
                                   num_kv_heads=2, head_dim=8, mlp_dim=64)

@@ -53,6 +53,34 @@ def write_table(path, records, delimiter=","):
   return str(path)
 
 
+def write_tsv(path, records):
+  """A TSV file as written by hand or by a tab join: cells as they are, no quoting."""
+  lines = ["\t".join(records[0])] + ["\t".join(r.values()) for r in records]
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return str(path)
+
+
+def test_tsv_cells_keep_their_quotes(tmp_path):
+  """TSV cells are their text as written: an entirely quoted cell keeps its quotes
+  (read with CSV's quoting rules it lost them); a CSV-quoted cell (quotes doubled
+  inside) and a row with a tab too many are clear errors."""
+  records = [{"prompt": '"Hi, can you help?"', "target": '"Yes."'},
+             {"prompt": 'She said "no" twice', "target": '"no" means no'},
+             {"prompt": '"a"b', "target": "plain"}]
+  got = data_files.read_pairs(write_tsv(tmp_path / "q.tsv", records), data_files.Fields(),
+                              None)[0]
+  assert got == pairs_of(records)
+  bad = tmp_path / "bad.tsv"
+  bad.write_text('prompt\ttarget\n"The app says ""expired"""\tok\n', encoding="utf-8")
+  with pytest.raises(data_files.DataFileError,
+                     match=r"bad\.tsv: line 2: the 'prompt' cell .* looks CSV-quoted"):
+    data_files.read_pairs(str(bad), data_files.Fields(), None)
+  bad.write_text("prompt\ttarget\na\tb\tc\n", encoding="utf-8")
+  with pytest.raises(data_files.DataFileError, match=r"line 2: 3 values; expected 2.*a "
+                     r"value with a tab or a newline needs a CSV or JSONL file"):
+    data_files.read_pairs(str(bad), data_files.Fields(), None)
+
+
 def files_config(train_path, validation=None, **fields):
   """A dialogue smoke config on the user's files."""
   c = dialogue.get_config("smoke,dataset=files")
@@ -82,9 +110,12 @@ def pairs_of(records, prompt="prompt", target="target"):
 def test_each_format_reads_the_same_examples(tmp_path, fmt):
   renamed = [{"ticket": r["prompt"], "summary": r["target"], "id": str(i)}
              for i, r in enumerate(RECORDS)]
+  if fmt == "tsv":  # TSV has no quoting: no tab or newline in a value
+    renamed = [{k: v.replace("\t", " ").replace("\n", " ") for k, v in r.items()}
+               for r in renamed]
   path = {"jsonl": lambda: write_jsonl(tmp_path / "d.jsonl", renamed),
           "csv": lambda: write_table(tmp_path / "d.csv", renamed),
-          "tsv": lambda: write_table(tmp_path / "d.tsv", renamed, "\t")}[fmt]()
+          "tsv": lambda: write_tsv(tmp_path / "d.tsv", renamed)}[fmt]()
   val = write_jsonl(tmp_path / "val.jsonl", renamed[:2])
   c = files_config(path, val, prompt_field="ticket", target_field="summary")
   config_checks.validate_config(c)

@@ -1,9 +1,12 @@
 """GGUF (llama.cpp) file -> Hugging Face model folder (config.json, float32 safetensors,
 tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json).
 
-Supported: architectures "llama" and "gemma3" (text), tokenizers "gpt2" (byte-level
-BPE) and "llama" (SentencePiece BPE; pdl_jax.models.hf.gguf_tokenizer); tensors in
-any type `gguf.quants.dequantize` handles. transformers' own GGUF loader
+Supported: architectures "llama" (Mistral too: llama.cpp writes it as "llama", its
+general.name saying Mistral), "qwen2" (q/k/v biases), "qwen3" (q/k norms), "gemma"
+and "gemma3" (text); tokenizers "gpt2" (byte-level BPE) and "llama" (SentencePiece
+BPE; pdl_jax.models.hf.gguf_tokenizer); tensors in any type `gguf.quants.dequantize`
+handles. Only "llama"'s q/k rows are permuted by llama.cpp's converter (its
+interleaved RoPE); the others use NEOX RoPE and are stored as Hugging Face has them. transformers' own GGUF loader
 (integrations/ggml.py, modeling_gguf_pytorch_utils.py) is the reference.
 
 Gemma 3 as llama.cpp's convert_hf_to_gguf.py writes it: every RMSNorm weight
@@ -55,7 +58,36 @@ _GEMMA3_LAYER_TENSORS = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
-_ARCHITECTURES = ("llama", "gemma3")
+# Qwen2's q/k/v biases; Qwen3's per-head q/k RMSNorms (its own names, unlike Gemma 3's
+# map above only by coincidence of the GGUF names).
+_QWEN2_LAYER_TENSORS = {**_LAYER_TENSORS, "attn_q.bias": "self_attn.q_proj.bias",
+                        "attn_k.bias": "self_attn.k_proj.bias",
+                        "attn_v.bias": "self_attn.v_proj.bias"}
+_QWEN3_LAYER_TENSORS = {**_LAYER_TENSORS, "attn_q_norm.weight": "self_attn.q_norm.weight",
+                        "attn_k_norm.weight": "self_attn.k_norm.weight"}
+# general.architecture -> (layer tensors, q/k permuted by the converter (llama.cpp's
+# interleaved RoPE; NEOX-RoPE architectures are stored as Hugging Face has them),
+# RMSNorm weights stored with Gemma's +1 folded in). Mistral is "llama" in llama.cpp
+# (general.name says which; see _model_type).
+_ARCH_TENSORS = {
+    "llama": (_LAYER_TENSORS, True, False),
+    "qwen2": (_QWEN2_LAYER_TENSORS, False, False),
+    "qwen3": (_QWEN3_LAYER_TENSORS, False, False),
+    "gemma": (_LAYER_TENSORS, False, True),
+    "gemma3": (_GEMMA3_LAYER_TENSORS, False, True),
+}
+_ARCHITECTURES = tuple(_ARCH_TENSORS)
+# model_type -> (architecture class, config fields beyond the Llama ones).
+_FAMILY_CONFIG = {
+    "llama": ("LlamaForCausalLM", {}),
+    # llama.cpp keeps no sliding window for Mistral (it attends to the whole context).
+    "mistral": ("MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": None}),
+    "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None}),
+    # llama.cpp's Gemma MLP is the tanh-approximated GELU.
+    "gemma": ("GemmaForCausalLM", {"hidden_act": "gelu_pytorch_tanh",
+                                   "hidden_activation": "gelu_pytorch_tanh"}),
+}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -69,6 +101,16 @@ def _architecture(reader: gguf.GGUFReader) -> str:
     raise ValueError(f"{reader.data.filename}: general.architecture {arch!r} is not "
                      f"supported; supported: {_ARCHITECTURES}.")
   return arch
+
+
+def _model_type(reader: gguf.GGUFReader, arch: str) -> str:
+  """The Hugging Face model_type of a GGUF's architecture: llama.cpp writes Mistral
+  models as "llama", with the model's name in general.name (as transformers' GGUF
+  loader tells them apart)."""
+  name = str(metadata(reader, "general.name", "") or "")
+  if arch == "llama" and "mistral" in name.lower():
+    return "mistral"
+  return {"gemma3": "gemma3_text"}.get(arch, arch)
 
 
 def _tensor_shapes(reader: gguf.GGUFReader) -> dict[str, tuple[int, ...]]:
@@ -138,7 +180,12 @@ def hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
       "torch_dtype": "float32",
       "dtype": "float32",
   }
-  return _gemma3_config(reader, out, get) if arch == "gemma3" else out
+  if arch == "gemma3":
+    return _gemma3_config(reader, out, get)
+  model_type = _model_type(reader, arch)
+  architecture, extra = _FAMILY_CONFIG[model_type]
+  out.update(architectures=[architecture], model_type=model_type, **extra)
+  return out
 
 
 def _gemma3_config(reader: gguf.GGUFReader, llama: dict[str, Any], get) -> dict[str, Any]:
@@ -193,8 +240,9 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
   heads, kv_heads, hd = (config["num_attention_heads"], config["num_key_value_heads"],
                          config["head_dim"])
   ff, vocab = config["intermediate_size"], config["vocab_size"]
-  gemma3 = config["model_type"] == "gemma3_text"
-  layer_tensors = _GEMMA3_LAYER_TENSORS if gemma3 else _LAYER_TENSORS
+  arch = _architecture(reader)
+  gemma3 = arch == "gemma3"
+  layer_tensors, permuted, norm_shift = _ARCH_TENSORS[arch]
   expected = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
   if not config["tie_word_embeddings"]:
     expected["lm_head.weight"] = (vocab, d)
@@ -209,9 +257,14 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
         p + "mlp.down_proj.weight": (d, ff),
         p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
     if gemma3:
-      expected.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-                       p + "pre_feedforward_layernorm.weight": (d,),
+      expected.update({p + "pre_feedforward_layernorm.weight": (d,),
                        p + "post_feedforward_layernorm.weight": (d,)})
+    if arch in ("gemma3", "qwen3"):
+      expected.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    if arch == "qwen2":
+      expected.update({p + "self_attn.q_proj.bias": (heads * hd,),
+                       p + "self_attn.k_proj.bias": (kv_heads * hd,),
+                       p + "self_attn.v_proj.bias": (kv_heads * hd,)})
   out: dict[str, np.ndarray] = {}
   errors: list[str] = []
   for t in reader.tensors:
@@ -230,11 +283,11 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
     except NotImplementedError as e:
       errors.append(f"{t.name!r}: type {t.tensor_type.name} cannot be dequantised ({e})")
       continue
-    if gemma3:  # llama.cpp folds Gemma's (1 + w) into the stored norm weights
+    if norm_shift:  # llama.cpp folds Gemma's (1 + w) into the stored norm weights
       w = w - np.float32(1.0) if name.endswith("norm.weight") else w
-    elif name.endswith("q_proj.weight"):
+    elif permuted and name.endswith("q_proj.weight"):
       w = _unpermute(w, heads)
-    elif name.endswith("k_proj.weight"):
+    elif permuted and name.endswith("k_proj.weight"):
       w = _unpermute(w, kv_heads)
     out[name] = w
   errors += [f"missing tensor for {name!r}" for name in expected if name not in out]

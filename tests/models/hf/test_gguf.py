@@ -205,9 +205,14 @@ def test_bad_files_are_named(converted, tmp_path):
   with pytest.raises(ValueError, match=f"{magic} is not a GGUF file"):
     gguf_lib.convert(magic, tmp_path / "b")
   arch = tmp_path / "arch.gguf"
-  _write_gguf(arch, arch="qwen2")
-  with pytest.raises(ValueError, match=f"{arch}: general.architecture 'qwen2'"):
+  _write_gguf(arch, arch="mistral3")
+  with pytest.raises(ValueError, match=f"{arch}: general.architecture 'mistral3'"):
     gguf_lib.convert(arch, tmp_path / "c")
+  # A supported architecture whose tensors are not all there: each missing one named.
+  _write_gguf(tmp_path / "qwen2.gguf", arch="qwen2")
+  with pytest.raises(ValueError, match=r"qwen2\.gguf: missing tensor for "
+                     r"'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+    gguf_lib.convert(tmp_path / "qwen2.gguf", tmp_path / "f")
   missing = tmp_path / "missing.gguf"
   _write_gguf(missing, drop=("feed_forward_length",))
   with pytest.raises(ValueError, match=f"{missing}: .*'llama.feed_forward_length' is missing"):
@@ -218,7 +223,7 @@ def test_bad_files_are_named(converted, tmp_path):
   with pytest.raises(ValueError, match=f"{spm}: .*'tokenizer.ggml.scores' is missing"):
     gguf_lib.convert(spm, tmp_path / "e")
   assert sorted(os.listdir(tmp_path)) == sorted(  # no output, not even a half one
-      ["short.gguf", "magic.gguf", "arch.gguf", "missing.gguf", "spm.gguf"])
+      ["short.gguf", "magic.gguf", "arch.gguf", "qwen2.gguf", "missing.gguf", "spm.gguf"])
 
 
 def _wheel(tmp_path, gguf_path):
