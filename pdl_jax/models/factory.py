@@ -51,6 +51,11 @@ def make_model(m, vocab_size: int | None = None) -> decoder.Decoder:
   return decoder.Decoder(decoder_config(m, vocab_size))
 
 
+# DecoderConfig fields added after runs were first fingerprinted (Gemma 3).
+LATER_FIELDS = ("local_layers", "local_rope_theta", "post_norms", "query_scale",
+                "final_logit_softcap")
+
+
 def describe(model: decoder.Decoder) -> dict[str, Any]:
   """The model's configuration as JSON-able values (for the run fingerprint, which
   leaves out `remat`: see pdl_jax.train.provenance.fingerprint)."""
@@ -58,6 +63,12 @@ def describe(model: decoder.Decoder) -> dict[str, Any]:
          if k != "source_config_json"}
   if not model.cfg.lora_rank:  # fingerprints of full runs stay as before LoRA existed
     for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant"):
+      out.pop(k)
+  # Fields added later (Gemma 2/3) leave the fingerprint at their defaults: a run
+  # written before they existed resumes.
+  defaults = {f.name: f.default for f in dataclasses.fields(model.cfg)}
+  for k in LATER_FIELDS:
+    if out[k] == defaults[k]:
       out.pop(k)
   return out
 

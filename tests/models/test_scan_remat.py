@@ -278,3 +278,23 @@ def test_init_from_a_run_of_the_other_layout_converts(tmp_path):
   abstract = nn.meta.unbox(hf_weights.abstract_params(other))
   with pytest.raises(ValueError, match="do not match.*scan_layers=False there, True here"):
     ckpt_lib.load_params(str(tmp_path / "unrolled"), abstract)
+
+
+def test_fingerprint_keys_of_a_run_written_before_gemma3_fields():
+  """A full-finetune run's model fingerprint has the keys it had when the committed
+  runs were written (results/real/*/runs/*/provenance.json): fields added since leave
+  it at their defaults, so such a run resumes; set, they enter it."""
+  import dataclasses
+  import json
+  import os
+  from pdl_jax.models import config as model_config
+  from pdl_jax.models import decoder
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(root, "results", "real", "summarization", "runs", "ce-seed0",
+                         "provenance.json")) as f:
+    stored = json.load(f)["model"]
+  cfg = model_config.from_model_config(model_config.preset_config("tiny", vocab_size=64))
+  # remat and an unscanned scan_layers: provenance.fingerprint leaves them out.
+  assert set(factory.describe(decoder.Decoder(cfg))) - {"remat", "scan_layers"} == set(stored)
+  capped = dataclasses.replace(cfg, final_logit_softcap=30.0)
+  assert factory.describe(decoder.Decoder(capped))["final_logit_softcap"] == 30.0
