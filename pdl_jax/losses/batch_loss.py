@@ -88,9 +88,21 @@ def compute_loss(params, batch, weights_V, loss_state_V, *, model, loss_name: st
   return loss, (aux, loss_state_V)
 
 
-def use_chunked_loss(loss_cfg, vocab_size: int) -> bool:
+def use_chunked_loss(loss_cfg, vocab_size: int, softcap: float | None = None) -> bool:
   """loss.chunked, or for None: chunked for vocabularies of 32,000 and more
-  (pretrained models), where the [B, L, V] logits dominate memory, if the loss can."""
+  (pretrained models), where the [B, L, V] logits dominate memory, if the loss can.
+  A model with final logit soft-capping (softcap) is never chunked: the chunked loss
+  reads the raw unembedding, which the cap does not pass through.
+
+  Raises:
+    ValueError: loss.chunked=True with a soft-capped model.
+  """
+  if softcap is not None:
+    if loss_cfg.chunked:
+      raise ValueError(f"config.loss.chunked=True with a model whose final logits are "
+                       f"soft-capped (final_logit_softcapping={softcap}); expected "
+                       "chunked=False or None: the chunked loss cannot apply the cap.")
+    return False
   if loss_cfg.chunked is not None:
     return bool(loss_cfg.chunked)
   return vocab_size >= 32_000 and registry.supports_chunked(loss_cfg.name)
@@ -114,7 +126,8 @@ def loss_fn_of(loss_cfg, model, *, capacity: int | None, eos_id: int = 1,
   fn(params, batch, weights_V, loss_state_V) -> (loss, (aux, loss_state_V))."""
   return functools.partial(compute_loss, model=model, loss_name=loss_cfg.name,
                            loss_params=loss_params(loss_cfg),
-                           chunked=use_chunked_loss(loss_cfg, model.cfg.vocab_size),
+                           chunked=use_chunked_loss(loss_cfg, model.cfg.vocab_size,
+                                                    model.cfg.final_logit_softcap),
                            chunk_size=loss_cfg.chunk_size,
                            chunk_strategy=chunk_strategy(loss_cfg, batch_shards),
                            row_chunk_size=loss_cfg.row_chunk_size, eos_id=eos_id,

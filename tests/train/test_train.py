@@ -450,6 +450,13 @@ def test_chunked_loss_turns_on_for_large_vocabularies_and_dtype_follows_the_back
   c.loss.chunked = False
   c.loss.name = "pdl"
   assert not batch_loss.use_chunked_loss(c.loss, 151_936)
+  # A soft-capped model (Gemma 2/3 configs) is never chunked by default, and refused
+  # when asked to be: the chunked loss would skip the cap.
+  c.loss.chunked = None
+  assert not batch_loss.use_chunked_loss(c.loss, 262_144, softcap=30.0)
+  c.loss.chunked = True
+  with pytest.raises(ValueError, match="chunked=True.*soft-capped.*30.0"):
+    batch_loss.use_chunked_loss(c.loss, 262_144, softcap=30.0)
   assert factory.compute_dtype(c.model) == "float32"  # CPU here; bfloat16 on accelerators
   c.model.dtype = "bfloat16"
   assert factory.compute_dtype(c.model) == "bfloat16"
