@@ -35,6 +35,7 @@ Three things keep the layout equal to tokenizing the rendered conversation:
 from __future__ import annotations
 
 import datetime
+import re
 import functools
 import hashlib
 from typing import Any, Iterable, Sequence
@@ -214,12 +215,16 @@ class ChatTokenizer:
     prompts = [self.content(p) for p in prompts]
     targets = [self.content(t) for t in targets]
     specials = tuple(getattr(self.base, "special_strings", ()))
+    # One compiled alternation: Gemma's vocabulary has 6,249 special strings, which
+    # a loop of `in` tests per example made a minute per 50k examples.
+    special_re = (re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+                  if specials else None)
     out: tuple[list, list, list] = ([], [], [])
     whole = self.base.encode_markup_offsets(
         [head + p + tail + t + end for p, t in zip(prompts, targets)])
     for p, t, (ids, ends) in zip(prompts, targets, whole):
       parts = None
-      if not any(s in p or s in t for s in specials):
+      if special_re is None or not (special_re.search(p) or special_re.search(t)):
         parts = _split_at(ids, ends, self.prefix_ids, (len(head), len(head) + len(p),
                                                       len(head) + len(p) + len(tail),
                                                       len(head) + len(p) + len(tail) + len(t)))

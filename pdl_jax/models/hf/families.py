@@ -113,7 +113,8 @@ def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any
 
 def _gemma3_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any]
                    ) -> DecoderConfig:
-  """Gemma 3's text model (gemma3_text; a multimodal gemma3 config's text_config):
+  """Gemma 3's text model (gemma3_text, Gemma3ForCausalLM; a multimodal gemma3 config is
+  not read: its text_config is not unpacked):
   local (sliding-window) and global layers in `layer_types` (or every
   `sliding_window_pattern`-th layer global), each kind with its RoPE (v5
   rope_parameters per layer type; v4 rope_theta + rope_scaling for global layers and

@@ -80,7 +80,9 @@ def _sentencepiece_bpe(reader: gguf.GGUFReader, tokens: list[str], types: list[i
                        ) -> tokenizers.Tokenizer:
   arch = gguf_lib.metadata(reader, "general.architecture")
   gemma = arch in _GEMMA_ARCHS
-  pieces = [("\u2581" * len(t) if gemma and " " in t and not t.strip() else t) for t in tokens]
+  # Gemma's GGUF spells its runs of spaces with " " where the vocabulary has "▁";
+  # only pieces of spaces alone (a piece mixing spaces and newlines keeps them).
+  pieces = [("\u2581" * len(t) if gemma and set(t) == {" "} else t) for t in tokens]
   if gemma:  # Gemma's scores are not its merge order; the file's order is
     rank = [-float(i) for i in range(len(pieces))]
   else:
