@@ -387,3 +387,21 @@ def test_remote_model_folder_is_copied_once_per_host_and_only_its_weights(tmp_pa
   np.testing.assert_array_equal(
       jax.tree.leaves(hf_weights.load_params(folder, cfg))[0],
       jax.tree.leaves(hf_weights.load_params(str(src), cfg))[0])
+
+
+def test_scanned_kv_cache_decoding_of_local_and_global_layers():
+  """Gemma 3 scanned: each layer picks its window and RoPE tables by a traced flag;
+  greedy decoding with the KV cache past the window equals the unrolled model's."""
+  cfg = hf_families.read_config(_dir("gemma3"))
+  params = hf_weights.load_params(_dir("gemma3"), cfg)
+  ref = np.load(os.path.join(_dir("gemma3"), "reference.npz"))
+  tokens, mask = decode_lib.left_pad([ref["tokens"][0, :5].tolist(),
+                                      ref["tokens"][1, :9].tolist()], 9, pad_id=0)
+  out = []
+  for c, p in ((cfg, params), (dataclasses.replace(cfg, scan_layers=True),
+                               decoder.stack_layers(params, cfg.num_layers))):
+    out.append(np.asarray(decode_lib.generate(
+        decoder.Decoder(c), p, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
+        max_new_tokens=6, eos_id=-1, pad_id=0)))
+  assert cfg.sliding_window < 15 and any(cfg.local_layers) and not all(cfg.local_layers)
+  np.testing.assert_array_equal(out[1], out[0])
