@@ -202,6 +202,11 @@ def _gemma3_config(reader: gguf.GGUFReader, llama: dict[str, Any], get) -> dict[
              for i in range(n)]
   scaling = get("rope.scaling.type", "none")
   cap = get("final_logit_softcapping", None)
+  # The score scale is 1/sqrt(head_dim) but for the 27B model (62 layers), whose
+  # query_pre_attn_scalar is d_model / heads (168, not 128): llama.cpp's rule, as the
+  # file does not store it.
+  scalar = (llama["hidden_size"] // llama["num_attention_heads"] if n == 62
+            else llama["head_dim"])
   out = {k: v for k, v in llama.items() if k not in ("hidden_act", "mlp_bias")}
   out.update(
       architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
@@ -210,7 +215,7 @@ def _gemma3_config(reader: gguf.GGUFReader, llama: dict[str, Any], get) -> dict[
       rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)),
       rope_scaling=({"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
                     if scaling == "linear" else None),
-      query_pre_attn_scalar=llama["head_dim"], final_logit_softcapping=cap,
+      query_pre_attn_scalar=scalar, final_logit_softcapping=cap,
       attn_logit_softcapping=None, use_bidirectional_attention=False)
   return out
 
