@@ -21,13 +21,7 @@ def decoder_config(m, vocab_size: int | None = None) -> model_config.DecoderConf
   directory's config.json, or the own model's preset for a vocabulary of
   `vocab_size`."""
   dtype = compute_dtype(m)
-  # How the layers run (scanned, rematerialised) is the config's, for either model.
-  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
-  lo = m.get("lora")
-  if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.models.lora)
-    how.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
-                  lora_targets=tuple(lo.targets), lora_dropout=float(lo.dropout),
-                  base_quant=lo.base_quant)
+  how = run_fields(m)
   if m.pretrained is not None:
     cfg = hf_families.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
     return dataclasses.replace(cfg, **how)
@@ -35,6 +29,18 @@ def decoder_config(m, vocab_size: int | None = None) -> model_config.DecoderConf
                                  tied_embeddings=m.tied_embeddings)
   return dataclasses.replace(model_config.from_model_config(own), param_dtype=m.param_dtype,
                              **how)
+
+
+def run_fields(m) -> dict[str, Any]:
+  """The DecoderConfig fields the model settings `m` set for either model: how the
+  layers run (scanned, rematerialised) and the LoRA adapters."""
+  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
+  lo = m.get("lora")
+  if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.models.lora)
+    how.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
+               lora_targets=tuple(lo.targets), lora_dropout=float(lo.dropout),
+               base_quant=lo.base_quant)
+  return how
 
 
 def compute_dtype(m) -> str:
