@@ -72,6 +72,31 @@ FAMILIES = {
                                 n_positions=64, activation_function="gelu_new",
                                 layer_norm_epsilon=1e-5, initializer_range=0.1, bos_token_id=BOS,
                                 eos_token_id=EOS), {}),
+    # A window shorter than the fixture's 16 tokens: the sliding window is in use.
+    "mistral_window": ("MistralConfig", dict(_LLAMA, sliding_window=5,
+                                             tie_word_embeddings=False), {}),
+    # Gemma 3 (v5 config layout): local and global layers in an irregular pattern, a
+    # window of 5 < 16 tokens, local RoPE base 100 (far from the global 1e6, linear x2),
+    # a score scale unlike head_dim's, final logit soft-capping that bites (cap 3).
+    "gemma3": ("Gemma3TextConfig", dict(
+        _LLAMA, num_hidden_layers=4, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True, rms_norm_eps=1e-6, query_pre_attn_scalar=24,
+        sliding_window=5, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0,
+                                                rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)}),
+        {}),
+    # Gemma 3 with the v4 config.json that downloaded checkpoints carry (rewritten
+    # below): sliding_window_pattern 2, rope_theta / rope_local_base_freq, no soft-cap.
+    "gemma3_v4": ("Gemma3TextConfig", dict(
+        _LLAMA, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=16, sliding_window=3, sliding_window_pattern=2,
+        rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=50.0)}),
+        {}),
 }
 
 
@@ -139,6 +164,18 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
     with open(path, "w") as f:
       json.dump(cfg, f, indent=2)
 
+  if name == "gemma3_v4":
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+      cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg.pop("layer_types")
+    cfg.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling=None,
+               rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+               sliding_window_pattern=2, torch_dtype=cfg.pop("dtype", "float32"))
+    with open(path, "w") as f:
+      json.dump(cfg, f, indent=2)
+
   if name == "gemma":
     # Official Gemma configs say hidden_act "gelu", a legacy value that transformers
     # maps to the tanh GELU: the reader must too.
@@ -161,6 +198,8 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     again = reloaded.eval()(torch.from_numpy(tokens).long()).logits.float().numpy()
   assert np.array_equal(logits, again), f"{name}: saved model differs from the made one"
+  if name.startswith("gemma3"):  # the reloaded (rewritten) config is the made one
+    assert reloaded.config.layer_types == config.layer_types, name
   np.savez(os.path.join(out, "reference.npz"), tokens=tokens, logits=logits.astype(np.float32))
   with open(os.path.join(out, "versions.json"), "w") as f:
     json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
@@ -172,8 +211,8 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
 def main() -> None:
   tok = train_tokenizer()
   names = sys.argv[1:] or list(FAMILIES)
-  for seed, name in enumerate(names):
-    make(name, tok, seed)
+  for name in names:
+    make(name, tok, list(FAMILIES).index(name))  # a fixture's seed is its place in FAMILIES
     print(name, sorted(os.listdir(os.path.join(OUT, name))))
 
 

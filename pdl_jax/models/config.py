@@ -108,7 +108,15 @@ class DecoderConfig:
   embed_scale: bool = False  # Gemma: embeddings * sqrt(d_model), rounded to the compute dtype
   tied_embeddings: bool = True
   unembed_scale: float | None = None  # the own model's d_model**-0.5 on the tied unembedding
-  sliding_window: int | None = None  # Mistral: refused when a call attends further than this
+  # Sliding-window (local) attention: a query at buffer index i sees keys j with
+  # i - window < j <= i (transformers' convention). local_layers empty: every layer
+  # is windowed (Mistral); else one bool per layer, True for a local layer (Gemma 2/3).
+  sliding_window: int | None = None
+  local_layers: tuple[bool, ...] = ()
+  local_rope_theta: float | None = None  # local layers' RoPE base (default type); None: rope_theta
+  post_norms: bool = False  # Gemma 2/3: a norm on the attention's and the MLP's output too
+  query_scale: float | None = None  # score scale; None: head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
+  final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2/3)
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"
   model_type: str = "pdl"  # Hugging Face model_type it came from; "pdl" for the own model
@@ -142,6 +150,13 @@ class DecoderConfig:
                        f"num_kv_heads={self.num_kv_heads}.")
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim; got {self.head_dim}.")
+    if self.local_layers and (len(self.local_layers) != self.num_layers
+                              or self.sliding_window is None):
+      raise ValueError(f"DecoderConfig.local_layers has {len(self.local_layers)} entries with "
+                       f"sliding_window={self.sliding_window}; expected one per layer "
+                       f"({self.num_layers}) and a window.")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window}; expected >= 1.")
     bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
     if bad:
       raise ValueError(f"DecoderConfig.lora_targets has {bad}; supported: "
@@ -152,6 +167,12 @@ class DecoderConfig:
     if self.base_quant != "none" and not self.lora_rank:
       raise ValueError(f"DecoderConfig.base_quant={self.base_quant!r} quantises a LoRA "
                        "run's frozen base; set lora_rank > 0.")
+
+  def layer_window(self, i: int) -> int | None:
+    """The attention window of layer i: sliding_window on a local layer, else None (full causal)."""
+    if self.sliding_window is None or (self.local_layers and not self.local_layers[i]):
+      return None
+    return self.sliding_window
 
   def lora_on(self, module: str) -> bool:
     """Whether the projection module `module` ("query", "up", ...) has an adapter."""

@@ -9,7 +9,16 @@ The KV cache (`init_cache`: {"k", "v"}, [layers, B, KV, S, K] scanned, a tuple o
 [B, KV, S, K] buffer per layer unrolled; head-major) holds the KV heads only; each KV
 head serves num_heads / num_kv_heads query heads. Parameter names: embed,
 block_i/attn/{query,key,value,out}, block_i/{attn_norm,mlp_norm},
-block_i/mlp/{gate,up,down}, final_norm, unembed.
+block_i/{attn_post_norm,mlp_post_norm} (post_norms), block_i/mlp/{gate,up,down},
+final_norm, unembed.
+
+Sliding-window attention (DecoderConfig.sliding_window, .local_layers): every layer
+(Mistral) or the local ones (Gemma 2/3, with their own RoPE base) see only the last
+`window` keys; the mask (`attention_allowed`) is banded, causal and packing-aware
+in training. Decoding keeps the full cache on every layer and masks the band: the
+simplest exact choice; a local layer then stores and reads S positions where it needs
+`window` (Gemma 3 270M: 15 of 18 layers local, window 512; at S <= 512 nothing is
+lost, at S = 2048 the local layers read 4x the keys a ring buffer would).
 
 Layers (DecoderConfig.scan_layers, .remat): unrolled, the blocks are block_0 ...
 block_{n-1}; scanned, one `nn.scan` runs them over params stacked on a leading
@@ -23,6 +32,7 @@ math. The unembedding is one 2-D matmul (`unembed_logits`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 import flax.linen as nn
@@ -90,7 +100,7 @@ class Decoder(nn.Module):
       self.blocks = nn.scan(
           block_cls, variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},  # LoRA dropout: a mask per layer
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0,
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0), out_axes=0,
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name=SCANNED)
     else:
@@ -131,6 +141,9 @@ class Decoder(nn.Module):
     else:
       logits_NxV = jnp.matmul(hidden_NxD, self.unembed.astype(hidden_NxD.dtype),
                               preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:  # Gemma 2/3: cap * tanh(logits / cap)
+      cap = cfg.final_logit_softcap
+      logits_NxV = cap * jnp.tanh(logits_NxV / cap)
     return logits_NxV.reshape(lead + (cfg.vocab_size,))
 
   def __call__(self, tokens_BxL, positions_BxL=None, key_mask_BxS=None, cache=None,
@@ -145,28 +158,15 @@ class Decoder(nn.Module):
       s, query_index = l, jnp.arange(l)
     else:
       s, query_index = cache_length(cache), cache_index + jnp.arange(l)
-    if cfg.sliding_window is not None and s > cfg.sliding_window:
-      raise ValueError(
-          f"{cfg.model_type}: sliding-window attention (window {cfg.sliding_window}) is not "
-          f"supported and this call attends over {s} positions; use sequences of at most "
-          f"{cfg.sliding_window} tokens (then it equals full causal attention).")
     if cfg.positions == "learned" and s > cfg.max_len:
       raise ValueError(f"{cfg.model_type}: {s} positions exceed the {cfg.max_len} learned "
                        "position embeddings.")
-    allowed_1xLxS = (jnp.arange(s)[None, :] <= query_index[:, None])[None]
-    if key_mask_BxS is not None:
-      allowed_1xLxS = allowed_1xLxS & key_mask_BxS[:, None, :].astype(bool)
-    if segment_ids_BxL is not None:
-      # Packed rows (pdl_jax.data.packing.pack_examples): a token attends within its own
-      # segment only; with positions restarting per segment, each example sees what
-      # it would alone in a row.
-      allowed_1xLxS = allowed_1xLxS & (segment_ids_BxL[:, :, None]
-                                       == segment_ids_BxL[:, None, :])
-    # Additive float32 bias, made once per forward (shape [1, L, S] without a key
-    # mask: broadcast in the add, never materialised per row).
-    bias_BxLxS = jnp.where(allowed_1xLxS, 0.0, -1e30).astype(jnp.float32)
-    rope_tables = (layers.rotary_tables(positions_BxL, layers.inverse_frequencies(cfg))
-                   if cfg.positions == "rope" else None)
+    # One (RoPE tables, mask bias) per kind of layer present: global (full causal)
+    # and local (the sliding window, its own RoPE base); made once per forward.
+    kinds = {kind: (self._rope_tables(positions_BxL, kind),
+                    attention_bias(query_index, s, key_mask_BxS, segment_ids_BxL,
+                                   cfg.sliding_window if kind == "local" else None))
+             for kind in layer_kinds(cfg)}
     x_BxLxD = self.embed(tokens_BxL)
     if cfg.embed_scale:
       # Gemma multiplies by sqrt(d) rounded to the compute dtype (bf16: 55.5 for d=3072).
@@ -176,12 +176,21 @@ class Decoder(nn.Module):
     x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
     if cfg.scan_layers:
       kv_all = None if cache is None else (cache["k"], cache["v"])  # [layers, B, G, S, K]
-      x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index)
+      if len(kinds) == 1:  # every layer alike: broadcast its tables and bias
+        (rope_tables, bias_BxLxS), = kinds.values()
+        local_flags = None
+      else:  # (global, local) pairs; each layer's flag picks one (layers.Block)
+        rope_tables = (kinds["global"][0], kinds["local"][0])
+        bias_BxLxS = (kinds["global"][1], kinds["local"][1])
+        local_flags = jnp.asarray(cfg.local_layers)
+      x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index,
+                                    local_flags)
       new_cache = None if cache is None else {"k": kv_all[0], "v": kv_all[1]}
     else:
       new_k, new_v = [], []
       for i, block in enumerate(self.blocks):
         kv = None if cache is None else (cache["k"][i], cache["v"][i])
+        rope_tables, bias_BxLxS = kinds["global" if cfg.layer_window(i) is None else "local"]
         x_BxLxD, kv = block(x_BxLxD, rope_tables, bias_BxLxS, kv, cache_index)
         if kv is not None:
           new_k.append(kv[0])
@@ -198,6 +207,55 @@ class Decoder(nn.Module):
     if return_hidden:
       return hidden_BxLxD, new_cache
     return self.unembed_logits(hidden_BxLxD), new_cache
+
+  def _rope_tables(self, positions_BxL, kind: str):
+    """RoPE (cos, sin) of one kind of layer; None with learned positions. Local layers
+    with their own base (Gemma 3's rope_local_base_freq) use it with default RoPE."""
+    cfg = self.cfg
+    if cfg.positions != "rope":
+      return None
+    if kind == "local" and cfg.local_rope_theta is not None:
+      cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default")
+    return layers.rotary_tables(positions_BxL, layers.inverse_frequencies(cfg))
+
+
+def layer_kinds(cfg: model_config.DecoderConfig) -> list[str]:
+  """The kinds of layer cfg has, of "global" (full causal) and "local" (windowed)."""
+  windows = {cfg.layer_window(i) is None for i in range(cfg.num_layers)}
+  return [kind for kind, is_global in (("global", True), ("local", False))
+          if is_global in windows]
+
+
+def attention_allowed(query_index_L: jax.Array, s: int, key_mask_BxS=None,
+                      segment_ids_BxL=None, window: int | None = None) -> jax.Array:
+  """Which keys each query may attend to: bool [B or 1, L, S].
+
+  Causal by buffer index (query at buffer index query_index_L[i] sees keys j <=
+  it); with a window, also j > i - window (transformers' sliding window: the query
+  and window - 1 keys before it). Buffer distance is token distance: a packed
+  segment's tokens are contiguous (segment ids keep attention inside it), and a
+  decoding row's real tokens are contiguous after its left padding (key_mask_BxS
+  marks them). So a packed row sees, per example, what it would alone in a row.
+  """
+  key_S = jnp.arange(s)
+  allowed_1xLxS = (key_S[None, :] <= query_index_L[:, None])[None]
+  if window is not None:
+    allowed_1xLxS = allowed_1xLxS & (key_S[None, :] > query_index_L[:, None] - window)[None]
+  if key_mask_BxS is not None:
+    allowed_1xLxS = allowed_1xLxS & key_mask_BxS[:, None, :].astype(bool)
+  if segment_ids_BxL is not None:
+    allowed_1xLxS = allowed_1xLxS & (segment_ids_BxL[:, :, None]
+                                     == segment_ids_BxL[:, None, :])
+  return allowed_1xLxS
+
+
+def attention_bias(query_index_L: jax.Array, s: int, key_mask_BxS=None,
+                   segment_ids_BxL=None, window: int | None = None) -> jax.Array:
+  """`attention_allowed` as the additive float32 bias the attention adds to its
+  scores: 0 where allowed, -1e30 elsewhere ([1, L, S] without a key mask or
+  segments: broadcast in the add, never materialised per row)."""
+  allowed = attention_allowed(query_index_L, s, key_mask_BxS, segment_ids_BxL, window)
+  return jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
 
 
 def init_cache(cfg: model_config.DecoderConfig, batch: int, length: int) -> Cache:
@@ -220,7 +278,17 @@ def cache_length(cache: Cache) -> int:
 
 
 def unembed_DxV(model: Decoder, params) -> jax.Array:
-  """The [D, V] output projection of `params` (for the chunked loss)."""
+  """The [D, V] output projection of `params` (for the chunked loss).
+
+  Raises:
+    ValueError: the model soft-caps its logits (Gemma 2/3 where configured), which a
+      plain product with this matrix would leave out.
+  """
+  if model.cfg.final_logit_softcap is not None:
+    raise ValueError(f"{model.cfg.model_type}: final_logit_softcapping="
+                     f"{model.cfg.final_logit_softcap} is applied by Decoder.unembed_logits; "
+                     "the chunked losses multiply by the output projection directly and "
+                     "would leave it out: set loss.chunked=False.")
   return model.apply({"params": params}, method=Decoder.unembed_matrix)
 
 

@@ -246,12 +246,13 @@ class Attention(nn.Module):
     q_BxLxHxK = constrain(proj("query", h, "heads"), "batch", "length", "heads", "kv")
     k_BxLxGxK = constrain(proj("key", g, "kv_heads"), "batch", "length", "kv_heads", "kv")
     v_BxLxGxK = constrain(proj("value", g, "kv_heads"), "batch", "length", "kv_heads", "kv")
-    if cfg.qk_norm:
-      q_BxLxHxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="q_norm")(q_BxLxHxK)
-      k_BxLxGxK = Norm("rms", cfg.norm_eps, pdtype, "kv", name="k_norm")(k_BxLxGxK)
-    # The 1/sqrt(K) score scale is folded into q ([B, L, H, K] multiplies, or none
-    # at all with RoPE: it rides on q's cos/sin) instead of scaling [B, H, L, S].
-    scale = k ** -0.5
+    if cfg.qk_norm:  # the model's RMS kind: x * w (Qwen3) or x * (1 + w) (Gemma 3)
+      q_BxLxHxK = Norm(cfg.norm, cfg.norm_eps, pdtype, "kv", name="q_norm")(q_BxLxHxK)
+      k_BxLxGxK = Norm(cfg.norm, cfg.norm_eps, pdtype, "kv", name="k_norm")(k_BxLxGxK)
+    # The score scale (1/sqrt(K), or Gemma's query_pre_attn_scalar**-0.5) is folded
+    # into q ([B, L, H, K] multiplies, or none at all with RoPE: it rides on q's
+    # cos/sin) instead of scaling [B, H, L, S].
+    scale = k ** -0.5 if cfg.query_scale is None else cfg.query_scale
     if rope_tables is not None:
       cos_BxLx1xK2, sin_BxLx1xK2 = rope_tables
       q_BxLxHxK = apply_rotary(q_BxLxHxK, cos_BxLx1xK2 * scale, sin_BxLx1xK2 * scale)
@@ -336,21 +337,36 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: attention, then MLP."""
+  """Pre-norm residual block: attention, then MLP (Gemma 2/3: each output normed too).
+
+  rope_tables and bias_BxLxS are this layer's; under a scan over layers of two kinds
+  (local and global, Gemma 3) they are (global, local) pairs and `local` is the
+  layer's traced flag that picks one (an elementwise select of the [B or 1, L, S]
+  bias and the tables per layer, cheap beside the attention).
+  """
 
   cfg: model_config.DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None,
+               local=None):
     cfg = self.cfg
     pdtype = jnp.dtype(cfg.param_dtype)
+    if local is not None:
+      pick = lambda g, l: jnp.where(local, l, g)
+      rope_tables = jax.tree.map(pick, *rope_tables)
+      bias_BxLxS = pick(*bias_BxLxS)
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, pdtype, name=name)
     # Activations stay split over the batch (data x fsdp) at every residual; the
     # weights are what moves (pdl_jax.sharding.constrain).
     x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
-    attn, kv = Attention(cfg, name="attn")(
-        Norm(cfg.norm, cfg.norm_eps, pdtype, name="attn_norm")(x_BxLxD), rope_tables,
-        bias_BxLxS, kv, cache_index)
+    attn, kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BxLxD), rope_tables,
+                                           bias_BxLxS, kv, cache_index)
+    if cfg.post_norms:
+      attn = norm("attn_post_norm")(attn)
     x_BxLxD = constrain(x_BxLxD + attn, "batch", "length", "embed")
-    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(
-        Norm(cfg.norm, cfg.norm_eps, pdtype, name="mlp_norm")(x_BxLxD))
+    mlp = MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxLxD))
+    if cfg.post_norms:
+      mlp = norm("mlp_post_norm")(mlp)
+    x_BxLxD = x_BxLxD + mlp
     return constrain(x_BxLxD, "batch", "length", "embed"), kv

@@ -99,6 +99,50 @@ def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any
       **_rope(hf, head_dim), **common)
 
 
+def _gemma3_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any]
+                   ) -> DecoderConfig:
+  """Gemma 3's text model (gemma3_text; a multimodal gemma3 config's text_config):
+  local (sliding-window) and global layers in `layer_types` (or every
+  `sliding_window_pattern`-th layer global), each kind with its RoPE (v5
+  rope_parameters per layer type; v4 rope_theta + rope_scaling for global layers and
+  rope_local_base_freq for local ones), q/k norms and norms after attention and MLP,
+  all x * (1 + w), scores scaled by query_pre_attn_scalar**-0.5, optional final
+  logit soft-capping. attn_logit_softcapping is read by transformers' Gemma 3 but
+  never applied to the scores (its attention passes no softcap), so neither here."""
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError(f"{family.model_type}: use_bidirectional_attention=True (an "
+                     "embedding model) is not supported; causal decoders only.")
+  n = int(hf["num_hidden_layers"])
+  types = hf.get("layer_types") or [
+      "sliding_attention" if (i + 1) % int(hf.get("sliding_window_pattern", 6)) else
+      "full_attention" for i in range(n)]
+  bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+  if len(types) != n or bad:
+    raise ValueError(f"{family.model_type}: layer_types {types} should list "
+                     f"num_hidden_layers={n} entries of 'sliding_attention' / 'full_attention'.")
+  rope = dict(hf.get("rope_parameters") or {})
+  if "full_attention" in rope:  # v5: one RoPE per layer type
+    full, local = dict(rope["full_attention"]), dict(rope.get("sliding_attention") or {})
+  else:  # v4: rope_theta (+ rope_scaling) global, rope_local_base_freq local
+    full = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 1e6))
+    local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)}
+  if local.get("rope_type", "default") != "default":
+    raise ValueError(f"{family.model_type}: local layers' rope type "
+                     f"{local['rope_type']!r} is not supported (default only).")
+  local_theta = float(local.get("rope_theta", 1e4))
+  full.setdefault("rope_theta", 1e6)
+  llama_hf = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+  llama_hf.update(rope_parameters=full, max_position_embeddings=hf.get(
+      "max_position_embeddings", 131072), sliding_window=hf.get("sliding_window", 4096))
+  cfg = _llama_config(llama_hf, family, common)
+  cap = hf.get("final_logit_softcapping")
+  return dataclasses.replace(
+      cfg, local_layers=tuple(t == "sliding_attention" for t in types),
+      local_rope_theta=local_theta, post_norms=True,
+      query_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+      final_logit_softcap=None if cap is None else float(cap))
+
+
 # ------------------------------------------------------------------ tensor table
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +194,12 @@ def _llama_tensors(cfg: DecoderConfig, add: Callable[..., None]) -> None:
   for i in range(cfg.num_layers):
     b, blk = f"model.layers.{i}.", f"block_{i}"
     add(f"{b}input_layernorm.weight", blk, "attn_norm", "scale")
-    add(f"{b}post_attention_layernorm.weight", blk, "mlp_norm", "scale")
+    if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is on the attention's output
+      add(f"{b}post_attention_layernorm.weight", blk, "attn_post_norm", "scale")
+      add(f"{b}pre_feedforward_layernorm.weight", blk, "mlp_norm", "scale")
+      add(f"{b}post_feedforward_layernorm.weight", blk, "mlp_post_norm", "scale")
+    else:
+      add(f"{b}post_attention_layernorm.weight", blk, "mlp_norm", "scale")
     for hf_proj, proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
       add(f"{b}self_attn.{hf_proj}.weight", blk, "attn", proj, "kernel", kind="in_heads")
       if cfg.qkv_bias:
@@ -226,6 +275,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # Official Gemma configs say "gelu", a legacy value meaning the tanh approximation
     # (transformers rewrites it to gelu_pytorch_tanh); its norm scales by 1 + weight.
     Family("gemma", **_LLAMA, tied_default=True, norm="rms_plus_one", embed_scale=True,
+           activation_aliases={"gelu": "gelu_pytorch_tanh"}),
+    Family("gemma3_text", config=_gemma3_config, tensors=_llama_tensors, tied_default=True,
+           norm="rms_plus_one", embed_scale=True, qk_norm=True,
            activation_aliases={"gelu": "gelu_pytorch_tanh"}),
     Family("gpt2", config=_gpt2_config, tensors=_gpt2_tensors, tied_default=True),
 )}

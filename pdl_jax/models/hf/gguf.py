@@ -1,9 +1,17 @@
 """GGUF (llama.cpp) file -> Hugging Face model folder (config.json, float32 safetensors,
 tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json).
 
-Supported: architecture "llama" with a "gpt2" (byte-level BPE) tokenizer; tensors in
+Supported: architectures "llama" and "gemma3" (text), tokenizers "gpt2" (byte-level
+BPE) and "llama" (SentencePiece BPE; pdl_jax.models.hf.gguf_tokenizer); tensors in
 any type `gguf.quants.dequantize` handles. transformers' own GGUF loader
 (integrations/ggml.py, modeling_gguf_pytorch_utils.py) is the reference.
+
+Gemma 3 as llama.cpp's convert_hf_to_gguf.py writes it: every RMSNorm weight
+("*norm.weight", q/k norms included) stored with Gemma's +1 folded in (w + 1; read
+back as w), q/k not permuted (Gemma's RoPE is rotate-half, llama.cpp's NEOX), the
+layer pattern and local RoPE base not in the file (llama.cpp's fixed Gemma 3 values:
+every 6th layer global, local base 10000, unless gemma3.attention.sliding_window_pattern
+/ gemma3.rope.freq_base_swa say otherwise), the score scale 1/sqrt(key_length).
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ from typing import Any, Mapping
 import gguf
 import numpy as np
 import safetensors.numpy
-import tokenizers
 from etils import epath
-from tokenizers import decoders, models, pre_tokenizers, processors
 
-_MAGIC = b"GGUF"
-_REQUIRED = object()
+from pdl_jax.models.hf import gguf_tokenizer
+from pdl_jax.models.hf.gguf_reader import _REQUIRED, metadata, open_gguf  # noqa: F401
+
+hf_tokenizer_files = gguf_tokenizer.hf_tokenizer_files
+
 
 # llama.cpp tensor names (after "blk.N.") -> transformers' LlamaForCausalLM names.
 _LAYER_TENSORS = {
@@ -37,73 +46,28 @@ _LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Gemma 3's layer tensors beyond Llama's (its ffn_norm is pre_feedforward_layernorm).
+_GEMMA3_LAYER_TENSORS = {
+    **{k: v for k, v in _LAYER_TENSORS.items() if k != "ffn_norm.weight"},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_ARCHITECTURES = ("llama", "gemma3")
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# tokenizer.ggml.pre values whose pre-tokenisation we reproduce. llama.cpp's "smollm"
-# (like "starcoder") splits every digit off before the GPT-2 regex, as the original
-# Hugging Face tokenizer.json of those models does (Digits + ByteLevel).
-_PLAIN_PRE = ("default", "gpt2")
-_DIGIT_PRE = ("smollm", "starcoder")
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
-
-
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-  """A GGUFReader of a local file, with errors that name the file.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: not a GGUF file (wrong magic), or truncated / corrupt.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such GGUF file.")
-  with open(path, "rb") as f:
-    head = f.read(4)
-  if head != _MAGIC:
-    raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file "
-                     f"with {_MAGIC!r}" + (" (the file is empty or truncated)"
-                                           if len(head) < 4 else "") + ".")
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # the reader fails in many ways on a short file (reshape, index)
-    raise ValueError(f"{path}: cannot read the GGUF file (truncated or corrupt?): "
-                     f"{type(e).__name__}: {e}") from e
-  # The reader memory-maps the file and may build tensors on a short tail without
-  # noticing; check that every tensor's bytes lie inside the file.
-  size = os.path.getsize(path)
-  for t in reader.tensors:
-    if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-      raise ValueError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
-                       f"{t.data_offset + t.n_bytes}, the file has {size}.")
-  return reader
-
-
-def metadata(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
-  """The value of metadata `key` (a Python scalar, str or list); `default` when absent.
-
-  Raises:
-    ValueError: the key is absent and no default was given (names the key and file).
-  """
-  field = reader.fields.get(key)
-  if field is None:
-    if default is _REQUIRED:
-      raise ValueError(f"{reader.data.filename}: GGUF metadata key {key!r} is missing.")
-    return default
-  value = field.contents()
-  if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
-    # float32 metadata (1e-5 reads back as 9.99999974e-06): keep the decimal it came from.
-    value = float(f"{value:.7g}")
-  return value
 
 
 def _architecture(reader: gguf.GGUFReader) -> str:
   arch = metadata(reader, "general.architecture")
-  if arch != "llama":
+  if arch not in _ARCHITECTURES:
     raise ValueError(f"{reader.data.filename}: general.architecture {arch!r} is not "
-                     "supported; supported: 'llama'.")
+                     f"supported; supported: {_ARCHITECTURES}.")
   return arch
 
 
@@ -131,9 +95,9 @@ def hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     raise ValueError(f"{path}: {arch}.rope.dimension_count {get('rope.dimension_count')} "
                      f"!= head_dim {head_dim}: partial RoPE is not supported.")
   scaling = get("rope.scaling.type", "none")
-  if scaling not in ("none", ""):
+  if scaling not in ("none", "") and not (arch == "gemma3" and scaling == "linear"):
     raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported "
-                     "(only unscaled RoPE).")
+                     "(only unscaled RoPE; Gemma 3: linear).")
   if get("expert_count", 0):
     raise ValueError(f"{path}: mixture-of-experts ({arch}.expert_count) is not supported.")
   shapes = _tensor_shapes(reader)
@@ -148,7 +112,7 @@ def hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
                      f"{vocab_size} rows.")
   special = {name: metadata(reader, f"tokenizer.ggml.{key}_token_id", None)
              for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
-  return {
+  out = {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
       "hidden_size": d,
@@ -174,6 +138,34 @@ def hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
       "torch_dtype": "float32",
       "dtype": "float32",
   }
+  return _gemma3_config(reader, out, get) if arch == "gemma3" else out
+
+
+def _gemma3_config(reader: gguf.GGUFReader, llama: dict[str, Any], get) -> dict[str, Any]:
+  """Gemma3TextConfig fields (v4 layout) of a gemma3 GGUF; see the module docstring."""
+  n = llama["num_hidden_layers"]
+  pattern = get("attention.sliding_window_pattern", 6)
+  if isinstance(pattern, list):  # newer llama.cpp: one bool per layer, True = local
+    if len(pattern) != n:
+      raise ValueError(f"{reader.data.filename}: gemma3.attention.sliding_window_pattern "
+                       f"has {len(pattern)} entries for {n} layers.")
+    types = ["sliding_attention" if p else "full_attention" for p in pattern]
+  else:
+    types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+             for i in range(n)]
+  scaling = get("rope.scaling.type", "none")
+  cap = get("final_logit_softcapping", None)
+  out = {k: v for k, v in llama.items() if k not in ("hidden_act", "mlp_bias")}
+  out.update(
+      architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+      hidden_activation="gelu_pytorch_tanh", layer_types=types,
+      sliding_window=int(get("attention.sliding_window")),
+      rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)),
+      rope_scaling=({"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+                    if scaling == "linear" else None),
+      query_pre_attn_scalar=llama["head_dim"], final_logit_softcapping=cap,
+      attn_logit_softcapping=None, use_bidirectional_attention=False)
+  return out
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -201,6 +193,8 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
   heads, kv_heads, hd = (config["num_attention_heads"], config["num_key_value_heads"],
                          config["head_dim"])
   ff, vocab = config["intermediate_size"], config["vocab_size"]
+  gemma3 = config["model_type"] == "gemma3_text"
+  layer_tensors = _GEMMA3_LAYER_TENSORS if gemma3 else _LAYER_TENSORS
   expected = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
   if not config["tie_word_embeddings"]:
     expected["lm_head.weight"] = (vocab, d)
@@ -214,11 +208,15 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
         p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
         p + "mlp.down_proj.weight": (d, ff),
         p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+    if gemma3:
+      expected.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                       p + "pre_feedforward_layernorm.weight": (d,),
+                       p + "post_feedforward_layernorm.weight": (d,)})
   out: dict[str, np.ndarray] = {}
   errors: list[str] = []
   for t in reader.tensors:
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
-    name = (f"model.layers.{m[1]}.{_LAYER_TENSORS[m[2]]}" if m and m[2] in _LAYER_TENSORS
+    name = (f"model.layers.{m[1]}.{layer_tensors[m[2]]}" if m and m[2] in layer_tensors
             else _GLOBAL_TENSORS.get(t.name))
     if name is None or name not in expected:
       errors.append(f"unexpected tensor {t.name!r}")
@@ -232,7 +230,9 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
     except NotImplementedError as e:
       errors.append(f"{t.name!r}: type {t.tensor_type.name} cannot be dequantised ({e})")
       continue
-    if name.endswith("q_proj.weight"):
+    if gemma3:  # llama.cpp folds Gemma's (1 + w) into the stored norm weights
+      w = w - np.float32(1.0) if name.endswith("norm.weight") else w
+    elif name.endswith("q_proj.weight"):
       w = _unpermute(w, heads)
     elif name.endswith("k_proj.weight"):
       w = _unpermute(w, kv_heads)
@@ -241,77 +241,6 @@ def hf_state_dict(reader: gguf.GGUFReader, config: Mapping[str, Any]) -> dict[st
   if errors:
     raise ValueError(f"{path}: " + "; ".join(errors) + ".")
   return out
-
-
-def hf_tokenizer_files(reader: gguf.GGUFReader) -> dict[str, str]:
-  """{file name: text} of tokenizer.json, tokenizer_config.json, chat_template.jinja
-  (when the GGUF has a template) and generation_config.json.
-
-  Raises:
-    ValueError: a tokenizer model other than "gpt2" (byte-level BPE), an unsupported
-      pre-tokenizer, or missing metadata.
-  """
-  path = reader.data.filename
-  kind = metadata(reader, "tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; supported: "
-                     "'gpt2' (byte-level BPE)" + (" ('llama' is SentencePiece)"
-                                                 if kind == "llama" else "") + ".")
-  pre = metadata(reader, "tokenizer.ggml.pre", "default")
-  if pre not in _PLAIN_PRE + _DIGIT_PRE:
-    raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
-                     f"{_PLAIN_PRE + _DIGIT_PRE}.")
-  tokens = metadata(reader, "tokenizer.ggml.tokens")
-  types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-  merges = metadata(reader, "tokenizer.ggml.merges")
-  vocab: dict[str, int] = {}
-  for i, tok in enumerate(tokens):
-    vocab.setdefault(tok, i)  # a duplicated token string: the first id wins
-  tok = tokenizers.Tokenizer(models.BPE(
-      vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
-      fuse_unk=False, byte_fallback=False))
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.pre_tokenizer = (byte_level if pre in _PLAIN_PRE else pre_tokenizers.Sequence(
-      [pre_tokenizers.Digits(individual_digits=True), byte_level]))
-  tok.decoder = decoders.ByteLevel()
-  # Control tokens (<|im_start|>, ...) are special added tokens: never split, dropped
-  # when decoding; user-defined ones (stored as plain text by llama.cpp) are added
-  # tokens that decode as text.
-  tok.add_tokens([tokenizers.AddedToken(t, special=types[i] == _CONTROL, normalized=False)
-                  for i, t in enumerate(tokens) if types[i] in (_CONTROL, _USER_DEFINED)])
-  ids = {name: metadata(reader, f"tokenizer.ggml.{name}_token_id", None)
-         for name in ("bos", "eos", "padding", "unknown")}
-  add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False))
-  add_eos = bool(metadata(reader, "tokenizer.ggml.add_eos_token", False))
-  if add_bos or add_eos:
-    for name, on in (("bos", add_bos), ("eos", add_eos)):
-      if on and ids[name] is None:
-        raise ValueError(f"{path}: tokenizer.ggml.add_{name}_token is set but "
-                         f"tokenizer.ggml.{name}_token_id is missing.")
-    def template(seq: str, type_id: int) -> str:
-      pieces = ([f"{tokens[ids['bos']]}:{type_id}"] if add_bos else []) + [f"{seq}:{type_id}"]
-      return " ".join(pieces + ([f"{tokens[ids['eos']]}:{type_id}"] if add_eos else []))
-    specials = sorted({ids[name] for name, on in (("bos", add_bos), ("eos", add_eos)) if on})
-    tok.post_processor = processors.TemplateProcessing(
-        single=template("$A", 0), pair=template("$A", 0) + " " + template("$B", 1),
-        special_tokens=[(tokens[i], i) for i in specials])
-  config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-  for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
-    if ids[key] is not None:
-      config[f"{name}_token"] = tokens[ids[key]]
-  config.update(add_bos_token=add_bos, add_eos_token=add_eos,
-                clean_up_tokenization_spaces=False,
-                model_max_length=int(metadata(reader, "llama.context_length", 2048)))
-  files = {"tokenizer.json": tok.to_str(pretty=True)}
-  template = metadata(reader, "tokenizer.chat_template", None)
-  if template is not None:
-    config["chat_template"] = template
-    files["chat_template.jinja"] = template
-  files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False)
-  generation = {f"{name}_token_id": ids[key] for name, key in
-                (("bos", "bos"), ("eos", "eos"), ("pad", "padding")) if ids[key] is not None}
-  files["generation_config.json"] = json.dumps(generation, indent=2)
-  return files
 
 
 def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:

