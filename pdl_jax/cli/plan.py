@@ -183,12 +183,12 @@ def report(config, slice_name: str, *, decode: bool = True) -> tuple[str, bool]:
   tokens = config.batch_size * config.seq_len
   flops = tpu_targets.model_flops(model, tokens, config.seq_len)
   peak = slice_.chip.bf16_tflops * 1e12 / slice_.chip.devices_per_chip
-  step_s = train.optimal_seconds
+  step_s, how = tpu_targets.step_seconds(config, model, mesh, train)
   lines.append(f"  FLOPs per step: model {flops:.3g} (6N + attention; {flops / n:.3g} a "
                f"device), compiler {train.flops:.3g} a device (remat included)")
   lines.append(f"  compiler's step time (optimal_seconds) {step_s * 1e3:.2f} ms -> "
                f"{tokens / step_s:,.0f} tokens/s, MFU {flops / n / step_s / peak:.0%} "
-               f"(a lower bound on the time: see docs/tpu.md)")
+               f"(from {how}; no overlap of communication: see docs/tpu.md)")
   fits = train.total_bytes <= FIT_SHARE * hbm
   if not fits:
     lines += ["  to fit, try:"] + [f"    {s}" for s in suggestions(

@@ -34,7 +34,8 @@ def decoder_config(m, vocab_size: int | None = None) -> model_config.DecoderConf
 def run_fields(m) -> dict[str, Any]:
   """The DecoderConfig fields the model settings `m` set for either model: how the
   layers run (scanned, rematerialised) and the LoRA adapters."""
-  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
+  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"),
+             attention=m.get("attention", "auto"))
   lo = m.get("lora")
   if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.models.lora)
     how.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
@@ -60,8 +61,9 @@ def make_model(m, vocab_size: int | None = None) -> decoder.Decoder:
 def describe(model: decoder.Decoder) -> dict[str, Any]:
   """The model's configuration as JSON-able values (for the run fingerprint, which
   leaves out `remat`: see pdl_jax.train.provenance.fingerprint)."""
+  # attention: an implementation of the same math (as remat): runs resume across it.
   out = {k: v for k, v in dataclasses.asdict(model.cfg).items()
-         if k != "source_config_json"}
+         if k not in ("source_config_json", "attention")}
   if not model.cfg.lora_rank:  # fingerprints of full runs stay as before LoRA existed
     for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant"):
       out.pop(k)
@@ -102,6 +104,9 @@ def check(m) -> None:
         "default: float32 master weights) and set config.model.dtype='bfloat16' for "
         "bfloat16 compute; export in bfloat16 with `pdl_jax.cli.export_hf --dtype=bfloat16`. "
         "(With LoRA, model.lora.rank > 0, a bfloat16 base is allowed: it is frozen.)")
+  if m.get("attention", "auto") not in model_config.ATTENTIONS:
+    raise ValueError(f"config.model.attention={m.attention!r}; expected one of "
+                     f"{model_config.ATTENTIONS}.")
   if m.remat not in model_config.REMATS:
     raise ValueError(f"config.model.remat={m.remat!r}; expected one of "
                      f"{model_config.REMATS}.")

@@ -262,6 +262,34 @@ def compile_train(config, model: decoder.Decoder, mesh, *, eos_id: int = 1) -> C
     return _compile("train step", step.lower(*args), t0, args)
 
 
+def step_seconds(config, model: decoder.Decoder, mesh, train: Compiled) -> tuple[float, str]:
+  """(The cost model's time of one train step, how it was had).
+
+  The cost model sums its ops' times once each: a loop body counts once whatever its
+  trip count (a scan of 10 matmuls costs as one), and nothing overlaps (a program
+  with a matmul and an all-gather costs their sum). So the compiled step's figure
+  stands for an unrolled model without accumulation; a scanned model (a loop over
+  layers) or accumulated micro-batches (a loop over them) are timed from unrolled
+  1- and 2-layer compiles of one micro-batch: depth-linear, t1 + (n - 1)(t2 - t1),
+  times the micro-batches.
+  """
+  cfg, k = model.cfg, config.optimizer.grad_accum_steps
+  if not cfg.scan_layers and k == 1:
+    return train.optimal_seconds, "the compiled step"
+  micro = config.copy_and_resolve_references()
+  micro.optimizer.grad_accum_steps, micro.batch_size = 1, config.batch_size // k
+
+  def at_depth(n: int) -> float:
+    shallow = dataclasses.replace(cfg, scan_layers=False, num_layers=n,
+                                  local_layers=tuple(cfg.local_layers[:n]))
+    return compile_train(micro, decoder.Decoder(shallow), mesh).optimal_seconds
+
+  t1, t2 = at_depth(1), at_depth(2)
+  how = (f"unrolled 1- and 2-layer compiles ({t1 * 1e3:.2f}, {t2 * 1e3:.2f} ms), "
+         f"extrapolated to {cfg.num_layers} layers" + (f", x {k} micro-batches" if k > 1 else ""))
+  return k * (t1 + (cfg.num_layers - 1) * (t2 - t1)), how
+
+
 def decode_length(config) -> int:
   """Positions of the decode step's KV cache: a full-length prompt plus the new tokens."""
   return config.seq_len + config.eval.max_new_tokens

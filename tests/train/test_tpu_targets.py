@@ -72,10 +72,26 @@ def test_plan_of_a_tiny_config_fits_and_times_its_steps():
   text, fits = plan.report(tiny_config(), "v5e-4")
   assert fits, text
   assert "train step:" in text and "decode step" in text and ": fits" in text
-  assert "attention compiled: xla" in text
+  assert "attention compiled: splash" in text  # model.attention "auto" on a TPU
   # The step-time estimate is positive once the cost model's sentinels are removed.
   ms = float(text.split("(optimal_seconds) ")[1].split(" ms")[0])
   assert 0 < ms < 1000, text
+
+
+@needs_libtpu
+def test_splash_train_step_compiles_to_the_tpu_kernel_with_fewer_temporaries():
+  c = tiny_config(seq_len=1024, batch_size=4, **{"mesh.data": 1, "model.dtype": "bfloat16",
+                                                  "loss.window": False})
+  _, mesh = plan.check_target(c, "v5e-4")
+  out = {}
+  for impl in ("xla", "splash"):
+    c.model.attention = impl
+    out[impl] = tpu_targets.compile_train(c, plan.model_of(c), mesh)
+  assert "tpu_custom_call" in out["splash"].compiled.as_text()
+  assert "tpu_custom_call" not in out["xla"].compiled.as_text()
+  # The dense path keeps [B, H, L, L] scores (4 x 2 x 1024^2 float32: 32 MiB).
+  assert out["splash"].temp_bytes * 4 < out["xla"].temp_bytes, (
+      out["splash"].temp_bytes, out["xla"].temp_bytes)
 
 
 @needs_libtpu
