@@ -136,3 +136,20 @@ def test_model_logits_loss_and_grads_with_splash_equal_xla_on_packed_rows(scan, 
   np.testing.assert_allclose(l_s, l_x, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_x)):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-8)
+
+
+def test_config_field_is_checked_and_left_out_of_the_fingerprint():
+  from configs.common import load_config
+  from pdl_jax.models import factory
+
+  c = load_config("configs/dialogue.py:pretrained=none")
+  described = {}
+  for impl in ("xla", "splash"):
+    c.model.attention = impl
+    model = factory.make_model(c.model, 64)
+    assert model.cfg.attention == impl
+    described[impl] = factory.describe(model)
+  assert described["xla"] == described["splash"] and "attention" not in described["xla"]
+  c.model.attention = "flash"
+  with pytest.raises(ValueError, match="config.model.attention='flash'; expected one of"):
+    factory.check(c.model)
