@@ -21,7 +21,6 @@ query reads the cache once; a kernel buys nothing measurable there).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import NamedTuple
@@ -123,7 +122,6 @@ def xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, *, cached: bool,
   return out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
   """A splash MHA kernel for `heads` query heads of `length` (a block multiple):
   causal, or causal within `window` positions (LocalMask with no right side)."""
@@ -134,9 +132,11 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
   one = (sm.CausalMask(shape) if window is None
          else sm.LocalMask(shape, window_size=(window - 1, 0), offset=0))
   mask = sm.MultiHeadMask([one for _ in range(heads)])
-  # Concrete mask tables even when first built inside a trace (the cache keeps them).
-  with jax.ensure_compile_time_eval():
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # Built inside each trace, not cached: its mask tables become that program's
+  # constants (a cached kernel would leak one trace's tracers into the next, and
+  # compile-time evaluation would place them on the mesh's devices, which an AOT TPU
+  # topology does not have here).
+  return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxL=None, *,
