@@ -12,7 +12,8 @@ torch and transformers are not project dependencies; make a side venv:
     /work/hfvenv/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy
     /work/hfvenv/bin/python tools/make_hf_fixtures.py   # from the repo root
 
-Made with torch 2.13.0+cpu, transformers 5.24.0 (each folder's versions.json records
+Made with torch 2.13.0+cpu, transformers 5.24.0 (gemma3, gemma3_v4, mistral_window: 5.25.0;
+a fixture's seed is its place in FAMILIES; each folder's versions.json records
 the versions actually used). Output: tests/fixtures/hf/<name>/ with config.json,
 model*.safetensors (+ index json for the sharded one), tokenizer.json,
 tokenizer_config.json, generation_config.json, reference.npz (tokens int32 [B, L],

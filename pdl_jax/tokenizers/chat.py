@@ -17,6 +17,19 @@ that closes it, and decoding from head + prompt + tail is the rendered generatio
 prompt (`add_generation_prompt=True`). `ChatTokenizer` wraps the model's tokenizer
 with those ids, so data, the frequency pass, evaluation and decoding use the chat
 layout unchanged.
+
+Three things keep the layout equal to tokenizing the rendered conversation:
+- `ChatTokenizer.encode_parts` encodes head + prompt + tail + target + end once and
+  splits the ids at the parts' character offsets (a token belongs to the part its
+  text ends in), as HFTokenizer.encode_parts does for the plain format: encoding the
+  parts alone gives a SentencePiece / Metaspace tokenizer a '▁' at each part's start.
+- Templates that `| trim` the content (Llama 3.x, Gemma) are detected (content with
+  whitespace around it renders as the bare content) and the data trimmed the same
+  way; a template that changes the content's whitespace otherwise is refused.
+- `strftime_now` (Llama 3.2 writes today's date into its system prompt) returns a
+  date pinned by the ChatTokenizer (`date`, default CHAT_DATE), never today's: a
+  resumed run and both evaluations see the same prompt; the date and the rendered
+  head and tail ids are in the tokenizer's checksum.
 """
 
 from __future__ import annotations
@@ -32,6 +45,10 @@ from jinja2 import sandbox
 # Stands for a message's content while rendering: letters only, so trimming or
 # escaping leave it as it is, and mixed case, so a template that changes case is seen.
 _SENTINEL = "PdlJaxChatContentSentinel"
+# The sentinel with whitespace around it: a template that trims renders it bare.
+_PADDED = " \n" + _SENTINEL + "\n "
+# The date strftime_now gives while a ChatTokenizer renders (transformers gives today's).
+CHAT_DATE = datetime.date(2026, 1, 1)
 
 
 def _raise(message: str):
@@ -39,25 +56,55 @@ def _raise(message: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(template: str) -> jinja2.Template:
+def _compile(template: str, date: datetime.date | None) -> jinja2.Template:
   env = sandbox.ImmutableSandboxedEnvironment(
       trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
   env.globals["raise_exception"] = _raise
-  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  if date is None:
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  else:
+    pinned = datetime.datetime(date.year, date.month, date.day)
+    env.globals["strftime_now"] = pinned.strftime
   return env.from_string(template)
 
 
 def render(template: str, messages: Sequence[dict[str, str]], *,
-           add_generation_prompt: bool, special_tokens: dict[str, str | None]) -> str:
+           add_generation_prompt: bool, special_tokens: dict[str, str | None],
+           date: datetime.date | None = None) -> str:
   """The template rendered for `messages` as transformers' apply_chat_template(...,
-  tokenize=False) does; special_tokens: {"bos_token": "<s>", ...}."""
-  return _compile(template).render(messages=list(messages),
-                                   add_generation_prompt=add_generation_prompt,
-                                   **special_tokens)
+  tokenize=False) does; special_tokens: {"bos_token": "<s>", ...}; `date`: what
+  strftime_now formats (None: now, as transformers)."""
+  return _compile(template, date).render(messages=list(messages),
+                                         add_generation_prompt=add_generation_prompt,
+                                         **special_tokens)
 
 
-def split_template(template: str, special_tokens: dict[str, str | None]
-                   ) -> tuple[str, str, str]:
+def trims_content(template: str, special_tokens: dict[str, str | None],
+                  date: datetime.date | None = None) -> bool:
+  """Whether the template trims the message contents (`| trim`: Llama 3.x, Gemma);
+  False when it places them verbatim.
+
+  Raises:
+    ValueError: the template changes the whitespace around a content otherwise.
+  """
+  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+
+  def conversation(content: str) -> str:
+    return render(template, [{"role": "user", "content": content},
+                             {"role": "assistant", "content": content}],
+                  add_generation_prompt=False, special_tokens=special_tokens, date=date)
+
+  bare, padded = conversation(_SENTINEL), conversation(_PADDED)
+  if padded == bare.replace(_SENTINEL, _PADDED):
+    return False
+  if padded == bare:
+    return True
+  raise ValueError("the chat template changes the whitespace around a message's content "
+                   "other than by trimming it; use data.prompt_format='plain'.")
+
+
+def split_template(template: str, special_tokens: dict[str, str | None],
+                   date: datetime.date | None = None) -> tuple[str, str, str]:
   """(head, tail, end): the text before the user content, between it and the
   assistant content (the generation prompt, and whatever a finished conversation
   writes before the assistant's content: Qwen3's empty <think></think> block), and
@@ -72,9 +119,9 @@ def split_template(template: str, special_tokens: dict[str, str | None]
   user = [{"role": "user", "content": _SENTINEL}]
   try:
     prompt = render(template, user, add_generation_prompt=True,
-                    special_tokens=special_tokens)
+                    special_tokens=special_tokens, date=date)
     full = render(template, user + [{"role": "assistant", "content": _SENTINEL}],
-                  add_generation_prompt=False, special_tokens=special_tokens)
+                  add_generation_prompt=False, special_tokens=special_tokens, date=date)
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f"the chat template cannot be rendered: {e}") from e
   if prompt.count(_SENTINEL) != 1 or full.count(_SENTINEL) != 2:
@@ -97,11 +144,22 @@ class ChatTokenizer:
   tokenizer's. The message contents are encoded as text (special-token strings in
   the data stay text); the template's parts with the tokenizer's special tokens."""
 
-  def __init__(self, base: Any, template: str, special_tokens: dict[str, str | None]):
+  def __init__(self, base: Any, template: str, special_tokens: dict[str, str | None],
+               date: datetime.date = CHAT_DATE):
     self.base = base
     self.template = template
-    head, tail, end = split_template(template, special_tokens)
+    self.date = date
+    head, tail, end = split_template(template, special_tokens, date)
+    self.trim = trims_content(template, special_tokens, date)
+    self._parts = (head, tail, end)
     self.head_ids, self.tail_ids, end_ids = base.encode_markup([head, tail, end])
+    # The constant prefix of every example: the head's tokens that end inside it when a
+    # content follows (Metaspace tokenizers merge a head's trailing space into the
+    # content's first word: Mistral's "[INST] " + "The" is '▁[INST]', '▁The').
+    self.prefix_ids = list(self.head_ids)
+    if hasattr(base, "encode_markup_offsets"):
+      probe_ids, probe_ends = base.encode_markup_offsets([head + "x" + tail])[0]
+      self.prefix_ids = [i for i, e in zip(probe_ids, probe_ends) if e <= len(head)]
     if not end_ids:
       raise ValueError(f"the chat template ends an assistant turn with nothing ({end!r}); "
                        "no end-of-turn token to learn.")
@@ -116,7 +174,48 @@ class ChatTokenizer:
                        "no special or EOS token to stop on; use data.prompt_format='plain'.")
     self.end_id = found[0]
     self.path = base.path
-    self.sha256 = hashlib.sha256(f"{base.sha256}\nchat\n{template}".encode()).hexdigest()
+    # The template, the date it was rendered with and what it rendered to: a change of
+    # any is another tokenizer (a run resumed with it is refused).
+    # (A template that neither dates nor trims keeps the checksum it always had.)
+    extra = ""
+    if "strftime_now" in template or self.trim:
+      extra = (f"\n{date.isoformat() if 'strftime_now' in template else ''}\n"
+               f"{self.prefix_ids}\n{self.tail_ids}\ntrim={self.trim}")
+    self.sha256 = hashlib.sha256(
+        f"{base.sha256}\nchat\n{template}{extra}".encode()).hexdigest()
+
+  def content(self, text: str) -> str:
+    """A message's content as the template places it (trimmed when it trims)."""
+    return text.strip() if self.trim else text
+
+  def encode_parts(self, prompts: Sequence[str], targets: Sequence[str]
+                   ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt ids, separator ids, target ids) of each example, as the rendered
+    conversation head + prompt + tail + target + end tokenizes (one encode, split at
+    the parts' character offsets: a token belongs to the part its text ends in; a
+    token that crosses the head's end is the prompt's). An example whose content
+    holds a special-token string (kept as text, never markup), or whose encoding does
+    not start with the constant prefix, is encoded part by part."""
+    head, tail, end = self._parts
+    prompts = [self.content(p) for p in prompts]
+    targets = [self.content(t) for t in targets]
+    specials = tuple(getattr(self.base, "special_strings", ()))
+    out: tuple[list, list, list] = ([], [], [])
+    whole = self.base.encode_markup_offsets(
+        [head + p + tail + t + end for p, t in zip(prompts, targets)])
+    for p, t, (ids, ends) in zip(prompts, targets, whole):
+      parts = None
+      if not any(s in p or s in t for s in specials):
+        parts = _split_at(ids, ends, self.prefix_ids, (len(head), len(head) + len(p),
+                                                      len(head) + len(p) + len(tail),
+                                                      len(head) + len(p) + len(tail) + len(t)))
+      if parts is None:
+        rest = list(self.head_ids[len(self.prefix_ids):])
+        parts = (rest + self.base.encode_batch([p])[0], list(self.tail_ids),
+                 self.base.encode_batch([t])[0])
+      for acc, part in zip(out, parts):
+        acc.append(part)
+    return out
 
   @property
   def vocab_size(self) -> int:
@@ -149,8 +248,9 @@ class ChatTokenizer:
 
   @property
   def prompt_prefix_ids(self) -> list[int]:
-    """The template's text before the user message (system prompt included)."""
-    return list(self.head_ids)
+    """The template's text before the user message (system prompt included), but a
+    last token that merges with the user's text (then the prompt's)."""
+    return list(self.prefix_ids)
 
   @property
   def separator_ids(self) -> list[int]:
@@ -165,3 +265,20 @@ class ChatTokenizer:
 
   def id_to_piece(self, ids: Iterable[int]) -> list[str]:
     return self.base.id_to_piece(ids)
+
+
+def _split_at(ids: list[int], ends: list[int], prefix_ids: list[int],
+              bounds: tuple[int, int, int, int]
+              ) -> tuple[list[int], list[int], list[int]] | None:
+  """The prompt, tail and target ids of one conversation's ids (end offsets `ends`)
+  at the character bounds of head | prompt | tail | target | end, after the constant
+  prefix (head tokens past it are the prompt's); None when it does not start so."""
+  if ids[:len(prefix_ids)] != list(prefix_ids) or (
+      prefix_ids and ends[len(prefix_ids) - 1] > bounds[0]):
+    return None
+  parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+  for i, e in zip(ids[len(prefix_ids):], ends[len(prefix_ids):]):
+    k = max(1, sum(e > b for b in bounds))  # 1 prompt (or head), 2 tail, 3 target, 4 end
+    if k <= 3:
+      parts[k - 1].append(i)
+  return parts

@@ -231,6 +231,20 @@ class HFTokenizer:
     BOS/EOS added): for chat markup, never for data."""
     return [e.ids for e in self._markup.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_markup_offsets(self, texts: Sequence[str]
+                            ) -> list[tuple[list[int], list[int]]]:
+    """(ids, end offsets) of each text encoded as encode_markup encodes it: token k
+    covers text[..:ends[k]] (a character offset; the byte-fallback pieces of one
+    character share its end)."""
+    encs = self._markup.encode_batch(list(texts), add_special_tokens=False)
+    return [(e.ids, [end for _, end in e.offsets]) for e in encs]
+
+  @property
+  def special_strings(self) -> tuple[str, ...]:
+    """The text of every special added token (what encode_markup parses as markup)."""
+    return tuple(t.content for t in self._markup.get_added_tokens_decoder().values()
+                 if t.special)
+
   def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
     """Text of each id sequence; special ids and ids past the tokenizer (padded
     embedding rows) are dropped."""

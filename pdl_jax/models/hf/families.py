@@ -85,6 +85,18 @@ def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any
   if family.sliding_window_flag and not hf.get(family.sliding_window_flag, False):
     sliding = None  # Qwen configs carry a window that is off unless use_sliding_window
   attention_bias = bool(hf.get("attention_bias", False))
+  local: tuple[bool, ...] = ()
+  if family.sliding_window_flag and sliding is not None:
+    # Qwen: only layers from max_window_layers on are windowed (or as layer_types say).
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else
+        "full_attention" for i in range(n)]
+    local = tuple(t == "sliding_attention" for t in types)
+    if not any(local):
+      sliding, local = None, ()
+    elif all(local):
+      local = ()
   return DecoderConfig(
       d_model=d, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,
@@ -95,7 +107,7 @@ def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any
       qkv_bias=attention_bias or family.qkv_bias, out_bias=attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=family.qk_norm,
       embed_scale=family.embed_scale,
-      sliding_window=None if sliding is None else int(sliding),
+      sliding_window=None if sliding is None else int(sliding), local_layers=local,
       **_rope(hf, head_dim), **common)
 
 

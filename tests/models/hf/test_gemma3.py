@@ -38,7 +38,8 @@ def _hf(name):
     return json.load(f)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+# Scanned layers: test_pretrained's parity test (1e-4) and the packed test below (1e-5).
+@pytest.mark.parametrize("scan_layers", [False])
 @pytest.mark.parametrize("name", WINDOWED)
 def test_logits_within_1e5_of_transformers(name, scan_layers):
   ref = _ref(name)
@@ -142,3 +143,13 @@ def test_attention_allowed_is_the_band():
 def test_unsupported_gemma3_config_is_refused(change, match):
   with pytest.raises(ValueError, match=match):
     hf_families.config_from_hf(dict(_hf("gemma3"), **change))
+
+
+def test_qwen_windows_only_layers_from_max_window_layers():
+  hf = dict(_hf("qwen2"), use_sliding_window=True, sliding_window=8, max_window_layers=1)
+  hf.pop("layer_types", None)
+  cfg = hf_families.config_from_hf(hf)
+  assert (cfg.sliding_window, cfg.local_layers) == (8, (False, True))
+  assert hf_families.config_from_hf(dict(hf, max_window_layers=0)).local_layers == ()  # all
+  assert hf_families.config_from_hf(dict(hf, max_window_layers=2)).sliding_window is None
+  assert hf_families.config_from_hf(dict(hf, use_sliding_window=False)).sliding_window is None
