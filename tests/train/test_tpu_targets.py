@@ -96,6 +96,20 @@ def test_splash_train_step_compiles_to_the_tpu_kernel_with_fewer_temporaries():
 
 
 @needs_libtpu
+def test_plan_of_qlora_on_a_windowed_scanned_base_with_accumulation():
+  # Gemma 3's local / global layers (a traced flag picks each layer's splash kernel),
+  # an int8 base, two micro-batches: the step time comes from unrolled 1- and 2-layer
+  # compiles of one micro-batch.
+  c = tiny_config(**{"model.pretrained": os.path.join(ROOT, "tests/fixtures/hf/gemma3"),
+                     "model.lora.rank": 4, "model.lora.base_quant": "int8",
+                     "model.scan_layers": True, "optimizer.grad_accum_steps": 2})
+  text, fits = plan.report(c, "v5e-4", decode=False)
+  assert fits, text
+  assert "LoRA r4, base int8" in text and "attention compiled: splash" in text
+  assert "x 2 micro-batches" in text, text
+
+
+@needs_libtpu
 def test_plan_says_what_to_change_when_it_does_not_fit():
   # A 2^25-row float32 embedding: 8 GiB of params, 24 GiB with AdamW's moments, on
   # each 16 GiB v5e chip (data parallel: unsharded): the compiler refuses it.
