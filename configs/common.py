@@ -103,6 +103,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # Parameter dtype: float32 (master weights; "bfloat16" is refused for full finetuning: AdamW's small updates would be lost; with LoRA it is the frozen base's storage, the adapters stay float32).
   c.model.tied_embeddings = True  # Own model: output projection = embedding transposed.
   c.model.scan_layers = False  # Stack the layers' params and run them with one scan: compile time and HLO size flat in depth.
+  c.model.attention = "auto"  # Attention implementation: "xla" (einsum; the reference), "splash" (Pallas kernel, TPU), "cudnn" (GPU), "auto" (splash on TPU, cudnn on GPU, xla on CPU: CPU results unchanged); pdl_jax/models/attention.py.
   c.model.remat = "none"  # Rematerialise each layer in the backward pass: "none", "full" (save only its input) or "dots" (save its matmul outputs).
   c.model.lora = ml_collections.ConfigDict()  # Low-rank adapters on a frozen pretrained base (pdl_jax/models/lora.py); rank 0: full finetuning.
   c.model.lora.rank = 0  # Adapter rank r; 0 = off. With r > 0 only the adapters train (model.pretrained is required).

@@ -18,6 +18,12 @@ ideal (whole state / devices), the state's ratio to the ideal, temporaries, tota
 
     python experiments/bench_memory.py --devices=1 --lora_suite   # LoRA on one device
 
+    # The TPU compiler (libtpu, requirements-tpu.txt) for a Cloud TPU slice instead of
+    # forced CPU devices; splash or xla attention; adds the step-time estimate and MFU:
+    python experiments/bench_memory.py --target=v5p-64 --mesh=fsdp:-1 --shape=llama-3-8b \
+        --seq=2048 --batch=64 --attention=splash
+    python experiments/bench_memory.py --tpu_suite   # docs/tpu.md's tables
+
 The suite (no --shape): Llama-3-8B (seq 2048, batch 64, fsdp=64, remat full, scan,
 chunked PDL, bfloat16 compute), Llama-3.2-1B (seq 2048, batch 32, fsdp=8), the
 state ratio of Qwen2.5-0.5B at fsdp=8 and fsdp=64, and the compile time of the
@@ -83,29 +89,14 @@ from pdl_jax.train import step as step_lib
 from pdl_jax.models import decoder
 from pdl_jax.models import config as model_config
 from pdl_jax.losses import batch_loss
+from pdl_jax.train import tpu_targets
+from pdl_jax.cli import plan
 
 GiB = 1024 ** 3
 
-# Hugging Face config.json values of the named shapes (only what the decoder reads).
-SHAPES: dict[str, dict] = {
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu"),
-    "llama-3.2-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, hidden_act="silu",
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "llama-3-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, hidden_act="silu"),
-}
+# Hugging Face config.json values of the named shapes (only what the decoder reads):
+# the bases a plan may name (SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B, Llama-3-8B).
+SHAPES: dict[str, dict] = plan.NAMED_CONFIGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +121,8 @@ class Case:
   lora_rank: int = 0
   base_dtype: str = "float32"
   base_quant: str = "none"
+  attention: str = "xla"  # model.attention (pdl_jax/models/attention.py)
+  target: str | None = None  # a TPU slice (pdl_jax/train/tpu_targets.py); None: CPU devices
 
 
 def model_of(case: Case) -> decoder.Decoder:
@@ -148,7 +141,8 @@ def model_of(case: Case) -> decoder.Decoder:
       raise SystemExit(f"--shape={case.shape!r}: expected one of {sorted(SHAPES)} or a "
                        f"config.json path (or a directory holding one): {e}") from None
   cfg = dataclasses.replace(cfg, scan_layers=case.scan, remat=case.remat,
-                            num_layers=case.layers or cfg.num_layers)
+                            num_layers=case.layers or cfg.num_layers,
+                            attention=case.attention)
   if case.lora_rank:
     cfg = dataclasses.replace(cfg, lora_rank=case.lora_rank, lora_alpha=2.0 * case.lora_rank,
                               lora_targets=tuple(model_config.LORA_TARGETS),
@@ -161,16 +155,16 @@ def compile_step(case: Case):
   config = load_config("configs/dialogue.py")  # AdamW, warmup + cosine, clipping
   model = model_of(case)
   tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
-  devices = jax.devices()[:math.prod(case.mesh.values())]
+  devices = (tpu_targets.devices(tpu_targets.parse_slice(case.target)) if case.target
+             else jax.devices())[:math.prod(case.mesh.values())]
   mesh = sharding.make_mesh(case.mesh, devices=devices)
   shards = sharding.batch_shards(mesh)
   if case.batch % (shards * case.grad_accum):
     raise SystemExit(f"{describe(case)}: batch {case.batch} does not split into "
                      f"{case.grad_accum} micro-batches over {shards} data x fsdp shards "
                      "(training refuses it too).")
+  # A LoRA model's frozen base is in the state's `frozen` part.
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, seq_len=8)
-  base, base_shardings = ((state_lib.abstract_base(model, mesh, seq_len=8))
-                          if case.lora_rank else (None, None))
   batch_sharding = sharding.named_sharding(mesh, "batch", "length")
   rep = sharding.replicated(mesh)
   v = model.cfg.vocab_size
@@ -189,16 +183,13 @@ def compile_step(case: Case):
   step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    grad_accum_steps=case.grad_accum,
                                    reduction="weights" if case.loss == "pdl" else "tokens"),
-                 in_shardings=(shardings, batch_sharding, rep)
-                 + ((base_shardings,) if base is not None else ()),
+                 in_shardings=(shardings, batch_sharding, rep),
                  out_shardings=(shardings, rep), donate_argnums=(0,))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):  # activation constraints resolve against it (as in training)
-    compiled = step.lower(abstract, batch, weights,
-                          *(() if base is None else (base,))).compile()
-  # The state's bytes include a LoRA run's frozen base (a step argument, not state).
-  return (compiled, (shardings, base_shardings), (abstract, base),
-          time.perf_counter() - t0)
+    compiled = step.lower(abstract, batch, weights).compile()
+  # The state's bytes include a LoRA run's frozen base.
+  return compiled, shardings, abstract, time.perf_counter() - t0
 
 
 def state_bytes(abstract, shardings) -> tuple[int, int]:
@@ -222,15 +213,41 @@ def measure(case: Case) -> dict:
   # Parameters of the model (a quantised base counted as the weights it stands for).
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(
       hf_weights.abstract_params(dataclasses.replace(model_of(case).cfg, base_quant="none"))))
-  return dict(case=case, params=params, devices=devices, state=per_device,
-              ideal=total / devices, ratio=per_device / (total / devices), args=args,
-              temp=temp, total=args + out - alias + temp, compile_s=seconds)
+  out = dict(case=case, params=params, devices=devices, state=per_device,
+             ideal=total / devices, ratio=per_device / (total / devices), args=args,
+             temp=temp, total=args + out - alias + temp, compile_s=seconds)
+  if case.target:
+    out.update(tpu_speed(case, compiled))
+  return out
+
+
+def tpu_speed(case: Case, compiled) -> dict:
+  """The TPU cost model's step time (tpu_targets.step_seconds' method: unrolled 1-
+  and 2-layer compiles of one micro-batch, depth-linear, times the micro-batches,
+  when the step loops) and the model-FLOPs utilisation it implies."""
+  slice_ = tpu_targets.parse_slice(case.target)
+  step = tpu_targets.analyse("train step", compiled, 0.0).optimal_seconds
+  model = model_of(case)
+  n = model.cfg.num_layers
+  if case.scan or case.grad_accum > 1:
+    at = lambda d: tpu_targets.analyse("", compile_step(dataclasses.replace(
+        case, scan=False, layers=d, grad_accum=1, batch=case.batch // case.grad_accum))[0],
+        0.0).optimal_seconds
+    t1, t2 = at(1), at(2)
+    step = case.grad_accum * (t1 + (n - 1) * (t2 - t1))
+  tokens = case.batch * case.seq
+  flops = tpu_targets.model_flops(model, tokens, case.seq)
+  peak = slice_.chip.bf16_tflops * 1e12 / slice_.chip.devices_per_chip
+  devices = math.prod(case.mesh.values())
+  return dict(step_s=step, tokens_s=tokens / step, mfu=flops / devices / step / peak,
+              hbm=slice_.device_hbm_bytes)
 
 
 def describe(case: Case) -> str:
   mesh = ",".join(f"{k}:{v}" for k, v in case.mesh.items())
   layers = f" layers={case.layers}" if case.layers else ""
-  return (f"{case.shape}{layers} mesh={mesh} seq={case.seq} batch={case.batch} "
+  target = f"{case.target} {case.attention} " if case.target else ""
+  return (f"{target}{case.shape}{layers} mesh={mesh} seq={case.seq} batch={case.batch} "
           f"{'scan' if case.scan else 'unrolled'} remat={case.remat} "
           f"{f'chunked({case.strategy}) ' if case.chunked else ''}{case.loss} {case.dtype}"
           f"{f' accum={case.grad_accum}' if case.grad_accum > 1 else ''}"
@@ -244,12 +261,17 @@ def base_storage(case: Case) -> str:
 
 HEADER = (f"{'case':<120} {'params':>7} {'state/dev':>9} {'ideal':>7} {'ratio':>6} "
           f"{'temp':>7} {'total':>7} {'compile':>8}")
+TPU_HEADER = HEADER + f" {'HBM/dev':>8} {'step':>9} {'tokens/s':>11} {'MFU':>5}"
 
 
 def row(r: dict) -> str:
-  return (f"{describe(r['case']):<120} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
-          f"{r['ideal'] / GiB:6.2f}G {r['ratio']:6.3f} {r['temp'] / GiB:6.2f}G "
-          f"{r['total'] / GiB:6.2f}G {r['compile_s']:7.1f}s")
+  out = (f"{describe(r['case']):<120} {r['params'] / 1e9:6.2f}B {r['state'] / GiB:7.2f}G "
+         f"{r['ideal'] / GiB:6.2f}G {r['ratio']:6.3f} {r['temp'] / GiB:6.2f}G "
+         f"{r['total'] / GiB:6.2f}G {r['compile_s']:7.1f}s")
+  if "step_s" in r:
+    out += (f" {r['hbm'] / GiB:7.1f}G {r['step_s'] * 1e3:7.1f}ms {r['tokens_s']:11,.0f} "
+            f"{r['mfu']:5.0%}")
+  return out
 
 
 def suite() -> list[tuple[str, Case, float | None]]:
@@ -290,6 +312,35 @@ def lora_suite() -> list[tuple[str, Case, float | None]]:
                  Case("llama-3-8b", one, 2048, 8, grad_accum=8), None)]
 
 
+def tpu_suite() -> list[tuple[str, Case, float | None]]:
+  """docs/tpu.md's table (issue 40): each case with xla and splash attention, on the
+  TPU compiler; the limit is the slice's HBM per device."""
+  cases = [
+      ("SmolLM2-135M, the default experiment's shape", Case(
+          "smollm2-135m-instruct", {"data": 4}, 256, 8, scan=False, remat="none",
+          target="v5e-4")),
+      ("SmolLM2-135M at seq 2048", Case("smollm2-135m-instruct", {"data": 4}, 2048, 8,
+                                        scan=True, target="v5e-4")),
+      ("Llama-3.2-1B full, v5e-8", Case("llama-3.2-1b", {"fsdp": 8}, 2048, 32,
+                                        target="v5e-8")),
+      ("Llama-3-8B LoRA r16 bf16 base, v5e-4", Case(
+          "llama-3-8b", {"fsdp": 4}, 2048, 8, lora_rank=16, base_dtype="bfloat16",
+          target="v5e-4")),
+      ("Llama-3-8B QLoRA r16 nf4 base, v5e-4", Case(
+          "llama-3-8b", {"fsdp": 4}, 2048, 8, lora_rank=16, base_dtype="bfloat16",
+          base_quant="nf4", target="v5e-4")),
+      ("Llama-3-8B full, v5p-64", Case("llama-3-8b", {"fsdp": 32}, 2048, 64,
+                                       target="v5p-64")),
+  ]
+  out = []
+  for what, case in cases:
+    hbm = tpu_targets.parse_slice(case.target).device_hbm_bytes / GiB
+    for attention in ("xla", "splash"):
+      out.append((f"{what}, {attention}", dataclasses.replace(case, attention=attention),
+                  hbm))
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, default=64, help="forced CPU devices")
@@ -314,6 +365,12 @@ def main() -> None:
                  help="LoRA: the frozen base stored quantised")
   p.add_argument("--lora_suite", action="store_true",
                  help="only the LoRA cases (implies --no_licm: bfloat16 bases)")
+  p.add_argument("--target", default=None,
+                 help="a TPU slice (v5e-4, v5p-64, ...): the TPU compiler (libtpu) instead of "
+                 "forced CPU devices; adds the step-time estimate and MFU")
+  p.add_argument("--attention", default="xla", choices=("xla", "splash", "cudnn", "auto"))
+  p.add_argument("--tpu_suite", action="store_true", help="docs/tpu.md's TPU table")
+  p.add_argument("--only", default=None, help="tpu_suite: only cases whose name has this")
   p.add_argument("--no_licm", action="store_true",
                  help="disable XLA:CPU's loop-invariant code motion (see NO_LICM)")
   args = p.parse_args()
@@ -321,7 +378,9 @@ def main() -> None:
         + ("; XLA:CPU loop-invariant code motion off (--no_licm)"
            if args.no_licm or args.lora_suite else ""),
         flush=True)
-  if args.lora_suite:
+  if args.tpu_suite:
+    todo = [t for t in tpu_suite() if args.only is None or args.only in t[0]]
+  elif args.lora_suite:
     todo = lora_suite()
   elif args.shape is None:
     todo = suite()
@@ -332,7 +391,8 @@ def main() -> None:
       mesh[axis] = int(size)
     if -1 in mesh.values():
       rest = math.prod(v for v in mesh.values() if v != -1)
-      mesh = {k: (args.devices // rest if v == -1 else v) for k, v in mesh.items()}
+      n = tpu_targets.parse_slice(args.target).num_devices if args.target else args.devices
+      mesh = {k: (n // rest if v == -1 else v) for k, v in mesh.items()}
     depths = [int(x) for x in args.layers.split(",")] if args.layers else [None]
     scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
     todo = [("", Case(args.shape, mesh, args.seq, args.batch, scan=s, remat=args.remat,
@@ -340,9 +400,10 @@ def main() -> None:
                       strategy=args.strategy,
                       dtype=args.dtype, grad_accum=args.grad_accum,
                       lora_rank=args.lora_rank, base_dtype=args.base_dtype,
-                      base_quant=args.base_quant), None)
+                      base_quant=args.base_quant, attention=args.attention,
+                      target=args.target), None)
             for s in scans for n in depths]
-  print(HEADER, flush=True)
+  print(TPU_HEADER if args.tpu_suite or args.target else HEADER, flush=True)
   results, failed = [], []
   for what, case, limit in todo:
     r = measure(case)

@@ -14,6 +14,32 @@ import time
 # run's own lines (before TensorFlow is imported anywhere).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def pin_cpu_without_tpu() -> None:
+  """JAX_PLATFORMS=cpu where libtpu is installed (requirements-tpu.txt, for --plan) but
+  no TPU is attached and no GPU plugin is installed: JAX would otherwise try the TPU
+  backend first and log libtpu's warnings at every start. An explicit JAX_PLATFORMS
+  wins; a TPU VM (a Google PCI device) and a GPU machine are left alone. --plan
+  compiles for TPU topologies either way (pdl_jax.train.tpu_targets)."""
+  import glob
+  import importlib.util
+
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+    return
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == "0x1ae0":  # Google: a TPU chip
+          return
+    except OSError:
+      continue
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+pin_cpu_without_tpu()  # before jax is imported anywhere
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,6 +54,10 @@ _COORDINATOR = flags.DEFINE_string(
     "--num_processes and --process_id); on TPU VM pods jax.distributed finds it itself")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_PLAN = flags.DEFINE_string(
+    "plan", None, "a Cloud TPU slice (v5e-16, v5p-64, ...): compile this config's train "
+    "and decode steps for it and print memory, fit and speed (nothing runs; needs "
+    "libtpu: requirements-tpu.txt); see pdl_jax/cli/plan.py")
 flags.mark_flag_as_required("config")
 
 
@@ -65,6 +95,11 @@ def jax_process_count() -> int:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  if _PLAN.value:
+    from pdl_jax.cli import plan
+
+    print(plan.report(_CONFIG.value, _PLAN.value)[0], flush=True)
+    return
   init_distributed()  # before any other JAX call
   from pdl_jax.train import run as run_lib
 

@@ -66,6 +66,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REMATS = ("none", "full", "dots")
 
 
+# How attention is computed (DecoderConfig.attention; pdl_jax.models.attention).
+ATTENTIONS = ("xla", "splash", "cudnn", "auto")
+
+
 # Projections a low-rank adapter may sit on (DecoderConfig.lora_targets), by the
 # LoRA literature's short names, and the Dense2D module each names.
 LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out", "gate": "gate",
@@ -125,6 +129,9 @@ class DecoderConfig:
   # changes the param tree (stack_layers / unstack_layers convert), not the math.
   scan_layers: bool = False
   remat: str = "none"  # REMATS: what each block saves for the backward pass (same math)
+  # pdl_jax.models.attention.IMPLEMENTATIONS: how attention is computed (the same math
+  # up to float rounding): "auto" is splash on TPU, cudnn on GPU, the xla einsum on CPU.
+  attention: str = "auto"
   # Low-rank adapters (LoRA; pdl_jax.models.lora): rank 0 is off. Each projection named in
   # lora_targets (keys of LORA_TARGETS) gets float32 lora_a [*in, r] and lora_b
   # [r, *out] beside its kernel: y = x W + (lora_alpha / r) * dropout(x) A B.
@@ -140,7 +147,7 @@ class DecoderConfig:
     checks = (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS),
               ("positions", POSITIONS), ("rope_type", ROPE_TYPES),
               ("dtype", ("float32", "bfloat16")), ("param_dtype", ("float32", "bfloat16")),
-              ("remat", REMATS), ("base_quant", BASE_QUANTS))
+              ("remat", REMATS), ("base_quant", BASE_QUANTS), ("attention", ATTENTIONS))
     for name, allowed in checks:
       if getattr(self, name) not in allowed:
         raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not supported; "

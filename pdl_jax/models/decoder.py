@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from pdl_jax.sharding import constrain
+from pdl_jax.models import attention
 from pdl_jax.models import config as model_config
 from pdl_jax.models import layers
 
@@ -67,7 +68,10 @@ def _remat_block(cfg: model_config.DecoderConfig) -> type[nn.Module]:
     return layers.Block
   policy = (None if cfg.remat == "full"  # jax.checkpoint's default: nothing saveable
             else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return nn.remat(layers.Block, policy=policy, prevent_cse=not cfg.scan_layers)
+  # Unrolled, a block's `local` (is it windowed?) is a Python bool: static, so the
+  # attention kernels see their window (argnum 6, counting the module as 0).
+  return nn.remat(layers.Block, policy=policy, prevent_cse=not cfg.scan_layers,
+                  static_argnums=() if cfg.scan_layers else (6,))
 
 
 class Decoder(nn.Module):
@@ -167,6 +171,8 @@ class Decoder(nn.Module):
                     attention_bias(query_index, s, key_mask_BxS, segment_ids_BxL,
                                    cfg.sliding_window if kind == "local" else None))
              for kind in layer_kinds(cfg)}
+    # The bias with what it was made from, for the attention kernels (attention.Mask).
+    mask_of = lambda bias: attention.Mask(bias, segment_ids_BxL, key_mask_BxS)
     x_BxLxD = self.embed(tokens_BxL)
     if cfg.embed_scale:
       # Gemma multiplies by sqrt(d) rounded to the compute dtype (bf16: 55.5 for d=3072).
@@ -183,15 +189,16 @@ class Decoder(nn.Module):
         rope_tables = (kinds["global"][0], kinds["local"][0])
         bias_BxLxS = (kinds["global"][1], kinds["local"][1])
         local_flags = jnp.asarray(cfg.local_layers)
-      x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, bias_BxLxS, kv_all, cache_index,
-                                    local_flags)
+      x_BxLxD, kv_all = self.blocks(x_BxLxD, rope_tables, mask_of(bias_BxLxS), kv_all,
+                                    cache_index, local_flags)
       new_cache = None if cache is None else {"k": kv_all[0], "v": kv_all[1]}
     else:
       new_k, new_v = [], []
       for i, block in enumerate(self.blocks):
         kv = None if cache is None else (cache["k"][i], cache["v"][i])
-        rope_tables, bias_BxLxS = kinds["global" if cfg.layer_window(i) is None else "local"]
-        x_BxLxD, kv = block(x_BxLxD, rope_tables, bias_BxLxS, kv, cache_index)
+        local = cfg.layer_window(i) is not None
+        rope_tables, bias_BxLxS = kinds["local" if local else "global"]
+        x_BxLxD, kv = block(x_BxLxD, rope_tables, mask_of(bias_BxLxS), kv, cache_index, local)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])

@@ -21,13 +21,7 @@ def decoder_config(m, vocab_size: int | None = None) -> model_config.DecoderConf
   directory's config.json, or the own model's preset for a vocabulary of
   `vocab_size`."""
   dtype = compute_dtype(m)
-  # How the layers run (scanned, rematerialised) is the config's, for either model.
-  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
-  lo = m.get("lora")
-  if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.models.lora)
-    how.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
-                  lora_targets=tuple(lo.targets), lora_dropout=float(lo.dropout),
-                  base_quant=lo.base_quant)
+  how = run_fields(m)
   if m.pretrained is not None:
     cfg = hf_families.read_config(m.pretrained, dtype=dtype, param_dtype=m.param_dtype)
     return dataclasses.replace(cfg, **how)
@@ -35,6 +29,19 @@ def decoder_config(m, vocab_size: int | None = None) -> model_config.DecoderConf
                                  tied_embeddings=m.tied_embeddings)
   return dataclasses.replace(model_config.from_model_config(own), param_dtype=m.param_dtype,
                              **how)
+
+
+def run_fields(m) -> dict[str, Any]:
+  """The DecoderConfig fields the model settings `m` set for either model: how the
+  layers run (scanned, rematerialised) and the LoRA adapters."""
+  how = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"),
+             attention=m.get("attention", "auto"))
+  lo = m.get("lora")
+  if lo is not None and lo.rank > 0:  # adapters on the chosen projections (pdl_jax.models.lora)
+    how.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha),
+               lora_targets=tuple(lo.targets), lora_dropout=float(lo.dropout),
+               base_quant=lo.base_quant)
+  return how
 
 
 def compute_dtype(m) -> str:
@@ -59,8 +66,9 @@ LATER_FIELDS = ("local_layers", "local_rope_theta", "post_norms", "query_scale",
 def describe(model: decoder.Decoder) -> dict[str, Any]:
   """The model's configuration as JSON-able values (for the run fingerprint, which
   leaves out `remat`: see pdl_jax.train.provenance.fingerprint)."""
+  # attention: an implementation of the same math (as remat): runs resume across it.
   out = {k: v for k, v in dataclasses.asdict(model.cfg).items()
-         if k != "source_config_json"}
+         if k not in ("source_config_json", "attention")}
   if not model.cfg.lora_rank:  # fingerprints of full runs stay as before LoRA existed
     for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "base_quant"):
       out.pop(k)
@@ -107,6 +115,9 @@ def check(m) -> None:
         "default: float32 master weights) and set config.model.dtype='bfloat16' for "
         "bfloat16 compute; export in bfloat16 with `pdl_jax.cli.export_hf --dtype=bfloat16`. "
         "(With LoRA, model.lora.rank > 0, a bfloat16 base is allowed: it is frozen.)")
+  if m.get("attention", "auto") not in model_config.ATTENTIONS:
+    raise ValueError(f"config.model.attention={m.attention!r}; expected one of "
+                     f"{model_config.ATTENTIONS}.")
   if m.remat not in model_config.REMATS:
     raise ValueError(f"config.model.remat={m.remat!r}; expected one of "
                      f"{model_config.REMATS}.")

@@ -7,7 +7,8 @@ activation over (B, L), which XLA:CPU lowers with transposed copies of the incom
 gradient; attention runs head-major (batched over B and the KV heads), so the
 [B, H, L, S] scores are never transposed either; RoPE cos/sin are computed once per
 forward and shared by the layers; the mask is an additive [B or 1, L, S] float32
-bias made once per forward; the 1/sqrt(head_dim) scale rides on q (on its RoPE
+bias made once per forward (attention.Mask; the kernels of pdl_jax.models.attention
+read its segment ids instead); the 1/sqrt(head_dim) scale rides on q (on its RoPE
 tables). A query row with no key to attend to (left padding) gets garbage output
 and passes gradient to its scores: a loss must mask padding positions, which it
 does.
@@ -30,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pdl_jax.models import attention
 from pdl_jax.models import quant
 from pdl_jax.sharding import constrain
 from pdl_jax.models import config as model_config
@@ -226,17 +228,23 @@ class Attention(nn.Module):
   """Causal attention with grouped KV heads, optional biases, q/k norm and KV cache.
 
   rope_tables: (cos, sin) [B, L, 1, K/2] from `rotary_tables` (None for learned
-  positions); bias_BxLxS: additive mask bias, 0 where a query may attend and -1e30
-  elsewhere (leading axis 1 when it is the same for every row).
+  positions); mask: an attention.Mask, whose bias_BxLxS is the additive mask bias, 0
+  where a query may attend and -1e30 elsewhere (leading axis 1 when it is the same
+  for every row), with the segment ids and key mask it was made from (the kernels');
+  local: whether this layer is windowed (cfg.sliding_window): a bool, a traced flag
+  under a scan over layers of two kinds, or None when every layer is alike
+  (cfg.layer_window(0) then says).
   """
 
   cfg: model_config.DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, rope_tables, mask, kv=None, cache_index=None, local=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if local is None:  # every layer alike
+      local = cfg.layer_window(0) is not None
 
     def proj(name, heads, heads_axis):
       return Dense2D((heads, k), 1, ("embed", heads_axis, "kv"), use_bias=cfg.qkv_bias,
@@ -271,41 +279,12 @@ class Attention(nn.Module):
       kv = (k_BxGxSxK, v_BxGxSxK)
     else:
       k_BxGxSxK, v_BxGxSxK = k_BxGxLxK, v_BxGxLxK
-    b, l, s = q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxGxSxK.shape[2]
-    r = h // g
-    # Head-major layouts, so both attention matmuls (and their gradients) are plain
-    # batched matmuls over N = B * G (one batch axis: a size-1 G axis of its own
-    # would cost layout copies), with the R query heads that share a KV head
-    # stacked with the L queries (M = R * L rows): XLA:CPU then copies only q, k, v
-    # and the output ([B, L, H, K] each), never the [B, H, L, S] scores. Query head i
-    # uses KV head i // R, the order of transformers' repeat_kv.
-    q_BxGxMxK = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
-        b, g, r * l, k)
-    # With a cache, the matmuls read the updated [B, G, S, K] buffers as they are
-    # (batch axes B and G): reshaping them to [B * G, S, K] makes XLA:CPU duplicate
-    # each cache update into the reshape's fusion, every duplicate starting from a
-    # copy of the whole cache (tests/models/test_decoder_speed.py, in place).
-    if kv is not None:
-      attend = lambda spec, x, y, **kw: jnp.einsum(spec.replace("n", "bg"), x, y, **kw)
-      k_xSxK, v_xSxK = k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype)
-      q_xMxK = q_BxGxMxK
-    else:
-      attend = jnp.einsum
-      k_xSxK = k_BxGxSxK.astype(dtype).reshape(b * g, s, k)
-      v_xSxK = v_BxGxSxK.astype(dtype).reshape(b * g, s, k)
-      q_xMxK = q_BxGxMxK.reshape(b * g, r * l, k)
-    logits_xMxS = attend("nmk,nsk->nms", q_xMxK, k_xSxK, preferred_element_type=jnp.float32)
-    # An add of the [B or 1, L, S] bias, not a `where` on a broadcast boolean mask:
-    # no [B, H, L, S] predicate in the forward or backward pass. score - 1e30
-    # rounds to exactly -1e30 in float32, as the `where` gave. Row m of M is query
-    # m % L: the bias is tiled R times along M.
-    bias_Bx1xMxS = (jnp.tile(bias_BxLxS, (1, r, 1)) if r > 1 else bias_BxLxS)[:, None]
-    logits_BxGxMxS = logits_xMxS.reshape(b, g, r * l, s) + bias_Bx1xMxS
-    probs_xMxS = jax.nn.softmax(logits_BxGxMxS, axis=-1).astype(dtype).reshape(
-        logits_xMxS.shape)
-    out_NxMxK = attend("nms,nsk->nmk", probs_xMxS, v_xSxK).reshape(b * g, r * l, k)
-    out_BxLxHxK = out_NxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(
-        b, l, h, k)
+    # The scores, softmax and weighted values: pdl_jax.models.attention (cfg.attention
+    # picks the einsum, the splash kernel or cuDNN; with a cache, the einsum).
+    out_BxLxHxK = attention.attend(
+        cfg.attention, q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask.bias_BxLxS, dtype=dtype,
+        cached=kv is not None, segment_ids_BxL=mask.segment_ids_BxL,
+        key_mask_BxS=mask.key_mask_BxS, window=cfg.sliding_window, local=local)
     out_BxLxD = Dense2D((cfg.d_model,), 2, ("heads", "kv", "embed"), use_bias=cfg.out_bias,
                         dtype=dtype, param_dtype=pdtype, name="out",
                         **lora_fields(cfg, "out"))(out_BxLxHxK)
@@ -339,29 +318,31 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block: attention, then MLP (Gemma 2/3: each output normed too).
 
-  rope_tables and bias_BxLxS are this layer's; under a scan over layers of two kinds
-  (local and global, Gemma 3) they are (global, local) pairs and `local` is the
-  layer's traced flag that picks one (an elementwise select of the [B or 1, L, S]
-  bias and the tables per layer, cheap beside the attention).
+  rope_tables and mask (attention.Mask) are this layer's; under a scan over layers
+  of two kinds (local and global, Gemma 3) the tables and the mask's bias are
+  (global, local) pairs and `local` is the layer's traced flag that picks one (an
+  elementwise select of the [B or 1, L, S] bias and the tables per layer, cheap
+  beside the attention). Unrolled, `local` is the layer's bool; None: every layer
+  alike.
   """
 
   cfg: model_config.DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, rope_tables, bias_BxLxS, kv=None, cache_index=None,
+  def __call__(self, x_BxLxD, rope_tables, mask, kv=None, cache_index=None,
                local=None):
     cfg = self.cfg
     pdtype = jnp.dtype(cfg.param_dtype)
-    if local is not None:
+    if local is not None and not isinstance(local, bool):  # a scan's traced flag
       pick = lambda g, l: jnp.where(local, l, g)
       rope_tables = jax.tree.map(pick, *rope_tables)
-      bias_BxLxS = pick(*bias_BxLxS)
+      mask = mask._replace(bias_BxLxS=pick(*mask.bias_BxLxS))
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, pdtype, name=name)
     # Activations stay split over the batch (data x fsdp) at every residual; the
     # weights are what moves (pdl_jax.sharding.constrain).
     x_BxLxD = constrain(x_BxLxD, "batch", "length", "embed")
     attn, kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BxLxD), rope_tables,
-                                           bias_BxLxS, kv, cache_index)
+                                           mask, kv, cache_index, local)
     if cfg.post_norms:
       attn = norm("attn_post_norm")(attn)
     x_BxLxD = constrain(x_BxLxD + attn, "batch", "length", "embed")

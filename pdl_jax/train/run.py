@@ -111,10 +111,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, *, eos_id: int = 1,
                                eos_id=eos_id, batch_shards=batch_shards, **kwargs)
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The config's mesh; checks that every micro-batch divides over data x fsdp."""
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The config's mesh (on `devices`, default all; a TPU slice's for a plan); checks
+  that every micro-batch divides over data x fsdp."""
   try:
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
   except ValueError as e:
     raise ValueError(f"config.mesh={dict(config.mesh)}: {e}") from None
   shards, k = sharding.batch_shards(mesh), config.optimizer.grad_accum_steps
@@ -124,6 +125,23 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         f"the mesh's data x fsdp axes ({mesh.shape['data']} x {mesh.shape['fsdp']}): each "
         "micro-batch is split evenly over them.")
   return mesh
+
+
+def make_step_fn(config: ml_collections.ConfigDict, model, tx, mesh: jax.sharding.Mesh,
+                 shardings, *, eos_id: int):
+  """The jitted train step of the config (state, batch, weights_V) -> (state,
+  metrics): the state donated, the batch split over data x fsdp. Also what
+  pdl_jax.train.tpu_targets compiles for a TPU slice."""
+  shards, rep = sharding.batch_shards(mesh), sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(
+          step_lib.train_step, tx=tx, skip_nonfinite=config.skip_nonfinite_steps,
+          loss_fn=make_loss_fn(config, model, eos_id=eos_id, batch_shards=shards),
+          grad_accum_steps=config.optimizer.grad_accum_steps,
+          reduction=registry.resolve_reduction(config.loss.name, config.loss.reduction),
+          dropout_seed=config.seed if model.cfg.lora_dropout > 0 else None),
+      in_shardings=(shardings, sharding.named_sharding(mesh, "batch", "length"), rep),
+      out_shardings=(shardings, rep), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------
@@ -245,16 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   multihost.sync("metrics")  # process 0 may have dropped a killed run's later records
 
   # --- Update step and evaluator.
-  shards, rep = sharding.batch_shards(mesh), sharding.replicated(mesh)
-  step_fn = jax.jit(
-      functools.partial(
-          step_lib.train_step, tx=tx, skip_nonfinite=config.skip_nonfinite_steps,
-          loss_fn=make_loss_fn(config, model, eos_id=tokenizer.eos_id, batch_shards=shards),
-          grad_accum_steps=config.optimizer.grad_accum_steps,
-          reduction=registry.resolve_reduction(config.loss.name, config.loss.reduction),
-          dropout_seed=config.seed if model.cfg.lora_dropout > 0 else None),
-      in_shardings=(shardings, sharding.named_sharding(mesh, "batch", "length"), rep),
-      out_shardings=(shardings, rep), donate_argnums=(0,))
+  shards = sharding.batch_shards(mesh)
+  step_fn = make_step_fn(config, model, tx, mesh, shardings, eos_id=tokenizer.eos_id)
   evaluator = evaluator_lib.Evaluator(
       eval_settings(config), workdir, model, tokenizer, eval_ex, stats.counts, weights_V,
       mesh, shardings, make_loss_fn(config, model, eos_id=tokenizer.eos_id,

@@ -1,0 +1,153 @@
+"""The GPU check (issue 40): train and decode tokens/s and MFU on one GPU, attention
+`xla` against `cudnn`, for SmolLM2-135M and Llama-3.2-1B shapes in bfloat16 (random
+weights: speed does not depend on them; nothing is downloaded).
+
+    bash experiments/gpu_check.sh              # on a GPU machine (requirements-gpu.txt)
+    python experiments/gpu_check.py --dry_run  # CPU: tiny shapes, the same code paths
+
+Each row: the trainer's own jitted train step (pdl_jax.train.run.make_step_fn: PDL,
+AdamW, the state donated) timed over --steps steps after a compile step (median), and
+greedy decoding with the KV cache (pdl_jax.eval.decode.generate) of --new_tokens
+tokens; MFU = model FLOPs (tpu_targets.model_flops: 6 N + attention per token) over
+the median step time and the chip's dense bf16 peak (--peak_tflops, default 989:
+H100 / H200 SXM). Attentions are interleaved step by step, so background load hits
+both alike. With `cudnn` where cuDNN refuses the call, the model runs `xla` and the
+log line says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.common import load_config
+from pdl_jax import sharding
+from pdl_jax.cli import plan
+from pdl_jax.eval import decode as decode_lib
+from pdl_jax.models import decoder
+from pdl_jax.models.hf import families as hf_families
+from pdl_jax.train import optimizer as opt_lib
+from pdl_jax.train import run as run_lib
+from pdl_jax.train import state as state_lib
+from pdl_jax.train import tpu_targets
+
+# (name, shape, seq, batch): the default experiment's base at seq 2048, and the 1B.
+CASES = [("smollm2-135m", "smollm2-135m-instruct", 2048, 16),
+         ("llama-3.2-1b", "llama-3.2-1b", 2048, 8)]
+DRY_CASES = [("tiny-llama", "smollm2-135m-instruct", 64, 2)]
+
+
+def make_model(shape: str, attention: str, dry: bool) -> decoder.Decoder:
+  """The named shape's decoder in bfloat16 compute (--dry_run: 2 narrow layers)."""
+  hf = dict(plan.NAMED_CONFIGS[shape])
+  if dry:
+    hf.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+  cfg = hf_families.config_from_hf(hf, dtype="bfloat16", param_dtype="float32")
+  return decoder.Decoder(dataclasses.replace(cfg, attention=attention, remat="full",
+                                             scan_layers=True))
+
+
+def train_steps(attention: str, shape: str, seq: int, batch: int, dry: bool):
+  """(step function, state, batch, weights) of one case, compiled by a first call."""
+  config = load_config("configs/dialogue.py:pretrained=none")
+  config.seq_len, config.batch_size = seq, batch
+  config.mesh.data = 1
+  model = make_model(shape, attention, dry)
+  mesh = run_lib.make_mesh(config, devices=jax.devices()[:1])
+  tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
+  with jax.set_mesh(mesh):
+    state, shardings = state_lib.create_state(model, tx, mesh, 0, seq)
+    step = run_lib.make_step_fn(config, model, tx, mesh, shardings, eos_id=1)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq), 2, model.cfg.vocab_size)
+    data = {"inputs": tokens, "labels": jnp.roll(tokens, -1, axis=1),
+            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+    data = jax.device_put(data, sharding.named_sharding(mesh, "batch", "length"))
+    weights = jnp.ones((model.cfg.vocab_size,), jnp.float32)
+  return model, mesh, step, state, data, weights
+
+
+def time_cases(args, cases) -> list[dict]:
+  """Median step times of every (case, attention), interleaved."""
+  rows = []
+  for name, shape, seq, batch in cases:
+    runs = {}
+    for attention in args.attentions.split(","):
+      model, mesh, step, state, data, weights = train_steps(attention, shape, seq, batch,
+                                                            args.dry_run)
+      with jax.set_mesh(mesh):
+        state, _ = step(state, data, weights)  # compile
+        jax.block_until_ready(state)
+      runs[attention] = [model, mesh, step, state, data, weights, []]
+    for _ in range(args.steps):
+      for attention, run in runs.items():
+        model, mesh, step, state, data, weights, times = run
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+          run[3], metrics = step(state, data, weights)
+          jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    for attention, (model, mesh, step, state, data, weights, times) in runs.items():
+      median = statistics.median(times)
+      flops = tpu_targets.model_flops(model, batch * seq, seq)
+      decode_s = time_decode(model, state.params, batch, seq, args)
+      rows.append(dict(case=name, attention=attention, seq=seq, batch=batch,
+                       step_s=median, tokens_s=batch * seq / median,
+                       mfu=flops / median / (args.peak_tflops * 1e12),
+                       decode_tokens_s=batch * args.new_tokens / decode_s))
+  return rows
+
+
+def time_decode(model, params, batch: int, seq: int, args) -> float:
+  """Median seconds of a greedy decode of --new_tokens after a prompt of seq / 2."""
+  prompt = jax.random.randint(jax.random.key(2), (batch, seq // 2), 2, model.cfg.vocab_size)
+  mask = jnp.ones_like(prompt)
+  run = lambda: decode_lib.generate(model, params, prompt, mask, jax.random.key(0),
+                                    max_new_tokens=args.new_tokens, method="greedy")
+  jax.block_until_ready(run())  # compile
+  times = []
+  for _ in range(max(1, args.steps // 3)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def table(rows: list[dict]) -> str:
+  head = (f"{'case':<14} {'attention':<9} {'seq x batch':>11} {'step ms':>9} "
+          f"{'train tok/s':>12} {'MFU':>6} {'decode tok/s':>13}")
+  lines = [head]
+  for r in rows:
+    lines.append(f"{r['case']:<14} {r['attention']:<9} {r['seq']:>5} x {r['batch']:<3} "
+                 f"{r['step_s'] * 1e3:9.1f} {r['tokens_s']:12,.0f} {r['mfu']:6.1%} "
+                 f"{r['decode_tokens_s']:13,.0f}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes, 2 steps")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--new_tokens", type=int, default=64)
+  p.add_argument("--attentions", default="xla,cudnn")
+  p.add_argument("--peak_tflops", type=float, default=989.0,
+                 help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
+  args = p.parse_args()
+  if args.dry_run:
+    args.steps, args.new_tokens = 2, 4
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}",
+        flush=True)
+  rows = time_cases(args, DRY_CASES if args.dry_run else CASES)
+  print(table(rows), flush=True)
+  if not args.dry_run and not np.isfinite([r["mfu"] for r in rows]).all():
+    raise SystemExit("a non-finite measurement")
+
+
+if __name__ == "__main__":
+  main()
