@@ -26,6 +26,12 @@ def pin_cpu_without_tpu() -> None:
 
   if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
     return
+  import sys
+  if any(a == "--plan" or a.startswith("--plan=") for a in sys.argv[1:]):
+    # A plan compiles for libtpu's topology devices and runs nothing: no backend of
+    # this host is started, not even on a TPU VM (whose chips a run may be using).
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return
   if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
     return
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from pdl_jax import sharding
 from pdl_jax.eval import decode as decode_lib
+from pdl_jax.losses import batch_loss
 from pdl_jax.models import decoder
 from pdl_jax.train import optimizer as opt_lib
 from pdl_jax.train import run as run_lib
@@ -58,7 +59,7 @@ class Chip:
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32, 275, 2, "TensorCores", "https://cloud.google.com/tpu/docs/v4"),
+    "v4": Chip("v4", 32, 275, 1, "TensorCores", "https://cloud.google.com/tpu/docs/v4"),
     "v5e": Chip("v5e", 16, 197, 1, "chips", "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("v5p", 95, 459, 1, "TensorCores", "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("v6e", 32, 918, 1, "chips", "https://cloud.google.com/tpu/docs/v6e"),
@@ -151,7 +152,11 @@ def devices(slice_: Slice) -> list[Any]:
   from jax.experimental import topologies
 
   _quiet_libtpu(slice_)
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology)
+  # v4 and v5p VMs run their chips' two TensorCores as one device (megacore), as
+  # MaxText compiles for them; libtpu's default lays a v4 chip out as two devices.
+  megacore = {"chip_config_name": "megacore"} if slice_.chip.names_count == "TensorCores" else {}
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology,
+                                      **megacore)
   found = list(topo.devices)
   if len(found) != slice_.num_devices:  # the table and libtpu disagree: say so
     raise RuntimeError(f"{slice_.name}: libtpu's {slice_.topology} has {len(found)} devices; "
@@ -268,16 +273,21 @@ def step_seconds(config, model: decoder.Decoder, mesh, train: Compiled) -> tuple
   The cost model sums its ops' times once each: a loop body counts once whatever its
   trip count (a scan of 10 matmuls costs as one), and nothing overlaps (a program
   with a matmul and an all-gather costs their sum). So the compiled step's figure
-  stands for an unrolled model without accumulation; a scanned model (a loop over
+  stands for an unrolled model without accumulation or chunked loss; a scanned model (a loop over
   layers) or accumulated micro-batches (a loop over them) are timed from unrolled
   1- and 2-layer compiles of one micro-batch: depth-linear, t1 + (n - 1)(t2 - t1),
   times the micro-batches.
   """
   cfg, k = model.cfg, config.optimizer.grad_accum_steps
-  if not cfg.scan_layers and k == 1:
+  # The chunked loss is a loop over vocabulary (or token) chunks too: its unembedding
+  # would count one chunk's. The timing compiles use the plain loss (the same matmuls
+  # once, unlooped).
+  chunked = batch_loss.use_chunked_loss(config.loss, cfg.vocab_size, cfg.final_logit_softcap)
+  if not cfg.scan_layers and k == 1 and not chunked:
     return train.optimal_seconds, "the compiled step"
   micro = config.copy_and_resolve_references()
   micro.optimizer.grad_accum_steps, micro.batch_size = 1, config.batch_size // k
+  micro.loss.chunked = False
 
   def at_depth(n: int) -> float:
     shallow = dataclasses.replace(cfg, scan_layers=False, num_layers=n,
@@ -286,7 +296,8 @@ def step_seconds(config, model: decoder.Decoder, mesh, train: Compiled) -> tuple
 
   t1, t2 = at_depth(1), at_depth(2)
   how = (f"unrolled 1- and 2-layer compiles ({t1 * 1e3:.2f}, {t2 * 1e3:.2f} ms), "
-         f"extrapolated to {cfg.num_layers} layers" + (f", x {k} micro-batches" if k > 1 else ""))
+         f"extrapolated to {cfg.num_layers} layers" + (f", x {k} micro-batches" if k > 1 else "")
+         + (", plain loss (the chunked loss's loop would count once)" if chunked else ""))
   return k * (t1 + (cfg.num_layers - 1) * (t2 - t1)), how
 
 
