@@ -236,6 +236,14 @@ def attend(impl: str, q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, *, dtype,
                            dtype=dtype)
     kernel = lambda w: cudnn_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, window=w,
                                        dtype=dtype)
+    try:  # what cudnn_refusal does not foresee (compute capability, cuDNN version,
+      # length rules) jax refuses while tracing: fall back then too
+      return _by_layer(kernel, window, local)
+    except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+      _log_once(f"cudnn attention refused this call ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}): using the xla attention")
+      return xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, cached=False,
+                           dtype=dtype)
   else:
     seg = segment_ids_BxL
     if key_mask_BxS is not None:  # padded keys: a segment of their own (-1)
@@ -243,6 +251,12 @@ def attend(impl: str, q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, *, dtype,
       seg = jnp.where(key_mask_BxS.astype(bool), base, -1)
     kernel = lambda w: splash_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, seg, window=w,
                                         dtype=dtype).astype(dtype)
+  return _by_layer(kernel, window, local)
+
+
+def _by_layer(kernel, window: int | None, local) -> jax.Array:
+  """kernel(window) on a local layer, kernel(None) on a global one; `local` a traced
+  flag (a scan over layers of both kinds): lax.cond picks."""
   if window is None or isinstance(local, bool):
     return kernel(window if local else None)
   return jax.lax.cond(local, lambda: kernel(window), lambda: kernel(None))

@@ -153,3 +153,16 @@ def test_config_field_is_checked_and_left_out_of_the_fingerprint():
   c.model.attention = "flash"
   with pytest.raises(ValueError, match="config.model.attention='flash'; expected one of"):
     factory.check(c.model)
+
+
+def test_cudnn_refused_while_tracing_falls_back_to_xla(caplog, monkeypatch):
+  """A refusal cudnn_refusal does not foresee (here: jax's own, cuDNN on a CPU) is
+  caught while tracing: the xla attention, one log line."""
+  monkeypatch.setattr(attention, "cudnn_refusal", lambda *a: None)
+  q, k, v = inputs()
+  attention._LOGGED.clear()
+  with caplog.at_level(logging.WARNING):
+    got = run("cudnn", q, k, v, None, None)
+  lines = [r.message for r in caplog.records if "cudnn attention refused this call" in r.message]
+  assert len(lines) == 1 and "using the xla attention" in lines[0], caplog.records
+  np.testing.assert_array_equal(got, run("xla", q, k, v, None, None))
