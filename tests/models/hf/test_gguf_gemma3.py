@@ -242,9 +242,8 @@ def test_gemma3_270m_pins_every_part():
 def test_gemma3_score_scale_of_the_27b_model(layers, scalar):
   """llama.cpp's rule, as the GGUF does not store query_pre_attn_scalar: 27B (62
   layers) scales scores by 1/sqrt(d_model / heads), the others by 1/sqrt(head_dim)."""
-  from pdl_jax.models.hf import gguf as gguf_hf
   llama = {"num_hidden_layers": layers, "hidden_size": 5376, "num_attention_heads": 32,
            "head_dim": 128}
   values = {"attention.sliding_window": 1024}
-  out = gguf_hf._gemma3_config(None, llama, lambda k, d=None: values.get(k, d))
+  out = gguf_lib._gemma3_config(None, llama, lambda k, d=None: values.get(k, d))
   assert out["query_pre_attn_scalar"] == scalar
