@@ -40,6 +40,9 @@ pretrained runs do), summary.md ends with, per decoding, each point's difference
 from CE on per-example ROUGE-L, chrF, rare-token share and length: the mean over the
 evaluation examples with both seeds pooled, and a 95% paired bootstrap interval
 (the same examples resampled for both sides), next to the seed spread of the tables.
+Where the CE runs carry logit-adjusted decodes (the control, docs/results.md), it ends
+with each PDL alpha against CE decoded with the bias of the same strength (beta =
+alpha, PDL's population optimum), with the same paired intervals.
 """
 
 from __future__ import annotations
@@ -361,6 +364,56 @@ def interval_lines(table) -> list[str]:
   return lines
 
 
+CONTROL_METRICS = ("rougeL", "chrf", "length")  # beside the measures apart from the counts
+
+
+def control_intervals(points, word_stats=None
+                      ) -> dict[str, list[tuple[str, str, dict[str, tuple[float, float, float]]]]]:
+  """{plain decoding: [(PDL point, its control, {metric: (PDL - control, 95% lower,
+  upper)})]}: each `alpha=A` point against `ce+biasA`, CE decoded with the bias of the
+  same strength (the PDL population optimum), paired over the same prompts with the
+  seeds pooled, as `intervals`; only pairs whose runs kept both sides' generations."""
+  if "ce" not in points:
+    return {}
+  metrics = CONTROL_METRICS + (informativeness.PER_EXAMPLE if word_stats else ())
+  out = {}
+  for method in intervals_methods(points):
+    rows = []
+    for label, p in points.items():
+      alpha = p["alpha"]
+      control = f"{measures.BIAS_PREFIX}{alpha:g}"
+      if math.isnan(alpha) or control not in points:
+        continue
+      pdl = pooled_stats(p, label, method, word_stats)
+      ce = pooled_stats(points[control], control, method, word_stats)
+      if pdl is None or ce is None:
+        continue
+      if pdl[0] != ce[0]:
+        raise SystemExit(f"point {label} evaluated other prompts than its control {control}.")
+      rows.append((label, control,
+                   {m: paired_bootstrap(*pdl[1][m], *ce[1][m]) for m in metrics}))
+    if rows:
+      out[method] = rows
+  return out
+
+
+def control_lines(table) -> list[str]:
+  """Markdown: per decoding, one table of PDL minus its control, `difference [lower,
+  upper]` per cell."""
+  lines = []
+  for method, rows in table.items():
+    cols = list(rows[0][2])
+    lines += ["", f"PDL against its control, {method}: PDL alpha minus CE decoded with "
+              "the bias of the same strength (beta = alpha, the PDL population optimum: "
+              "docs/results.md); the same prompts, seeds pooled, 95% paired bootstrap "
+              "interval over the examples:", "",
+              "| point | control | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for label, control, cells in rows:
+      lines.append(f"| {label} | {control} | " + " | ".join(
+          f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in (cells[m] for m in cols)) + " |")
+  return lines
+
+
 def measure_table(points, word_stats) -> dict[str, tuple[dict[str, dict[str, tuple[float, float]]],
                                                          dict[str, float]]]:
   """{plain decoding: ({point: {measure: (mean, std over seeds)}}, the references'
@@ -443,6 +496,7 @@ def write_tables(points, out: str, word_stats=None, measured=None) -> None:
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
   lines += measure_lines(points, word_stats, measured)
   lines += interval_lines(intervals(points, word_stats))
+  lines += control_lines(control_intervals(points, word_stats))
   atomic_write_bytes(paths.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 

@@ -17,7 +17,7 @@ from experiments import report
 # (the control issue's runs, in progress): a name per point, "ce-control" for the CE
 # reruns with the logit-adjusted decodes. Each is removed as its runs land.
 PENDING = {
-    "summarization": {"dft", "gem", "mile", "ce-control"},
+    "summarization": {"dft", "gem", "mile"},
     "dialogue": {"dft", "gem", "mile", "ce-control", "alpha1", "face", "tlat_chi2",
                  "unlikelihood", "focal"},
     "style_transfer": {"dft", "gem", "mile", "ce-control"},
@@ -481,6 +481,44 @@ def test_bias_points_measures_and_reproduced_versions(tmp_path):
   assert "Measures that do not use the loss's token counts, greedy:" in md
   assert "| ce+bias0.5 | 2 | " in md and "| references | - | " in md
   assert "Decoded with greedy_bias0.5" not in md  # a point, not a decoding table
+
+
+def test_pdl_against_its_control_of_the_same_strength(tmp_path):
+  """Each PDL alpha is paired with CE decoded with bias beta = alpha (and no other):
+  the difference is PDL's per-example mean minus the control's, over the same prompts
+  with both seeds pooled, and summary.md shows it."""
+  from pdl_jax.eval import informativeness
+  refs = ["the old king is dead", "a dog ran far away", "birds sing at dawn"] * 4
+  for seed in (0, 1):
+    for name, loss, alpha in (("ce", "ce", 0.5), ("a0.5", "pdl", 0.5), ("a1", "pdl", 1.0)):
+      fake_run(tmp_path, f"{name}-seed{seed}", loss, alpha, seed, 4.0, 10.0)
+    lines = [json.loads(l) for l in open(tmp_path / f"ce-seed{seed}" / "metrics.jsonl")]
+    lines[-1].update({"eval/greedy_bias0.5/rouge1": 20.0, "eval/greedy_bias0.25/rouge1": 1.0})
+    (tmp_path / f"ce-seed{seed}" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(l) for l in lines) + "\n")
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl", ["the cat"] * 12, refs, [0] * 12)
+    # The control's outputs: the references for seed 0, "king king king" for seed 1.
+    control = refs if seed == 0 else ["king king king"] * 12
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias0.5.jsonl", control, refs, [1] * 12)
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias0.25.jsonl", refs, refs, [1] * 12)
+    _samples(tmp_path / f"a0.5-seed{seed}", "final_greedy.jsonl", refs, refs, [1] * 12)
+    _samples(tmp_path / f"a1-seed{seed}", "final_greedy.jsonl", refs, refs, [1] * 12)
+  points = report.collect(str(tmp_path))
+  stats = informativeness.WordStats.from_texts(refs)
+  table = report.control_intervals(points, stats)
+  # alpha=1 has no bias-1 decode: no row; bias 0.25 has no PDL point: no row.
+  assert [(l, c) for l, c, _ in table["greedy"]] == [("alpha=0.5", "ce+bias0.5")]
+  cells = table["greedy"][0][2]
+  from pdl_jax.eval import metrics as metrics_lib
+  # PDL: the references twice (ROUGE-L 100); control: the references once, then loops.
+  loop_rouge = metrics_lib.per_example(["king king king"] * 12, refs)["rougeL"]
+  d, lo, hi = cells["rougeL"]
+  assert d == pytest.approx(100.0 - (100.0 + loop_rouge.mean()) / 2) and lo <= d <= hi
+  assert cells["loop"][0] == pytest.approx(-0.5)  # half the control's outputs loop
+  report.write_tables(points, str(tmp_path), stats)
+  md = open(tmp_path / "summary.md").read()
+  assert "PDL against its control, greedy" in md
+  assert f"| alpha=0.5 | ce+bias0.5 | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md
 
 
 @pytest.mark.parametrize("task", ["summarization", "dialogue", "style_transfer"])
