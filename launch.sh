@@ -601,7 +601,7 @@ cmd="$1"
 shift
 case "$cmd" in
   test)
-    exec python -m pytest -q "$@"
+    exec python -m pytest -q -n 2 "$@"
     ;;
   local)
     [[ $# -ge 1 ]] || usage

@@ -9,10 +9,12 @@ Each row: the trainer's own jitted train step (pdl_jax.train.run.make_step_fn: P
 AdamW, the state donated) timed over --steps steps after a compile step (median), and
 greedy decoding with the KV cache (pdl_jax.eval.decode.generate) of --new_tokens
 tokens; MFU = model FLOPs (tpu_targets.model_flops: 6 N + attention per token) over
-the median step time and the chip's dense bf16 peak (--peak_tflops, default 989:
-H100 / H200 SXM). Attentions are interleaved step by step, so background load hits
-both alike. With `cudnn` where cuDNN refuses the call, the model runs `xla` and the
-log line says why.
+the median step time and the chip's dense bf16 peak (PEAK_TFLOPS by the device's kind,
+or --peak_tflops; an unknown GPU needs the flag). Attentions are interleaved step by
+step, so background load hits both alike. Where cuDNN refuses the call the model runs
+`xla`: the row says `cudnn>xla` and the log line says why. --remat (default full, so
+the 1B fits any 80 GB card at these shapes) is printed with the table: MFU counts the
+model's FLOPs, not the recomputed ones.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from configs.common import load_config
 from pdl_jax import sharding
 from pdl_jax.cli import plan
 from pdl_jax.eval import decode as decode_lib
+from pdl_jax.models import attention as attention_lib
+from pdl_jax.models import config as model_config
 from pdl_jax.models import decoder
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.train import optimizer as opt_lib
@@ -41,25 +45,44 @@ from pdl_jax.train import tpu_targets
 CASES = [("smollm2-135m", "smollm2-135m-instruct", 2048, 16),
          ("llama-3.2-1b", "llama-3.2-1b", 2048, 8)]
 DRY_CASES = [("tiny-llama", "smollm2-135m-instruct", 64, 2)]
+# Dense bf16 peak TFLOP/s by device kind (a substring of jax's device_kind), from the
+# vendors' data sheets (without sparsity); the first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0),
+               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
 
 
-def make_model(shape: str, attention: str, dry: bool) -> decoder.Decoder:
+def peak_tflops(device_kind: str, given: float | None) -> float:
+  """The dense bf16 peak for MFU: --peak_tflops, else PEAK_TFLOPS by the device's kind.
+
+  Raises:
+    SystemExit: an unknown device without --peak_tflops.
+  """
+  if given is not None:
+    return given
+  for kind, tflops in PEAK_TFLOPS:
+    if kind in device_kind:
+      return tflops
+  raise SystemExit(f"no bf16 peak known for {device_kind!r} (known: "
+                   f"{[k for k, _ in PEAK_TFLOPS]}); pass --peak_tflops.")
+
+
+def make_model(shape: str, attention: str, dry: bool, remat: str) -> decoder.Decoder:
   """The named shape's decoder in bfloat16 compute (--dry_run: 2 narrow layers)."""
   hf = dict(plan.NAMED_CONFIGS[shape])
   if dry:
     hf.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
   cfg = hf_families.config_from_hf(hf, dtype="bfloat16", param_dtype="float32")
-  return decoder.Decoder(dataclasses.replace(cfg, attention=attention, remat="full",
+  return decoder.Decoder(dataclasses.replace(cfg, attention=attention, remat=remat,
                                              scan_layers=True))
 
 
-def train_steps(attention: str, shape: str, seq: int, batch: int, dry: bool):
+def train_steps(attention: str, shape: str, seq: int, batch: int, dry: bool, remat: str):
   """(step function, state, batch, weights) of one case, compiled by a first call."""
   config = load_config("configs/dialogue.py:pretrained=none")
   config.seq_len, config.batch_size = seq, batch
   config.mesh.data = 1
-  model = make_model(shape, attention, dry)
+  model = make_model(shape, attention, dry, remat)
   mesh = run_lib.make_mesh(config, devices=jax.devices()[:1])
   tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
   with jax.set_mesh(mesh):
@@ -80,11 +103,14 @@ def time_cases(args, cases) -> list[dict]:
     runs = {}
     for attention in args.attentions.split(","):
       model, mesh, step, state, data, weights = train_steps(attention, shape, seq, batch,
-                                                            args.dry_run)
+                                                            args.dry_run, args.remat)
+      attention_lib._LOGGED.clear()  # a refusal is logged once per message
       with jax.set_mesh(mesh):
         state, _ = step(state, data, weights)  # compile
         jax.block_until_ready(state)
-      runs[attention] = [model, mesh, step, state, data, weights, []]
+      refused = any("using the xla attention" in m for m in attention_lib._LOGGED)
+      label = f"{attention}>xla" if refused and attention != "xla" else attention
+      runs[label] = [model, mesh, step, state, data, weights, []]
     for _ in range(args.steps):
       for attention, run in runs.items():
         model, mesh, step, state, data, weights, times = run
@@ -99,7 +125,7 @@ def time_cases(args, cases) -> list[dict]:
       decode_s = time_decode(model, state.params, batch, seq, args)
       rows.append(dict(case=name, attention=attention, seq=seq, batch=batch,
                        step_s=median, tokens_s=batch * seq / median,
-                       mfu=flops / median / (args.peak_tflops * 1e12),
+                       mfu=flops / median / (args.peak * 1e12),
                        decode_tokens_s=batch * args.new_tokens / decode_s))
   return rows
 
@@ -136,13 +162,18 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--attentions", default="xla,cudnn")
-  p.add_argument("--peak_tflops", type=float, default=989.0,
-                 help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="dense bf16 peak of the GPU; default: PEAK_TFLOPS by its kind")
+  p.add_argument("--remat", default="full", choices=model_config.REMATS,
+                 help="rematerialisation of the layers (full fits the 1B at 2048 x 8)")
   args = p.parse_args()
+  kind = jax.devices()[0].device_kind
   if args.dry_run:
     args.steps, args.new_tokens = 2, 4
-  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}",
-        flush=True)
+    args.peak_tflops = args.peak_tflops or 1.0  # a CPU: the MFU column is not one
+  args.peak = peak_tflops(kind, args.peak_tflops)
+  print(f"{kind} ({jax.default_backend()}); jax {jax.__version__}; remat {args.remat}; "
+        f"peak {args.peak:g} TFLOP/s bf16", flush=True)
   rows = time_cases(args, DRY_CASES if args.dry_run else CASES)
   print(table(rows), flush=True)
   if not args.dry_run and not np.isfinite([r["mfu"] for r in rows]).all():

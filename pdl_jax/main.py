@@ -15,36 +15,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def pin_cpu_without_tpu() -> None:
-  """JAX_PLATFORMS=cpu where libtpu is installed (requirements-tpu.txt, for --plan) but
-  no TPU is attached and no GPU plugin is installed: JAX would otherwise try the TPU
-  backend first and log libtpu's warnings at every start. An explicit JAX_PLATFORMS
-  wins; a TPU VM (a Google PCI device) and a GPU machine are left alone. --plan
-  compiles for TPU topologies either way (pdl_jax.train.tpu_targets)."""
-  import glob
-  import importlib.util
+from pdl_jax.cli import platforms  # noqa: E402  (imports no jax)
 
-  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
-    return
-  import sys
-  if any(a == "--plan" or a.startswith("--plan=") for a in sys.argv[1:]):
-    # A plan compiles for libtpu's topology devices and runs nothing: no backend of
-    # this host is started, not even on a TPU VM (whose chips a run may be using).
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    return
-  if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
-    return
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() == "0x1ae0":  # Google: a TPU chip
-          return
-    except OSError:
-      continue
-  os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-pin_cpu_without_tpu()  # before jax is imported anywhere
+platforms.pin_cpu_without_tpu()  # before jax is imported anywhere
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -17,8 +17,8 @@ compiled; the compile times.
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from pdl_jax import paths
 from pdl_jax import sharding
 from pdl_jax.cli import errors
 from pdl_jax.models import decoder
@@ -34,13 +34,24 @@ GiB = tpu_targets.GiB
 FIT_SHARE = 0.95
 
 # config.json values (only what the decoder reads) of bases a plan may name without
-# their folder: the default base and the shapes of experiments/bench_memory.py.
+# their folder: the offline bases (pdl_jax.models.hf.offline, as their GGUFs convert;
+# a plan downloads nothing) and the shapes of experiments/bench_memory.py.
 NAMED_CONFIGS: dict[str, dict] = {
     "smollm2-135m-instruct": dict(
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, hidden_act="silu"),
+    "gemma3-270m": dict(
+        model_type="gemma3_text", hidden_size=640, intermediate_size=2048,
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        vocab_size=262144, max_position_embeddings=32768, rope_theta=1000000.0,
+        rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        attention_bias=False, hidden_activation="gelu_pytorch_tanh",
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+        sliding_window=512, rope_local_base_freq=10000.0, query_pre_attn_scalar=256,
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+        use_bidirectional_attention=False),
     "qwen2.5-0.5b": dict(
         model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
@@ -61,6 +72,15 @@ NAMED_CONFIGS: dict[str, dict] = {
 }
 
 
+def _config_folder(name: str) -> str | None:
+  """The folder holding NAME's config.json: NAME itself (local or gs://, the path
+  layer) or a converted offline base's folder in the cache; None without one."""
+  for folder in (name, paths.path(offline.cache_dir()) / "models" / name / "hf"):
+    if (paths.path(folder) / "config.json").exists():
+      return str(folder)
+  return None
+
+
 def model_of(config) -> decoder.Decoder:
   """The config's decoder for a TPU: a named base's config values (NAMED_CONFIGS), a
   folder's config.json (or an offline base's converted folder in the cache), or the
@@ -78,13 +98,11 @@ def model_of(config) -> decoder.Decoder:
     cfg = dataclasses.replace(factory.decoder_config(m, config.tokenizer.vocab_size),
                               dtype=dtype)
   else:
-    folders = [name, os.path.join(offline.cache_dir(), "models", name, "hf")]
-    found = [f for f in folders if os.path.exists(os.path.join(f, "config.json"))]
     if name in NAMED_CONFIGS:
       cfg = hf_families.config_from_hf(NAMED_CONFIGS[name], dtype=dtype,
                                        param_dtype=m.param_dtype)
-    elif found:
-      cfg = hf_families.read_config(found[0], dtype=dtype, param_dtype=m.param_dtype)
+    elif (found := _config_folder(name)) is not None:
+      cfg = hf_families.read_config(found, dtype=dtype, param_dtype=m.param_dtype)
     else:
       raise ValueError(f"config.model.pretrained={name!r}: a plan reads only a config.json "
                        f"and downloads nothing; expected a folder holding one or a named "

@@ -155,6 +155,9 @@ def splash_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxL=None, *,
   g = k_BxGxSxK.shape[1]
   if interpret is None:
     interpret = _platform() != "tpu"
+    if interpret:  # correct but orders of magnitude slower than xla: say so, once
+      _log_once(f"attention: splash off a TPU ({_platform()}) runs in the Pallas "
+                "interpreter (for tests; slow): use model.attention=auto or xla here.")
   lp = max(SPLASH_BLOCK, math.ceil(l / SPLASH_BLOCK) * SPLASH_BLOCK)
   seg_BxL = (jnp.zeros((b, l), jnp.int32) if segment_ids_BxL is None
              else segment_ids_BxL.astype(jnp.int32))

@@ -349,7 +349,8 @@ def test_face_chunked_objective_equals_full_logits():
         p, batch, jnp.ones(61), state, model=model, loss_name="face",
         loss_params={"reduction": None}, chunked=chunked, chunk_size=16, eos_id=1,
         eos_weight=None)
-    (loss, (aux, new_state)), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    # Jitted: one compile each instead of an eager dispatch per op (the test's cost).
+    (loss, (aux, new_state)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
     outs.append((float(loss), np.asarray(new_state), grads))
   assert outs[1][0] == pytest.approx(outs[0][0], rel=1e-5)
   np.testing.assert_array_equal(outs[1][1], outs[0][1])

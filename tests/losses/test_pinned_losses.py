@@ -60,7 +60,7 @@ def _value(name: str, **loss):
   tx = opt_lib.make_optimizer(c.optimizer, c.num_steps)
   state, _ = state_lib.create_state(model, tx, run_lib.make_mesh(c), 0, L)
   fn = run_lib.make_loss_fn(c, model)
-  (value, (aux, face)), grads = jax.value_and_grad(fn, has_aux=True)(
+  (value, (aux, face)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(
       state.params, batch, weights, state.loss_state)
   return float(value), float(optax.tree.norm(grads)), int(face.sum()), float(aux.nll)
 

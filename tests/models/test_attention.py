@@ -87,6 +87,18 @@ def test_auto_is_xla_on_cpu_and_the_kernels_on_accelerators():
     attention.resolve("flash")
 
 
+def test_splash_off_a_tpu_says_it_interprets_once(caplog):
+  """An explicit splash on the CPU is right but slow (the Pallas interpreter): one
+  log line says so and what to use instead."""
+  q, k, v = inputs()
+  attention._LOGGED.clear()
+  with caplog.at_level(logging.WARNING):
+    run("splash", q, k, v, None, None)
+    run("splash", q, k, v, None, None)
+  lines = [r.message for r in caplog.records if "Pallas interpreter" in r.message]
+  assert len(lines) == 1 and "model.attention=auto or xla" in lines[0], caplog.records
+
+
 def test_cudnn_on_cpu_falls_back_to_xla_with_one_log_line(caplog):
   q, k, v = inputs()
   attention._LOGGED.clear()

@@ -5,6 +5,7 @@ against a numpy reference, resume and sharding exactness, PEFT names for every
 family, init_from rules, config errors, and a CLI finetune + export of a fixture."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -54,10 +55,17 @@ def small_cfg(**kw):
                                num_kv_heads=2, head_dim=16, mlp_dim=128, **kw)
 
 
+def forward(model, params, tokens=None):
+  """The model's logits, jitted: one compile instead of an eager dispatch per op (the
+  tests' main cost)."""
+  return jax.jit(lambda p, t: model.apply({"params": p}, t)[0])(
+      params, TOKENS if tokens is None else tokens)
+
+
 def init(cfg, seed=0):
   model = decoder.Decoder(cfg)
-  return model, nn.meta.unbox(model.init(jax.random.key(seed),
-                                         jnp.zeros((1, 8), jnp.int32))["params"])
+  init_fn = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+  return model, nn.meta.unbox(init_fn(jax.random.key(seed)))
 
 
 def randomise_b(adapters, seed=1, scale=0.05):
@@ -79,8 +87,8 @@ def test_step0_logits_equal_the_base(scan):
   cfg = lora_cfg(base_cfg)
   model, params = init(cfg)
   adapters, _ = lora.split(params)
-  want = decoder.Decoder(base_cfg).apply({"params": base}, TOKENS)[0]
-  got = model.apply({"params": lora.combine(base, adapters)}, TOKENS)[0]
+  want = forward(decoder.Decoder(base_cfg), base)
+  got = forward(model, lora.combine(base, adapters))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # B = 0: exactly
   assert all(np.all(np.asarray(b) == 0) for b in jax.tree.leaves(
       {k: v for k, v in flax.traverse_util.flatten_dict(adapters).items()
@@ -100,14 +108,14 @@ def test_merged_params_equal_the_adapter_forward(quant_kind, scan):
   model, params = init(cfg)
   adapters, base = lora.split(params)
   params = lora.combine(base, randomise_b(adapters))
-  want = model.apply({"params": params}, TOKENS)[0]
+  want = forward(model, params)
   plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none")
   merged = lora.merge(params, cfg)
   assert not any(k[-1] in lora.ADAPTER_PARAMS + quant.PARAM_NAMES.get(quant_kind, ())
                  for k in flax.traverse_util.flatten_dict(merged))
-  got = decoder.Decoder(plain).apply({"params": merged}, TOKENS)[0]
-  assert float(jnp.abs(want - model.apply({"params": lora.combine(base, adapters)},
-                                          TOKENS)[0]).max()) > 1e-3  # B moved the logits
+  got = forward(decoder.Decoder(plain), merged)
+  assert float(jnp.abs(want - forward(model, lora.combine(base, adapters))).max()
+               ) > 1e-3  # B moved the logits
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
@@ -118,6 +126,7 @@ def test_adapter_gradient_matches_finite_differences():
   adapters = randomise_b(adapters, scale=0.2)
   labels = np.roll(TOKENS, -1, axis=1)
 
+  @jax.jit
   def loss(a):
     logits = model.apply({"params": lora.combine(base, a)}, TOKENS)[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -190,8 +199,9 @@ def test_grad_accumulation_and_chunked_loss_with_lora():
     config = tiny_config(**{"loss.name": "pdl", "loss.chunked": chunked,
                             "loss.chunk_size": 32})
     fn = run_lib.make_loss_fn(config, model)
-    new, m = step_lib.train_step(state.replace(frozen=base), batch, weights, loss_fn=fn,
-                                 tx=tx, grad_accum_steps=k)
+    new, m = jax.jit(functools.partial(step_lib.train_step, loss_fn=fn, tx=tx,
+                                       grad_accum_steps=k))(state.replace(frozen=base),
+                                                            batch, weights)
     outs.append((float(m["train/loss"]), new.params))
   for loss, p in outs[1:]:
     assert loss == pytest.approx(outs[0][0], rel=1e-5)
@@ -204,10 +214,11 @@ def test_dropout_only_with_a_dropout_rng():
   model, params = init(cfg)
   adapters, base = lora.split(params)
   params = lora.combine(base, randomise_b(adapters))
-  plain = model.apply({"params": params}, TOKENS)[0]
-  again = model.apply({"params": params}, TOKENS)[0]
+  plain = forward(model, params)
+  again = forward(model, params)
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(again))  # eval: none
-  dropped = model.apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(0)})[0]
+  dropped = jax.jit(lambda p: model.apply({"params": p}, TOKENS,
+                                          rngs={"dropout": jax.random.key(0)})[0])(params)
   assert float(jnp.abs(dropped - plain).max()) > 1e-4
 
 
@@ -224,10 +235,12 @@ def test_dropout_reaches_the_train_step(mock_data, tmp_path):
   batch = {"inputs": TOKENS, "labels": np.roll(TOKENS, -1, 1),
            "loss_mask": np.ones_like(TOKENS, np.float32)}
   w = jnp.ones(cfg.vocab_size)
-  loss = lambda seed, step=0: float(step_lib.train_step(
+  steps = {seed: jax.jit(functools.partial(step_lib.train_step, loss_fn=fn, tx=tx,
+                                           dropout_seed=seed)) for seed in (0, None)}
+  loss = lambda seed, step=0: float(steps[seed](
       state_lib.fresh_state(adapters, tx, cfg.vocab_size).replace(step=jnp.int32(step),
                                                                   frozen=base),
-      batch, w, loss_fn=fn, tx=tx, dropout_seed=seed)[1]["train/loss"])
+      batch, w)[1]["train/loss"])
   assert loss(0) == loss(0) != loss(None)
   assert loss(0, step=1) != loss(0)
   runs = {}
@@ -284,11 +297,10 @@ def test_quantize_params_matches_the_quantised_model():
     adapters, base = lora.split(params)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), stored) == jax.tree.map(
         lambda x: (x.shape, x.dtype), base)
-    got = model.apply({"params": lora.combine(stored, adapters)}, TOKENS)[0]
-    want = decoder.Decoder(plain).apply(
-        {"params": lora.merge(lora.combine(stored, adapters), cfg)}, TOKENS)[0]
+    got = forward(model, lora.combine(stored, adapters))
+    want = forward(decoder.Decoder(plain), lora.merge(lora.combine(stored, adapters), cfg))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    full = decoder.Decoder(plain).apply({"params": float_params}, TOKENS)[0]
+    full = forward(decoder.Decoder(plain), float_params)
     errors[kind] = float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full))
   assert 0 < errors["int8"] < 0.01 and errors["int8"] < errors["nf4"] < 0.25, errors
 

@@ -130,3 +130,26 @@ def test_main_plan_flag_bad_slice_is_one_line_error():
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 1, out.stderr
   assert "'v9-8' is unknown" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_offline_base_plans_without_its_download(tmp_path, monkeypatch):
+  """An offline base's name needs no converted folder (a plan downloads nothing): its
+  config values are NAMED_CONFIGS', which equal what its GGUF converts to where this
+  machine has the converted folder; a folder named by a path is read through the path
+  layer; anything else is refused by name."""
+  from pdl_jax.models.hf import families as hf_families
+  from pdl_jax.models.hf import offline
+  monkeypatch.setenv("PDL_JAX_CACHE", str(tmp_path / "empty_cache"))
+  assert offline.cache_dir() == str(tmp_path / "empty_cache")
+  for name in offline.OFFLINE_MODELS:
+    c = load_config(f"configs/dialogue.py:pretrained={name}")
+    assert plan.model_of(c).cfg.vocab_size == plan.NAMED_CONFIGS[name]["vocab_size"]
+  monkeypatch.delenv("PDL_JAX_CACHE")
+  for name in offline.OFFLINE_MODELS:  # the converter's own values, where converted here
+    folder = os.path.join(offline.cache_dir(), "models", name, "hf")
+    if os.path.exists(os.path.join(folder, "config.json")):
+      assert hf_families.config_from_hf(plan.NAMED_CONFIGS[name]) == (
+          hf_families.read_config(folder)), name
+  c = load_config("configs/dialogue.py:pretrained=org/not-here")
+  with pytest.raises(ValueError, match="'org/not-here'.*downloads nothing"):
+    plan.model_of(c)
