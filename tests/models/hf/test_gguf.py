@@ -54,6 +54,23 @@ def _qtype(name, mode):
   return _Q.Q4_1 if "self_attn" in name else _Q.Q8_0  # mode "quant"
 
 
+def add_bpe_vocab(w: gguf.GGUFWriter, tok: dict, tokenizer_model: str = "gpt2") -> None:
+  """A tokenizer.json's BPE vocabulary, merges and special tokens (BOS 1, EOS 2) as
+  llama.cpp's converter writes them."""
+  vocab = tok["model"]["vocab"]
+  tokens = [None] * len(vocab)
+  for piece, i in vocab.items():
+    tokens[i] = piece
+  special = {t["id"] for t in tok["added_tokens"] if t["special"]}
+  w.add_tokenizer_model(tokenizer_model)
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+  w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+
+
 def _write_gguf(path, mode="f32", arch="llama", drop=(), tokenizer_model="gpt2"):
   """The llama fixture as a GGUF; returns {HF name: the float32 tensor gguf's own
   dequantisation gives back}."""
@@ -77,18 +94,7 @@ def _write_gguf(path, mode="f32", arch="llama", drop=(), tokenizer_model="gpt2")
   for key, add in kv.items():
     if key not in drop:
       add()
-  vocab = tok["model"]["vocab"]
-  tokens = [None] * len(vocab)
-  for piece, i in vocab.items():
-    tokens[i] = piece
-  special = {t["id"] for t in tok["added_tokens"] if t["special"]}
-  w.add_tokenizer_model(tokenizer_model)
-  w.add_tokenizer_pre("gpt2")
-  w.add_token_list(tokens)
-  w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-  w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
+  add_bpe_vocab(w, tok, tokenizer_model)
   w.add_pad_token_id(0)
   w.add_unk_token_id(3)
   w.add_add_bos_token(False)

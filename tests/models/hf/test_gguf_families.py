@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from test_gguf import add_bpe_vocab
+
 from pdl_jax.models.hf import families as hf_families
 from pdl_jax.models.hf import gguf as gguf_lib
 from pdl_jax.models.hf import weights as hf_weights
@@ -67,18 +69,7 @@ def _write_gguf(path, fixture):
   w.add_context_length(cfg["max_position_embeddings"])
   w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
   w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-  vocab = tok["model"]["vocab"]
-  tokens = [None] * len(vocab)
-  for piece, i in vocab.items():
-    tokens[i] = piece
-  special = {t["id"] for t in tok["added_tokens"] if t["special"]}
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("gpt2")
-  w.add_token_list(tokens)
-  w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-  w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
+  add_bpe_vocab(w, tok)
   for hf_name, t in _tensors(folder).items():
     m = hf_name.split(".")
     gname = (_GLOBAL[hf_name] if hf_name in _GLOBAL
