@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pdl_jax import sharding
 from pdl_jax.models import attention
 from pdl_jax.models import config as model_config
 from pdl_jax.models import decoder
@@ -77,6 +78,18 @@ def test_splash_gradients_equal_xla():
   for g_want, g_got in zip(want, got):
     scale = float(jnp.max(jnp.abs(g_want)))
     np.testing.assert_allclose(g_got, g_want, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("axes", [{"data": 2, "model": 2}, {"fsdp": 2, "model": 2}])
+def test_splash_sharded_over_batch_and_heads_equals_numpy(axes):
+  """On a mesh the kernel runs under shard_map: rows over the batch axis, KV heads (and
+  their query heads) over the model axis; each shard's result is the numpy one's."""
+  q, k, v = inputs(3)
+  mesh = sharding.make_mesh({"data": 1, **axes}, devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda q, k, v: run("splash", q, k, v, SEGMENTS, 7))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, SEGMENTS, 7),
+                             atol=2e-6)
 
 
 def test_auto_is_xla_on_cpu_and_the_kernels_on_accelerators():
