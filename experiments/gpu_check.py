@@ -32,7 +32,7 @@ from configs.common import load_config
 from pdl_jax import sharding
 from pdl_jax.cli import plan
 from pdl_jax.eval import decode as decode_lib
-from pdl_jax.models import attention as attention_lib
+from pdl_jax.models import attention
 from pdl_jax.models import config as model_config
 from pdl_jax.models import decoder
 from pdl_jax.models.hf import families as hf_families
@@ -66,23 +66,23 @@ def peak_tflops(device_kind: str, given: float | None) -> float:
                    f"{[k for k, _ in PEAK_TFLOPS]}); pass --peak_tflops.")
 
 
-def make_model(shape: str, attention: str, dry: bool, remat: str) -> decoder.Decoder:
+def make_model(shape: str, impl: str, dry: bool, remat: str) -> decoder.Decoder:
   """The named shape's decoder in bfloat16 compute (--dry_run: 2 narrow layers)."""
   hf = dict(plan.NAMED_CONFIGS[shape])
   if dry:
     hf.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
   cfg = hf_families.config_from_hf(hf, dtype="bfloat16", param_dtype="float32")
-  return decoder.Decoder(dataclasses.replace(cfg, attention=attention, remat=remat,
+  return decoder.Decoder(dataclasses.replace(cfg, attention=impl, remat=remat,
                                              scan_layers=True))
 
 
-def train_steps(attention: str, shape: str, seq: int, batch: int, dry: bool, remat: str):
+def train_steps(impl: str, shape: str, seq: int, batch: int, dry: bool, remat: str):
   """(step function, state, batch, weights) of one case, compiled by a first call."""
   config = load_config("configs/dialogue.py:pretrained=none")
   config.seq_len, config.batch_size = seq, batch
   config.mesh.data = 1
-  model = make_model(shape, attention, dry, remat)
+  model = make_model(shape, impl, dry, remat)
   mesh = run_lib.make_mesh(config, devices=jax.devices()[:1])
   tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
   with jax.set_mesh(mesh):
@@ -101,29 +101,29 @@ def time_cases(args, cases) -> list[dict]:
   rows = []
   for name, shape, seq, batch in cases:
     runs = {}
-    for attention in args.attentions.split(","):
-      model, mesh, step, state, data, weights = train_steps(attention, shape, seq, batch,
+    for impl in args.attentions.split(","):
+      model, mesh, step, state, data, weights = train_steps(impl, shape, seq, batch,
                                                             args.dry_run, args.remat)
-      attention_lib._LOGGED.clear()  # a refusal is logged once per message
+      attention._LOGGED.clear()  # a refusal is logged once per message
       with jax.set_mesh(mesh):
         state, _ = step(state, data, weights)  # compile
         jax.block_until_ready(state)
-      refused = any("using the xla attention" in m for m in attention_lib._LOGGED)
-      label = f"{attention}>xla" if refused and attention != "xla" else attention
+      refused = any("using the xla attention" in m for m in attention._LOGGED)
+      label = f"{impl}>xla" if refused and impl != "xla" else impl
       runs[label] = [model, mesh, step, state, data, weights, []]
     for _ in range(args.steps):
-      for attention, run in runs.items():
+      for run in runs.values():
         model, mesh, step, state, data, weights, times = run
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
           run[3], metrics = step(state, data, weights)
           jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    for attention, (model, mesh, step, state, data, weights, times) in runs.items():
+    for label, (model, mesh, step, state, data, weights, times) in runs.items():
       median = statistics.median(times)
       flops = tpu_targets.model_flops(model, batch * seq, seq)
       decode_s = time_decode(model, state.params, batch, seq, args)
-      rows.append(dict(case=name, attention=attention, seq=seq, batch=batch,
+      rows.append(dict(case=name, attention=label, seq=seq, batch=batch,
                        step_s=median, tokens_s=batch * seq / median,
                        mfu=flops / median / (args.peak * 1e12),
                        decode_tokens_s=batch * args.new_tokens / decode_s))
