@@ -47,8 +47,9 @@ CASES = [("smollm2-135m", "smollm2-135m-instruct", 2048, 16),
 DRY_CASES = [("tiny-llama", "smollm2-135m-instruct", 64, 2)]
 # Dense bf16 peak TFLOP/s by device kind (a substring of jax's device_kind), from the
 # vendors' data sheets (without sparsity); the first match wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0),
-               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+               ("H20", 148.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+               ("A10G", 70.0), ("A10", 125.0))
 
 
 def peak_tflops(device_kind: str, given: float | None) -> float:

@@ -387,6 +387,8 @@ def control_intervals(points, word_stats=None
       pdl = pooled_stats(p, label, method, word_stats)
       ce = pooled_stats(points[control], control, method, word_stats)
       if pdl is None or ce is None:
+        print(f"warning: {label} against {control}: not every run kept its {method} "
+              "generations: no control row", file=sys.stderr)
         continue
       if pdl[0] != ce[0]:
         raise SystemExit(f"point {label} evaluated other prompts than its control {control}.")

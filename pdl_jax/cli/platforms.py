@@ -17,9 +17,12 @@ TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "
 GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 
 
-def tpu_attached(pci_devices: str = "/sys/bus/pci/devices") -> bool:
-  """Whether a TPU chip is on this host's PCI bus (Google's vendor id with a TPU's
-  device id)."""
+def tpu_attached(pci_devices: str = "/sys/bus/pci/devices", dev: str = "/dev") -> bool:
+  """Whether a TPU chip is on this host: a PCI device with Google's vendor id and a
+  TPU's device id, or a TPU driver's /dev/accel* node (so a TPU generation newer than
+  the table is not pinned to the CPU where its driver is loaded)."""
+  if glob.glob(os.path.join(dev, "accel*")):
+    return True
   for folder in glob.glob(os.path.join(pci_devices, "*")):
     try:
       with open(os.path.join(folder, "vendor")) as v, open(os.path.join(folder, "device")) as d:
@@ -31,7 +34,7 @@ def tpu_attached(pci_devices: str = "/sys/bus/pci/devices") -> bool:
 
 
 def pin_cpu_without_tpu(argv: list[str] | None = None,
-                        pci_devices: str = "/sys/bus/pci/devices") -> None:
+                        pci_devices: str = "/sys/bus/pci/devices", dev: str = "/dev") -> None:
   """JAX_PLATFORMS=cpu where libtpu is installed (requirements-tpu.txt, for --plan) but
   no TPU is attached and no GPU plugin is installed: JAX would otherwise try the TPU
   backend first and log libtpu's warnings at every start. An explicit JAX_PLATFORMS
@@ -48,5 +51,5 @@ def pin_cpu_without_tpu(argv: list[str] | None = None,
     return
   if any(importlib.util.find_spec(p) for p in GPU_PLUGINS):
     return
-  if not tpu_attached(pci_devices):
+  if not tpu_attached(pci_devices, dev):
     os.environ["JAX_PLATFORMS"] = "cpu"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
-
 from pdl_jax.cli import platforms
 
 
@@ -22,16 +20,22 @@ def pci(root, *devices):
 
 def test_a_tpu_is_a_google_device_with_a_tpu_device_id(tmp_path):
   gvnic, nvidia = ("0x1ae0", "0x0042"), ("0x10de", "0x2330")
-  assert not platforms.tpu_attached(pci(tmp_path / "cpu_vm", gvnic, ("0x1af4", "0x1000")))
-  assert not platforms.tpu_attached(pci(tmp_path / "gpu_vm", gvnic, nvidia))
-  assert platforms.tpu_attached(pci(tmp_path / "v5e", gvnic, ("0x1ae0", "0x0063")))
-  assert not platforms.tpu_attached(str(tmp_path / "no_such_bus"))
+  dev = tmp_path / "dev"
+  dev.mkdir()
+  (dev / "nvidia0").touch()
+  attached = lambda bus: platforms.tpu_attached(bus, str(dev))
+  assert not attached(pci(tmp_path / "cpu_vm", gvnic, ("0x1af4", "0x1000")))
+  assert not attached(pci(tmp_path / "gpu_vm", gvnic, nvidia))
+  assert attached(pci(tmp_path / "v5e", gvnic, ("0x1ae0", "0x0063")))
+  assert not attached(str(tmp_path / "no_such_bus"))
+  (dev / "accel0").touch()  # a TPU driver's node: a TPU whatever the table says
+  assert attached(str(tmp_path / "no_such_bus"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 def test_pin_cpu_on_a_cpu_vm_with_libtpu_but_not_on_a_tpu_vm(tmp_path, monkeypatch):
-  """libtpu installed (requirements-tpu.txt): a GCE CPU VM pins the CPU, a TPU VM is
-  left to JAX, --plan pins the CPU anywhere, an explicit JAX_PLATFORMS wins."""
+  """libtpu installed (requirements-tpu.txt; find_spec is faked, so this runs without
+  it): a GCE CPU VM pins the CPU, a TPU VM is left to JAX, --plan pins the CPU
+  anywhere, an explicit JAX_PLATFORMS wins."""
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name: None if "cuda" in name else object())
   cpu_vm = pci(tmp_path / "cpu_vm", ("0x1ae0", "0x0042"))
@@ -40,8 +44,8 @@ def test_pin_cpu_on_a_cpu_vm_with_libtpu_but_not_on_a_tpu_vm(tmp_path, monkeypat
            (tpu_vm, ["main", "--plan=v5e-4"], "cpu")]
   for bus, argv, expected in cases:
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    platforms.pin_cpu_without_tpu(argv, bus)
+    platforms.pin_cpu_without_tpu(argv, bus, str(tmp_path))
     assert os.environ.get("JAX_PLATFORMS") == expected, (bus, argv)
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
-  platforms.pin_cpu_without_tpu(["main"], cpu_vm)
+  platforms.pin_cpu_without_tpu(["main"], cpu_vm, str(tmp_path))
   assert os.environ["JAX_PLATFORMS"] == "tpu"

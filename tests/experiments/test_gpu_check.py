@@ -31,6 +31,8 @@ def test_the_mfu_peak_comes_from_the_device_kind_or_the_flag():
   from experiments import gpu_check
   assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
   assert gpu_check.peak_tflops("NVIDIA H100 PCIe", None) == 756.0
+  assert gpu_check.peak_tflops("NVIDIA H100 NVL", None) == 835.0
+  assert gpu_check.peak_tflops("NVIDIA A10G", None) == 70.0
   assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB", None) == 312.0
   assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", 500.0) == 500.0
   with pytest.raises(SystemExit, match="'Tesla T4'.*pass --peak_tflops"):

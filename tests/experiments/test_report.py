@@ -493,7 +493,8 @@ def test_pdl_against_its_control_of_the_same_strength(tmp_path):
     for name, loss, alpha in (("ce", "ce", 0.5), ("a0.5", "pdl", 0.5), ("a1", "pdl", 1.0)):
       fake_run(tmp_path, f"{name}-seed{seed}", loss, alpha, seed, 4.0, 10.0)
     lines = [json.loads(l) for l in open(tmp_path / f"ce-seed{seed}" / "metrics.jsonl")]
-    lines[-1].update({"eval/greedy_bias0.5/rouge1": 20.0, "eval/greedy_bias0.25/rouge1": 1.0})
+    lines[-1].update({"eval/greedy_bias0.5/rouge1": 20.0, "eval/greedy_bias0.25/rouge1": 1.0,
+                      "eval/greedy_bias1/rouge1": 2.0})
     (tmp_path / f"ce-seed{seed}" / "metrics.jsonl").write_text(
         "\n".join(json.dumps(l) for l in lines) + "\n")
     _samples(tmp_path / f"ce-seed{seed}", "final_greedy.jsonl", ["the cat"] * 12, refs, [0] * 12)
@@ -501,13 +502,16 @@ def test_pdl_against_its_control_of_the_same_strength(tmp_path):
     control = refs if seed == 0 else ["king king king"] * 12
     _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias0.5.jsonl", control, refs, [1] * 12)
     _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias0.25.jsonl", refs, refs, [1] * 12)
+    _samples(tmp_path / f"ce-seed{seed}", "final_greedy_bias1.jsonl", refs, refs, [1] * 12)
     _samples(tmp_path / f"a0.5-seed{seed}", "final_greedy.jsonl", refs, refs, [1] * 12)
     _samples(tmp_path / f"a1-seed{seed}", "final_greedy.jsonl", refs, refs, [1] * 12)
   points = report.collect(str(tmp_path))
   stats = informativeness.WordStats.from_texts(refs)
   table = report.control_intervals(points, stats)
-  # alpha=1 has no bias-1 decode: no row; bias 0.25 has no PDL point: no row.
-  assert [(l, c) for l, c, _ in table["greedy"]] == [("alpha=0.5", "ce+bias0.5")]
+  # alpha=1 pairs with bias 1 (not "1.0"); bias 0.25 has no PDL point: no row.
+  assert [(l, c) for l, c, _ in table["greedy"]] == [("alpha=0.5", "ce+bias0.5"),
+                                                     ("alpha=1", "ce+bias1")]
+  assert table["greedy"][1][2]["rougeL"][0] == pytest.approx(0.0)  # both the references
   cells = table["greedy"][0][2]
   from pdl_jax.eval import metrics as metrics_lib
   # PDL: the references twice (ROUGE-L 100); control: the references once, then loops.

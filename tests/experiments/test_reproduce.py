@@ -118,7 +118,10 @@ def test_committed_reruns_are_recorded_as_their_generations_say():
   for task in ("summarization", "dialogue", "style_transfer"):
     results = os.path.join(ROOT, "results", "real", task)
     reruns = os.path.join(results, "reruns")
-    for entry in measures.read_reproduction(results).get("reruns", []):
+    entries = measures.read_reproduction(results).get("reruns", [])
+    if os.path.isdir(reruns):  # every kept rerun is recorded
+      assert set(os.listdir(reruns)) <= {e["run"] for e in entries}, task
+    for entry in entries:
       run, kept = entry["run"], os.path.join(reruns, entry["run"])
       committed = os.path.join(results, "runs", run)
       if os.path.isdir(kept):

@@ -4,6 +4,7 @@ Skipped where libtpu is not installed (requirements-tpu.txt)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,6 +151,12 @@ def test_every_offline_base_plans_without_its_download(tmp_path, monkeypatch):
     if os.path.exists(os.path.join(folder, "config.json")):
       assert hf_families.config_from_hf(plan.NAMED_CONFIGS[name]) == (
           hf_families.read_config(folder)), name
+  folder = tmp_path / "a base"  # any folder with a config.json, through the path layer
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(plan.NAMED_CONFIGS["qwen2.5-0.5b"]))
+  c = load_config("configs/dialogue.py:pretrained=none")
+  c.model.pretrained = str(folder)
+  assert plan.model_of(c).cfg.vocab_size == 151936
   c = load_config("configs/dialogue.py:pretrained=org/not-here")
   with pytest.raises(ValueError, match="'org/not-here'.*downloads nothing"):
     plan.model_of(c)
