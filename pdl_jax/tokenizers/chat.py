@@ -25,7 +25,9 @@ Three things keep the layout equal to tokenizing the rendered conversation:
   parts alone gives a SentencePiece / Metaspace tokenizer a '▁' at each part's start.
 - Templates that `| trim` the content (Llama 3.x, Gemma) are detected (content with
   whitespace around it renders as the bare content) and the data trimmed the same
-  way; a template that changes the content's whitespace otherwise is refused.
+  way; a template that changes the content's whitespace otherwise is refused. One
+  that drops an assistant content's leading newlines (Qwen3's `lstrip('\\n')`, which
+  the trim probe does not see) is detected too, and the targets lose them the same way.
 - `strftime_now` (Llama 3.2 writes today's date into its system prompt) returns a
   date pinned by the ChatTokenizer (`date`, default CHAT_DATE), never today's: a
   resumed run and both evaluations see the same prompt; the date and the rendered
@@ -108,6 +110,21 @@ def trims_content(template: str, special_tokens: dict[str, str | None],
                    "other than by trimming it; use data.prompt_format='plain'.")
 
 
+def strips_answer_newlines(template: str, special_tokens: dict[str, str | None],
+                           date: datetime.date | None = None) -> bool:
+  """Whether the template drops the newlines that start an assistant content
+  (Qwen3's `content.split('</think>')[-1].lstrip('\\n')`), which the trim probe does
+  not see (its padded content starts with a space)."""
+  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+
+  def conversation(answer: str) -> str:
+    return render(template, [{"role": "user", "content": _SENTINEL},
+                             {"role": "assistant", "content": answer}],
+                  add_generation_prompt=False, special_tokens=special_tokens, date=date)
+
+  return conversation("\n\n" + _SENTINEL) == conversation(_SENTINEL)
+
+
 def split_template(template: str, special_tokens: dict[str, str | None],
                    date: datetime.date | None = None) -> tuple[str, str, str]:
   """(head, tail, end): the text before the user content, between it and the
@@ -156,6 +173,9 @@ class ChatTokenizer:
     self.date = date
     head, tail, end = split_template(template, special_tokens, date)
     self.trim = trims_content(template, special_tokens, date)
+    # Targets lose their leading newlines as the template writes them (Qwen3).
+    self.strip_answer_newlines = (not self.trim and
+                                  strips_answer_newlines(template, special_tokens, date))
     self._parts = (head, tail, end)
     self.head_ids, self.tail_ids, end_ids = base.encode_markup([head, tail, end])
     # The constant prefix of every example: the head's tokens that end inside it when a
@@ -196,12 +216,20 @@ class ChatTokenizer:
     if "strftime_now" in template or self.trim:
       extra = (f"\n{date.isoformat() if 'strftime_now' in template else ''}\n"
                f"{self.prefix_ids}\n{self.tail_ids}\ntrim={self.trim}")
+    if self.strip_answer_newlines:
+      extra += "\nstrip_answer_newlines"
     self.sha256 = hashlib.sha256(
         f"{base.sha256}\nchat\n{template}{extra}".encode()).hexdigest()
 
   def content(self, text: str) -> str:
     """A message's content as the template places it (trimmed when it trims)."""
     return text.strip() if self.trim else text
+
+  def answer(self, text: str) -> str:
+    """An assistant content as the template places it (trimmed when it trims; without
+    its leading newlines where it strips them)."""
+    text = self.content(text)
+    return text.lstrip("\n") if self.strip_answer_newlines else text
 
   def encode_parts(self, prompts: Sequence[str], targets: Sequence[str]
                    ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -213,7 +241,7 @@ class ChatTokenizer:
     not start with the constant prefix, is encoded part by part."""
     head, tail, end = self._parts
     prompts = [self.content(p) for p in prompts]
-    targets = [self.content(t) for t in targets]
+    targets = [self.answer(t) for t in targets]
     specials = tuple(getattr(self.base, "special_strings", ()))
     # One compiled alternation: Gemma's vocabulary has 6,249 special strings, which
     # a loop of `in` tests per example made a minute per 50k examples.

@@ -26,6 +26,12 @@ TRIM_DATE = ("{{ bos_token }}<|im_start|>system\nToday Date: {{ strftime_now('%d
              "<|im_end|>\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n"
              "{{ m['content'] | trim }}<|im_end|>{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}")
+# Qwen3-like: an assistant content loses its leading newlines (and a think block).
+ANSWER_LSTRIP = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                 "{% if m['role'] == 'assistant' %}"
+                 "{{ m['content'].split('</think>')[-1].lstrip('\\n') }}"
+                 "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["the quick brown fox", "  leading and trailing spaces  ", "line\nbreaks\n",
            "ends with a newline\n"]
 TARGETS = ["jumps over", "answer\n", " leading space", "two\n\nparagraphs "]
@@ -70,6 +76,26 @@ def test_layout_equals_the_tokenized_conversation(template):
     gen = chat.render(template, [{"role": "user", "content": p}], add_generation_prompt=True,
                       special_tokens=SPECIALS, date=chat.CHAT_DATE)
     assert ex.seqs[i, :ex.target_start[i]].tolist() == base.encode_markup([gen])[0]
+
+
+def test_answer_newlines_a_template_strips_are_stripped_from_the_targets():
+  """A template that drops an assistant content's leading newlines (Qwen3's
+  lstrip('\\n'), unseen by the trim probe): targets that start with newlines are laid
+  out as the conversation renders them; the checksum says so."""
+  assert chat.strips_answer_newlines(ANSWER_LSTRIP, SPECIALS)
+  assert not chat.strips_answer_newlines(VERBATIM, SPECIALS)
+  assert not chat.trims_content(ANSWER_LSTRIP, SPECIALS)
+  base = _metaspace_tokenizer()
+  tok = chat.ChatTokenizer(base, ANSWER_LSTRIP, SPECIALS)
+  targets = ["\njumps over", "\n\ntwo lines\n", " leading space", "answer"]
+  ex = examples_lib.encode_examples(PROMPTS, targets, tok, seq_len=96, max_target_len=40)
+  for i, (p, t) in enumerate(zip(PROMPTS, targets)):
+    want = _conversation_ids(base, ANSWER_LSTRIP, p, t, chat.CHAT_DATE)
+    n = int(ex.lengths[i])
+    assert ex.seqs[i, :n].tolist() == want[:n], (p, t)
+    assert want[n - 1] == tok.eos_id
+  verbatim = chat.ChatTokenizer(base, ANSWER_LSTRIP.replace(".lstrip('\\n')", ""), SPECIALS)
+  assert verbatim.sha256 != tok.sha256
 
 
 def test_parts_encoded_alone_would_differ():
