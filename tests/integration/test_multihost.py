@@ -119,7 +119,7 @@ def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
   procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
                             cwd=ROOT, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
   want = [2 * (2**31 + 5), 7, 2 * 2**40 + 1, 0]
   for out in outs:
@@ -163,7 +163,7 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path):
                              str(tmp_path / "cache")],
                             cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
   results = [[l for l in o.splitlines() if l.startswith("RESULT")] for o in outs]
   assert results[0][0] == "RESULT check RuntimeError processes [1] failed at check; see their logs."
   assert results[1][0] == "RESULT check ValueError only process 1 sees this bad file"
@@ -179,7 +179,7 @@ def test_several_processes_need_an_explicit_workdir(tmp_path):
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=tmp_path, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode != 0 for p in procs)
   assert all("--workdir is required when the run has several processes" in o for o in outs)
   assert not os.listdir(tmp_path)  # no per-host default folder
@@ -196,7 +196,7 @@ def test_a_workdir_not_every_process_sees_is_refused_at_start(tmp_path):
        "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode != 0 for p in procs), outs
   assert all("is not shared by all 2 processes: processes [1] do not see" in o
              for o in outs), [o[-1500:] for o in outs]
