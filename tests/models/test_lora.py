@@ -292,13 +292,14 @@ def test_quantize_params_matches_the_quantised_model():
     cfg = lora_cfg(small_cfg(scan_layers=True), quant_kind=kind)
     plain = dataclasses.replace(cfg, lora_rank=0, lora_targets=(), base_quant="none")
     _, float_params = init(plain, seed=3)
-    stored = quant.quantize_params(float_params, cfg)
+    stored = jax.jit(lambda p: quant.quantize_params(p, cfg))(float_params)  # pure
     model, params = init(cfg)
     adapters, base = lora.split(params)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), stored) == jax.tree.map(
         lambda x: (x.shape, x.dtype), base)
     got = forward(model, lora.combine(stored, adapters))
-    want = forward(decoder.Decoder(plain), lora.merge(lora.combine(stored, adapters), cfg))
+    merged = jax.jit(lambda p: lora.merge(p, cfg))(lora.combine(stored, adapters))
+    want = forward(decoder.Decoder(plain), merged)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     full = forward(decoder.Decoder(plain), float_params)
     errors[kind] = float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full))
