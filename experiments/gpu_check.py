@@ -105,12 +105,11 @@ def time_cases(args, cases) -> list[dict]:
     for impl in args.attentions.split(","):
       model, mesh, step, state, data, weights = train_steps(impl, shape, seq, batch,
                                                             args.dry_run, args.remat)
-      attention._LOGGED.clear()  # a refusal is logged once per message
+      attention.clear_log()  # a refusal is logged once per message
       with jax.set_mesh(mesh):
         state, _ = step(state, data, weights)  # compile
         jax.block_until_ready(state)
-      refused = any("using the xla attention" in m for m in attention._LOGGED)
-      label = f"{impl}>xla" if refused and impl != "xla" else impl
+      label = f"{impl}>xla" if attention.fallbacks() and impl != "xla" else impl
       runs[label] = [model, mesh, step, state, data, weights, []]
     for _ in range(args.steps):
       for run in runs.values():

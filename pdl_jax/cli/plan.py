@@ -75,8 +75,8 @@ NAMED_CONFIGS: dict[str, dict] = {
 def _config_folder(name: str) -> str | None:
   """The folder holding NAME's config.json: NAME itself (local or gs://, the path
   layer) or a converted offline base's folder in the cache; None without one."""
-  for folder in (name, paths.path(offline.cache_dir()) / "models" / name / "hf"):
-    if (paths.path(folder) / "config.json").exists():
+  for folder in (paths.path(name), paths.path(offline.cache_dir()) / "models" / name / "hf"):
+    if (folder / "config.json").exists():
       return str(folder)
   return None
 

@@ -42,6 +42,8 @@ class Mask(NamedTuple):
   key_mask_BxS: jax.Array | None = None
 SPLASH_BLOCK = 128  # the kernel's default block sizes: lengths are padded to a multiple
 _LOGGED: set[str] = set()
+# How a log line ends where a kernel refused the call and the einsum ran instead.
+FALLBACK = "using the xla attention"
 
 
 def _platform() -> str:
@@ -71,6 +73,16 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return impl
   platform = platform or _platform()
   return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+
+
+def fallbacks() -> list[str]:
+  """The fallback lines logged so far in this process (a kernel refused, xla ran)."""
+  return sorted(m for m in _LOGGED if m.endswith(FALLBACK))
+
+
+def clear_log() -> None:
+  """Forgets what was logged: the next refusal is logged (and seen by fallbacks) again."""
+  _LOGGED.clear()
 
 
 def _log_once(message: str) -> None:
@@ -234,7 +246,7 @@ def attend(impl: str, q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, *, dtype,
   if impl == "cudnn":
     why = cudnn_refusal(q_BxLxHxK, segment_ids_BxL, key_mask_BxS, dtype)
     if why is not None:
-      _log_once(f"{why}: using the xla attention")
+      _log_once(f"{why}: {FALLBACK}")
       return xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, cached=False,
                            dtype=dtype)
     kernel = lambda w: cudnn_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, window=w,
@@ -244,7 +256,7 @@ def attend(impl: str, q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, *, dtype,
       return _by_layer(kernel, window, local)
     except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
       _log_once(f"cudnn attention refused this call ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}): using the xla attention")
+                f"{str(e).splitlines()[0] if str(e) else ''}): {FALLBACK}")
       return xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, bias_BxLxS, cached=False,
                            dtype=dtype)
   else:

@@ -86,6 +86,15 @@ def render(template: str, messages: Sequence[dict[str, str]], *,
                                          **special_tokens)
 
 
+def _exchange(template: str, user: str, answer: str,
+              special_tokens: dict[str, str | None], date: datetime.date | None) -> str:
+  """A finished single-turn conversation rendered (unset special tokens left out)."""
+  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+  return render(template, [{"role": "user", "content": user},
+                           {"role": "assistant", "content": answer}],
+                add_generation_prompt=False, special_tokens=special_tokens, date=date)
+
+
 def trims_content(template: str, special_tokens: dict[str, str | None],
                   date: datetime.date | None = None) -> bool:
   """Whether the template trims the message contents (`| trim`: Llama 3.x, Gemma);
@@ -94,13 +103,7 @@ def trims_content(template: str, special_tokens: dict[str, str | None],
   Raises:
     ValueError: the template changes the whitespace around a content otherwise.
   """
-  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
-
-  def conversation(content: str) -> str:
-    return render(template, [{"role": "user", "content": content},
-                             {"role": "assistant", "content": content}],
-                  add_generation_prompt=False, special_tokens=special_tokens, date=date)
-
+  conversation = lambda c: _exchange(template, c, c, special_tokens, date)
   bare, padded = conversation(_SENTINEL), conversation(_PADDED)
   if padded == bare.replace(_SENTINEL, _PADDED):
     return False
@@ -115,14 +118,8 @@ def strips_answer_newlines(template: str, special_tokens: dict[str, str | None],
   """Whether the template drops the newlines that start an assistant content
   (Qwen3's `content.split('</think>')[-1].lstrip('\\n')`), which the trim probe does
   not see (its padded content starts with a space)."""
-  special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
-
-  def conversation(answer: str) -> str:
-    return render(template, [{"role": "user", "content": _SENTINEL},
-                             {"role": "assistant", "content": answer}],
-                  add_generation_prompt=False, special_tokens=special_tokens, date=date)
-
-  return conversation("\n\n" + _SENTINEL) == conversation(_SENTINEL)
+  return (_exchange(template, _SENTINEL, "\n\n" + _SENTINEL, special_tokens, date)
+          == _exchange(template, _SENTINEL, _SENTINEL, special_tokens, date))
 
 
 def split_template(template: str, special_tokens: dict[str, str | None],

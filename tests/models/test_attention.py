@@ -120,6 +120,9 @@ def test_cudnn_on_cpu_falls_back_to_xla_with_one_log_line(caplog):
     run("cudnn", q, k, v, None, None)
   lines = [r.message for r in caplog.records if "cudnn attention needs a GPU" in r.message]
   assert len(lines) == 1 and "using the xla attention" in lines[0]
+  assert attention.fallbacks() == lines  # what gpu_check reads to label the row
+  attention.clear_log()
+  assert attention.fallbacks() == []
   np.testing.assert_array_equal(got, run("xla", q, k, v, None, None))
 
 
