@@ -289,9 +289,17 @@ def example_stats(run: str, label: str, method: str, word_stats=None
   return [l["input"] for l in lines], stats
 
 
-def pooled_stats(point: dict[str, Any], label: str, method: str, word_stats=None):
+def pooled_stats(point: dict[str, Any], label: str, method: str, word_stats=None,
+                 cache: dict | None = None):
   """Per-example numerators and denominators summed over the point's seeds (the
-  examples are the same prompts in every run), or None where a run lacks samples."""
+  examples are the same prompts in every run), or None where a run lacks samples.
+  cache: a dict kept by the caller across calls of one report (the CE and PDL points'
+  stats serve both the intervals against CE and those against the control)."""
+  if cache is not None:
+    key = (label, method)
+    if key not in cache:
+      cache[key] = pooled_stats(point, label, method, word_stats)
+    return cache[key]
   out, inputs = None, None
   for run in point["runs"]:
     got = example_stats(run, label, method, word_stats)
@@ -306,23 +314,23 @@ def pooled_stats(point: dict[str, Any], label: str, method: str, word_stats=None
   return inputs, out
 
 
-def intervals(points, word_stats=None
+def intervals(points, word_stats=None, cache: dict | None = None
               ) -> dict[str, list[tuple[str, dict[str, tuple[float, float, float]]]]]:
   """{method: [(point, {metric: (difference from CE, 95% lower, upper)})]} for every
   plain decoding whose samples the CE runs kept (samples/final_<method>.jsonl); with
-  word stats, the informativeness measures too."""
+  word stats, the informativeness measures too (cache: pooled_stats')."""
   if "ce" not in points:
     return {}
   methods = intervals_methods(points)
   metrics = INTERVAL_METRICS + (informativeness.PER_EXAMPLE if word_stats else ())
   out = {}
   for method in methods:
-    ce = pooled_stats(points["ce"], "ce", method, word_stats)
+    ce = pooled_stats(points["ce"], "ce", method, word_stats, cache)
     if ce is None:
       continue
     rows = []
     for label, p in points.items():
-      got = None if label == "ce" else pooled_stats(p, label, method, word_stats)
+      got = None if label == "ce" else pooled_stats(p, label, method, word_stats, cache)
       if got is None:
         if label != "ce" and measures.bias_of(label) is None:
           print(f"warning: point {label} has no {sample_name(label, method)} in every run "
@@ -367,12 +375,13 @@ def interval_lines(table) -> list[str]:
 CONTROL_METRICS = ("rougeL", "chrf", "length")  # beside the measures apart from the counts
 
 
-def control_intervals(points, word_stats=None
+def control_intervals(points, word_stats=None, cache: dict | None = None
                       ) -> dict[str, list[tuple[str, str, dict[str, tuple[float, float, float]]]]]:
   """{plain decoding: [(PDL point, its control, {metric: (PDL - control, 95% lower,
   upper)})]}: each `alpha=A` point against `ce+biasA`, CE decoded with the bias of the
   same strength (the PDL population optimum), paired over the same prompts with the
-  seeds pooled, as `intervals`; only pairs whose runs kept both sides' generations."""
+  seeds pooled, as `intervals`; only pairs whose runs kept both sides' generations
+  (cache: pooled_stats')."""
   if "ce" not in points:
     return {}
   metrics = CONTROL_METRICS + (informativeness.PER_EXAMPLE if word_stats else ())
@@ -384,8 +393,8 @@ def control_intervals(points, word_stats=None
       control = f"{measures.BIAS_PREFIX}{alpha:g}"
       if math.isnan(alpha) or control not in points:
         continue
-      pdl = pooled_stats(p, label, method, word_stats)
-      ce = pooled_stats(points[control], control, method, word_stats)
+      pdl = pooled_stats(p, label, method, word_stats, cache)
+      ce = pooled_stats(points[control], control, method, word_stats, cache)
       if pdl is None or ce is None:
         print(f"warning: {label} against {control}: not every run kept its {method} "
               "generations: no control row", file=sys.stderr)
@@ -497,8 +506,9 @@ def write_tables(points, out: str, word_stats=None, measured=None) -> None:
     if sampled:  # the same generation metrics, of this decoding method
       lines += ["", f"Decoded with {method}:", ""] + markdown_table(points, sampled)
   lines += measure_lines(points, word_stats, measured)
-  lines += interval_lines(intervals(points, word_stats))
-  lines += control_lines(control_intervals(points, word_stats))
+  pooled: dict = {}  # each point's samples read and scored once for both tables
+  lines += interval_lines(intervals(points, word_stats, pooled))
+  lines += control_lines(control_intervals(points, word_stats, pooled))
   atomic_write_bytes(paths.path(out) / "summary.md", ("\n".join(lines) + "\n").encode())
 
 

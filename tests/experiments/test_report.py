@@ -483,7 +483,7 @@ def test_bias_points_measures_and_reproduced_versions(tmp_path):
   assert "Decoded with greedy_bias0.5" not in md  # a point, not a decoding table
 
 
-def test_pdl_against_its_control_of_the_same_strength(tmp_path):
+def test_pdl_against_its_control_of_the_same_strength(tmp_path, monkeypatch):
   """Each PDL alpha is paired with CE decoded with bias beta = alpha (and no other):
   the difference is PDL's per-example mean minus the control's, over the same prompts
   with both seeds pooled, and summary.md shows it."""
@@ -519,7 +519,12 @@ def test_pdl_against_its_control_of_the_same_strength(tmp_path):
   d, lo, hi = cells["rougeL"]
   assert d == pytest.approx(100.0 - (100.0 + loop_rouge.mean()) / 2) and lo <= d <= hi
   assert cells["loop"][0] == pytest.approx(-0.5)  # half the control's outputs loop
+  reads = []
+  real = report.example_stats
+  monkeypatch.setattr(report, "example_stats",
+                      lambda *a, **k: reads.append(a[:3]) or real(*a, **k))
   report.write_tables(points, str(tmp_path), stats)
+  assert len(reads) == len(set(reads))  # each run's samples scored once for both tables
   md = open(tmp_path / "summary.md").read()
   assert "PDL against its control, greedy" in md
   assert f"| alpha=0.5 | ce+bias0.5 | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md
