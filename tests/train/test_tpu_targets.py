@@ -4,6 +4,7 @@ Skipped where libtpu is not installed (requirements-tpu.txt)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from configs.common import load_config
 from pdl_jax.cli import plan
+from pdl_jax.models import decoder
 from pdl_jax.train import tpu_targets
 
 needs_libtpu = pytest.mark.skipif(not tpu_targets.has_libtpu(),
@@ -114,11 +116,15 @@ def test_plan_of_qlora_on_a_windowed_scanned_base_with_accumulation():
 
 
 @needs_libtpu
-def test_plan_says_what_to_change_when_it_does_not_fit():
-  # A 2^25-row float32 embedding: 8 GiB of params, 24 GiB with AdamW's moments, on
-  # each 16 GiB v5e chip (data parallel: unsharded): the compiler refuses it.
-  c = tiny_config(**{"tokenizer.vocab_size": 2 ** 25})
-  text, fits = plan.report(c, "v5e-4", decode=False)
+def test_plan_says_what_to_change_when_it_does_not_fit(monkeypatch):
+  # A 2^23-wide MLP in both layers: 12 GiB of params, 36 GiB with AdamW's moments, on
+  # each 16 GiB v5e chip (data parallel: unsharded): the compiler refuses it. (Not a
+  # 2^25-row vocabulary: the TPU compiler's host memory grows with vocab x d_model,
+  # 8.9 GB at its peak for 2^25 x 64 measured, enough to kill a CI worker.)
+  model_of = plan.model_of
+  monkeypatch.setattr(plan, "model_of", lambda config: decoder.Decoder(
+      dataclasses.replace(model_of(config).cfg, mlp_dim=2 ** 23)))
+  text, fits = plan.report(tiny_config(), "v5e-4", decode=False)
   assert not fits, text
   assert "DOES NOT FIT" in text and "--config.mesh.fsdp=4" in text, text
 
