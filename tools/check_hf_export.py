@@ -9,8 +9,9 @@ Two steps, two venvs (torch is not a project dependency; see make_hf_fixtures.py
 
 Step 2 prints the max relative error per export and exits non-zero when a float32
 export is off by more than 1e-5 or a bfloat16 one by more than 5e-2 (rounding the
-weights to bfloat16). Last run (transformers 5.24.0, torch 2.13.0): every float32
-fixture export 0.0 (bit-identical logits), bfloat16 2e-3..1.2e-2, the own model
+weights to bfloat16). Last run (transformers 5.25.0, torch 2.13.0): every float32
+fixture export 0.0 (bit-identical logits; gemma3_mm, multimodal, as its text model),
+bfloat16 2e-3..1.2e-2, the own model
 exported as Llama 2.9e-7.
 """
 

@@ -12,7 +12,7 @@ make_hf_fixtures.py for the side venv, then `/work/hfvenv/bin/pip install peft`)
     /work/hfvenv/bin/python tools/check_lora_export.py check /tmp/lora_export
 
 Step 2 prints the max absolute logit difference per export and exits non-zero above
-1e-4. Last run (transformers 5.24.0, peft 0.21.2, torch 2.13.0): see docs/lora.md.
+1e-4. Last run (transformers 5.25.0, peft 0.21.2, torch 2.13.0): see docs/lora.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_mm")
 
 
 def export(out: str) -> None:

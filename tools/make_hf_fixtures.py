@@ -12,7 +12,8 @@ torch and transformers are not project dependencies; make a side venv:
     /work/hfvenv/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy
     /work/hfvenv/bin/python tools/make_hf_fixtures.py   # from the repo root
 
-Made with torch 2.13.0+cpu, transformers 5.24.0 (gemma3, gemma3_v4, mistral_window: 5.25.0;
+Made with torch 2.13.0+cpu, transformers 5.24.0 (gemma3, gemma3_v4, gemma3_mm, mistral_window:
+5.25.0;
 a fixture's seed is its place in FAMILIES; each folder's versions.json records
 the versions actually used). Output: tests/fixtures/hf/<name>/ with config.json,
 model*.safetensors (+ index json for the sharded one), tokenizer.json,
@@ -31,6 +32,7 @@ import sys
 
 import numpy as np
 import safetensors
+import safetensors.numpy
 import tokenizers
 import torch
 import transformers
@@ -98,6 +100,26 @@ FAMILIES = {
         rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0),
                          "sliding_attention": dict(rope_type="default", rope_theta=50.0)}),
         {}),
+    # The multimodal Gemma 3 (Gemma3ForConditionalGeneration, gemma-3-4b and larger):
+    # a tiny SigLIP tower the project skips, and its text model read from text_config.
+    # Rewritten below into the layout of the Hub's checkpoints: text_config lists only
+    # what differs from Gemma3TextConfig's defaults (heads 8/4, the
+    # RoPE bases, query_pre_attn_scalar 256 are the defaults here), tensors named
+    # language_model.model.*, vision_tower.*, multi_modal_projector.*.
+    "gemma3_mm": ("Gemma3Config", dict(
+        text_config=dict(vocab_size=320, hidden_size=32, intermediate_size=64, head_dim=16,
+                         num_hidden_layers=3, max_position_embeddings=128, sliding_window=5,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                         initializer_range=0.1, sliding_window_pattern=2,
+                         rope_parameters={
+                             "full_attention": dict(rope_type="linear", factor=2.0,
+                                                    rope_theta=1e6),
+                             "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=300, boi_token_index=301,
+        eoi_token_index=302), {}),
 }
 
 
@@ -133,7 +155,10 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
   torch.manual_seed(seed)
   config = getattr(transformers, cls_name)(**kwargs)
   config.dtype = torch.float32
-  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  if name == "gemma3_mm":
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
   perturb(model, seed)
   out = os.path.join(OUT, name)
   shutil.rmtree(out, ignore_errors=True)
@@ -177,6 +202,9 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
     with open(path, "w") as f:
       json.dump(cfg, f, indent=2)
 
+  if name == "gemma3_mm":
+    _hub_layout(out)
+
   if name == "gemma":
     # Official Gemma configs say hidden_act "gelu", a legacy value that transformers
     # maps to the tanh GELU: the reader must too.
@@ -196,17 +224,55 @@ def make(name: str, tok: tokenizers.Tokenizer, seed: int) -> None:
     tokens[i] = ids[:LENGTH]
   with torch.no_grad():
     logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    loader = (transformers.Gemma3ForConditionalGeneration if name == "gemma3_mm"
+              else transformers.AutoModelForCausalLM)
+    reloaded = loader.from_pretrained(out, dtype=torch.float32)
     again = reloaded.eval()(torch.from_numpy(tokens).long()).logits.float().numpy()
   assert np.array_equal(logits, again), f"{name}: saved model differs from the made one"
   if name.startswith("gemma3"):  # the reloaded (rewritten) config is the made one
-    assert reloaded.config.layer_types == config.layer_types, name
+    text = lambda c: c.get_text_config()
+    assert text(reloaded.config).layer_types == text(config).layer_types, name
+    assert text(reloaded.config).rope_parameters == text(config).rope_parameters, name
   np.savez(os.path.join(out, "reference.npz"), tokens=tokens, logits=logits.astype(np.float32))
   with open(os.path.join(out, "versions.json"), "w") as f:
     json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
                "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
                "numpy": np.__version__, "python": platform.python_version(),
                "seed": seed}, f, indent=2)
+
+
+def _hub_layout(out: str) -> None:
+  """Rewrites a saved Gemma3ForConditionalGeneration as the Hub's checkpoints are laid
+  out: text_config without the keys equal to Gemma3TextConfig's defaults, tensors
+  named as transformers 4.50 saved them (language_model.model.*, vision_tower.*,
+  multi_modal_projector.*; lm_head tied, not stored)."""
+  path = os.path.join(out, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  defaults = transformers.Gemma3TextConfig().to_dict()
+  text = cfg["text_config"]
+  # As in gemma-3-4b-it's config.json: the local pattern and RoPE in their v4 keys.
+  rope = text.pop("rope_parameters")
+  assert rope["sliding_attention"]["rope_theta"] == 1e4, rope  # the default local base
+  text["rope_scaling"] = {k: rope["full_attention"][k] for k in ("rope_type", "factor")}
+  for k in ("layer_types", "_sliding_window_pattern", "dtype"):
+    text.pop(k, None)
+  keep = {"model_type", "sliding_window_pattern", "rope_scaling"}
+  cfg["text_config"] = {k: v for k, v in text.items()
+                        if k in keep or k not in defaults or defaults[k] != v}
+  with open(path, "w") as f:
+    json.dump(cfg, f, indent=2)
+  weights = os.path.join(out, "model.safetensors")
+  tensors = safetensors.numpy.load_file(weights)
+  renamed = {}
+  for k, v in tensors.items():
+    if k.startswith("model.language_model."):
+      k = "language_model.model." + k[len("model.language_model."):]
+    elif k.startswith("model."):
+      k = k[len("model."):]
+    if k != "lm_head.weight":
+      renamed[k] = v
+  safetensors.numpy.save_file(renamed, weights, metadata={"format": "pt"})
 
 
 def main() -> None:

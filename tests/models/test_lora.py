@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -335,7 +336,8 @@ def test_quantising_load_equals_quantize_params(kind, scan, tmp_path):
 # ------------------------------------------------------------------ PEFT names
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
+                                    "gemma3_mm"])
 def test_peft_names_for_each_family(family, tmp_path):
   path = os.path.join(FIXTURES, family)
   base_cfg = hf_families.read_config(path)
@@ -346,6 +348,10 @@ def test_peft_names_for_each_family(family, tmp_path):
   for name in os.listdir(path):  # one file, or shards (mistral's fixture)
     if name.endswith(".safetensors"):
       stored.update(load_file(os.path.join(path, name)))
+  # The multimodal Gemma 3's modules are model.language_model.* in transformers v5
+  # (and in PEFT's names), stored as language_model.model.* on the Hub.
+  stored = {re.sub(r"^language_model\.model\.", "model.language_model.", k): v
+            for k, v in stored.items()}
   assert len(tensors) == 2 * 7 * base_cfg.num_layers
   for name, value in tensors.items():
     assert name.startswith("base_model.model.")
@@ -355,12 +361,23 @@ def test_peft_names_for_each_family(family, tmp_path):
                                                                         cfg.lora_rank)
     assert value.shape == want, (name, value.shape, want)
   conf = hf_peft.peft_config(cfg, "some/base")
-  assert conf["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
-                                           "gate_proj", "up_proj", "down_proj"])
+  projections = sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"])
+  if family == "gemma3_mm":  # a pattern: the vision tower's q/k/v_proj stay unwrapped
+    pattern = re.compile(conf["target_modules"])
+    modules = {k.removesuffix(".weight") for k in stored}
+    wrapped = sorted(m for m in modules if pattern.fullmatch(m))
+    assert wrapped == sorted(n.removeprefix("base_model.model.").rsplit(".", 2)[0]
+                             for n in tensors if n.endswith("lora_A.weight"))
+    assert any(m.startswith("vision_tower.") and m.endswith("q_proj") for m in modules)
+  else:
+    assert conf["target_modules"] == projections
   assert (conf["r"], conf["lora_alpha"], conf["peft_type"]) == (4, 8.0, "LORA")
   assert conf["base_model_name_or_path"] == "some/base"
   only_q = dataclasses.replace(cfg, lora_targets=("q", "v"))
-  assert hf_peft.peft_config(only_q, "b")["target_modules"] == ["q_proj", "v_proj"]
+  assert hf_peft.peft_config(only_q, "b")["target_modules"] == (
+      ["q_proj", "v_proj"] if family != "gemma3_mm" else
+      r"model\.language_model\.layers\.\d+\.\w+\.(q_proj|v_proj)")
   # The values in PEFT's layout: W_hf + (alpha / r) B_peft @ A_peft is the merged
   # model's tensor in transformers' layout, for every module (head order included).
   from pdl_jax.models.hf import export as hf_export
@@ -377,7 +394,9 @@ def test_peft_names_for_each_family(family, tmp_path):
     module = name.removeprefix("base_model.model.")
     want = stored[f"{module}.weight"] + scale * (tensors[f"{name}.lora_B.weight"]
                                                  @ tensors[f"{name}.lora_A.weight"])
-    np.testing.assert_allclose(exported[f"{module}.weight"], want, rtol=1e-5, atol=1e-6)
+    # (A multimodal Gemma 3 exports its text model alone: model.* names.)
+    text_module = module.replace("model.language_model.", "model.")
+    np.testing.assert_allclose(exported[f"{text_module}.weight"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_peft_export_refused_for_fused_gpt2():

@@ -172,6 +172,11 @@ def _hf_config(cfg_or_hf_config: DecoderConfig | Mapping[str, Any], dtype: str
     hf = dict(cfg_or_hf_config)
     cfg = hf_families.config_from_hf(hf)
   hf = dict(hf)
+  if cfg.model_type == "gemma3":
+    # A multimodal Gemma 3's finetuned text model exports as Gemma3ForCausalLM (its
+    # vision tower is not in the params: the folder is the text model alone).
+    hf = hf_families.gemma3_text_config(hf)
+    cfg = dataclasses.replace(cfg, model_type="gemma3_text")
   # v5 configs name it "dtype", v4 ones "torch_dtype": update the one the config has.
   hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype
   return cfg, hf
@@ -260,7 +265,8 @@ def export(params: Mapping[str, Any], cfg_or_hf_config: DecoderConfig | Mapping[
     params: the decoder's params (sharded arrays are gathered tensor by tensor).
     cfg_or_hf_config: the DecoderConfig (read_config keeps the original config.json,
       which is written back with its dtype updated; the own model's gets a Llama
-      config, see own_model_hf_config) or a config.json dict.
+      config, see own_model_hf_config; a multimodal Gemma 3's text model gets its
+      text_config, as Gemma3ForCausalLM) or a config.json dict.
     out_dir: target directory; must not exist yet (never overwritten).
     dtype: "float32" or "bfloat16" for the safetensors files.
     tokenizer_dir: a directory whose tokenizer files are copied beside the weights.

@@ -111,10 +111,40 @@ def _llama_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any
       **_rope(hf, head_dim), **common)
 
 
+# Gemma3TextConfig's defaults (transformers 5.25): a config.json lists only what
+# differs from them, as the text_config of the Hub's multimodal Gemma 3 configs does
+# (gemma-3-4b-it's names neither its heads nor its vocabulary).
+GEMMA3_TEXT_DEFAULTS: Mapping[str, Any] = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, attention_bias=False, query_pre_attn_scalar=256,
+    sliding_window=4096, tie_word_embeddings=True)
+
+
+def gemma3_text_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """The text model's config.json of a multimodal Gemma 3 config (model_type "gemma3",
+  Gemma3ForConditionalGeneration): its text_config completed with Gemma3TextConfig's
+  defaults, the top level's tie_word_embeddings (which transformers ties by), as a
+  gemma3_text / Gemma3ForCausalLM config (what a finetuned text model exports as)."""
+  text = {**GEMMA3_TEXT_DEFAULTS, **dict(hf.get("text_config") or {})}
+  text["tie_word_embeddings"] = hf.get("tie_word_embeddings", text["tie_word_embeddings"])
+  for key in ("dtype", "torch_dtype"):
+    if key in hf and key not in text:
+      text[key] = hf[key]
+  text.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+  return text
+
+
+def _gemma3_text_defaults(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """A gemma3_text config.json completed with Gemma3TextConfig's defaults."""
+  return {**GEMMA3_TEXT_DEFAULTS, **hf}
+
+
 def _gemma3_config(hf: Mapping[str, Any], family: "Family", common: dict[str, Any]
                    ) -> DecoderConfig:
-  """Gemma 3's text model (gemma3_text, Gemma3ForCausalLM; a multimodal gemma3 config is
-  not read: its text_config is not unpacked):
+  """Gemma 3's text model (gemma3_text, Gemma3ForCausalLM; of a multimodal gemma3
+  config, gemma3_text_config's), completed with Gemma3TextConfig's defaults before:
   local (sliding-window) and global layers in `layer_types` (or every
   `sliding_window_pattern`-th layer global), each kind with its RoPE (v5
   rope_parameters per layer type; v4 rope_theta + rope_scaling for global layers and
@@ -230,6 +260,14 @@ def _llama_tensors(cfg: DecoderConfig, add: Callable[..., None]) -> None:
   add("model.norm.weight", "final_norm", "scale")
 
 
+def _gemma3_mm_tensors(cfg: DecoderConfig, add: Callable[..., None]) -> None:
+  """A multimodal Gemma 3's text tensors: the Llama layout under model.language_model.
+  (transformers v5's names; the Hub's checkpoints say language_model.model., which
+  weights.py reads as these)."""
+  _llama_tensors(cfg, lambda name, *path, **kw: add(
+      "model.language_model." + name.removeprefix("model."), *path, **kw))
+
+
 def tensor_table(cfg: DecoderConfig) -> list[Tensor]:
   """The checkpoint tensors of cfg's family, in transformers' names and layouts."""
   out: list[Tensor] = []
@@ -277,6 +315,12 @@ class Family:
   sliding_window_flag: str | None = None  # config key that switches sliding_window on
   # Legacy activation names -> transformers' current ones.
   activation_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # config.json -> the flat text model's config.json the rest of the reading sees
+  # (vocab_size, tie_word_embeddings, the MoE keys): a composite (multimodal) config's
+  # text_config, or defaults filled in.
+  text_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+  # Checkpoint tensors that are not the decoder's (a vision tower): never read.
+  skipped: str | None = None
 
 
 _LLAMA = dict(config=_llama_config, tensors=_llama_tensors)
@@ -291,7 +335,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            activation_aliases={"gelu": "gelu_pytorch_tanh"}),
     Family("gemma3_text", config=_gemma3_config, tensors=_llama_tensors, tied_default=True,
            norm="rms_plus_one", embed_scale=True, qk_norm=True,
-           activation_aliases={"gelu": "gelu_pytorch_tanh"}),
+           activation_aliases={"gelu": "gelu_pytorch_tanh"}, text_config=_gemma3_text_defaults),
+    # The multimodal Gemma 3 (gemma-3-4b and up): its text model; the vision tower
+    # and projector are skipped.
+    Family("gemma3", config=_gemma3_config, tensors=_gemma3_mm_tensors,
+           tied_default=True, norm="rms_plus_one", embed_scale=True, qk_norm=True,
+           activation_aliases={"gelu": "gelu_pytorch_tanh"}, text_config=gemma3_text_config,
+           skipped=r"^(model\.)?(vision_tower|multi_modal_projector)\."),
     Family("gpt2", config=_gpt2_config, tensors=_gpt2_tensors, tied_default=True),
 )}
 
@@ -324,13 +374,15 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
   if model_type not in FAMILIES:
     raise ValueError(f"model_type {model_type!r} is not supported; supported: "
                      f"{tuple(FAMILIES)}.")
+  family = FAMILIES[model_type]
+  if source_config_json is None:
+    source_config_json = json.dumps(dict(hf))
+  if family.text_config is not None:
+    hf = family.text_config(hf)
   for moe_key in ("num_experts", "num_local_experts", "n_routed_experts"):
     if hf.get(moe_key):
       raise ValueError(f"{model_type}: mixture-of-experts ({moe_key}={hf[moe_key]}) is not "
                        "supported; dense decoders only.")
-  family = FAMILIES[model_type]
-  if source_config_json is None:
-    source_config_json = json.dumps(dict(hf))
   common = dict(dtype=dtype, param_dtype=param_dtype, model_type=model_type,
                 source_config_json=source_config_json,
                 tied_embeddings=bool(hf.get("tie_word_embeddings", family.tied_default)),

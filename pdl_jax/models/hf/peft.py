@@ -49,8 +49,12 @@ def peft_config(cfg: model_config.DecoderConfig, base_name: str) -> dict[str, An
   """adapter_config.json of a PEFT LoRA adapter for these adapters."""
   names = hf_module_names(cfg)
   wanted = {model_config.LORA_TARGETS[t] for t in cfg.lora_targets}
-  targets = sorted({name.rsplit(".", 1)[-1] for path, name in names.items()
-                    if path[2] in wanted})
+  targets: list[str] | str = sorted({name.rsplit(".", 1)[-1] for path, name in names.items()
+                                     if path[2] in wanted})
+  if cfg.model_type == "gemma3":
+    # A multimodal base: its vision tower has q_proj / k_proj / v_proj modules too, which
+    # a list of names would also wrap (PEFT matches a string by re.fullmatch instead).
+    targets = rf"model\.language_model\.layers\.\d+\.\w+\.({'|'.join(targets)})"
   return {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
       "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,

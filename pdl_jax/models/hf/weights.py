@@ -39,6 +39,7 @@ from pdl_jax.models.hf import offline
 from pdl_jax.models.hf import locate
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+_GEMMA3_HUB = re.compile(r"^language_model\.(?:(lm_head)|model)(?=\.)")
 
 
 def read_block(src, t: hf_families.Tensor, shape: Sequence[int], index: tuple[slice, ...]) -> np.ndarray:
@@ -184,6 +185,12 @@ def _canonical_names(weight_map: dict[str, str], cfg: DecoderConfig
   stored = {n: n for n in weight_map}
   if cfg.model_type == "gpt2" and "transformer.wte.weight" not in weight_map:
     stored = {("transformer." + n if n != "lm_head.weight" else n): n for n in weight_map}
+  if cfg.model_type == "gemma3":
+    # The Hub's multimodal Gemma 3 checkpoints (saved by transformers 4.50) name the
+    # text model language_model.model.* and language_model.lm_head; v5 names them
+    # model.language_model.* and lm_head.
+    stored = {_GEMMA3_HUB.sub(lambda m: "lm_head" if m.group(1) else "model.language_model",
+                              n): n for n in weight_map}
   return stored, {canonical: weight_map[n] for canonical, n in stored.items()}
 
 
@@ -197,8 +204,10 @@ def _mismatches(table: Sequence[hf_families.Tensor], cfg: DecoderConfig,
   errors = [f"shard file {f!r} named in model.safetensors.index.json does not exist"
             for f in missing_files]
   wanted = {t.name for t in table}
+  skipped = hf_families.FAMILIES[cfg.model_type].skipped if cfg.model_type != "pdl" else None
   unexpected = sorted(n for n in weight_map if n not in wanted and not _IGNORED.search(n)
-                      and not (cfg.tied_embeddings and n == "lm_head.weight"))
+                      and not (cfg.tied_embeddings and n == "lm_head.weight")
+                      and not (skipped and re.search(skipped, n)))
   errors += [f"unexpected tensor {stored[n]!r} (in {weight_map[n]})" for n in unexpected]
   checked = set()
   for t in table:

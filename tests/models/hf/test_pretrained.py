@@ -155,7 +155,8 @@ def test_kv_cache_decoding_equals_full_forward(name):
   assert scanned["k"].shape == (cfg.num_layers, 2, cfg.num_kv_heads, 15, cfg.head_dim)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# A multimodal base exports as its text model (test_multimodal_gemma3_...).
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f != "gemma3_mm"])
 def test_export_then_load_is_bit_identical(name, tmp_path):
   cfg = hf_families.read_config(_dir(name))
   params = hf_weights.load_params(_dir(name), cfg)
@@ -181,6 +182,63 @@ def test_export_then_load_is_bit_identical(name, tmp_path):
     dst = json.load(f)
   assert {k: v for k, v in dst.items() if "dtype" not in k} == {
       k: v for k, v in src.items() if "dtype" not in k}
+
+
+def test_multimodal_gemma3_is_read_as_its_text_model_and_exports_as_one(tmp_path):
+  """gemma-3-4b-it's layout (Gemma3ForConditionalGeneration, fixture gemma3_mm): a
+  text_config naming only what differs from Gemma3TextConfig's defaults, tensors named
+  language_model.model.* (the Hub's) or model.language_model.* (transformers v5's),
+  a vision tower that is skipped. Its logits are checked in
+  test_logits_match_transformers; here the fields, both name layouts, the export."""
+  src = _dir("gemma3_mm")
+  cfg = hf_families.read_config(src)
+  assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("gemma3", 8, 4, 16)
+  assert cfg.query_scale == 256 ** -0.5 and cfg.vocab_size == 320 and cfg.tied_embeddings
+  assert cfg.local_layers == (True, False, True) and cfg.sliding_window == 5
+  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.local_rope_theta) == (
+      "linear", 2.0, 1e6, 1e4)
+  ref = np.load(os.path.join(src, "reference.npz"))
+  # transformers v5's names, vision tower under model.: the same logits.
+  v5 = tmp_path / "v5"
+  shutil.copytree(src, v5)
+  tensors = load_file(os.path.join(src, "model.safetensors"))
+  assert "language_model.model.norm.weight" in tensors
+  renamed = {("model.language_model." + k[len("language_model.model."):]
+              if k.startswith("language_model.model.") else "model." + k): v
+             for k, v in tensors.items()}
+  save_file(renamed, os.path.join(v5, "model.safetensors"), metadata={"format": "pt"})
+  np.testing.assert_array_equal(hf_weights.logits(str(v5), ref["tokens"]),
+                                hf_weights.logits(src, ref["tokens"]))
+  # A text tensor missing is named; the vision tower's are not needed.
+  del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+  tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_tower.")}
+  save_file(tensors, os.path.join(v5, "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.language_model\.layers\.1\."
+                     r"mlp\.up_proj\.weight'"):
+    hf_weights.load_params(str(v5), cfg)
+  # Export: a Gemma3ForCausalLM folder (the text model alone), whose config is the
+  # completed text_config and whose tensors are the text model's under model.*.
+  params = hf_weights.load_params(src, cfg)
+  out = hf_export.export(params, cfg, tmp_path / "out", tokenizer_dir=src)
+  with open(os.path.join(out, "config.json")) as f:
+    dst = json.load(f)
+  with open(os.path.join(src, "config.json")) as f:
+    text = json.load(f)["text_config"]
+  assert dst["model_type"] == "gemma3_text" and dst["architectures"] == ["Gemma3ForCausalLM"]
+  assert {k: dst[k] for k in text if k != "model_type"} == {
+      k: v for k, v in text.items() if k != "model_type"}
+  assert dst["num_attention_heads"] == 8 and dst["tie_word_embeddings"] is True
+  exported = load_file(os.path.join(out, "model.safetensors"))
+  original = load_file(os.path.join(src, "model.safetensors"))
+  assert sorted(exported) == sorted(k.removeprefix("language_model.") for k in original
+                                    if k.startswith("language_model."))
+  for key, value in exported.items():
+    np.testing.assert_array_equal(value, original["language_model." + key], err_msg=key)
+  again = hf_families.read_config(out)
+  assert dataclasses.replace(again, source_config_json=None) == dataclasses.replace(
+      cfg, model_type="gemma3_text", source_config_json=None)
+  np.testing.assert_allclose(hf_weights.logits(str(out), ref["tokens"]), ref["logits"],
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_export_shards_bfloat16_and_refuses_existing_dir(tmp_path):
