@@ -115,6 +115,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()  # How examples are laid out (pdl_jax/data/).
   c.data.packing = False  # Pack several training examples per row (first fit; attention within each, positions restart): less padding, same per-example loss. Evaluation never packs.
   c.data.prompt_format = ml_collections.FieldReference(None, field_type=str)  # "plain" (prompt, newline, target, EOS) or "chat" (user and assistant turns of the model's chat template; the loss on the assistant turn and its end-of-turn token); None: "chat" when the pretrained model has a chat template.
+  c.data.chat_date = "2026-01-01"  # The date (YYYY-MM-DD) a chat template's strftime_now writes (Llama 3.2's "Today Date: ..."), pinned, not today's: every evaluation and a resumed run see one prompt. Part of the tokenizer's checksum for a template that dates.
 
   c.seq_len = 128  # Model input length: prompt + separator + target + EOS.
   c.max_target_len = 64  # Target tokens kept (the prompt is cut first).

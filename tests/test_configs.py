@@ -159,6 +159,16 @@ def test_bad_eval_length_bucket_is_refused(bucket):
     config_checks.validate_config(c)
 
 
+@pytest.mark.parametrize("date", ["tomorrow", "2026-13-01", "01/01/2026"])
+def test_bad_chat_date_is_refused(date):
+  from configs import dialogue
+  c = dialogue.get_config("smoke")
+  c.data.chat_date = date
+  with pytest.raises(ValueError, match=rf"data.chat_date={date!r}; expected a date as "
+                                       r"YYYY-MM-DD"):
+    config_checks.validate_config(c)
+
+
 def test_the_gpu_requirements_are_the_cpu_set_plus_the_cuda_plugin_at_the_jax_pin():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "requirements.txt")) as f:

@@ -5,6 +5,7 @@ and validation splits, and packing."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from typing import Any, Callable
 import jax
@@ -51,7 +52,8 @@ def get_tokenizer(data: DataSettings, workdir: str,
           "(no eos_token in tokenizer_config.json, no eos_token_id in "
           "generation_config.json or config.json): targets could not end and generation "
           "could not stop; add one to tokenizer_config.json.")
-    return with_prompt_format(tokenizer, data.layout.prompt_format)
+    return with_prompt_format(tokenizer, data.layout.prompt_format,
+                              data.layout.get("chat_date"))
   path = data.tokenizer.path
   if path is None and data.init_from is not None:
     path = str(paths.path(data.init_from) / TOKENIZER_FILENAME)
@@ -68,10 +70,13 @@ def get_tokenizer(data: DataSettings, workdir: str,
   return tok_lib.load(path)
 
 
-def with_prompt_format(tokenizer: Tokenizer, prompt_format: str | None) -> Tokenizer:
+def with_prompt_format(tokenizer: Tokenizer, prompt_format: str | None,
+                       chat_date: str | None = None) -> Tokenizer:
   """The tokenizer that lays out examples in `prompt_format`: "plain" (prompt,
   newline, target, EOS), "chat" (the model's chat template: tokenizers.chat), or None
-  for "chat" when the tokenizer has a chat template and "plain" otherwise.
+  for "chat" when the tokenizer has a chat template and "plain" otherwise. chat_date
+  (YYYY-MM-DD, config.data.chat_date; None: chat.CHAT_DATE) is what the template's
+  strftime_now writes.
 
   Raises:
     ValueError: an unknown format, or "chat" for a tokenizer without a template.
@@ -85,7 +90,23 @@ def with_prompt_format(tokenizer: Tokenizer, prompt_format: str | None) -> Token
                      "has no chat template; use 'plain'.")
   if prompt_format == "plain" or template is None:
     return tokenizer
-  return chat.ChatTokenizer(tokenizer, template, tokenizer.special_tokens)
+  return chat.ChatTokenizer(tokenizer, template, tokenizer.special_tokens,
+                            date=parse_chat_date(chat_date))
+
+
+def parse_chat_date(chat_date: str | None) -> datetime.date:
+  """config.data.chat_date as a date (None: chat.CHAT_DATE).
+
+  Raises:
+    ValueError: not a YYYY-MM-DD date (named).
+  """
+  if chat_date is None:
+    return chat.CHAT_DATE
+  try:
+    return datetime.date.fromisoformat(str(chat_date))
+  except ValueError:
+    raise ValueError(f"config.data.chat_date={chat_date!r}; expected a date as YYYY-MM-DD "
+                     "(what a chat template's strftime_now writes), e.g. '2026-01-01'.") from None
 
 
 def encode_split(data: DataSettings, tokenizer: Tokenizer,
@@ -152,6 +173,7 @@ def check_layout(layout, pretrained: str | None) -> None:
   """The layout settings (config.data) against the base (config.model.pretrained):
   raises ValueError naming the bad key."""
   prompt_format = layout.prompt_format
+  parse_chat_date(layout.get("chat_date"))
   if prompt_format not in ("plain", "chat", None):
     raise ValueError(f"config.data.prompt_format={prompt_format!r}; expected 'plain', "
                      "'chat' or None (chat when the model has a chat template).")

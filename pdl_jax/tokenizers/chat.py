@@ -29,9 +29,10 @@ Three things keep the layout equal to tokenizing the rendered conversation:
   that drops an assistant content's leading newlines (Qwen3's `lstrip('\\n')`, which
   the trim probe does not see) is detected too, and the targets lose them the same way.
 - `strftime_now` (Llama 3.2 writes today's date into its system prompt) returns a
-  date pinned by the ChatTokenizer (`date`, default CHAT_DATE), never today's: a
-  resumed run and both evaluations see the same prompt; the date and the rendered
-  head and tail ids are in the tokenizer's checksum.
+  date pinned by the ChatTokenizer (`date`: config.data.chat_date, default
+  CHAT_DATE), never today's: a resumed run and both evaluations see the same prompt.
+  For a template that dates or trims, the date and the rendered head and tail ids are
+  in the tokenizer's checksum (one that does neither keeps its earlier checksum).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from configs import common
 from pdl_jax.data import examples as examples_lib
 from pdl_jax.tokenizers import chat
 from pdl_jax.tokenizers.hf import HFTokenizer
@@ -125,6 +126,13 @@ def test_strftime_now_is_pinned_and_in_the_checksum(monkeypatch):
   assert chat.CHAT_DATE.strftime("%d %b %Y") in head
   b = chat.ChatTokenizer(base, TRIM_DATE, SPECIALS, date=datetime.date(2027, 3, 4))
   assert a.head_ids != b.head_ids and a.sha256 != b.sha256
+  # The run's config.data.chat_date is the date: recorded in its config.json.
+  base.chat_template, base.special_tokens = TRIM_DATE, SPECIALS
+  from pdl_jax.data import pipeline
+  assert common.get_base_config("dialogue").data.chat_date == chat.CHAT_DATE.isoformat()
+  for given, want in ((None, a), ("2026-01-01", a), ("2027-03-04", b)):
+    got = pipeline.with_prompt_format(base, "chat", given)
+    assert (got.date, got.head_ids, got.sha256) == (want.date, want.head_ids, want.sha256)
 
   class Tomorrow(datetime.datetime):
     @classmethod
