@@ -331,6 +331,15 @@ def tpu_suite() -> list[tuple[str, Case, float | None]]:
           base_quant="nf4", target="v5e-4")),
       ("Llama-3-8B full, v5p-64", Case("llama-3-8b", {"fsdp": 32}, 2048, 64,
                                        target="v5p-64")),
+      # The same model on the largest v5e slice: one sequence a chip.
+      ("Llama-3-8B full, v5e-256", Case("llama-3-8b", {"fsdp": 256}, 2048, 256,
+                                        target="v5e-256")),
+      ("Llama-3-8B LoRA r16 bf16 base, v6e-4", Case(
+          "llama-3-8b", {"fsdp": 4}, 2048, 8, lora_rank=16, base_dtype="bfloat16",
+          target="v6e-4")),
+      ("Llama-3-8B QLoRA r16 nf4 base, v6e-4", Case(
+          "llama-3-8b", {"fsdp": 4}, 2048, 8, lora_rank=16, base_dtype="bfloat16",
+          base_quant="nf4", target="v6e-4")),
   ]
   out = []
   for what, case in cases:
