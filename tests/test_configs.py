@@ -117,6 +117,10 @@ def test_task_configs_finetune_the_real_model_by_default(name):
   assert c.model.pretrained == common.DEFAULT_PRETRAINED == "smollm2-135m-instruct"
   assert c.optimizer.learning_rate < 1e-3 and run_lib.eval_at_start(c)
   assert c.data.prompt_format is None  # chat, since the model has a template
+  # PDL's default alpha on the real base is the evidence's (docs/results.md): 0.25;
+  # the own model keeps 0.5; an argument or flag still sets it.
+  assert c.loss.alpha == 0.25 and module.get_config("alpha=0.5").loss.alpha == 0.5
+  assert module.get_config("pretrained=none").loss.alpha == 0.5
   own = common.get_base_config(name)
   for arg in ("pretrained=none", "smoke", "init_from=workdirs/pretrain", "model=base"):
     o = module.get_config(arg)
