@@ -41,7 +41,8 @@ def pin_cpu_without_tpu(argv: list[str] | None = None,
   wins; a TPU VM (tpu_attached) and a GPU machine are left alone; a --plan (argv,
   default sys.argv) always runs on the CPU, compiling for TPU topologies
   (pdl_jax.train.tpu_targets)."""
-  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+  # An empty JAX_PLATFORMS is unset to jax (its backends tried in turn): not explicit.
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
     return
   argv = sys.argv if argv is None else argv
   if any(a == "--plan" or a.startswith("--plan=") for a in argv[1:]):

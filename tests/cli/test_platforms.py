@@ -49,3 +49,7 @@ def test_pin_cpu_on_a_cpu_vm_with_libtpu_but_not_on_a_tpu_vm(tmp_path, monkeypat
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
   platforms.pin_cpu_without_tpu(["main"], cpu_vm, str(tmp_path))
   assert os.environ["JAX_PLATFORMS"] == "tpu"
+  # An empty value is jax's default (every backend tried), not a choice: pinned.
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  platforms.pin_cpu_without_tpu(["main"], cpu_vm, str(tmp_path))
+  assert os.environ["JAX_PLATFORMS"] == "cpu"
