@@ -24,7 +24,7 @@ CE_CONTROL_DECODES = ("greedy_bias0.1", "greedy_bias0.25", "greedy_bias0.5", "gr
                       "top_p_bias0.25", "top_p_bias0.5")
 
 # Words a `get_config(arg)` string may hold besides key=value items.
-ARG_WORDS = ["smoke", "quick"]
+ARG_WORDS = ["smoke", "quick", "long", "tune"]
 # Values a `get_config(arg)` string may set, with the config path each one sets.
 ARG_KEYS = {
     "loss": "loss.name", "alpha": "loss.alpha", "epsilon": "loss.epsilon",
@@ -32,6 +32,7 @@ ARG_KEYS = {
     "seed": "seed", "batch_size": "batch_size", "init_from": "init_from",
     "chunked": "loss.chunked", "decode": "eval.decode", "pretrained": "model.pretrained",
     "reduction": "loss.reduction", "eos_weight": "loss.eos_weight",
+    "lr": "optimizer.learning_rate",
 }
 
 
@@ -81,6 +82,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
+  c.dataset.tune_examples = 0  # Train examples held out at the end of the train split as the "tune" split (eval.split="tune": choose e.g. the learning rate off the reported validation prompts); 0: none held out. The task datasets only (your own files: give a tuning file as dataset.validation).
   # Your own data: dataset.name = "files" (pdl_jax/data/files.py; docs/data.md).
   c.dataset.train = ml_collections.FieldReference(None, field_type=str)  # Training file or glob of shards (local or gs://), e.g. "data/train-*.jsonl"; dataset.name="files" only.
   c.dataset.validation = ml_collections.FieldReference(None, field_type=str)  # Validation file or glob; None: validation_fraction of train held out.
@@ -141,6 +143,8 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()  # Evaluation on a fixed validation subset.
   c.eval.num_examples = 256  # Fixed validation subset: its first N examples.
+  c.eval.split = "validation"  # The split evaluated: "validation" (the prompts results report) or "tune" (dataset.tune_examples held out of train).
+  c.eval.sampled_examples = ml_collections.FieldReference(None, field_type=int)  # Prompts of the sampled decodings (top_p, top_p_bias...): the first N of the eval prompts; None: all of them.
   c.eval.batch_size = 64  # Sequences per eval / decode batch.
   c.eval.decode = "greedy"  # "greedy", "beam" or "top_p": logged as eval/<metric>.
   c.eval.extra_decodes = ("top_p",)  # More decodings of the same prompts, logged as eval/<method>/<metric>.
@@ -231,6 +235,46 @@ def apply_quick(c: ml_collections.ConfigDict) -> None:
   c.sweep.ce_decodes = ("greedy_bias0.25",)  # CE + the frequency bias of PDL 0.25's optimum.
 
 
+def apply_long(c: ml_collections.ConfigDict) -> None:
+  """The longer budget of the real-model comparison (docs/results.md): 600 steps, 10x
+  the committed 60 at the same batch, warm-up and schedule shape; a final evaluation
+  only (the base model's row is the 60-step comparison's), greedy on 1,024 validation
+  prompts and the sampled decodings on their first 256; CE with the control's biased
+  decodes, PDL 0.25, two seeds.
+
+  Raises:
+    ValueError: the config does not finetune a pretrained model.
+  """
+  if c.model.pretrained is None:
+    raise ValueError("config argument 'long' is the real-model comparison's longer budget; "
+                     "it does not combine with 'smoke', 'model=' or 'pretrained=none'.")
+  c.num_steps = 600  # 10x the comparison's 60 steps of batch 8: 10% of an epoch of summarization.
+  c.eval_every = 600  # The final evaluation only.
+  c.eval.at_start = False  # The base model's row is the 60-step comparison's (1,024 prompts cost ~15 min here).
+  c.checkpoint_every = 100  # Steps between checkpoints (a run takes hours here).
+  c.log_every = 25  # Steps between train metric lines.
+  c.eval.num_examples = 1024  # Greedy on 1,024 validation prompts: detects about half the difference 256 do.
+  c.eval.sampled_examples = 256  # Top-p (and its biased form) on the first 256 of them.
+  c.sweep.alphas = (0.25,)  # PDL at alpha 0.25 (the pretrained default).
+  c.sweep.seeds = (0, 1)  # Two seeds.
+  c.sweep.eos_weight_alphas = ()  # No EOS variant.
+  c.sweep.baselines = ()  # The best of DFT / GEM / MiLe at 60 steps: named with --only or sweep.baselines.
+  c.sweep.ce_decodes = CE_CONTROL_DECODES  # CE + the frequency bias: the control.
+
+
+def apply_tune(c: ml_collections.ConfigDict) -> None:
+  """Evaluate on the tune split instead of the reported validation prompts: the
+  train split's last 512 examples, held out of training (config.dataset.tune_examples),
+  greedy only; for choosing the learning rate (`lr=`) of a budget such as `long`."""
+  c.dataset.tune_examples = 512  # Train examples held out at the split's end.
+  c.eval.split = "tune"  # Evaluated on them.
+  c.eval.num_examples = 512  # All of them.
+  c.eval.extra_decodes = ()  # Greedy only.
+  c.eval.sampled_examples = None  # (No sampled decoding.)
+  c.eval.at_start = False  # The choice is between trained points.
+  c.sweep.ce_decodes = ()  # No control decodes: the rate is chosen per loss.
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """Shrink everything so a run finishes in about a minute on a laptop CPU."""
   c.model.preset = "tiny"
@@ -268,6 +312,12 @@ def parse_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
       continue
     if item == "quick":
       apply_quick(c)
+      continue
+    if item == "long":
+      apply_long(c)
+      continue
+    if item == "tune":
+      apply_tune(c)
       continue
     key, sep, value = item.partition("=")
     if not sep or key not in ARG_KEYS:

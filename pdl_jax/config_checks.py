@@ -30,6 +30,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.data.packing=True with config.loss.name='unlikelihood': its "
                      "negative candidates are the row's earlier target tokens, which packing "
                      "would mix across examples; set data.packing=False for it.")
+  tune = config.dataset.get("tune_examples") or 0
+  if not (isinstance(tune, int) and not isinstance(tune, bool) and tune >= 0):
+    raise ValueError(f"config.dataset.tune_examples={tune!r}; expected an integer >= 0 "
+                     "(train examples held out as the 'tune' split; 0: none).")
+  if tune and config.dataset.name == tasks_lib.FILES:
+    raise ValueError(f"config.dataset.tune_examples={tune} holds examples out of a task "
+                     "dataset's train split; with your own files give the tuning examples "
+                     "as config.dataset.validation instead.")
+  if tune and config.task == tasks_lib.PRETRAIN:
+    raise ValueError(f"config.dataset.tune_examples={tune} is for the finetuning tasks, not "
+                     "config.task='pretrain'.")
+  if config.eval.get("split", "validation") == "tune" and not tune:
+    raise ValueError("config.eval.split='tune' evaluates train examples held out by "
+                     "config.dataset.tune_examples, which is 0; set it (e.g. 512).")
   factory.check(config.model)
   pipeline.check_layout(config.data, config.model.pretrained)
   evaluator_lib.check(config.eval)

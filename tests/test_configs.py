@@ -31,8 +31,8 @@ def test_dataset_and_bool_args():
   from configs import style_transfer
   c = style_transfer.get_config("dataset=bible_style/web_to_kjv,chunked=true")
   assert c.dataset.name == "bible_style/web_to_kjv" and c.loss.chunked is True
-  with pytest.raises(ValueError, match=r"'lr=3' is unknown.*'alpha'"):
-    style_transfer.get_config("lr=3")
+  with pytest.raises(ValueError, match=r"'alpah=3' is unknown \(did you mean 'alpha'\?\)"):
+    style_transfer.get_config("alpah=3")
   with pytest.raises(ValueError, match="true or false"):
     style_transfer.get_config("chunked=maybe")
 
@@ -77,7 +77,7 @@ ARG_VALUES = {
     "batch_size": ("8", 8), "init_from": ("gs://bucket/pretrain", "gs://bucket/pretrain"),
     "chunked": ("true", True), "decode": ("top_p", "top_p"),
     "pretrained": ("gs://bucket/Qwen2.5-0.5B", "gs://bucket/Qwen2.5-0.5B"),
-    "reduction": ("tokens", "tokens"), "eos_weight": ("1", 1.0),
+    "reduction": ("tokens", "tokens"), "eos_weight": ("1", 1.0), "lr": ("1e-4", 1e-4),
 }
 
 
@@ -161,6 +161,24 @@ def test_bad_eval_length_bucket_is_refused(bucket):
   with pytest.raises(ValueError, match=rf"eval.length_bucket={bucket!r}; expected an "
                                        r"integer >= 0"):
     config_checks.validate_config(c)
+
+
+def test_long_and_tune_arguments():
+  """`long`: the comparison's 600-step budget; `tune`: evaluate on the held-out tune
+  split, for the learning rate (`lr=`) of a budget."""
+  from configs import summarization
+  long = summarization.get_config("long")
+  assert (long.num_steps, long.eval.num_examples, long.eval.sampled_examples) == (600, 1024, 256)
+  assert not run_lib.eval_at_start(long) and long.eval.split == "validation"
+  assert long.sweep.ce_decodes == common.CE_CONTROL_DECODES and long.sweep.alphas == (0.25,)
+  tune = summarization.get_config("long,tune,lr=1e-4")
+  assert (tune.num_steps, tune.optimizer.learning_rate) == (600, 1e-4)
+  assert (tune.eval.split, tune.dataset.tune_examples, tune.eval.extra_decodes) == (
+      "tune", 512, ())
+  config_checks.validate_config(long)
+  config_checks.validate_config(tune)
+  with pytest.raises(ValueError, match="'long' is the real-model comparison's longer budget"):
+    summarization.get_config("smoke,long")
 
 
 @pytest.mark.parametrize("date", ["tomorrow", "2026-13-01", "01/01/2026"])

@@ -12,12 +12,21 @@ from pdl_jax import multihost
 
 
 def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
-               limit: int | None = None, log=multihost.log) -> tuple[list[str], list[str]]:
+               limit: int | None = None, holdout: int = 0, log=multihost.log
+               ) -> tuple[list[str], list[str]]:
   """(prompts, targets) of a TFDS split (its first `limit` examples if given).
+
+  `holdout` > 0 holds the train split's last `holdout` examples out of "train": they
+  are the split "tune" (config.dataset.tune_examples), on which a setting can be
+  chosen without the validation prompts the results report.
 
   Builds the dataset first if needed (the offline builders fetch their sources):
   process 0 builds, the others wait for it, so that several processes never write
   one data_dir at once.
+
+  Raises:
+    ValueError: split "tune" without a holdout, or a holdout the train split cannot
+      spare.
   """
   import tensorflow_datasets as tfds
 
@@ -28,8 +37,22 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
     tfds.builder(spec.tfds_name, data_dir=data_dir).download_and_prepare()  # no-op once built
   multihost.sync(f"prepare {spec.tfds_name}")
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)  # sees process 0's build
-  tfds_split = spec.splits[split]
-  if limit is not None:
+  if split == "tune" and holdout < 1:
+    raise ValueError("the split 'tune' (config.eval.split) needs "
+                     "config.dataset.tune_examples >= 1 train examples held out.")
+  tfds_split = spec.splits["train" if split == "tune" else split]
+  keep = None  # examples kept of what is read (a limit inside a held-out slice)
+  if holdout and split in ("train", "tune"):
+    try:
+      size = builder.info.splits[tfds_split].num_examples
+    except (KeyError, TypeError):
+      size = None
+    if size is not None and holdout >= size:
+      raise ValueError(f"config.dataset.tune_examples={holdout}: the {spec.tfds_name} "
+                       f"train split has {size} examples; hold out fewer.")
+    tfds_split += f"[-{holdout}:]" if split == "tune" else f"[:-{holdout}]"
+    keep = limit
+  elif limit is not None:
     try:  # a slice past the end is an error in TFDS: a limit above the size means all
       size = builder.info.splits[tfds_split].num_examples
     except (KeyError, TypeError):
@@ -39,6 +62,8 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
   ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
   prompts, targets = [], []
   for ex in tfds.as_numpy(ds):
+    if keep is not None and len(prompts) >= keep:
+      break
     p, t = spec.format(ex)
     prompts.append(p)
     targets.append(t)
@@ -57,7 +82,8 @@ def load_split_texts(task: str, dataset_cfg, split: str, limit: int | None = Non
   # global batch (TrainBatches).
   if dataset_cfg.name == tasks_lib.FILES:
     return data_files.load_split(dataset_cfg, split, limit)
-  kwargs = dict(data_dir=dataset_cfg.data_dir, limit=limit)
+  kwargs = dict(data_dir=dataset_cfg.data_dir, limit=limit,
+                holdout=dataset_cfg.get("tune_examples") or 0)
   if task != tasks_lib.PRETRAIN:
     return load_texts(tasks_lib.get_dataset(task, dataset_cfg.name), split, **kwargs)
   prompts, targets = [], []

@@ -132,6 +132,12 @@ def text_measures(hyps: list[str], refs: list[str], prompts: list[str]) -> dict[
           for name in ("content_recall", "content_precision", "loop", "prompt_copy", "rep_3")}
 
 
+# What a run evaluates: the validation prompts its results report, or the "tune" split
+# (config.dataset.tune_examples held out at the end of the train split), on which a
+# setting such as the learning rate is chosen without looking at them.
+SPLITS = ("validation", "tune")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """What the evaluator needs of a run's settings."""
@@ -204,13 +210,15 @@ class Evaluator:
         # (step 0) or a mid-run model with the bias is no point of the comparison, and
         # its decodes would double the time of every eval.
         continue
-      hyps, hyp_ids = self._generate(params, method, step)
-      gen = metrics_lib.generation_metrics(hyps, self.examples.targets, hyp_ids,
-                                           self.ref_ids, self.counts_V)
-      gen.update(text_measures(hyps, self.examples.targets, self.examples.prompts))
+      n = num_prompts(c.eval, method, len(self.prompts))
+      hyps, hyp_ids = self._generate(params, method, step, n)
+      targets, prompts = self.examples.targets[:n], self.examples.prompts[:n]
+      gen = metrics_lib.generation_metrics(hyps, targets, hyp_ids, self.ref_ids[:n],
+                                           self.counts_V)
+      gen.update(text_measures(hyps, targets, prompts))
       # Share of tokens per train-frequency decile (0 = most frequent), for the plots
       # of what each loss generates against the references.
-      for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids)):
+      for prefix, ids in (("freq_bucket", hyp_ids), ("ref_freq_bucket", self.ref_ids[:n])):
         for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
           gen[f"{prefix}_{k}"] = share
       scope = "eval/" if i == 0 else f"eval/{method}/"
@@ -230,13 +238,14 @@ class Evaluator:
         self.counts_V, beta, c.bias_epsilon, frequency=c.bias_frequency,
         vocab_size=self.model.cfg.vocab_size)
 
-  def _generate(self, params, name: str, step: int) -> tuple[list[str], list[list[int]]]:
+  def _generate(self, params, name: str, step: int, n: int
+                ) -> tuple[list[str], list[list[int]]]:
+    """The generations of decoding `name` for the first n evaluation prompts."""
     c = self.settings
     method, beta = decode_lib.parse_method(name)
-    meter = progress.Progress(f"eval at step {step}: {name}", len(self.prompts),
-                              multihost.log)
+    meter = progress.Progress(f"eval at step {step}: {name}", n, multihost.log)
     hyp_ids = generate_all(
-        self.model, params, self.prompts, self.mesh, jax.random.key(c.seed + 1),
+        self.model, params, self.prompts[:n], self.mesh, jax.random.key(c.seed + 1),
         bias_V=self.bias(beta), method=method, batch_size=c.eval.batch_size,
         length_bucket=c.eval.length_bucket, max_new_tokens=c.eval.max_new_tokens,
         eos_ids=self.eos_ids, pad_id=self.tok.pad_id, banned_ids=self.banned,
@@ -277,8 +286,27 @@ class Evaluator:
                             "\n".join(lines) + "\n")
 
 
+def num_prompts(e, method: str, available: int) -> int:
+  """How many of the `available` evaluation prompts decoding `method` generates for:
+  all, or for a sampled one (top_p, top_p_bias...) at most eval.sampled_examples
+  (the first ones: a prompt's draws are keyed by the prompt, so they are the draws
+  of a run over those prompts alone)."""
+  limit = e.get("sampled_examples")
+  if limit is None or decode_lib.parse_method(method)[0] != "top_p":
+    return available
+  return min(limit, available)
+
+
 def check(e) -> None:
   """The eval settings (config.eval): raises ValueError naming the bad key."""
+  limit = e.get("sampled_examples")
+  if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool)
+                                and limit >= 1):
+    raise ValueError(f"config.eval.sampled_examples={limit!r}; expected an integer >= 1 "
+                     "or None (every evaluation prompt).")
+  split = e.get("split", "validation")
+  if split not in SPLITS:
+    raise ValueError(f"config.eval.split={split!r}; expected one of {SPLITS}.")
   names = (e.decode, *e.extra_decodes)
   for method in names:
     try:

@@ -64,6 +64,9 @@ def fingerprint(config, tokenizer, model_cfg: dict[str, Any],
   # Packing changes every batch (only when on: other runs' fingerprints are as before).
   if config.data.get("packing"):
     fp["packing"] = True
+  # Train examples held out as the tune split change the training data (only when set).
+  if config.dataset.get("tune_examples"):
+    fp["tune_examples"] = config.dataset.tune_examples
   if base_sha256 is not None:
     fp["lora_base_weights_sha256"] = base_sha256
   return json.loads(json.dumps(fp))  # as the meta stores it (tuples become lists)

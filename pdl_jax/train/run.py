@@ -171,7 +171,8 @@ def _data(config: ml_collections.ConfigDict, workdir: str):
   data = data_settings(config)
   tokenizer, train_ex, vocab_size = pipeline.prepare_train(data, workdir)
   stats = token_stats.prepare_stats(data, workdir, tokenizer, train_ex, vocab_size)
-  eval_ex = pipeline.load_split(data, tokenizer, "validation", config.eval.num_examples)
+  eval_ex = pipeline.load_split(data, tokenizer, config.eval.get("split", "validation"),
+                                config.eval.num_examples)
   capacity = loss_window(config)
   if capacity is not None:  # every target span fits the loss window (clear error if not)
     for name, ex in (("train", train_ex), ("validation", eval_ex)):

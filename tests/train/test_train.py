@@ -88,10 +88,15 @@ def test_logit_adjusted_decodes_of_a_ce_run(tmp_path):
   the evals before the final one (step 0, mid-run) skip them."""
   run(tmp_path, **{"loss.name": "ce", "eval_every": 3, "eval.at_start": True,
                    "eval.extra_decodes": ("top_p", "greedy_bias0", "greedy_bias3",
-                                          "top_p_bias0.5")})
+                                          "top_p_bias0.5"),
+                   "eval.sampled_examples": 3})
   final = {m: [json.loads(l)["generation_ids"] for l in open(
       tmp_path / "samples" / f"final_{m}.jsonl")]
-      for m in ("greedy", "greedy_bias0", "greedy_bias3", "top_p_bias0.5")}
+      for m in ("greedy", "greedy_bias0", "greedy_bias3", "top_p", "top_p_bias0.5")}
+  # The sampled decodings cover the first eval.sampled_examples prompts, the others all.
+  n = len(final["greedy"])
+  assert n > 3 and {m: len(v) for m, v in final.items()} == {
+      "greedy": n, "greedy_bias0": n, "greedy_bias3": n, "top_p": 3, "top_p_bias0.5": 3}
   assert final["greedy_bias0"] == final["greedy"]
   assert final["greedy_bias3"] != final["greedy"]
   evals = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
