@@ -3,7 +3,7 @@
     python -m pdl_jax.main --config=configs/dialogue.py
     python -m pdl_jax.main --config=configs/dialogue.py:smoke --workdir=/tmp/dlg
     python -m pdl_jax.main --config=configs/dialogue.py:loss=ce
-    python -m pdl_jax.main --config=configs/dialogue.py --config.loss.alpha=0.25
+    python -m pdl_jax.main --config=configs/dialogue.py --config.loss.alpha=0.5
     python experiments/sweep.py --config=configs/dialogue.py   # the alpha sweep below
 """
 
