@@ -273,6 +273,7 @@ def apply_tune(c: ml_collections.ConfigDict) -> None:
   c.eval.sampled_examples = None  # (No sampled decoding.)
   c.eval.at_start = False  # The choice is between trained points.
   c.sweep.ce_decodes = ()  # No control decodes: the rate is chosen per loss.
+  c.sweep.seeds = (0,)  # One seed per rate.
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:

@@ -175,6 +175,7 @@ def test_long_and_tune_arguments():
   assert (tune.num_steps, tune.optimizer.learning_rate) == (600, 1e-4)
   assert (tune.eval.split, tune.dataset.tune_examples, tune.eval.extra_decodes) == (
       "tune", 512, ())
+  assert tuple(tune.sweep.seeds) == (0,) and tune.sweep.ce_decodes == ()
   config_checks.validate_config(long)
   config_checks.validate_config(tune)
   with pytest.raises(ValueError, match="'long' is the real-model comparison's longer budget"):
