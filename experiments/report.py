@@ -80,9 +80,12 @@ def profile_tv(row: dict[str, float], prefix: str = "eval/") -> float | None:
   """Total-variation distance between the generations' and the references' shares of
   tokens per train-frequency decile: 0 when the frequency profile matches the
   references', 1 when the two share no decile. None where the buckets were not logged or
-  nothing was generated (all buckets 0)."""
+  nothing was generated (all buckets 0). The references are those of the decoding's own
+  prompts (`<prefix>ref_freq_bucket_k`, logged where a sampled decoding covers only the
+  first eval.sampled_examples of them), else all of them."""
   gen = [row.get(f"{prefix}freq_bucket_{k}") for k in range(NUM_BUCKETS)]
-  ref = [row.get(f"eval/ref_freq_bucket_{k}") for k in range(NUM_BUCKETS)]
+  ref = [row.get(f"{prefix}ref_freq_bucket_{k}", row.get(f"eval/ref_freq_bucket_{k}"))
+         for k in range(NUM_BUCKETS)]
   if None in gen or None in ref or sum(gen) == 0:  # no buckets, or no generated token
     return None
   return 0.5 * sum(abs(g - r) for g, r in zip(gen, ref))
@@ -186,6 +189,31 @@ def check_provenance(runs: list[str], strict: bool = False,
       print(f"warning: {message}", file=sys.stderr)
 
 
+# What every point of one comparison must share: what was evaluated and the budget
+# (the learning rate may differ: the longer budget chooses it per loss).
+SHARED_SETTINGS = (("eval", "split", "validation"), ("eval", "num_examples", None),
+                   ("eval", "sampled_examples", None), (None, "num_steps", None),
+                   (None, "batch_size", None))
+
+
+def check_settings(runs: list[str], strict: bool = False) -> None:
+  """Warns (strict: fails) when the runs differ in a SHARED_SETTINGS field of their
+  config.json (e.g. a tune-split run among validation runs)."""
+  for section, key, default in SHARED_SETTINGS:
+    seen: dict[str, list[str]] = {}
+    for run in runs:
+      config = read_config(run)
+      value = (config.get(section) or {}).get(key, default) if section else config.get(key)
+      seen.setdefault(repr(value), []).append(run)
+    if len(seen) > 1:
+      name = f"{section}.{key}" if section else key
+      message = f"the runs differ in {name}: " + "; ".join(
+          f"{v}: {len(r)} runs (e.g. {r[0]})" for v, r in seen.items())
+      if strict:
+        raise SystemExit(message)
+      print(f"warning: {message}", file=sys.stderr)
+
+
 def collect(root: str, strict: bool = False, out: str | None = None
             ) -> dict[str, dict[str, Any]]:
   """{label: {"alpha": a, "runs": [paths], "metrics": {name: [values over seeds]}}}.
@@ -209,6 +237,7 @@ def collect(root: str, strict: bool = False, out: str | None = None
         p["metrics"].setdefault(name, []).append(float(value))
   check_provenance([run for p in points.values() for run in p["runs"]], strict,
                    frozenset(measures.reproduced_versions(out or root)))
+  check_settings([run for p in points.values() for run in p["runs"]], strict)
   # The base model's row: the step-0 evals (eval.at_start, on when finetuning a
   # pretrained model) of the CE runs, which every point starts from.
   base = [(run, eval_row(run, 0)) for run in points.get("ce", {}).get("runs", [])]

@@ -178,11 +178,17 @@ def test_long_and_tune_arguments():
   assert tuple(tune.sweep.seeds) == (0,) and tune.sweep.ce_decodes == ()
   config_checks.validate_config(long)
   config_checks.validate_config(tune)
-  with pytest.raises(ValueError, match="'long' is the real-model comparison's longer budget"):
+  with pytest.raises(ValueError, match=r"names \['smoke', 'long'\]; give at most one"):
     summarization.get_config("smoke,long")
+  with pytest.raises(ValueError, match="'long' is the real-model comparison's longer budget"):
+    summarization.get_config("long,pretrained=none")
+  # The words apply in one order whatever their place; key=value items after them.
+  assert summarization.get_config("tune,long,lr=1e-4").to_dict() == tune.to_dict()
+  assert summarization.get_config("steps=10,quick").num_steps == 10
 
 
-@pytest.mark.parametrize("date", ["tomorrow", "2026-13-01", "01/01/2026"])
+@pytest.mark.parametrize("date", ["tomorrow", "2026-13-01", "01/01/2026", "20260101",
+                                  "2026-W01-1"])
 def test_bad_chat_date_is_refused(date):
   from configs import dialogue
   c = dialogue.get_config("smoke")

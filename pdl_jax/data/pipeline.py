@@ -102,8 +102,8 @@ def parse_chat_date(chat_date: str | None) -> datetime.date:
   """
   if chat_date is None:
     return chat.CHAT_DATE
-  try:
-    return datetime.date.fromisoformat(str(chat_date))
+  try:  # strptime, not fromisoformat: that takes 20260101 and week dates too
+    return datetime.datetime.strptime(str(chat_date), "%Y-%m-%d").date()
   except ValueError:
     raise ValueError(f"config.data.chat_date={chat_date!r}; expected a date as YYYY-MM-DD "
                      "(what a chat template's strftime_now writes), e.g. '2026-01-01'.") from None

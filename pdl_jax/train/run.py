@@ -175,7 +175,7 @@ def _data(config: ml_collections.ConfigDict, workdir: str):
                                 config.eval.num_examples)
   capacity = loss_window(config)
   if capacity is not None:  # every target span fits the loss window (clear error if not)
-    for name, ex in (("train", train_ex), ("validation", eval_ex)):
+    for name, ex in (("train", train_ex), (config.eval.get("split", "validation"), eval_ex)):
       window.check_capacity(ex.loss_positions()[:, 1:], capacity, name=f"{name} loss mask")
   if config.data.get("packing"):  # several examples per row (evaluation never packs)
     train_ex = pipeline.pack_split(data, tokenizer, train_ex)

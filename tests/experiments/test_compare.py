@@ -83,4 +83,6 @@ def test_the_quick_sweep_is_ce_with_its_biased_decode_and_pdl(tmp_path):
 
 def test_quick_is_refused_without_the_pretrained_base():
   with pytest.raises(ValueError, match="'quick' compares losses on the pretrained base"):
+    load_config("configs/summarization.py:quick,pretrained=none")
+  with pytest.raises(ValueError, match="give at most one of 'smoke', 'quick' and 'long'"):
     load_config("configs/summarization.py:smoke,quick")

@@ -88,6 +88,12 @@ def test_profile_tv_and_the_sampled_table(tmp_path):
   assert report.profile_tv(row) == pytest.approx(0.5 * np.abs(gen - ref).sum())
   assert report.profile_tv(row, "eval/top_p/") == pytest.approx(0.5 * np.abs(sampled - ref).sum())
   assert report.profile_tv({"eval/nll": 1.0}) is None
+  # A sampled decoding of the first eval.sampled_examples prompts: its own references.
+  own = rng.dirichlet(np.ones(10))
+  subset = {**row, **{f"eval/top_p/ref_freq_bucket_{k}": own[k] for k in range(10)}}
+  assert report.profile_tv(subset, "eval/top_p/") == pytest.approx(
+      0.5 * np.abs(sampled - own).sum())
+  assert report.profile_tv(subset) == report.profile_tv(row)
   empty = {**row, **{f"eval/freq_bucket_{k}": 0.0 for k in range(10)}}  # nothing generated
   assert report.profile_tv(empty) is None
   fake_run(tmp_path, "ce-seed0", "ce", 0.5, 0, 4.0, 10.0)
@@ -380,6 +386,18 @@ def test_base_row_and_paired_intervals_from_the_samples(tmp_path):
         json.dumps({"code_version": version, "base_weights_sha256": "x"}))
   with pytest.raises(SystemExit, match="differ in code_version: abc: 1 runs"):
     report.collect(str(tmp_path), strict=True)
+  # Runs that evaluated different prompts (a tune-split run among validation runs).
+  for seed, version in ((0, "abc"), (1, "abc")):
+    (tmp_path / f"ce-seed{seed}" / "provenance.json").write_text(
+        json.dumps({"code_version": version, "base_weights_sha256": "x"}))
+  report.collect(str(tmp_path), strict=True)
+  config = tmp_path / "ce-seed1" / "config.json"
+  original = config.read_text()
+  config.write_text(json.dumps({**json.loads(original), "eval": {"split": "tune"}}))
+  with pytest.raises(SystemExit, match=r"differ in eval.split: 'validation': \d+ runs .*"
+                                       r"'tune': 1 runs"):
+    report.collect(str(tmp_path), strict=True)
+  config.write_text(original)
   report.write_tables(points, str(tmp_path))
   md = open(tmp_path / "summary.md").read()
   assert "| base (step 0) | 2 |" in md and "Difference from CE per example, greedy" in md

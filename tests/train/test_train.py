@@ -103,6 +103,10 @@ def test_logit_adjusted_decodes_of_a_ce_run(tmp_path):
   last = [l for l in evals if "eval/nll" in l][-1]
   for m in ("greedy_bias0", "greedy_bias3", "top_p_bias0.5"):
     assert np.isfinite(last[f"eval/{m}/rare_token_share"]), m
+  # A decoding of fewer prompts logs its own prompts' reference buckets (the profile
+  # distance compares with those); one of every prompt does not repeat them.
+  assert "eval/top_p/ref_freq_bucket_0" in last and "eval/ref_freq_bucket_0" in last
+  assert "eval/greedy_bias3/ref_freq_bucket_0" not in last
   assert last["eval/greedy_bias0/rougeL"] == last["eval/rougeL"]
   earlier = [l for l in evals if "eval/nll" in l][:-1]
   assert [l["step"] for l in earlier] == [0, 3]

@@ -128,7 +128,9 @@ def gemma3_text_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   defaults, the top level's tie_word_embeddings (which transformers ties by), as a
   gemma3_text / Gemma3ForCausalLM config (what a finetuned text model exports as)."""
   text = {**GEMMA3_TEXT_DEFAULTS, **dict(hf.get("text_config") or {})}
-  text["tie_word_embeddings"] = hf.get("tie_word_embeddings", text["tie_word_embeddings"])
+  # transformers ties by the top level's own value, True when it says none (whatever
+  # text_config says).
+  text["tie_word_embeddings"] = hf.get("tie_word_embeddings", True)
   for key in ("dtype", "torch_dtype"):
     if key in hf and key not in text:
       text[key] = hf[key]
@@ -319,7 +321,8 @@ class Family:
   # (vocab_size, tie_word_embeddings, the MoE keys): a composite (multimodal) config's
   # text_config, or defaults filled in.
   text_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
-  # Checkpoint tensors that are not the decoder's (a vision tower): never read.
+  # A regex (re.search) of the checkpoint tensors that are not the decoder's (a vision
+  # tower): never read, never reported as unexpected.
   skipped: str | None = None
 
 

@@ -215,7 +215,11 @@ def _mismatches(table: Sequence[hf_families.Tensor], cfg: DecoderConfig,
       continue
     checked.add(t.name)
     if t.name not in weight_map:
-      errors.append(f"missing tensor {t.name!r} (for param {'/'.join(t.path)})")
+      hub = ("; the Hub's checkpoints name it "
+             f"{t.name.replace('model.language_model.', 'language_model.model.', 1)!r}"
+             if cfg.model_type == "gemma3" and t.name.startswith("model.language_model.")
+             else "")
+      errors.append(f"missing tensor {t.name!r} (for param {'/'.join(t.path)}{hub})")
       continue
     if weight_map[t.name] in missing_files:
       continue
