@@ -82,7 +82,7 @@ def get_base_config(task: str) -> ml_collections.ConfigDict:
   c.dataset.name = ml_collections.FieldReference(None, field_type=str)  # None: offline default.
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
   c.dataset.max_train_examples = ml_collections.FieldReference(None, field_type=int)  # Cap.
-  c.dataset.tune_examples = 0  # Train examples held out at the end of the train split as the "tune" split (eval.split="tune": choose e.g. the learning rate off the reported validation prompts); 0: none held out. The task datasets only (your own files: give a tuning file as dataset.validation).
+  c.dataset.tune_examples = 0  # About this many train examples held out of training as the "tune" split, whole groups as the builders split (clusters, plays, chapters; eval.split="tune": choose e.g. the learning rate off the reported validation prompts); 0: none held out. The task datasets only (your own files: give a tuning file as dataset.validation).
   # Your own data: dataset.name = "files" (pdl_jax/data/files.py; docs/data.md).
   c.dataset.train = ml_collections.FieldReference(None, field_type=str)  # Training file or glob of shards (local or gs://), e.g. "data/train-*.jsonl"; dataset.name="files" only.
   c.dataset.validation = ml_collections.FieldReference(None, field_type=str)  # Validation file or glob; None: validation_fraction of train held out.
@@ -265,9 +265,9 @@ def apply_long(c: ml_collections.ConfigDict) -> None:
 
 def apply_tune(c: ml_collections.ConfigDict) -> None:
   """Evaluate on the tune split instead of the reported validation prompts: the
-  train split's last 512 examples, held out of training (config.dataset.tune_examples),
+  about 512 train examples held out of training as whole groups (config.dataset.tune_examples),
   greedy only; for choosing the learning rate (`lr=`) of a budget such as `long`."""
-  c.dataset.tune_examples = 512  # Train examples held out at the split's end.
+  c.dataset.tune_examples = 512  # About 512 train examples held out, in whole groups.
   c.eval.split = "tune"  # Evaluated on them.
   c.eval.num_examples = 512  # All of them.
   c.eval.extra_decodes = ()  # Greedy only.

@@ -133,7 +133,7 @@ def text_measures(hyps: list[str], refs: list[str], prompts: list[str]) -> dict[
 
 
 # What a run evaluates: the validation prompts its results report, or the "tune" split
-# (config.dataset.tune_examples held out at the end of the train split), on which a
+# (config.dataset.tune_examples held out of the train split as whole groups), on which a
 # setting such as the learning rate is chosen without looking at them.
 SPLITS = ("validation", "tune")
 

@@ -1,5 +1,5 @@
 """The tune split (config.dataset.tune_examples, config.eval.split="tune"): train
-examples held out at the end of the train split, for choosing a setting such as the
+examples held out of the train split (whole groups, as the builders split), for choosing a setting such as the
 learning rate off the validation prompts the results report. Read through a real
 (tiny) TFDS dataset: tfds's mock_data ignores split slices."""
 
