@@ -64,10 +64,12 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
                      "config.dataset.tune_examples >= 1 train examples held out.")
   held = holdout > 0 and split in ("train", "tune")
   tfds_split = spec.splits["train" if split == "tune" else split]
-  try:  # a slice past the end is an error in TFDS: a limit above the size means all
-    size = builder.info.splits[tfds_split].num_examples
-  except (KeyError, TypeError):
-    size = None
+  size = None
+  if held or limit is not None:
+    try:  # a slice past the end is an error in TFDS: a limit above the size means all
+      size = builder.info.splits[tfds_split].num_examples
+    except (KeyError, TypeError, AttributeError):  # not built / no info (a mock)
+      size = None
   if held and size is not None and holdout >= size:
     raise ValueError(f"config.dataset.tune_examples={holdout}: the {spec.tfds_name} "
                      f"train split has {size} examples; hold out fewer.")
@@ -83,7 +85,9 @@ def load_texts(spec: tasks_lib.DatasetSpec, split: str, *, data_dir: str | None,
   ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
   rows = []  # (prompt, target, group)
   for ex in tfds.as_numpy(ds):
-    if not (held and spec.group_keys) and limit is not None and len(rows) >= limit:
+    # A limit inside a held-out tail slice is applied here (TFDS slices do not nest);
+    # without a holdout the slice itself holds it.
+    if held and not spec.group_keys and limit is not None and len(rows) >= limit:
       break
     group = "/".join(tasks_lib.text(ex[k]) for k in spec.group_keys) if held else ""
     rows.append((*spec.format(ex), group))
