@@ -21,7 +21,10 @@ batch), so a rerun of a run from before it draws new, equally valid samples.
 With --adopt, a rerun that reproduced its run replaces it (its extra decodings, e.g.
 the control's biased ones, and its sampled decodings, new draws where they differ,
 come with it), and a finished run RESULTS does not have yet is copied in; a rerun that
-differs is reported and left out. Regenerate the tables afterwards with report.py.
+differs is reported and left out. A run RESULTS holds as an earlier adoption of this
+very folder (same code version, byte-equal metrics.jsonl) is skipped ("already
+adopted"), so adopting again from a sweep root as its points finish keeps the record of
+the real reproduction. Regenerate the tables afterwards with report.py.
 """
 
 from __future__ import annotations
@@ -82,6 +85,18 @@ def describe(entry: dict[str, Any]) -> str:
   return text + ")"
 
 
+def is_adopted_copy(committed: paths.PathLike, run: paths.PathLike) -> bool:
+  """Whether the committed run is an earlier adoption of this very run folder, not
+  a run it could be compared with: same code version and a byte-equal metrics.jsonl
+  (a rerun logs wall-clock figures, tokens/s and eval seconds, so its log is never
+  the same bytes). Compared, a copy would replace the record of the real reproduction
+  (committed version against rerun version) by one of the run against itself."""
+  committed, run = paths.path(committed), paths.path(run)
+  version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
+  return (version(committed) == version(run)
+          and (committed / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes())
+
+
 def finished_runs(root: str) -> list[paths.PathLike]:
   """Run folders under root whose final eval is logged."""
   out = []
@@ -105,6 +120,9 @@ def main() -> None:
   differs = []
   for run in finished_runs(args.reruns):
     committed = results / "runs" / run.name
+    if committed.exists() and is_adopted_copy(committed, run):
+      print(f"{run.name}: already adopted")  # its earlier entry stays as it is
+      continue
     if committed.exists():
       entry = compare_run(committed, run)
       entries[run.name] = entry

@@ -62,6 +62,39 @@ def test_equal_reruns_are_recorded_and_adopted_and_different_ones_are_not(tmp_pa
   assert not (results / "runs" / "gem-seed0").exists()
 
 
+def test_adopting_again_from_the_same_root_keeps_the_record(tmp_path):
+  """A sweep root holds the runs adopted before and the ones finished since: adopting
+  again must not compare an adopted run with its own copy (a record of the run against
+  itself, its committed version lost) but skip it and adopt the new ones."""
+  results, reruns = tmp_path / "results", tmp_path / "reruns"
+  same = {"final_greedy.jsonl": ["a b", "c"]}
+  write_run(results / "runs" / "ce-seed0", "old", same)
+  write_run(reruns / "ce-seed0", "new", same)
+  (reruns / "ce-seed0" / "metrics.jsonl").write_text(
+      json.dumps({"step": 4, "eval/nll": 1.0, "train/tokens_per_s": 81.5}) + "\n")
+  write_run(reruns / "dft-seed0", "new", {"final_greedy.jsonl": ["z", "w"]})
+  command = [sys.executable, "experiments/reproduce.py", f"--reruns={reruns}",
+             f"--results={results}", "--adopt"]
+  first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert first.returncode == 0, first.stderr
+  assert first.stdout.splitlines() == [
+      "ce-seed0: reproduced (1 deterministic generation files)", "dft-seed0: new"]
+  write_run(reruns / "gem-seed0", "new", {"final_greedy.jsonl": ["y"]})  # finished since
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.splitlines() == [
+      "ce-seed0: already adopted", "dft-seed0: already adopted", "gem-seed0: new"]
+  (entry,) = measures.read_reproduction(str(results))["reruns"]
+  assert (entry["run"], entry["committed_code_version"], entry["rerun_code_version"]) == (
+      "ce-seed0", "old", "new")
+  assert (results / "runs" / "gem-seed0" / "config.json").exists()
+  # A real rerun at the same code version (its own log) is still compared.
+  (reruns / "dft-seed0" / "metrics.jsonl").write_text(
+      json.dumps({"step": 4, "eval/nll": 1.0, "train/tokens_per_s": 79.0}) + "\n")
+  third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert "dft-seed0: reproduced (1 deterministic generation files)" in third.stdout
+
+
 def test_a_missing_file_in_the_rerun_is_not_equal(tmp_path):
   write_run(tmp_path / "a", "old", {"final_greedy.jsonl": ["a"], "final_beam.jsonl": ["b"],
                                      "final_top_p.jsonl": ["c"]})
