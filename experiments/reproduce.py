@@ -47,6 +47,11 @@ def is_sampled(file_name: str) -> bool:
   return measures.split_bias(method)[0] == "top_p"
 
 
+def code_version(run: paths.PathLike) -> str:
+  """The code version a run folder's provenance.json records."""
+  return json.loads((paths.path(run) / "provenance.json").read_text())["code_version"]
+
+
 def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, Any]:
   """The reproduction entry of one rerun: each shared generation file's two digests
   (and whether it is sampled), both code versions, `equal` (every deterministic file
@@ -62,11 +67,10 @@ def compare_run(committed: paths.PathLike, rerun: paths.PathLike) -> dict[str, A
                      "rerun": (measures.generations_sha256(measures.read_jsonl(other))
                                if other.exists() else None),
                      "sampled": is_sampled(f.name)}
-  version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
   same = lambda sampled: [v["committed"] == v["rerun"] for v in files.values()
                           if v["sampled"] == sampled]
-  return {"run": committed.name, "committed_code_version": version(committed),
-          "rerun_code_version": version(rerun), "files": files,
+  return {"run": committed.name, "committed_code_version": code_version(committed),
+          "rerun_code_version": code_version(rerun), "files": files,
           "equal": bool(same(False)) and all(same(False)),
           "sampled_equal": all(same(True)) if same(True) else None}
 
@@ -87,14 +91,23 @@ def describe(entry: dict[str, Any]) -> str:
 
 def is_adopted_copy(committed: paths.PathLike, run: paths.PathLike) -> bool:
   """Whether the committed run is an earlier adoption of this very run folder, not
-  a run it could be compared with: same code version and a byte-equal metrics.jsonl
-  (a rerun logs wall-clock figures, tokens/s and eval seconds, so its log is never
-  the same bytes). Compared, a copy would replace the record of the real reproduction
-  (committed version against rerun version) by one of the run against itself."""
+  a run it could be compared with: same code version and a byte-equal metrics.jsonl.
+  A rerun's train lines log a wall-clock figure (train/tokens_per_s, every log_every
+  steps), so a run with at least one train line never logs the same bytes twice; a
+  run shorter than log_every would be taken for its copy. Compared, a copy would
+  replace the record of the real reproduction (committed version against rerun
+  version) by one of the run against itself."""
   committed, run = paths.path(committed), paths.path(run)
-  version = lambda d: json.loads((d / "provenance.json").read_text())["code_version"]
-  return (version(committed) == version(run)
-          and (committed / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes())
+  metrics = lambda d: (d / "metrics.jsonl").read_bytes()
+  return code_version(committed) == code_version(run) and metrics(committed) == metrics(run)
+
+
+def keeps_record(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+  """Whether a run's recorded reproduction across code versions stays in place of a
+  new comparison at one version (a rerun of an adopted rerun): the record is what lets
+  report.py accept the later version for the committed one."""
+  across = lambda e: e["committed_code_version"] != e["rerun_code_version"]
+  return old is not None and old["equal"] and across(old) and not across(new)
 
 
 def finished_runs(root: str) -> list[paths.PathLike]:
@@ -125,8 +138,12 @@ def main() -> None:
       continue
     if committed.exists():
       entry = compare_run(committed, run)
-      entries[run.name] = entry
-      print(f"{run.name}: {describe(entry)}")
+      kept = keeps_record(entries.get(run.name), entry)
+      if not kept:
+        entries[run.name] = entry
+      print(f"{run.name}: {describe(entry)}" + (
+          f"; kept: its record against {entries[run.name]['committed_code_version'][:12]}"
+          if kept else ""))
       if not entry["equal"]:
         differs.append(run.name)
         continue

@@ -88,11 +88,20 @@ def test_adopting_again_from_the_same_root_keeps_the_record(tmp_path):
   assert (entry["run"], entry["committed_code_version"], entry["rerun_code_version"]) == (
       "ce-seed0", "old", "new")
   assert (results / "runs" / "gem-seed0" / "config.json").exists()
-  # A real rerun at the same code version (its own log) is still compared.
-  (reruns / "dft-seed0" / "metrics.jsonl").write_text(
-      json.dumps({"step": 4, "eval/nll": 1.0, "train/tokens_per_s": 79.0}) + "\n")
+  # Real reruns at the adopted runs' code version (their own logs) are still compared;
+  # ce-seed0's record against "old" stays (a same-version comparison would replace it).
+  for name in ("ce-seed0", "dft-seed0"):
+    (reruns / name / "metrics.jsonl").write_text(
+        json.dumps({"step": 4, "eval/nll": 1.0, "train/tokens_per_s": 79.0}) + "\n")
   third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert "dft-seed0: reproduced (1 deterministic generation files)" in third.stdout
+  assert third.returncode == 0, third.stderr
+  assert third.stdout.splitlines() == [
+      "ce-seed0: reproduced (1 deterministic generation files); kept: its record against old",
+      "dft-seed0: reproduced (1 deterministic generation files)",
+      "gem-seed0: already adopted"]
+  by_run = {e["run"]: e for e in measures.read_reproduction(str(results))["reruns"]}
+  assert (by_run["ce-seed0"]["committed_code_version"], by_run["dft-seed0"][
+      "committed_code_version"]) == ("old", "new")
 
 
 def test_a_missing_file_in_the_rerun_is_not_equal(tmp_path):
