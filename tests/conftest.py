@@ -6,8 +6,19 @@ anywhere; pytest imports conftest.py before the test modules.
 
 import os
 
+# The tests' programs are tiny: compiling them, not running them, is most of the
+# suite's time, so XLA:CPU compiles without LLVM's optimisation passes (measured on
+# 2 cores: test_lora's resume test and test_scan_remat's variants test 99 s -> 60 s).
+# Every comparison in the suite is between programs compiled the same way, or against
+# a reference with a tolerance; set XLA_FLAGS yourself to test with the defaults.
+# The subprocess tests' runs compile the same way (PDL_JAX_TEST_XLA_FLAGS, read by
+# test_faults.env()).
+os.environ.setdefault(
+    "PDL_JAX_TEST_XLA_FLAGS",
+    os.environ.get("XLA_FLAGS",
+                   "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"))
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    os.environ["PDL_JAX_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session, its subprocesses included: many

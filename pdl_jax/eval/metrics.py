@@ -15,6 +15,7 @@ its outputs are from the human distribution, not just how they change with alpha
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +30,8 @@ def overlap_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float
     raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references.")
   if not hyps:
     raise ValueError("no hypotheses to score.")
-  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"],
+                                    tokenizer=_stemming_tokenizer())
   sums = collections.Counter()
   for h, r in zip(hyps, refs):
     for name, score in scorer.score(r, h).items():
@@ -50,13 +52,35 @@ def per_example(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, np.ndarra
 
   if len(hyps) != len(refs):
     raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references.")
-  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_stemming_tokenizer())
   return {
       "rougeL": np.array([100.0 * scorer.score(r, h)["rougeL"].fmeasure
                           for h, r in zip(hyps, refs)]),
       "chrf": np.array([sacrebleu.sentence_chrf(h, [r]).score for h, r in zip(hyps, refs)]),
       "length": np.array([float(len(_words(h))) for h in hyps]),
   }
+
+
+@functools.lru_cache(maxsize=None)
+def _stemming_tokenizer():
+  """rouge-score's own tokenizer with its Porter stemmer (what `use_stemmer=True`
+  builds), each text's tokens and each word's stem cached: a report scores the same
+  references against every run and decoding, and stemming is most of ROUGE's time."""
+  from nltk.stem import porter  # what rouge-score stems with
+  from rouge_score import tokenize
+  from rouge_score import tokenizers
+
+  class StemmingTokenizer(tokenizers.Tokenizer):
+
+    def __init__(self):
+      self.stem = functools.lru_cache(maxsize=1 << 17)(porter.PorterStemmer().stem)
+      self._tokens = functools.lru_cache(maxsize=1 << 14)(
+          lambda text: tuple(tokenize.tokenize(text, self)))
+
+    def tokenize(self, text):
+      return list(self._tokens(text))
+
+  return StemmingTokenizer()
 
 
 def _words(text: str) -> list[str]:

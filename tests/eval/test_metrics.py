@@ -48,6 +48,27 @@ def test_overlap_metrics_match_the_libraries():
     metrics_lib.overlap_metrics(hyps, refs[:1])
 
 
+def test_cached_stemming_tokenizer_equals_rouge_scores_own():
+  """ROUGE with the cached tokenizer equals rouge-score's `use_stemmer=True`, token for
+  token and score for score, on texts with punctuation, digits, casing, short words and
+  repeats (the cache is hit by the second pass)."""
+  from rouge_score import rouge_scorer
+  from rouge_score import tokenizers
+
+  texts = ["The cats were running, quickly; RUNNING! 2024's figures.",
+           "hello", "", "   ", "générations informatives -- über 3.14 ran runs",
+           "Thou art more lovely and more temperate: rough winds do shake"]
+  ours, theirs = metrics_lib._stemming_tokenizer(), tokenizers.DefaultTokenizer(True)
+  for _ in range(2):
+    for t in texts:
+      assert ours.tokenize(t) == theirs.tokenize(t), t
+  want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  hyps, refs = texts, texts[::-1]
+  got = metrics_lib.per_example(hyps, refs)["rougeL"]
+  np.testing.assert_array_equal(
+      got, [100.0 * want.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
+
+
 def test_generation_metrics_has_reference_profile():
   counts = np.array([5, 4, 3, 2, 1])
   out = metrics_lib.generation_metrics(["a b"], ["a c"], [[0, 1]], [[0, 2]], counts)

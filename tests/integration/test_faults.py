@@ -80,7 +80,8 @@ def command(workdir, data_dir, *extra):
 
 def env():
   e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  e["XLA_FLAGS"] = ""  # one CPU device in the subprocesses
+  # One CPU device in the subprocesses, compiled as the suite compiles (conftest.py).
+  e["XLA_FLAGS"] = os.environ.get("PDL_JAX_TEST_XLA_FLAGS", "")
   return e
 
 

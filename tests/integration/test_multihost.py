@@ -31,7 +31,7 @@ def steps_args(*mesh):
 def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
   one = tmp_path / "one"
   e = env()
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # same 2-device mesh
+  e["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"  # same 2-device mesh
   done = subprocess.run(command(one, data_dir, *steps_args()), cwd=ROOT, env=e,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -71,12 +71,13 @@ def test_batch_replicated_across_processes_gets_the_same_rows(data_dir, tmp_path
   model4 = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.model=4"]
   one = tmp_path / "one"
   e = env()
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  flags = e["XLA_FLAGS"]
+  e["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=4"
   done = subprocess.run(command(one, data_dir, *steps_args(*model4)), cwd=ROOT, env=e,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   two, port = tmp_path / "two", free_port()
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  e["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=2"
   procs = [subprocess.Popen(
       command(two, data_dir, *steps_args(*model4), f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", f"--process_id={i}"),
