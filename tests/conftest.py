@@ -7,7 +7,9 @@ anywhere; pytest imports conftest.py before the test modules.
 import os
 
 # The tests' programs are tiny: compiling them, not running them, is most of the
-# suite's time, so XLA:CPU compiles without LLVM's optimisation passes (measured on
+# suite's time, so XLA compiles without its backend's optimisation passes (LLVM's on
+# the CPU; the flags reach the TPU-target compiles too, whose tests check no figure
+# that depends on them) (measured on
 # 2 cores: test_lora's resume test and test_scan_remat's variants test 99 s -> 60 s).
 # Every comparison in the suite is between programs compiled the same way, or against
 # a reference with a tolerance; set XLA_FLAGS yourself to test with the defaults.

@@ -62,11 +62,17 @@ def test_cached_stemming_tokenizer_equals_rouge_scores_own():
   for _ in range(2):
     for t in texts:
       assert ours.tokenize(t) == theirs.tokenize(t), t
-  want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-  hyps, refs = texts, texts[::-1]
+  # Pairs that share words only once stemmed ("running"/"runs" -> "run"), so that a
+  # tokenizer that did not stem would score them lower.
+  hyps = [texts[0], texts[4], texts[5], texts[1]]
+  refs = [texts[4], "the cat running quickly", "Thou art lovelier; the wind shakes", "hello"]
   got = metrics_lib.per_example(hyps, refs)["rougeL"]
+  want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
   np.testing.assert_array_equal(
       got, [100.0 * want.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
+  unstemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+  plain = [100.0 * unstemmed.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]
+  assert (got[:3] > np.array(plain[:3])).all() and got[3] == 100.0, (got, plain)
 
 
 def test_generation_metrics_has_reference_profile():

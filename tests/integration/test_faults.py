@@ -80,8 +80,10 @@ def command(workdir, data_dir, *extra):
 
 def env():
   e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  # One CPU device in the subprocesses, compiled as the suite compiles (conftest.py).
-  e["XLA_FLAGS"] = os.environ.get("PDL_JAX_TEST_XLA_FLAGS", "")
+  # One CPU device in the subprocesses (the last count flag wins: a caller may append
+  # another), compiled as the suite compiles (conftest.py).
+  e["XLA_FLAGS"] = (os.environ.get("PDL_JAX_TEST_XLA_FLAGS", "")
+                    + " --xla_force_host_platform_device_count=1")
   return e
 
 
