@@ -8,13 +8,12 @@ import os
 
 # The tests' programs are tiny: compiling them, not running them, is most of the
 # suite's time, so XLA compiles without its backend's optimisation passes (LLVM's on
-# the CPU; the flags reach the TPU-target compiles too, whose tests check no figure
-# that depends on them) (measured on
-# 2 cores: test_lora's resume test and test_scan_remat's variants test 99 s -> 60 s).
-# Every comparison in the suite is between programs compiled the same way, or against
-# a reference with a tolerance; set XLA_FLAGS yourself to test with the defaults.
-# The subprocess tests' runs compile the same way (PDL_JAX_TEST_XLA_FLAGS, read by
-# test_faults.env()).
+# the CPU). Measured on 2 cores: test_lora's resume test and test_scan_remat's variants
+# test 99 s -> 60 s. The flags reach the TPU-target compiles too, whose tests check no
+# figure that depends on them. Every comparison in the suite is between programs
+# compiled the same way, or against a reference with a tolerance; set XLA_FLAGS
+# yourself (even to "") to test with XLA's defaults. The subprocess tests' runs compile
+# the same way (PDL_JAX_TEST_XLA_FLAGS, read by test_faults.env()).
 os.environ.setdefault(
     "PDL_JAX_TEST_XLA_FLAGS",
     os.environ.get("XLA_FLAGS",
