@@ -59,6 +59,25 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def finish_distributed() -> None:
+  """Ends a multi-process run together: a barrier, then jax.distributed's shutdown,
+  while every process still holds its backend and checkpoint manager.
+
+  Left to interpreter exit, process 1 starts tearing down while process 0 still writes
+  the closing summary, and process 0's coordination service (which every process's
+  runtime watches) goes away at an unordered point of the others' teardown: a completed
+  run could then end in SIGABRT (seen once in CI, process 0 of the two-process test;
+  levanter and marin shut down explicitly for the same symptom). Only after a run
+  that completed on every process: one that failed exits without this barrier."""
+  import jax
+
+  if jax.process_count() > 1:
+    from pdl_jax import multihost
+
+    multihost.sync("run finished")
+    jax.distributed.shutdown()
+
+
 def default_workdir(config_arg: str, now: float | None = None) -> str:
   """workdirs/<config file stem>-<YYYYmmdd-HHMMSS> for `--config=path.py[:args]`."""
   stem = os.path.basename(config_arg.split(":", 1)[0]).removesuffix(".py")
@@ -90,6 +109,7 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)
   run_lib.train_and_evaluate(_CONFIG.value, workdir)
+  finish_distributed()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def crash_report(outs: list[str]) -> str:
+  """Each process's output for a failure message: its last lines, and where a process
+  died of a fatal error (faulthandler's dump ends with a long 'Extension modules:'
+  list), the lines before that list, which name the error and the thread."""
+  parts = []
+  for i, out in enumerate(outs):
+    cut = out.find("\nExtension modules:")
+    head = out[max(0, cut - 4000):cut] if cut >= 0 else ""
+    parts.append(f"--- process {i} ---\n{head}\n[...]\n{out[-2000:]}")
+  return "\n".join(parts)
+
+
 def steps_args(*mesh):
   return ["--config.num_steps=6", "--config.checkpoint_every=3", "--config.log_every=3",
           "--config.eval_every=6", *(mesh or ["--config.mesh.data=-1"])]
@@ -49,7 +61,7 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+  assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   assert "mesh data=1 fsdp=2 model=1 on 2 cpu devices" in outs[0]
 
   # Counts: each process counted its half of the split; the sum equals one pass.
@@ -84,7 +96,7 @@ def test_batch_replicated_across_processes_gets_the_same_rows(data_dir, tmp_path
       cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+  assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   assert "mesh data=1 fsdp=1 model=4 on 4 cpu devices" in outs[0]
   (s1, p1), (s2, p2) = params_and_steps(one), params_and_steps(two)
   assert s1 == s2 == 6
@@ -121,7 +133,7 @@ def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
                             cwd=ROOT, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+  assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   want = [2 * (2**31 + 5), 7, 2 * 2**40 + 1, 0]
   for out in outs:
     line = next(l for l in out.splitlines() if l.startswith("RESULT"))
