@@ -60,21 +60,21 @@ def init_distributed() -> None:
 
 
 def finish_distributed() -> None:
-  """Ends a multi-process run together: a barrier, then jax.distributed's shutdown,
-  while every process still holds its backend and checkpoint manager.
+  """Ends a multi-process run with jax.distributed's shutdown (itself a barrier of
+  all processes, with a timeout) as soon as the run has returned, before other exit
+  hooks and the backends' teardown.
 
-  Left to interpreter exit, process 1 starts tearing down while process 0 still writes
-  the closing summary, and process 0's coordination service (which every process's
-  runtime watches) goes away at an unordered point of the others' teardown: a completed
-  run could then end in SIGABRT (seen once in CI, process 0 of the two-process test;
-  levanter and marin shut down explicitly for the same symptom). Only after a run
-  that completed on every process: one that failed exits without this barrier."""
+  Left to interpreter exit, JAX's own exit hook tears down each process's backend
+  (its gloo collectives) before that shutdown barrier, while a peer may still be
+  running: process 1 exits right after the loop, process 0 first writes the closing
+  summary. CI once saw process 0 of the two-process test end in SIGABRT after a
+  completed run; the cause was not reproduced, and this ordering (the one marin's
+  levanter adopted for teardown aborts) is a suspected fix that narrows the window,
+  not a proven one. A process whose run raised skips it and reaches the barrier
+  through JAX's exit hook, as before."""
   import jax
 
   if jax.process_count() > 1:
-    from pdl_jax import multihost
-
-    multihost.sync("run finished")
     jax.distributed.shutdown()
 
 

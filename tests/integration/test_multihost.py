@@ -24,15 +24,32 @@ def free_port() -> int:
 
 
 def crash_report(outs: list[str]) -> str:
-  """Each process's output for a failure message: its last lines, and where a process
-  died of a fatal error (faulthandler's dump ends with a long 'Extension modules:'
-  list), the lines before that list, which name the error and the thread."""
+  """Each process's output for a failure message: its last lines and, where a process
+  died of a fatal error, the lines from just before faulthandler's "Fatal Python
+  error" (the C++ check or terminate message precedes it) to its thread stacks."""
   parts = []
   for i, out in enumerate(outs):
-    cut = out.find("\nExtension modules:")
-    head = out[max(0, cut - 4000):cut] if cut >= 0 else ""
-    parts.append(f"--- process {i} ---\n{head}\n[...]\n{out[-2000:]}")
+    part = f"--- process {i} ---\n"
+    fatal = out.rfind("Fatal Python error")
+    if fatal >= 0:
+      part += out[max(0, fatal - 1500):fatal + 4000] + "\n[...]\n"
+    parts.append(part + out[-2000:])
   return "\n".join(parts)
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+  """The processes' outputs once all have ended; past `timeout` every one is killed
+  and its output so far returned (then their return codes are negative)."""
+  outs = [""] * len(procs)
+  try:
+    for i, p in enumerate(procs):
+      outs[i] = p.communicate(timeout=timeout)[0]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    # communicate() again after its timeout returns what the process wrote so far.
+    outs = [out or p.communicate()[0] for out, p in zip(outs, procs)]
+  return outs
 
 
 def steps_args(*mesh):
@@ -60,7 +77,7 @@ def test_two_processes_equal_one(data_dir, tmp_path):  # noqa: F811
               "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   assert "mesh data=1 fsdp=2 model=1 on 2 cpu devices" in outs[0]
 
@@ -95,7 +112,7 @@ def test_batch_replicated_across_processes_gets_the_same_rows(data_dir, tmp_path
               "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   assert "mesh data=1 fsdp=1 model=4 on 4 cpu devices" in outs[0]
   (s1, p1), (s2, p2) = params_and_steps(one), params_and_steps(two)
@@ -132,7 +149,7 @@ def test_counts_beyond_int32_sum_exactly_across_two_processes(tmp_path):
   procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
                             cwd=ROOT, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   assert [p.returncode for p in procs] == [0, 0], crash_report(outs)
   want = [2 * (2**31 + 5), 7, 2 * 2**40 + 1, 0]
   for out in outs:
@@ -176,7 +193,7 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path):
                              str(tmp_path / "cache")],
                             cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   results = [[l for l in o.splitlines() if l.startswith("RESULT")] for o in outs]
   assert results[0][0] == "RESULT check RuntimeError processes [1] failed at check; see their logs."
   assert results[1][0] == "RESULT check ValueError only process 1 sees this bad file"
@@ -192,7 +209,7 @@ def test_several_processes_need_an_explicit_workdir(tmp_path):
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=tmp_path, env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   assert all(p.returncode != 0 for p in procs)
   assert all("--workdir is required when the run has several processes" in o for o in outs)
   assert not os.listdir(tmp_path)  # no per-host default folder
@@ -209,7 +226,7 @@ def test_a_workdir_not_every_process_sees_is_refused_at_start(tmp_path):
        "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = communicate_all(procs)
   assert all(p.returncode != 0 for p in procs), outs
   assert all("is not shared by all 2 processes: processes [1] do not see" in o
              for o in outs), [o[-1500:] for o in outs]
