@@ -59,25 +59,6 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def finish_distributed() -> None:
-  """Ends a multi-process run with jax.distributed's shutdown (itself a barrier of
-  all processes, with a timeout) as soon as the run has returned, before other exit
-  hooks and the backends' teardown.
-
-  Left to interpreter exit, JAX's own exit hook tears down each process's backend
-  (its gloo collectives) before that shutdown barrier, while a peer may still be
-  running: process 1 exits right after the loop, process 0 first writes the closing
-  summary. CI once saw process 0 of the two-process test end in SIGABRT after a
-  completed run; the cause was not reproduced, and this ordering (the one marin's
-  levanter adopted for teardown aborts) is a suspected fix that narrows the window,
-  not a proven one. A process whose run raised skips it and reaches the barrier
-  through JAX's exit hook, as before."""
-  import jax
-
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
-
-
 def default_workdir(config_arg: str, now: float | None = None) -> str:
   """workdirs/<config file stem>-<YYYYmmdd-HHMMSS> for `--config=path.py[:args]`."""
   stem = os.path.basename(config_arg.split(":", 1)[0]).removesuffix(".py")
@@ -109,7 +90,9 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)
   run_lib.train_and_evaluate(_CONFIG.value, workdir)
-  finish_distributed()
+  from pdl_jax import multihost
+
+  multihost.shutdown()
 
 
 if __name__ == "__main__":

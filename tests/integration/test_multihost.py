@@ -40,15 +40,15 @@ def crash_report(outs: list[str]) -> str:
 def communicate_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
   """The processes' outputs once all have ended; past `timeout` every one is killed
   and its output so far returned (then their return codes are negative)."""
-  outs = [""] * len(procs)
+  outs = []
   try:
-    for i, p in enumerate(procs):
-      outs[i] = p.communicate(timeout=timeout)[0]
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
   except subprocess.TimeoutExpired:
     for p in procs:
       p.kill()
     # communicate() again after its timeout returns what the process wrote so far.
-    outs = [out or p.communicate()[0] for out, p in zip(outs, procs)]
+    outs += [p.communicate()[0] for p in procs[len(outs):]]
   return outs
 
 
@@ -232,6 +232,20 @@ def test_a_workdir_not_every_process_sees_is_refused_at_start(tmp_path):
              for o in outs), [o[-1500:] for o in outs]
   assert sorted(os.listdir(tmp_path / "host0")) == []  # the marker is gone, nothing else
   assert not (tmp_path / "host1").exists() or not os.listdir(tmp_path / "host1")
+
+
+def test_shutdown_ends_only_multi_process_runs(monkeypatch):
+  """multihost.shutdown (main calls it after a completed run) shuts jax.distributed
+  down when the run has several processes, and leaves a one-process run alone."""
+  from pdl_jax import multihost
+
+  calls = []
+  monkeypatch.setattr(jax.distributed, "shutdown", lambda: calls.append("shutdown"))
+  multihost.shutdown()
+  assert calls == []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  multihost.shutdown()
+  assert calls == ["shutdown"]
 
 
 def test_archive_and_dataset_preparation_are_process_0s_then_a_barrier(tmp_path, monkeypatch):
