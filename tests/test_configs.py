@@ -206,3 +206,24 @@ def test_the_gpu_requirements_are_the_cpu_set_plus_the_cuda_plugin_at_the_jax_pi
     gpu = [l.strip() for l in f if l.strip() and not l.startswith("#")]
   assert gpu == ["-r requirements.txt", f"jax[cuda12]=={cpu['jax']}"]
   assert cpu["jaxlib"] == cpu["jax"]
+
+
+def test_long_budget_commands_in_the_docs_name_points_of_their_sweep():
+  """docs/experiments.md's sweep commands for the longer budget pick points (--only) that
+  their config's sweep has: the tune command named `dft`, which `long` did not run
+  (sweep.py refused it), before `long` ran its best recent baseline, MiLe."""
+  from configs import summarization
+  from experiments import sweep
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "docs", "experiments.md")) as f:
+    text = f.read()
+  found = re.findall(r"--config=configs/summarization\.py:(\S+)\s*\\?\s*"
+                     r"--root=\S+\s+--only=(\S+)", text)
+  assert len(found) == 2, found
+  for arg, only in found:
+    every = [(folder, []) for folder, _ in sweep.points(summarization.get_config(
+        arg.replace("$lr", "1e-4")))]
+    assert sweep.select(every, only), (arg, only)
+  assert [p for p, _ in sweep.points(summarization.get_config("long"))] == [
+      "ce-seed0", "alpha0.25-seed0", "mile-seed0", "ce-seed1", "alpha0.25-seed1",
+      "mile-seed1"]
