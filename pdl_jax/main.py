@@ -80,6 +80,7 @@ def main(argv):
     print(plan.report(_CONFIG.value, _PLAN.value)[0], flush=True)
     return
   init_distributed()  # before any other JAX call
+  from pdl_jax import multihost
   from pdl_jax.train import run as run_lib
 
   if _WORKDIR.value is None and jax_process_count() > 1:
@@ -90,8 +91,6 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"workdir: {workdir}", flush=True)
   run_lib.train_and_evaluate(_CONFIG.value, workdir)
-  from pdl_jax import multihost
-
   multihost.shutdown()
 
 
